@@ -1,0 +1,92 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Every parameter carries logical axis names in its `axes` metadata; `zoomer_jax.parallel` maps them
+to mesh axes through the config's rules table, so a change of mesh never touches this code.
+Matmuls accumulate in float32 (`preferred_element_type`) and round once to the activation dtype,
+as a bf16 GEMM with fp32 accumulation does on GPU/TPU (and as AMX does on this CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def precision_for(dtype) -> jax.lax.Precision:
+  """fp32 runs ask for full fp32 matmuls (TPU/GPU default to bf16/TF32 passes otherwise)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, fan_in: int):
+  return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias over the last `len(in_shape)` dims of x; kernel [*in_shape, *out_shape]."""
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, axes: Axes,
+               use_bias: bool, dtype, rngs: nnx.Rngs):
+    self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+    if len(axes) != len(self.in_shape) + len(self.out_shape):
+      raise ValueError(f"axes {axes} do not match kernel rank {len(in_shape) + len(out_shape)}")
+    self.dtype = jnp.dtype(dtype)
+    self.precision = precision_for(dtype)
+    fan_in = math.prod(self.in_shape)
+    self.kernel = nnx.Param(_normal(rngs, self.in_shape + self.out_shape, dtype, fan_in), axes=axes)
+    self.bias = (nnx.Param(jnp.zeros(self.out_shape, dtype), axes=axes[len(self.in_shape):])
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...], (contract, ((), ())),
+                            precision=self.precision, preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) * weight; statistics in fp32, cast back before the weight (HF)."""
+
+  def __init__(self, dim: int, *, eps: float, axis_name: str, dtype):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=(axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...] * y.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)); [..., d] -> [..., d]."""
+
+  def __init__(self, dim: int, hidden: int, *, use_bias: bool, embed_axis: str, mlp_axis: str,
+               dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.gate_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
+    self.up_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
+    self.down_proj = Linear((hidden,), (dim,), axes=(mlp_axis, embed_axis), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  """NeoX-style rotation: dim j pairs with j + d/2."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def attention_weights(scores: jax.Array, allowed: jax.Array, dtype) -> jax.Array:
+  """Softmax in fp32 over the last axis where `allowed`; fully masked rows get zeros, not NaN."""
+  scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.where(allowed, probs, 0.0).astype(dtype)

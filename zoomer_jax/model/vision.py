@@ -1,0 +1,110 @@
+"""The Qwen2.5-VL vision tower in Flax NNX (`visual.*` in HF checkpoints).
+
+pixel rows [N, 1176] -> patch embed -> window permutation -> blocks (windowed or per-frame
+attention, 2-D rotary) -> RMSNorm + 2x2 patch merger -> inverse permutation -> [N/4, out_hidden].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoomer_jax.model.config import VisionConfig
+from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, attention_weights, precision_for, rotate_half
+from zoomer_jax.model.vision_layout import Segments, VisionLayout
+
+
+def vision_rotary(rot_pos_n2: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [N, head_dim] in fp32: first quarter height freqs, second quarter width, repeated."""
+  spatial = cfg.head_dim // 2
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+  freqs = rot_pos_n2.astype(jnp.float32)[:, :, None] * inv_freq  # [N, 2, spatial/2]
+  freqs = freqs.reshape(freqs.shape[0], spatial)  # height freqs, then width freqs
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+class VisionAttention(nnx.Module):
+  """Block-diagonal self-attention over packed segments; [N, d] -> [N, d]."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    n, h, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    self.dtype = jnp.dtype(dtype)
+    self.precision = precision_for(dtype)
+    self.qkv = Linear((d,), (3, n, h), axes=("vision_embed", None, "vision_heads", "head_dim"),
+                      use_bias=True, dtype=dtype, rngs=rngs)
+    self.proj = Linear((n, h), (d,), axes=("vision_heads", "head_dim", "vision_embed"),
+                       use_bias=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_nd: jax.Array, cos_nh: jax.Array, sin_nh: jax.Array, seg: Segments) -> jax.Array:
+    qkv_n3kh = self.qkv(x_nd)
+    q_nkh, k_nkh, v_nkh = qkv_n3kh[:, 0], qkv_n3kh[:, 1], qkv_n3kh[:, 2]
+    # Rotary in fp32, cast back (HF upcasts q and k for the vision rotary).
+    cos, sin = cos_nh[:, None, :], sin_nh[:, None, :]
+    rot = lambda t: (t.astype(jnp.float32) * cos + rotate_half(t.astype(jnp.float32)) * sin)
+    q_nkh, k_nkh = rot(q_nkh).astype(self.dtype), rot(k_nkh).astype(self.dtype)
+
+    q_slkh, k_slkh, v_slkh = q_nkh[seg.gather], k_nkh[seg.gather], v_nkh[seg.gather]
+    scale = q_nkh.shape[-1] ** -0.5
+    scores = jnp.einsum("slkh,smkh->sklm", q_slkh, k_slkh, precision=self.precision,
+                        preferred_element_type=jnp.float32) * scale
+    probs = attention_weights(scores, seg.valid[:, None, None, :], self.dtype)
+    out_slkh = jnp.einsum("sklm,smkh->slkh", probs, v_slkh, precision=self.precision,
+                          preferred_element_type=jnp.float32).astype(self.dtype)
+    out_nkh = out_slkh.reshape((-1,) + out_slkh.shape[2:])[seg.scatter]
+    return self.proj(out_nkh)
+
+
+class VisionBlock(nnx.Module):
+  """Pre-norm block: x + attn(norm1(x)); x + mlp(norm2(x)); [N, d] -> [N, d]."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vision_embed", dtype=dtype)
+    self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vision_embed", dtype=dtype)
+    self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
+    self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, embed_axis="vision_embed",
+                      mlp_axis="vision_mlp", dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_nd, cos_nh, sin_nh, seg: Segments):
+    x_nd = x_nd + self.attn(self.norm1(x_nd), cos_nh, sin_nh, seg)
+    return x_nd + self.mlp(self.norm2(x_nd))
+
+
+class PatchMerger(nnx.Module):
+  """RMSNorm per patch, concat 2x2 patches, Linear -> exact GELU -> Linear; [N, d] -> [N/4, out]."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    merged = cfg.hidden_size * cfg.spatial_merge_size**2
+    self.ln_q = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vision_embed", dtype=dtype)
+    self.fc1 = Linear((merged,), (merged,), axes=("vision_merged", "vision_merged_out"),
+                      use_bias=True, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear((merged,), (cfg.out_hidden_size,), axes=("vision_merged_out", "embed"),
+                      use_bias=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_nd: jax.Array) -> jax.Array:
+    x = self.ln_q(x_nd)
+    x = x.reshape(-1, self.fc1.in_shape[0])  # 4 consecutive rows = one 2x2 block
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact erf GELU (nn.GELU())
+
+
+class VisionTower(nnx.Module):
+  """pixel rows [N, C*T*P*P] + layout -> merged tokens [N/4, out_hidden] in placeholder order."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(dtype)
+    # Conv3d(kernel = stride = (T, P, P)) over one row is a linear map of the flattened row.
+    self.patch_embed = Linear((cfg.patch_dim,), (cfg.hidden_size,), axes=("vision_patch", "vision_embed"),
+                              use_bias=False, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
+    self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
+
+  def __call__(self, pixels_np: jax.Array, layout: VisionLayout) -> jax.Array:
+    # Pixels are rounded to the tower's dtype first (HF casts pixel_values to visual.dtype).
+    x_nd = self.patch_embed(pixels_np.astype(self.dtype)[layout.perm])
+    cos_nh, sin_nh = vision_rotary(layout.rot_pos, self.cfg)
+    full = frozenset(self.cfg.fullatt_block_indexes)
+    for i, block in enumerate(self.blocks):
+      x_nd = block(x_nd, cos_nh, sin_nh, layout.frames if i in full else layout.windows)
+    return self.merger(x_nd)[layout.unperm]
