@@ -28,10 +28,13 @@ class SafetensorsFile:
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
     try:
+      size = os.path.getsize(self.path)
       with open(self.path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 100 * 2**20:
+          raise ValueError(f"header length {n} does not fit a file of {size} bytes")
         header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
       raise ValueError(f"{self.path} is not a readable safetensors file: {e}") from e
     self.metadata = header.pop("__metadata__", None) or {}
     self._header = header

@@ -1,0 +1,24 @@
+"""Qwen2.5-VL-7B-Instruct architecture (the hub config.json; reference §1.1).
+
+    cfg = zoomer_jax.configs.load("configs/qwen25vl_7b.py")
+    model_cfg = zoomer_jax.ModelConfig.from_config_dict(cfg.model)
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  cfg = ml_collections.ConfigDict()
+  cfg.model = ml_collections.ConfigDict(dict(
+      text=dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, intermediate_size=18944, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                mrope_section=(16, 24, 24), tie_word_embeddings=False, max_position_embeddings=128000),
+      vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=112,
+                  fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2.0, rope_theta=10000.0),
+      image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+      vision_end_token_id=151653, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+      position_rule="original",
+  ))
+  return cfg
