@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -23,8 +24,15 @@ def precision_for(dtype) -> jax.lax.Precision:
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, fan_in: int):
-  return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+def normal_init(rngs: nnx.Rngs, shape, dtype, std: float) -> jax.Array:
+  """N(0, std^2) parameters. Outside tracing, drawn with numpy from the jax key: eager
+  `jax.random.normal` compiles once per shape, which made building even a tiny model take seconds."""
+  key = rngs.params()
+  if isinstance(key, jax.core.Tracer):
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+  seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
+  host = np.random.default_rng(seed).standard_normal(shape, np.float32) * np.float32(std)
+  return jnp.asarray(host.astype(dtype))
 
 
 class Linear(nnx.Module):
@@ -38,7 +46,7 @@ class Linear(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.precision = precision_for(dtype)
     fan_in = math.prod(self.in_shape)
-    self.kernel = nnx.Param(_normal(rngs, self.in_shape + self.out_shape, dtype, fan_in), axes=axes)
+    self.kernel = nnx.Param(normal_init(rngs, self.in_shape + self.out_shape, dtype, fan_in**-0.5), axes=axes)
     self.bias = (nnx.Param(jnp.zeros(self.out_shape, dtype), axes=axes[len(self.in_shape):])
                  if use_bias else None)
 

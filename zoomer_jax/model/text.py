@@ -8,7 +8,8 @@ from flax import nnx
 
 from zoomer_jax.model.config import TextConfig
 from zoomer_jax.model.kv_cache import KVCache, attention_mask
-from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, attention_weights, precision_for, rotate_half
+from zoomer_jax.model.layers import (Linear, RMSNorm, SwiGLU, attention_weights, normal_init, precision_for,
+                                     rotate_half)
 from zoomer_jax.model.mrope import mrope_cos_sin
 
 
@@ -16,9 +17,7 @@ class Embed(nnx.Module):
   """Token embedding table [vocab, d]; ids [B, T] -> [B, T, d]."""
 
   def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
-    self.embedding = nnx.Param(
-        (jax.random.normal(rngs.params(), (vocab, dim), jnp.float32) * 0.02).astype(dtype),
-        axes=("vocab", "embed"))
+    self.embedding = nnx.Param(normal_init(rngs, (vocab, dim), dtype, 0.02), axes=("vocab", "embed"))
 
   def __call__(self, ids_bt: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids_bt, axis=0)
