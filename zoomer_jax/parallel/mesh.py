@@ -1,0 +1,46 @@
+"""Device mesh from config: axes (data, fsdp, tensor) with ICI (within a slice) and DCN (across slices) degrees.
+
+One degree per axis may be -1, meaning "whatever is left" of the devices. With every DCN degree 1 the mesh
+is a plain `jax.make_mesh`; otherwise devices are arranged slice-major with `create_hybrid_device_mesh`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def _fill(degrees: Sequence[int], total: int, what: str) -> tuple[int, ...]:
+  degrees = [int(d) for d in degrees]
+  if degrees.count(-1) > 1:
+    raise ValueError(f"{what} degrees {degrees}: at most one may be -1")
+  known = math.prod(d for d in degrees if d != -1)
+  if any(d == 0 or d < -1 for d in degrees) or total % known:
+    raise ValueError(f"{what} degrees {degrees} do not divide {total} devices")
+  return tuple(total // known if d == -1 else d for d in degrees)
+
+
+def make_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1),
+              axis_names: Sequence[str] = AXES, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh whose axis sizes are ici[i] * dcn[i]; raises if they do not multiply to the device count."""
+  devices = list(jax.devices() if devices is None else devices)
+  dcn = _fill(dcn, len(devices), "dcn") if -1 in dcn else tuple(dcn)
+  n_slices = math.prod(dcn)
+  if len(devices) % n_slices:
+    raise ValueError(f"{len(devices)} devices cannot form {n_slices} slices (dcn={list(dcn)})")
+  ici = _fill(ici, len(devices) // n_slices, "ici")
+  shape = tuple(i * d for i, d in zip(ici, dcn))
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh {dict(zip(axis_names, shape))} needs {math.prod(shape)} devices, have {len(devices)}")
+  if n_slices == 1:
+    arranged = mesh_utils.create_device_mesh(shape, devices=devices)
+  else:
+    arranged = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  return Mesh(np.asarray(arranged), tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
