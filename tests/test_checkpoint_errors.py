@@ -82,3 +82,20 @@ def test_unsupported_model_type_and_missing_paths(saved, tmp_path):
   (empty / "model.safetensors").write_bytes(b"garbage!")
   with pytest.raises(ValueError, match="not a readable safetensors file"):
     zoomer_jax.load_hf(str(empty))
+
+
+def test_key_table_round_trips(saved):
+  """Every checkpoint tensor maps to a parameter and back to the same key and the same values."""
+  from flax import nnx
+  from zoomer_jax.checkpoint.hf_import import abstract_model
+  from zoomer_jax.checkpoint.key_map import hf_to_nnx, nnx_to_hf
+  from zoomer_jax.model.config import ModelConfig
+  cfg = ModelConfig.from_hf_file(saved)
+  shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.split(abstract_model(cfg))[1])}
+  f = SafetensorsFile(os.path.join(saved, "model.safetensors"))
+  for key in f.keys():
+    path, transform = hf_to_nnx(key)
+    assert nnx_to_hf(path)[0] == key
+    w = np.array(f.get(key))
+    assert tuple(transform.hf_shape(shapes[path], cfg)) == w.shape, key
+    assert np.array_equal(transform.to_hf(transform.to_nnx(w, shapes[path]), cfg), w), key
