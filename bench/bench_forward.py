@@ -186,7 +186,7 @@ def main(argv=None):
   if args.config == "tiny":
     frames, grid, text_tokens = args.frames or 4, (1, 8, 8), 8
   else:
-    frames, grid, text_tokens = args.frames or 16, (1, 16, 16), 12  # 1260 tokens
+    frames, grid, text_tokens = args.frames or 16, (1, 16, 16), 12  # 16 * (12 + 66) + 12 = 1260 tokens
   prompt = build_prompt(np.random.default_rng(args.seed), ids, frames, grid, text_tokens)
   seq_len = prompt["input_ids"].shape[1]
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
