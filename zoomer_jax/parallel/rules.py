@@ -73,8 +73,3 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedShard
     return NamedSharding(mesh, PartitionSpec())
   return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, value.shape))
 
-
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
-  """A State of NamedShardings matching `state` (abstract or concrete)."""
-  return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
