@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
