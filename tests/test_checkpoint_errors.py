@@ -95,7 +95,7 @@ def test_key_table_round_trips(saved):
   f = SafetensorsFile(os.path.join(saved, "model.safetensors"))
   for key in f.keys():
     path, transform = hf_to_nnx(key)
-    assert nnx_to_hf(path)[0] == key
+    assert nnx_to_hf(path) == (key, transform), key  # same key and the same transform both ways
     w = np.array(f.get(key))
     assert tuple(transform.hf_shape(shapes[path], cfg)) == w.shape, key
     assert np.array_equal(transform.to_hf(transform.to_nnx(w, shapes[path]), cfg), w), key

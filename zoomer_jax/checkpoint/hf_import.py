@@ -82,7 +82,9 @@ def load_hf(path: str | os.PathLike, dtype="float32", mesh: Mesh | None = None, 
     raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensors, e.g. {names[:5]}")
   for nnx_path, var in targets.items():
     var.set_value(loaded[nnx_path])
-  return nnx.merge(graphdef, nnx.from_flat_state(targets))
+  model = nnx.merge(graphdef, nnx.from_flat_state(targets))
+  model.hf_source = path  # where `export_hf` copies tokenizer and processor files from
+  return model
 
 
 def _put(host: np.ndarray, sharding) -> jax.Array:

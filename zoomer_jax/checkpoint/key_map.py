@@ -132,14 +132,15 @@ def hf_to_nnx(key: str) -> tuple[Path, object] | None:
 def nnx_to_hf(path: Path) -> tuple[str, object]:
   """(legacy HF key, transform) for an NNX parameter path."""
   dotted = ".".join(str(p) for p in path)
-  for rx, tmpl, tf in TABLE:
+  for rx, tmpl, _ in TABLE:
     # Turn the template into a regex over paths, and the HF regex into a format string.
     path_rx = re.escape(tmpl).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\w+?)")
     m = re.fullmatch(path_rx, dotted)
     if m:
       hf = _fill(rx, m.groups())
-      if hf_to_nnx(hf) is not None and hf_to_nnx(hf)[0] == tuple(path):
-        return hf, tf
+      back = hf_to_nnx(hf)  # a loose template match (e.g. "o" for [qkv]) must round-trip to its own row
+      if back is not None and back[0] == tuple(path):
+        return hf, back[1]
   raise KeyError(f"no checkpoint key for parameter {dotted}")
 
 

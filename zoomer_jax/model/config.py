@@ -260,7 +260,9 @@ class ModelConfig:
         "in_channels": v.in_channels,
         "window_size": v.window_size,
         "fullatt_block_indexes": list(v.fullatt_block_indexes),
-        "tokens_per_second": v.tokens_per_second,
+        # transformers' strict config wants an int here (the released models use 2).
+        "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+                             else v.tokens_per_second,
         "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
     }
     return {
