@@ -1,0 +1,138 @@
+"""Two JAX processes (4 CPU devices each) form one 8-device mesh; the sharded forward equals one process's."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import hf_oracle as O
+import tolerances as tol
+import zoomer_jax
+from zoomer_jax.parallel import distributed
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+# data axis across the processes; fsdp spanning both; tensor spanning both.
+MESHES = ("2,2,2", "1,8,1", "1,1,8")
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _tail(path: str, n: int = 3000) -> str:
+  with open(path, errors="replace") as f:
+    text = "".join(line for line in f if not line.startswith("[Gloo]"))
+  return text[-n:]
+
+
+def _run_workers(args: list[str], out_dir: str, n: int = 2) -> None:
+  """Starts `n` workers, waits for all; on a failure or timeout kills the rest and fails with their stderr."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]))
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs, logs = [], []
+  for i in range(n):
+    logs.append(os.path.join(out_dir, f"worker{i}.log"))
+    with open(logs[-1], "w") as log:
+      procs.append(subprocess.Popen([sys.executable, os.path.join(TESTS, "multiprocess_worker.py"), coordinator,
+                                     str(n), str(i), *args], env=env, stdout=log, stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):
+        break  # one died: the others would wait for it in a collective
+      if time.monotonic() > deadline:
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  if any(p.returncode != 0 for p in procs):
+    report = "\n".join(f"--- worker {i} (exit {p.returncode}), last output:\n{_tail(log)}"
+                       for i, (p, log) in enumerate(zip(procs, logs)))
+    raise AssertionError(f"multi-process workers failed or passed {TIMEOUT_S} s:\n{report}")
+
+
+@pytest.mark.slow
+def test_two_processes_match_single_process(tmp_path, rng, measure):
+  ckpt = O.save_hf(O.make_hf_model(O.tiny_hf_config(heads=4, kv_heads=2), seed=12), str(tmp_path / "ckpt"))
+  prompt = O.build_prompt(rng, [[("text", 5), ("image", (1, 4, 6)), ("text", 4), ("video", (2, 4, 4), 1.0)],
+                                [("text", 7), ("image", (1, 4, 4)), ("text", 2)]])
+  np.savez(tmp_path / "prompt.npz", **prompt.ours())
+  single = zoomer_jax.load_hf(ckpt)
+  want = np.asarray(single(**prompt.ours()))
+  exported = _tensors(zoomer_jax.export_hf(single, tmp_path / "export_single"))
+
+  _run_workers([ckpt, str(tmp_path / "prompt.npz"), str(tmp_path), *MESHES], str(tmp_path))
+
+  for pid in range(2):
+    info = json.loads((tmp_path / f"info{pid}.json").read_text())
+    assert (info["process_index"], info["process_count"]) == (pid, 2)
+    assert (info["device_count"], info["local_device_count"]) == (8, 4)
+    for ici in MESHES:  # the mesh spans both processes, so the logits had to be gathered
+      assert info["meshes"][ici] == {"multi_process": True, "logits_fully_addressable": False}
+  valid = prompt.attention_mask.astype(bool)
+  diffs = {}
+  for ici in MESHES:
+    got = np.load(tmp_path / f"logits_{ici}.npy")
+    assert got.shape == want.shape, ici
+    diffs[ici] = float(np.abs(got - want)[valid].max())
+    measure(f"mesh({ici})", diffs[ici])
+  assert all(d <= tol.LOGITS_FP32 for d in diffs.values()), diffs
+  for ici in MESHES:  # an export from parameters spread over two processes equals one process's export
+    got = _tensors(tmp_path / f"export_{ici}")
+    assert got.keys() == exported.keys(), ici
+    for key in got:
+      np.testing.assert_array_equal(got[key], exported[key], err_msg=f"{ici}: {key}")
+
+
+def _tensors(path) -> dict:
+  from zoomer_jax.checkpoint.safetensors_io import SafetensorsFile, checkpoint_files
+  out = {}
+  for f in checkpoint_files(path):
+    st = SafetensorsFile(f)
+    out.update({k: np.array(st.get(k)) for k in st.keys()})
+  return out
+
+
+def test_initialize_single_process_is_a_no_op(monkeypatch):
+  monkeypatch.setattr(distributed, "_cluster_detected", lambda: False)
+  jax.devices()
+  assert distributed.initialize() is False
+  assert distributed.initialize(num_processes=1) is False
+  assert not jax.distributed.is_initialized()
+  assert distributed.is_main_process()
+
+
+def test_initialize_fails_clearly(monkeypatch):
+  monkeypatch.setattr(distributed, "_cluster_detected", lambda: False)
+  with pytest.raises(ValueError, match="pass coordinator, num_processes and process_id together"):
+    distributed.initialize("127.0.0.1:1234")
+  jax.devices()  # the backend now exists: too late to join a multi-process run
+  with pytest.raises(RuntimeError, match="must run before any other JAX use"):
+    distributed.initialize("127.0.0.1:1234", 2, 0)
+  monkeypatch.setattr(distributed, "_cluster_detected", lambda: True)
+  with pytest.raises(RuntimeError, match="must run before any other JAX use"):
+    distributed.initialize()
+  assert not jax.distributed.is_initialized()
+
+
+def test_to_host_on_a_single_process():
+  x = np.arange(24, dtype=np.float32).reshape(8, 3)
+  mesh = jax.make_mesh((8,), ("d",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  got = distributed.to_host({"a": sharded, "b": x[0]})
+  assert isinstance(got["a"], np.ndarray) and np.array_equal(got["a"], x)
+  assert np.array_equal(got["b"], x[0])
