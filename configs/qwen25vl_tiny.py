@@ -1,5 +1,7 @@
 """The built-in tiny Qwen2.5-VL (reference §9, with a 600-token vocabulary): random weights, CPU-sized.
 
+Its vocabulary is that of `zoomer_jax.text.build_tiny_tokenizer()` (a byte-level BPE with the Qwen specials).
+
 Used by the default job and the tests; it has the real architecture in miniature (window attention,
 full-attention blocks, GQA, M-RoPE), so every code path of the 7B runs.
 """
@@ -18,7 +20,8 @@ def get_config(arg=None):
                   patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=112,
                   fullatt_block_indexes=(1, 3), tokens_per_second=2.0, rope_theta=10000.0),
       image_token_id=590, video_token_id=591, vision_start_token_id=592, vision_end_token_id=593,
-      bos_token_id=0, eos_token_id=1, pad_token_id=2, position_rule="original",
+      # Special ids of zoomer_jax.text.build_tiny_tokenizer (578-599): bos = pad = <|endoftext|>, eos = <|im_end|>.
+      bos_token_id=578, eos_token_id=580, pad_token_id=578, position_rule="original",
   ))
   cfg.seed = 0
   return cfg

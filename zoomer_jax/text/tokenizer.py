@@ -1,0 +1,234 @@
+"""`Tokenizer`: a Qwen2 `tokenizer.json` (HF `tokenizers` BPE) behind a small API, and the built-in tiny one.
+
+`Tokenizer.from_dir(path)` loads a checkpoint's tokenizer. `build_tiny_tokenizer()` trains a byte-level BPE
+on `tiny_corpus.txt` (deterministic, a few ms) with the Qwen2 normalizer (NFC), pre-tokenizer (the Qwen2
+regex split + ByteLevel) and decoder, plus all 22 Qwen special tokens at ids 578-599, so that its
+vocabulary is exactly the 600 ids of `configs/qwen25vl_tiny.py`. `save(dir)` writes `tokenizer.json` and a
+`tokenizer_config.json` (with `CHAT_TEMPLATE`) that `transformers.AutoTokenizer` loads as a Qwen2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+# Qwen2's pre-tokenisation regex (transformers `tokenization_qwen2.PRETOKENIZE_REGEX`; digits split one by one).
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                           r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+# The Qwen2 added tokens in hub order (reference qwen25vl.md §4), with their `special` flag: the tool-call and
+# fill-in-the-middle tokens are added but not special, so `decode(skip_special_tokens=True)` keeps them.
+QWEN_ADDED_TOKENS = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False),
+)
+
+# Ids of the added tokens in the tiny tokenizer: the 578 BPE tokens take 0-577, these fill 578-599. The four
+# vision ids are those of configs/qwen25vl_tiny.py (image 590, video 591, vision_start 592, vision_end 593).
+TINY_VOCAB_SIZE = 600
+TINY_SPECIAL_IDS = {
+    "<|endoftext|>": 578, "<|im_start|>": 579, "<|im_end|>": 580, "<|object_ref_start|>": 581,
+    "<|object_ref_end|>": 582, "<|box_start|>": 583, "<|box_end|>": 584, "<|quad_start|>": 585,
+    "<|quad_end|>": 586, "<|vision_pad|>": 587, "<tool_call>": 588, "</tool_call>": 589, "<|image_pad|>": 590,
+    "<|video_pad|>": 591, "<|vision_start|>": 592, "<|vision_end|>": 593, "<|fim_prefix|>": 594,
+    "<|fim_middle|>": 595, "<|fim_suffix|>": 596, "<|fim_pad|>": 597, "<|repo_name|>": 598, "<|file_sep|>": 599,
+}
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen2-VL's chat format (reference qwen25vl.md §6), written for this project. A default system turn when the
+# first message is not `system`; `<|im_start|>{role}\n{content}<|im_end|>\n` per message; string content
+# verbatim; list content concatenated without separators (image -> vision_start image_pad vision_end, video
+# -> vision_start video_pad vision_end, text -> its text); `<|im_start|>assistant\n` as the generation prompt.
+# `zoomer_jax.text.chat.render_messages` renders the same string in Python (tests check the two agree).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}"
+    "{{- item['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+_CORPUS = os.path.join(os.path.dirname(__file__), "tiny_corpus.txt")
+
+
+class Tokenizer:
+  """A Qwen2-style tokenizer: text <-> ids, with special tokens written in text mapped to their ids."""
+
+  def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None, source: str = "<memory>"):
+    self.backend = backend
+    self.config = dict(config or {})  # the tokenizer_config.json fields (chat_template, eos_token, ...)
+    self.source = source
+    self._ids: dict[str, int] = {}
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+    """Loads `tokenizer.json` (and `tokenizer_config.json` if present) from a checkpoint directory."""
+    path = os.fspath(path)
+    file = path if path.endswith(".json") and not os.path.isdir(path) else os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"tokenizer file {file} does not exist")
+    try:
+      backend = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON or an unknown format
+      raise ValueError(f"cannot read tokenizer file {file}: {e}") from e
+    config = {}
+    config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+    if os.path.isfile(config_file):
+      try:
+        with open(config_file, encoding="utf-8") as f:
+          config = json.load(f)
+      except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read tokenizer config {config_file}: {e}") from e
+      if not isinstance(config, dict):
+        raise ValueError(f"tokenizer config {config_file} is not a JSON object")
+    jinja = os.path.join(os.path.dirname(file), "chat_template.jinja")
+    if "chat_template" not in config and os.path.isfile(jinja):
+      with open(jinja, encoding="utf-8") as f:
+        config["chat_template"] = f.read()
+    return cls(backend, config, source=file)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`; added tokens written in it (`<|im_start|>`, ...) become their single ids."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects a str, got {type(text).__name__}")
+    return self.backend.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and each token's (start, end) character span in `text`."""
+    enc = self.backend.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    """Text of `ids`; with `skip_special_tokens`, tokens flagged special (not `<tool_call>` etc.) are dropped."""
+    return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def token_id(self, name: str) -> int:
+    """The id of one token, e.g. `token_id("<|im_end|>")`."""
+    i = self._ids.get(name)
+    if i is None:
+      i = self.backend.token_to_id(name)
+      if i is None:
+        raise KeyError(f"token {name!r} is not in the vocabulary of tokenizer {self.source}")
+      self._ids[name] = i
+    return i
+
+  def id_to_token(self, i: int) -> str | None:
+    return self.backend.id_to_token(int(i))
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of token ids, added tokens included (151665 for Qwen2.5-VL, 600 for the tiny one)."""
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def chat_template(self) -> str | None:
+    return self.config.get("chat_template")
+
+  endoftext = property(lambda self: self.token_id("<|endoftext|>"))
+  im_start = property(lambda self: self.token_id("<|im_start|>"))
+  im_end = property(lambda self: self.token_id("<|im_end|>"))
+  vision_start = property(lambda self: self.token_id("<|vision_start|>"))
+  vision_end = property(lambda self: self.token_id("<|vision_end|>"))
+  image_pad = property(lambda self: self.token_id("<|image_pad|>"))
+  video_pad = property(lambda self: self.token_id("<|video_pad|>"))
+
+  def save(self, path: str | os.PathLike) -> str:
+    """Writes `tokenizer.json` and `tokenizer_config.json` into directory `path`; returns `path`."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    self.backend.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+      json.dump(self.config, f, indent=2, ensure_ascii=False)
+    return path
+
+  def __repr__(self):
+    return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """`Tokenizer.from_dir`: a checkpoint directory, or the path of a `tokenizer.json`."""
+  return Tokenizer.from_dir(path)
+
+
+def qwen2_tokenizer_config(eos_token: str = "<|im_end|>", model_max_length: int = 32768) -> dict:
+  """A Qwen2.5-VL-Instruct-style `tokenizer_config.json` for the added tokens of `QWEN_ADDED_TOKENS`."""
+  return {
+      "tokenizer_class": "Qwen2Tokenizer",
+      "add_prefix_space": False,
+      "bos_token": None,
+      "eos_token": eos_token,
+      "pad_token": "<|endoftext|>",
+      "unk_token": None,
+      "additional_special_tokens": [t for t, special in QWEN_ADDED_TOKENS if special and t != "<|endoftext|>"],
+      "clean_up_tokenization_spaces": False,
+      "errors": "replace",
+      "split_special_tokens": False,
+      "model_max_length": model_max_length,
+      "chat_template": CHAT_TEMPLATE,
+  }
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer_json(corpus: str) -> str:
+  """Trains the tiny BPE on `corpus` and returns the tokenizer.json text (cached: a few ms the first time)."""
+  tok = tokenizers.Tokenizer(models.BPE(dropout=None, unk_token=None, continuing_subword_prefix="",
+                                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+  ])
+  tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  n_bpe = min(TINY_SPECIAL_IDS.values())
+  trainer = trainers.BpeTrainer(vocab_size=n_bpe, min_frequency=1, show_progress=False, special_tokens=[],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(corpus.splitlines(keepends=True), trainer)
+  if tok.get_vocab_size() != n_bpe:
+    raise ValueError(f"the tiny corpus yields {tok.get_vocab_size()} BPE tokens, need {n_bpe}: give it more text")
+  for content, special in sorted(QWEN_ADDED_TOKENS, key=lambda t: TINY_SPECIAL_IDS[t[0]]):
+    token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+    (tok.add_special_tokens if special else tok.add_tokens)([token])
+    if tok.token_to_id(content) != TINY_SPECIAL_IDS[content]:
+      raise AssertionError(f"{content} got id {tok.token_to_id(content)}, want {TINY_SPECIAL_IDS[content]}")
+  spec = json.loads(tok.to_str())
+  spec["decoder"] = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)  # as Qwen2's
+  spec["model"].update(continuing_subword_prefix="", end_of_word_suffix="")
+  return json.dumps(spec, ensure_ascii=False)
+
+
+def build_tiny_tokenizer(corpus: str | None = None) -> Tokenizer:
+  """The built-in tiny Qwen-style tokenizer (600 ids, specials at 578-599), trained on `tiny_corpus.txt`."""
+  if corpus is None:
+    with open(_CORPUS, encoding="utf-8") as f:
+      corpus = f.read()
+  backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json(corpus))
+  return Tokenizer(backend, qwen2_tokenizer_config(model_max_length=32768), source="<tiny>")
