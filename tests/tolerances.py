@@ -10,3 +10,6 @@ LOGITS_BF16_REL = 5e-2
 OURS_BF16_VS_FP32_REL = 5e-2
 # KV-cache decode vs one full forward, fp32 (the issue's bar).
 KV_CACHE_FP32 = 1e-5
+# Log-probs recorded while sampling vs one teacher-forced forward over the finished sequence, fp32 (the bar
+# of issue #5: GRPO's ratio needs the two to agree).
+LOGPROB_FP32 = 1e-4

@@ -1,0 +1,262 @@
+"""Jitted generation around the KV cache: sample, decode until a stop, extend with new tokens and frames.
+
+Three device programs, each compiled once per bucketed shape:
+
+  * `prefill`  - the prompt (with its images) into a fresh cache; the logits of each sequence's last token;
+  * `extend`   - appends a chunk of tokens (with images) to an existing cache at given M-RoPE positions,
+                 for the sequences whose `token_mask` rows are set; the others are untouched;
+  * `decode`   - a `lax.while_loop` that samples one token per step for every live sequence and stops a
+                 sequence on a stop token id or when its text ends in a stop string (e.g. `</video_zoom>`,
+                 which is several tokens in Qwen's vocabulary), or after `max_new_tokens`.
+
+Stop strings are matched on bytes inside the loop: every token's bytes come from a [vocab, W] table and
+a rolling window of each sequence's last bytes is compared with each stop string, so the loop stops on
+the string whatever tokens spell it, like vLLM's `stop=[...]`.
+
+Log-probs are recorded under the distribution the token was drawn from before top-k/top-p truncation:
+`log_softmax(logits / temperature)` (temperature 1 when greedy), which is what a teacher-forced forward at
+the same temperature computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from zoomer_jax.model.kv_cache import KVCache
+from zoomer_jax.model.mrope import text_positions
+
+STOP_NONE, STOP_TOKEN, STOP_STRING, STOP_LENGTH = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 256
+
+  def __post_init__(self):
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+      raise ValueError(f"bad sampling parameters {self}")
+
+
+@struct.dataclass
+class StopCriteria:
+  """Stop token ids and stop strings, as device arrays (built once per tokenizer)."""
+
+  token_ids: jax.Array  # [n_ids] int32 (may be empty)
+  token_bytes: jax.Array  # [vocab, W] uint8: the last W bytes of each token, left-aligned
+  token_len: jax.Array  # [vocab] int32: min(len(bytes), W)
+  strings: jax.Array  # [n_str, W] uint8, left-aligned
+  string_len: jax.Array  # [n_str] int32
+
+  @classmethod
+  def build(cls, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+            vocab_bytes: Sequence[bytes] | None = None, window: int = 32) -> "StopCriteria":
+    """`vocab_bytes[i]` is token i's text as bytes (needed only for stop strings)."""
+    encoded = [s.encode() for s in stop_strings]
+    if any(not s or len(s) > window for s in encoded):
+      raise ValueError(f"stop strings must be 1..{window} bytes long: {list(stop_strings)}")
+    if encoded and vocab_bytes is None:
+      raise ValueError("stop strings need the vocabulary's token bytes")
+    vocab = vocab_bytes or [b""]
+    table = np.zeros((len(vocab), window), np.uint8)
+    lens = np.zeros(len(vocab), np.int32)
+    for i, b in enumerate(vocab):
+      b = b[-window:]
+      lens[i] = len(b)
+      if b:
+        table[i, :len(b)] = np.frombuffer(b, np.uint8)
+    strings = np.zeros((max(len(encoded), 1), window), np.uint8)
+    slens = np.zeros(max(len(encoded), 1), np.int32)
+    for i, s in enumerate(encoded):
+      strings[i, :len(s)] = np.frombuffer(s, np.uint8)
+      slens[i] = len(s)
+    return cls(token_ids=jnp.asarray(np.asarray(stop_token_ids, np.int32).reshape(-1)),
+               token_bytes=jnp.asarray(table), token_len=jnp.asarray(lens), strings=jnp.asarray(strings),
+               string_len=jnp.asarray(slens))
+
+  @property
+  def window(self) -> int:
+    return self.token_bytes.shape[1]
+
+
+def sample(logits_bv: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+  """(token [B], logprob [B]) from fp32 logits [B, V]."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  if params.temperature == 0:
+    token = jnp.argmax(logits_bv, axis=-1)
+    logp = jax.nn.log_softmax(logits_bv, axis=-1)
+  else:
+    scaled = logits_bv / params.temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    masked = scaled
+    if params.top_k > 0:
+      kth = jax.lax.top_k(scaled, params.top_k)[0][:, -1:]
+      masked = jnp.where(scaled < kth, -jnp.inf, masked)
+    if params.top_p < 1.0:
+      sorted_desc = jnp.sort(masked, axis=-1)[:, ::-1]
+      probs = jax.nn.softmax(sorted_desc, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
+      keep = before < params.top_p  # the smallest prefix whose mass reaches top_p (at least one token)
+      threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+      masked = jnp.where(masked < threshold, -jnp.inf, masked)
+    token = jax.random.categorical(key, masked, axis=-1)
+  token = token.astype(jnp.int32)
+  return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def _push_bytes(window_bw: jax.Array, token_b: jax.Array, stop: StopCriteria) -> jax.Array:
+  """Each sequence's last W bytes after appending its token's bytes (table rows are left-aligned)."""
+  w = stop.window
+  combined = jnp.concatenate([window_bw, stop.token_bytes[token_b]], axis=1)  # real bytes: [0, W + n)
+  return jax.vmap(lambda row, n: jax.lax.dynamic_slice(row, (n,), (w,)))(combined, stop.token_len[token_b])
+
+
+def _has_stop_string(window_bw: jax.Array, stop: StopCriteria) -> jax.Array:
+  """[B] bool: some stop string occurs in the window (strings are left-aligned, zero-padded)."""
+  w = stop.window
+  idx = jnp.minimum(jnp.arange(w)[:, None] + jnp.arange(w)[None, :], w - 1)  # [offset, j]
+  spans = window_bw[:, idx]  # [B, offset, j] = window[offset + j]
+  j = jnp.arange(w)
+
+  def one(s_w, m):
+    eq = (spans == s_w[None, None, :]) | (j >= m)[None, None, :]
+    fits = (jnp.arange(w) + m <= w)[None, :]
+    return jnp.any(jnp.all(eq, axis=-1) & fits, axis=-1) & (m > 0)
+
+  return jnp.any(jax.vmap(one, out_axes=1)(stop.strings, stop.string_len), axis=1)
+
+
+@struct.dataclass
+class DecodeOut:
+  tokens: jax.Array  # [B, N] int32 (stop token / string's last token included; -1 after the end)
+  logprobs: jax.Array  # [B, N] fp32 (0 after the end)
+  num_tokens: jax.Array  # [B] int32
+  stop_reason: jax.Array  # [B] int32: STOP_TOKEN, STOP_STRING, STOP_LENGTH, or STOP_NONE (was not live)
+  cache: KVCache
+  next_position: jax.Array  # [B] int32
+  last_logits: jax.Array  # [B, V]: logits after each sequence's last token (to resume sampling)
+
+
+@struct.dataclass
+class _Loop:
+  step: jax.Array
+  key: jax.Array
+  cache: KVCache
+  logits: jax.Array
+  next_position: jax.Array
+  live: jax.Array
+  window: jax.Array
+  tokens: jax.Array
+  logprobs: jax.Array
+  num: jax.Array
+  reason: jax.Array
+
+
+def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array, live: jax.Array,
+           key: jax.Array, stop: StopCriteria, params: SamplingParams) -> DecodeOut:
+  """Samples up to `params.max_new_tokens` tokens for every `live` sequence, from `logits_bv` on.
+
+  Every sampled token (stop tokens included) is written to the cache, so a stopped sequence can be
+  extended and resumed. The cache must have `max_new_tokens` free slots.
+  """
+  free = cache.size - int(cache.length)
+  if params.max_new_tokens > free:
+    raise ValueError(f"max_new_tokens={params.max_new_tokens} does not fit the cache ({free} slots free of "
+                     f"{cache.size})")
+  return _decode(model, cache, jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
+                 jnp.asarray(live, bool), key, stop, params)
+
+
+@nnx.jit(static_argnames=("params",))
+def _decode(model, cache, logits_bv, next_position, live, key, stop, params):
+  graphdef, state = nnx.split(model)
+  b, n = logits_bv.shape[0], params.max_new_tokens
+
+  def cond(s: _Loop):
+    return (s.step < n) & jnp.any(s.live)
+
+  def body(s: _Loop) -> _Loop:
+    key, sub = jax.random.split(s.key)
+    token, logprob = sample(s.logits, sub, params)
+    token = jnp.where(s.live, token, 0)
+    window = jnp.where(s.live[:, None], _push_bytes(s.window, token, stop), s.window)
+    hit_token = (token[:, None] == stop.token_ids[None, :]).any(-1) & s.live
+    hit_string = _has_stop_string(window, stop) & s.live & ~hit_token
+    at_length = (s.step + 1 >= n) & s.live & ~hit_token & ~hit_string
+    reason = jnp.where(hit_token, STOP_TOKEN, jnp.where(hit_string, STOP_STRING,
+                                                        jnp.where(at_length, STOP_LENGTH, s.reason)))
+    m = nnx.merge(graphdef, state)
+    logits, cache = m.forward(token[:, None], text_positions(s.next_position, 1), s.live[:, None], cache=s.cache)
+    return _Loop(
+        step=s.step + 1, key=key, cache=cache,
+        logits=jnp.where(s.live[:, None], logits[:, 0], s.logits),
+        next_position=s.next_position + s.live.astype(jnp.int32),
+        live=s.live & ~hit_token & ~hit_string, window=window,
+        tokens=s.tokens.at[:, s.step].set(jnp.where(s.live, token, -1)),
+        logprobs=s.logprobs.at[:, s.step].set(jnp.where(s.live, logprob, 0.0)),
+        num=s.num + s.live.astype(jnp.int32), reason=reason)
+
+  init = _Loop(step=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits_bv,
+               next_position=next_position, live=live, window=jnp.zeros((b, stop.window), jnp.uint8),
+               tokens=jnp.full((b, n), -1, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
+               num=jnp.zeros((b,), jnp.int32), reason=jnp.full((b,), STOP_NONE, jnp.int32))
+  out = jax.lax.while_loop(cond, body, init)
+  return DecodeOut(tokens=out.tokens, logprobs=out.logprobs, num_tokens=out.num, stop_reason=out.reason,
+                   cache=out.cache, next_position=out.next_position, last_logits=out.logits)
+
+
+def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev_logits=None, *,
+           pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+           second_per_grid_ts=None) -> tuple[jax.Array, KVCache, jax.Array]:
+  """Appends a chunk [B, T] (rows may be empty; padding anywhere) with its images to the cache.
+
+  Row b's tokens get M-RoPE positions counted from `next_position[b]`, laid out exactly as if the chunk
+  had been part of the prompt. Returns (logits after each row's last real token [B, V] - `prev_logits`
+  for rows with no tokens -, cache, next_position). Used for the prompt too (a fresh cache, position 0).
+  """
+  from zoomer_jax.model.qwen25vl import prepare_inputs  # noqa: PLC0415 (the model imports nothing from here)
+  prep = prepare_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                        pixel_values_videos, video_grid_thw, second_per_grid_ts)
+  b, t = prep.ids.shape
+  if int(cache.length) + t > cache.size:
+    raise ValueError(f"a chunk of {t} tokens overflows the cache ({int(cache.length)} of {cache.size} slots "
+                     f"used)")
+  mask = np.asarray(prep.token_mask)
+  n = mask.sum(1)
+  last = np.where(n > 0, t - 1 - np.argmax(mask[:, ::-1], axis=1), 0).astype(np.int32)
+  start = np.asarray(next_position, np.int32).reshape(b)
+  positions = prep.positions + jnp.asarray(start)[None, :, None]
+  logits, cache = _step(model, prep.ids, positions, prep.token_mask, prep.images, prep.videos, cache,
+                        jnp.asarray(last))
+  if prev_logits is not None:
+    logits = jnp.where(jnp.asarray(n > 0)[:, None], logits, prev_logits)
+  return logits, cache, jnp.asarray(np.where(n > 0, start + np.asarray(prep.next_position), start), jnp.int32)
+
+
+def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **vision) -> tuple[jax.Array, KVCache,
+                                                                                         jax.Array]:
+  """The prompt into a fresh cache of `cache_size` slots: (last-token logits [B, V], cache, next_position)."""
+  ids = np.asarray(input_ids)
+  ids = ids[None] if ids.ndim == 1 else ids
+  cache = model.init_cache(ids.shape[0], cache_size)
+  return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **vision)
+
+
+@nnx.jit
+def _step(model, ids, positions, token_mask, images, videos, cache, last_b):
+  image_feats = None if images is None else model.encode_vision(images)
+  video_feats = None if videos is None else model.encode_vision(videos)
+  x_btd = model.embed(ids, image_feats, video_feats)
+  h_btd, cache = model.model(x_btd, positions, token_mask, cache)
+  h_bd = h_btd[jnp.arange(h_btd.shape[0]), last_b]
+  return model.logits(h_bd[:, None])[:, 0], cache
