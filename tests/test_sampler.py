@@ -140,6 +140,19 @@ def test_greedy_decode_matches_teacher_forcing_and_stops(model, rng, measure):
   assert np.array_equal(out.tokens[0, :4], t0[:4]) and (np.asarray(out.tokens[0, 4:]) == -1).all()
   assert np.array_equal(out.tokens[1, :7], t1[:7])
   assert np.asarray(out.next_position - pos).tolist() == [4, 7]
+  # The same turn split over two calls: the stop string straddles them and is still found.
+  six = S.SamplingParams(temperature=0.0, max_new_tokens=6)
+  part = S.decode(model, cache, logits, pos, np.array([False, True]), jax.random.key(0), stop, six)
+  assert int(part.stop_reason[1]) == S.STOP_LENGTH
+  rest = S.decode(model, part.cache, part.last_logits, part.next_position, np.array([False, True]),
+                  jax.random.key(0), stop, six, window=part.window)
+  assert int(rest.num_tokens[1]) == 1 and int(rest.stop_reason[1]) == S.STOP_STRING
+  assert int(rest.tokens[1, 0]) == int(t1[6])
+  # Suppressed ids are never drawn, even when they are the argmax; their log-prob is still reported.
+  banned = S.StopCriteria.build(suppress_ids=[int(t0[0]), int(t1[0])])
+  alt = S.decode(model, cache, logits, pos, np.ones(2, bool), jax.random.key(0), banned,
+                 S.SamplingParams(temperature=0.0, max_new_tokens=1))
+  assert int(alt.tokens[0, 0]) not in (t0[0], t1[0]) and int(alt.tokens[1, 0]) not in (t0[0], t1[0])
   # A sequence that is not live generates nothing and leaves its cache rows invalid.
   idle = S.decode(model, cache, logits, pos, np.array([False, True]), jax.random.key(0), stop, params)
   assert int(idle.num_tokens[0]) == 0 and int(idle.stop_reason[0]) == S.STOP_NONE

@@ -57,10 +57,12 @@ class StopCriteria:
   token_len: jax.Array  # [vocab] int32: min(len(bytes), W)
   strings: jax.Array  # [n_str, W] uint8, left-aligned
   string_len: jax.Array  # [n_str] int32
+  suppress: jax.Array  # [n_sup] int32: ids never sampled (e.g. <|image_pad|>, which only the host may write)
 
   @classmethod
   def build(cls, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-            vocab_bytes: Sequence[bytes] | None = None, window: int = 32) -> "StopCriteria":
+            vocab_bytes: Sequence[bytes] | None = None, window: int = 32,
+            suppress_ids: Sequence[int] = ()) -> "StopCriteria":
     """`vocab_bytes[i]` is token i's text as bytes (needed only for stop strings)."""
     encoded = [s.encode() for s in stop_strings]
     if any(not s or len(s) > window for s in encoded):
@@ -82,23 +84,29 @@ class StopCriteria:
       slens[i] = len(s)
     return cls(token_ids=jnp.asarray(np.asarray(stop_token_ids, np.int32).reshape(-1)),
                token_bytes=jnp.asarray(table), token_len=jnp.asarray(lens), strings=jnp.asarray(strings),
-               string_len=jnp.asarray(slens))
+               string_len=jnp.asarray(slens),
+               suppress=jnp.asarray(np.asarray(suppress_ids, np.int32).reshape(-1)))
 
   @property
   def window(self) -> int:
     return self.token_bytes.shape[1]
 
 
-def sample(logits_bv: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-  """(token [B], logprob [B]) from fp32 logits [B, V]."""
+def sample(logits_bv: jax.Array, key: jax.Array, params: SamplingParams,
+           suppress: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(token [B], logprob [B]) from fp32 logits [B, V]; `suppress` ids are never drawn.
+
+  The log-prob is that of the unfiltered distribution (see the module docstring).
+  """
   logits_bv = logits_bv.astype(jnp.float32)
+  allowed = logits_bv if suppress is None else logits_bv.at[:, suppress].set(-jnp.inf)
   if params.temperature == 0:
-    token = jnp.argmax(logits_bv, axis=-1)
+    token = jnp.argmax(allowed, axis=-1)
     logp = jax.nn.log_softmax(logits_bv, axis=-1)
   else:
     scaled = logits_bv / params.temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
-    masked = scaled
+    masked = allowed / params.temperature
     if params.top_k > 0:
       kth = jax.lax.top_k(scaled, params.top_k)[0][:, -1:]
       masked = jnp.where(scaled < kth, -jnp.inf, masked)
@@ -145,6 +153,7 @@ class DecodeOut:
   cache: KVCache
   next_position: jax.Array  # [B] int32
   last_logits: jax.Array  # [B, V]: logits after each sequence's last token (to resume sampling)
+  window: jax.Array  # [B, W] uint8: each sequence's last bytes, to continue a turn in a later call
 
 
 @struct.dataclass
@@ -163,22 +172,26 @@ class _Loop:
 
 
 def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array, live: jax.Array,
-           key: jax.Array, stop: StopCriteria, params: SamplingParams) -> DecodeOut:
+           key: jax.Array, stop: StopCriteria, params: SamplingParams,
+           window: jax.Array | None = None) -> DecodeOut:
   """Samples up to `params.max_new_tokens` tokens for every `live` sequence, from `logits_bv` on.
 
   Every sampled token (stop tokens included) is written to the cache, so a stopped sequence can be
-  extended and resumed. The cache must have `max_new_tokens` free slots.
+  extended and resumed. The cache must have `max_new_tokens` free slots. Pass the previous call's
+  `window` to continue the same turn (a stop string may straddle the two calls); None starts a turn.
   """
   free = cache.size - int(cache.length)
   if params.max_new_tokens > free:
     raise ValueError(f"max_new_tokens={params.max_new_tokens} does not fit the cache ({free} slots free of "
                      f"{cache.size})")
+  b = np.shape(logits_bv)[0]
+  window = jnp.zeros((b, stop.window), jnp.uint8) if window is None else jnp.asarray(window, jnp.uint8)
   return _decode(model, cache, jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
-                 jnp.asarray(live, bool), key, stop, params)
+                 jnp.asarray(live, bool), key, stop, params, window)
 
 
 @nnx.jit(static_argnames=("params",))
-def _decode(model, cache, logits_bv, next_position, live, key, stop, params):
+def _decode(model, cache, logits_bv, next_position, live, key, stop, params, window):
   graphdef, state = nnx.split(model)
   b, n = logits_bv.shape[0], params.max_new_tokens
 
@@ -187,7 +200,7 @@ def _decode(model, cache, logits_bv, next_position, live, key, stop, params):
 
   def body(s: _Loop) -> _Loop:
     key, sub = jax.random.split(s.key)
-    token, logprob = sample(s.logits, sub, params)
+    token, logprob = sample(s.logits, sub, params, stop.suppress)
     token = jnp.where(s.live, token, 0)
     window = jnp.where(s.live[:, None], _push_bytes(s.window, token, stop), s.window)
     hit_token = (token[:, None] == stop.token_ids[None, :]).any(-1) & s.live
@@ -207,12 +220,13 @@ def _decode(model, cache, logits_bv, next_position, live, key, stop, params):
         num=s.num + s.live.astype(jnp.int32), reason=reason)
 
   init = _Loop(step=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits_bv,
-               next_position=next_position, live=live, window=jnp.zeros((b, stop.window), jnp.uint8),
+               next_position=next_position, live=live, window=window,
                tokens=jnp.full((b, n), -1, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
                num=jnp.zeros((b,), jnp.int32), reason=jnp.full((b,), STOP_NONE, jnp.int32))
   out = jax.lax.while_loop(cond, body, init)
   return DecodeOut(tokens=out.tokens, logprobs=out.logprobs, num_tokens=out.num, stop_reason=out.reason,
-                   cache=out.cache, next_position=out.next_position, last_logits=out.logits)
+                   cache=out.cache, next_position=out.next_position, last_logits=out.logits,
+                   window=out.window)
 
 
 def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev_logits=None, *,
