@@ -173,12 +173,14 @@ class _Loop:
 
 def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array, live: jax.Array,
            key: jax.Array, stop: StopCriteria, params: SamplingParams,
-           window: jax.Array | None = None) -> DecodeOut:
+           window: jax.Array | None = None, forced: np.ndarray | None = None) -> DecodeOut:
   """Samples up to `params.max_new_tokens` tokens for every `live` sequence, from `logits_bv` on.
 
   Every sampled token (stop tokens included) is written to the cache, so a stopped sequence can be
   extended and resumed. The cache must have `max_new_tokens` free slots. Pass the previous call's
   `window` to continue the same turn (a stop string may straddle the two calls); None starts a turn.
+  `forced` [B, max_new_tokens] (-1 = sample) replaces sampled tokens by given ones - scripted turns for
+  tests and demonstrations; their log-probs are still the model's.
   """
   free = cache.size - int(cache.length)
   if params.max_new_tokens > free:
@@ -186,12 +188,15 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
                      f"{cache.size})")
   b = np.shape(logits_bv)[0]
   window = jnp.zeros((b, stop.window), jnp.uint8) if window is None else jnp.asarray(window, jnp.uint8)
+  forced = np.full((b, params.max_new_tokens), -1, np.int32) if forced is None else np.asarray(forced, np.int32)
+  if forced.shape != (b, params.max_new_tokens):
+    raise ValueError(f"forced tokens must have shape {(b, params.max_new_tokens)}, got {forced.shape}")
   return _decode(model, cache, jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
-                 jnp.asarray(live, bool), key, stop, params, window)
+                 jnp.asarray(live, bool), key, stop, params, window, jnp.asarray(forced))
 
 
 @nnx.jit(static_argnames=("params",))
-def _decode(model, cache, logits_bv, next_position, live, key, stop, params, window):
+def _decode(model, cache, logits_bv, next_position, live, key, stop, params, window, forced):
   graphdef, state = nnx.split(model)
   b, n = logits_bv.shape[0], params.max_new_tokens
 
@@ -201,6 +206,10 @@ def _decode(model, cache, logits_bv, next_position, live, key, stop, params, win
   def body(s: _Loop) -> _Loop:
     key, sub = jax.random.split(s.key)
     token, logprob = sample(s.logits, sub, params, stop.suppress)
+    f = forced[:, s.step]
+    logp_all = jax.nn.log_softmax(s.logits / (params.temperature or 1.0), axis=-1)
+    logprob = jnp.where(f >= 0, jnp.take_along_axis(logp_all, jnp.maximum(f, 0)[:, None], axis=-1)[:, 0], logprob)
+    token = jnp.where(f >= 0, f, token)
     token = jnp.where(s.live, token, 0)
     window = jnp.where(s.live[:, None], _push_bytes(s.window, token, stop), s.window)
     hit_token = (token[:, None] == stop.token_ids[None, :]).any(-1) & s.live

@@ -160,6 +160,25 @@ class Tokenizer:
   image_pad = property(lambda self: self.token_id("<|image_pad|>"))
   video_pad = property(lambda self: self.token_id("<|video_pad|>"))
 
+  def vocab_bytes(self) -> list[bytes]:
+    """Each id's text as bytes (byte-level tokens mapped back through GPT-2's byte<->unicode table;
+    added tokens as their UTF-8 content). Used by the sampler to match stop strings on bytes."""
+    if getattr(self, "_vocab_bytes", None) is None:
+      unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+      added = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
+      out = []
+      for i in range(self.vocab_size):
+        if i in added:
+          out.append(added[i].encode())
+          continue
+        piece = self.backend.id_to_token(i) or ""
+        if all(c in unicode_to_byte for c in piece):
+          out.append(bytes(unicode_to_byte[c] for c in piece))
+        else:  # not a byte-level vocabulary: fall back to the decoded text
+          out.append(self.backend.decode([i], skip_special_tokens=False).encode())
+      self._vocab_bytes = out
+    return self._vocab_bytes
+
   def save(self, path: str | os.PathLike) -> str:
     """Writes `tokenizer.json` and `tokenizer_config.json` into directory `path`; returns `path`."""
     path = os.fspath(path)
@@ -232,3 +251,17 @@ def build_tiny_tokenizer(corpus: str | None = None) -> Tokenizer:
       corpus = f.read()
   backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json(corpus))
   return Tokenizer(backend, qwen2_tokenizer_config(model_max_length=32768), source="<tiny>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible map from the 256 byte values to printable unicode characters (byte-level BPE)."""
+  keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+      list(range(ord("\xae"), ord("\xff") + 1))
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return chars

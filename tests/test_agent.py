@@ -1,0 +1,105 @@
+"""The multi-turn agent: scripted zoom calls pause and resume each sequence on its own, observations and frames
+are appended to the same cache, and the recorded log-probs equal one teacher-forced forward."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import media
+import tolerances as tol
+from zoomer_jax.agent import protocol as P
+from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
+from zoomer_jax.config_loader import load
+from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.model.qwen25vl import Qwen25VL
+from zoomer_jax.sampling import SamplingParams
+from zoomer_jax.text import build_tiny_tokenizer
+from zoomer_jax.video import VideoReader, sample_zoom
+
+SMALL = 56 * 56  # frames of 56x56: 4 tokens each, to keep the test quick
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model)
+  return Qwen25VL(cfg, rngs=nnx.Rngs(4))
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+  return media.write_video(str(tmp_path_factory.mktemp("v") / "v.mp4"), 200, 10.0, (64, 80))
+
+
+def _config(**tool):
+  return AgentConfig(tool=P.ToolConfig(**tool), sampling=SamplingParams(temperature=1.0, max_new_tokens=40),
+                     decode_chunk=16, max_pixels=SMALL, min_pixels=SMALL, workers=2)
+
+
+SCRIPT = {
+    0: ['<think>the overview is too coarse</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>',
+        '<think>again</think><video_zoom>{"segment": [2, 4], "fps": </video_zoom>',
+        '<think>the end</think><video_zoom>{"segment": [18, 25], "fps": 1}</video_zoom>',
+        "<think>seen it</think><answer>B</answer><|im_end|>"],
+    1: ["<think>easy</think><answer>A</answer><|im_end|>"],
+}
+
+
+def _teacher_forced(model, traj):
+  logits = np.asarray(model(traj.ids[None], pixel_values=traj.pixel_values, image_grid_thw=traj.image_grid_thw),
+                      np.float64)[0]
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return logp[np.arange(len(traj.ids) - 1), traj.ids[1:]]  # logp[i] scores token i + 1
+
+
+def test_scripted_rollout_pauses_resumes_and_agrees_with_teacher_forcing(model, video, tmp_path, measure):
+  tok = build_tiny_tokenizer()
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "t0"),
+           Task(video, "<image>\nIs there a square? A. yes B. no", "A", "t1"),
+           Task(str(tmp_path / "missing.mp4"), "<image>\nAnything?", "A", "t2")]
+  events = []
+  out = rollout(model, tok, tasks, _config(), jax.random.key(3), on_event=lambda *e: events.append(e),
+                script=lambda row, rnd: SCRIPT.get(row, [None] * 9)[rnd] if rnd < len(SCRIPT.get(row, [])) else None)
+  t0, t1, t2 = out
+  # The failing video is reported for its task only.
+  assert t2.finish_reason == "video_error" and "missing.mp4" in t2.calls[0]["error"]
+
+  assert (t0.answer, t0.finish_reason, t0.rounds) == ("B", "answer", 4)
+  assert (t1.answer, t1.finish_reason, t1.rounds) == ("A", "answer", 1)
+  assert [("error" in c) for c in t0.calls] == [False, True, False]
+  meta = VideoReader(video).meta
+  _, ts = sample_zoom(meta, 2, 4, 2)
+  assert t0.calls[0]["frames"] == 4 and t0.calls[0]["timestamps"] == [round(float(t), 3) for t in ts]
+  assert "not valid JSON" in t0.calls[1]["error"]
+  assert t0.calls[2]["clamped"] == [18.0, 20.0] and t0.calls[2]["frames"] == 7
+  assert t0.n_frames == 10 + 4 + 7 and t1.n_frames == 10
+  text = tok.decode(t0.ids.tolist())
+  assert text.count("<tool_response>") == 3 and text.count("</tool_response>") == 3
+  assert "clamped to [18.00, 20.00]" in text and "Error Information:" in text
+
+  for traj in (t0, t1):
+    ids, mask = traj.ids, traj.response_mask.astype(bool)
+    assert not np.isin(ids[mask], [tok.image_pad, tok.video_pad]).any()  # no vision token is a model token
+    assert (ids == tok.image_pad).sum() == sum(int(np.prod(g)) // 4 for g in traj.image_grid_thw)
+    generated = tok.decode(ids[mask].tolist())
+    for turn in SCRIPT[int(traj.task.id[1])]:
+      assert turn.replace("<|im_end|>", "") in generated
+    want = _teacher_forced(model, traj)[np.flatnonzero(mask) - 1]
+    diff = float(np.abs(want - traj.logprobs[mask]).max())
+    measure(f"{traj.task.id}_logprob_vs_teacher_forced", diff)
+    assert diff <= tol.LOGPROB_FP32
+    assert (traj.logprobs[~mask] == 0).all()
+  kinds = [e[0] for e in events]
+  assert kinds.count("zoom") == 2 and kinds.count("tool_error") == 1 and kinds.count("final") == 2
+
+
+def test_unscripted_rollout_ends_and_keeps_budgets(model, video):
+  """The random tiny model writes noise: every trajectory still ends within the round and token limits."""
+  tok = build_tiny_tokenizer()
+  out = rollout(model, tok, [Task(video, "<image>\nWhat happens?")] * 2, _config(max_generation_round=2),
+                jax.random.key(0))
+  for traj in out:
+    assert traj.finish_reason in ("no_call", "answer", "round_limit")
+    assert 1 <= traj.rounds <= 2 and traj.n_frames <= 128
+    assert traj.response_mask.sum() <= 2 * 40 + 2

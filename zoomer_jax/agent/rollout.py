@@ -1,0 +1,312 @@
+"""The multi-turn VideoZoomer agent: a batch of trajectories that each pause on their own zoom calls.
+
+One `rollout` call runs a batch of (video, question) tasks to the end:
+
+  1. the overview frames of every video are read and preprocessed in a thread pool, the prompts rendered to
+     token ids (`text.chat.Transcript`) and prefilled into one KV cache;
+  2. decoding runs in chunks of `decode_chunk` tokens; a sequence whose turn ends (a stop token, the
+     `</video_zoom>` stop string, or the per-turn token limit) stops generating, its turn is parsed by the
+     protocol (`agent.protocol.Episode`), and a valid call's clip is cut and preprocessed in the thread pool
+     while the other sequences keep decoding;
+  3. when every live sequence has ended its turn, each observation (text and frames) is appended to its own
+     sequence's cache in one `extend` - positions continue from where the sequence stopped, nothing is
+     prefilled again - and decoding resumes, up to `max_generation_round` turns.
+
+Each trajectory comes back with its token ids, a response mask (1 on model tokens, 0 on prompt and tool
+tokens), the sampler's log-probs, its images, the tool-call log and the final answer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from zoomer_jax.agent import protocol as P
+from zoomer_jax.sampling import STOP_STRING, STOP_TOKEN, SamplingParams, StopCriteria, decode, extend
+from zoomer_jax.sampling import prefill
+from zoomer_jax.text.chat import Transcript
+from zoomer_jax.text.tokenizer import Tokenizer
+from zoomer_jax.video import VideoError, VideoReader, preprocess_frames, sample_overview, sample_zoom
+
+ZOOM_END = "</video_zoom>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  video: str
+  problem: str  # the question, with "<image>" where the overview frames go
+  answer: str | None = None
+  id: str = ""
+  data_source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+  tool: P.ToolConfig = P.ToolConfig()
+  sampling: SamplingParams = SamplingParams(temperature=1.0, max_new_tokens=512)  # per turn
+  decode_chunk: int = 64  # tokens per device call; paused sequences are handed to the host in between
+  max_pixels: int = 100352
+  min_pixels: int = 25088
+  cache_size: int = 0  # 0: enough for the longest prompt plus every round at its limits
+  workers: int = 4
+  video_backend: str = "auto"
+
+
+@dataclasses.dataclass
+class Trajectory:
+  task: Task
+  ids: np.ndarray  # int32 [L]
+  response_mask: np.ndarray  # int32 [L]: 1 on model tokens
+  logprobs: np.ndarray  # float32 [L]: the sampler's log-prob where response_mask is 1, else 0
+  pixel_values: np.ndarray  # float32 [P, 1176]: all images, overview then zooms
+  image_grid_thw: np.ndarray  # int64 [n_images, 3]
+  calls: list[dict]
+  answer: str | None
+  finish_reason: str  # "answer", "no_call", "round_limit", "context_limit", "video_error"
+  rounds: int
+  turns: list[str]  # each assistant turn's text
+
+  @property
+  def n_frames(self) -> int:
+    return len(self.image_grid_thw)
+
+
+def stop_criteria(tok: Tokenizer) -> StopCriteria:
+  return StopCriteria.build([tok.im_end, tok.endoftext], [ZOOM_END], tok.vocab_bytes(),
+                            suppress_ids=[tok.image_pad, tok.video_pad, tok.vision_start, tok.vision_end])
+
+
+def _overview(task: Task, cfg: AgentConfig):
+  with VideoReader(task.video, backend=cfg.video_backend) as reader:
+    idx, ts = sample_overview(reader.meta, cfg.tool.video_fps, cfg.tool.frames_upbound)
+    frames = reader.frames(idx)
+    meta = reader.meta
+  pixels, grids = preprocess_frames(frames, cfg.max_pixels, cfg.min_pixels)
+  return meta, ts, pixels, grids
+
+
+def _clip(task: Task, call: P.ZoomCall, cfg: AgentConfig):
+  with VideoReader(task.video, backend=cfg.video_backend) as reader:
+    idx, ts = sample_zoom(reader.meta, call.requested[0], call.requested[1], call.fps, max_frames=None)
+    frames = reader.frames(idx)
+  pixels, grids = preprocess_frames(frames, cfg.max_pixels, cfg.min_pixels)
+  return ts, pixels, grids
+
+
+class _Row:
+  """Host state of one trajectory."""
+
+  def __init__(self, task: Task, tr: Transcript, episode: P.Episode | None, pixels, grids):
+    self.task, self.tr, self.episode = task, tr, episode
+    self.logprobs = [0.0] * len(tr.ids)
+    self.pixels, self.grids = [pixels], [grids]
+    self.in_cache = 0  # transcript tokens already in the KV cache
+    self.turn_tokens = 0
+    self.calls: list[dict] = []
+    self.turns: list[str] = []
+    self.answer, self.reason = None, None
+    self.pending: Any = None  # a ZoomCall being extracted: (call, future)
+    self.new_images: tuple[np.ndarray, np.ndarray] | None = None
+
+  @property
+  def done(self) -> bool:
+    return self.reason is not None
+
+
+def _tokens_per_image(grids: np.ndarray) -> list[int]:
+  return [int(np.prod(g)) // 4 for g in np.asarray(grids).reshape(-1, 3)]
+
+
+def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = AgentConfig(),
+            key: jax.Array | None = None, on_event=None, script=None) -> list[Trajectory]:
+  """Runs every task to its end. `on_event(kind, row, info)` (optional) sees each turn, zoom and answer.
+
+  `script(row, round) -> str | None` (optional) dictates a turn's text instead of sampling it (tests and
+  demonstrations): its tokens are forced, their log-probs are still the model's.
+  """
+  key = jax.random.key(0) if key is None else key
+  event = on_event or (lambda *a: None)
+  stop = stop_criteria(tok)
+  system = P.system_prompt(cfg.tool)
+  with cf.ThreadPoolExecutor(cfg.workers) as pool:
+    rows = _start(tasks, cfg, tok, system, pool)
+    if any(not r.done for r in rows):
+      _run(model, tok, rows, cfg, key, stop, pool, event, script)
+  return [_finish(r) for r in rows]
+
+
+def _start(tasks, cfg, tok, system, pool) -> list[_Row]:
+  futures = [pool.submit(_overview, t, cfg) for t in tasks]
+  rows = []
+  for task, fut in zip(tasks, futures):
+    try:
+      meta, ts, pixels, grids = fut.result()
+    except (VideoError, OSError) as e:  # reported for this task; the others go on
+      tr = Transcript(tok, [])
+      row = _Row(task, tr, None, np.zeros((0, 1176), np.float32), np.zeros((0, 3), np.int64))
+      row.reason, row.calls = "video_error", [dict(error=str(e))]
+      rows.append(row)
+      continue
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": P.user_prompt(task.problem, ts)}]
+    tr = Transcript.from_messages(tok, messages, image_tokens=_tokens_per_image(grids))
+    rows.append(_Row(task, tr, P.Episode(cfg.tool, meta.duration, len(ts)), pixels, grids))
+  return rows
+
+
+def _cache_size(rows, cfg) -> int:
+  if cfg.cache_size:
+    return cfg.cache_size
+  longest = max(len(r.tr.ids) for r in rows)
+  per_frame = max((max(_tokens_per_image(r.grids[0]), default=0) for r in rows), default=0) + 12
+  observation = cfg.tool.tool_call_max_frames * per_frame + 160
+  need = longest + cfg.tool.max_generation_round * (cfg.sampling.max_new_tokens + cfg.decode_chunk + observation)
+  return int(-(-need // 256) * 256)
+
+
+def _run(model, tok, rows, cfg, key, stop, pool, event, script):
+  b = len(rows)
+  size = _cache_size(rows, cfg)
+  prompt_len = max(len(r.tr.ids) for r in rows)
+  ids = np.full((b, prompt_len), tok.endoftext, np.int32)
+  mask = np.zeros((b, prompt_len), np.int32)
+  for i, r in enumerate(rows):
+    if not r.done:
+      ids[i, prompt_len - len(r.tr.ids):] = r.tr.ids
+      mask[i, prompt_len - len(r.tr.ids):] = 1
+      r.in_cache = len(r.tr.ids)
+  pix = [r.pixels[0] for r in rows if not r.done]
+  grids = [r.grids[0] for r in rows if not r.done]
+  logits, cache, pos = prefill(model, ids, mask, cache_size=size, pixel_values=np.concatenate(pix),
+                               image_grid_thw=np.concatenate(grids))
+  temperature = cfg.sampling.temperature or 1.0
+
+  while any(not r.done for r in rows):
+    active = np.array([not r.done for r in rows])
+    scripted = {}
+    for i, r in enumerate(rows):
+      r.turn_tokens = 0
+      text = script(i, len(r.turns)) if script is not None and not r.done else None
+      if text is not None:
+        scripted[i] = tok.encode(text)
+    window = None
+    while active.any():  # one assistant turn for every live row, in chunks
+      free = cache.size - int(cache.length)
+      n = min(cfg.decode_chunk, free)
+      if n <= 0:
+        for i in np.flatnonzero(active):
+          rows[i].reason = "context_limit"
+        break
+      forced = np.full((b, n), -1, np.int32)
+      for i, ids_i in scripted.items():
+        part = ids_i[rows[i].turn_tokens:rows[i].turn_tokens + n]
+        forced[i, :len(part)] = part
+      key, sub = jax.random.split(key)
+      out = decode(model, cache, logits, pos, active, sub, stop, dataclasses.replace(cfg.sampling, max_new_tokens=n),
+                   window, forced)
+      tokens, lps = np.asarray(out.tokens), np.asarray(out.logprobs)
+      nums, reasons = np.asarray(out.num_tokens), np.asarray(out.stop_reason)
+      last_logits = np.asarray(out.last_logits)
+      for i in np.flatnonzero(active):
+        r = rows[i]
+        r.tr.append_generated(tokens[i, :nums[i]].tolist())
+        r.logprobs += lps[i, :nums[i]].tolist()
+        r.in_cache = len(r.tr.ids)  # the decode loop wrote every sampled token to the cache
+        r.turn_tokens += int(nums[i])
+        if reasons[i] in (STOP_TOKEN, STOP_STRING) or r.turn_tokens >= cfg.sampling.max_new_tokens:
+          active[i] = False
+          _end_turn(r, i, last_logits[i], temperature, tok, cfg, pool, event)
+      cache, logits, pos, window = out.cache, out.last_logits, out.next_position, out.window
+    _observe(rows, tok, event)
+    chunk_rows = [i for i, r in enumerate(rows) if not r.done and len(r.tr.ids) > r.in_cache]
+    if not chunk_rows:
+      continue
+    length = max(len(rows[i].tr.ids) - rows[i].in_cache for i in chunk_rows)
+    if int(cache.length) + length > cache.size:
+      for i in chunk_rows:
+        rows[i].reason = "context_limit"
+      continue
+    cids = np.full((b, length), tok.endoftext, np.int32)
+    cmask = np.zeros((b, length), np.int32)
+    new_pix, new_grids = [], []
+    for i in chunk_rows:
+      r = rows[i]
+      part = r.tr.ids[r.in_cache:]
+      cids[i, :len(part)] = part
+      cmask[i, :len(part)] = 1
+      if r.new_images is not None:
+        new_pix.append(r.new_images[0])
+        new_grids.append(r.new_images[1])
+        r.pixels.append(r.new_images[0])
+        r.grids.append(r.new_images[1])
+        r.new_images = None
+      r.in_cache = len(r.tr.ids)
+    vision = {}
+    if new_pix:
+      vision = dict(pixel_values=np.concatenate(new_pix), image_grid_thw=np.concatenate(new_grids))
+    logits, cache, pos = extend(model, cache, cids, cmask, pos, logits, **vision)
+
+
+def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok, cfg, pool, event):
+  """Parses the finished turn; a valid call starts its clip extraction in the pool."""
+  text = r.tr.turn_text()
+  r.turns.append(text)
+  event("turn", i, text)
+  out = r.episode.step(text)
+  if isinstance(out, P.Final):
+    r.answer, r.reason = out.answer, out.reason
+    event("final", i, out)
+    return
+  if r.tr.close_turn():  # the original appends <|im_end|> to a turn that lacks it; it counts as a model token
+    z = last_logits / temperature
+    r.logprobs.append(float(z[tok.im_end] - (z.max() + np.log(np.exp(z - z.max()).sum()))))
+  if isinstance(out, P.ToolError):
+    r.calls.append(dict(round=out.round, error=out.message))
+    event("tool_error", i, out)
+    r.pending = ("error", out.observation)
+  else:
+    r.pending = ("call", out, pool.submit(_clip, r.task, out, cfg))
+
+
+def _observe(rows, tok, event):
+  """Waits for each pending clip and appends the observation text (and frames) to the transcript."""
+  for i, r in enumerate(rows):
+    if r.pending is None:
+      continue
+    pending, r.pending = r.pending, None
+    if pending[0] == "error":
+      _append(r, pending[1], ())
+      continue
+    call, fut = pending[1], pending[2]
+    try:
+      ts, pixels, grids = fut.result()
+    except (VideoError, ValueError, OSError) as e:
+      err = r.episode.extraction_failed(str(e))
+      r.calls.append(dict(round=call.round, segment=list(call.requested), fps=call.fps, error=str(e)))
+      event("tool_error", i, err)
+      _append(r, err.observation, ())
+      continue
+    obs = r.episode.observation(ts)
+    r.calls.append(dict(round=call.round, segment=list(call.requested), clamped=list(call.segment), fps=call.fps,
+                        frames=len(ts), timestamps=[round(float(t), 3) for t in ts]))
+    event("zoom", i, r.calls[-1])
+    r.new_images = (pixels, grids)
+    _append(r, obs, _tokens_per_image(grids))
+
+
+def _append(r: _Row, text: str, image_tokens):
+  before = len(r.tr.ids)
+  r.tr.append_text(text, image_tokens=image_tokens)
+  r.logprobs += [0.0] * (len(r.tr.ids) - before)
+
+
+def _finish(r: _Row) -> Trajectory:
+  assert len(r.logprobs) == len(r.tr.ids) == len(r.tr.mask), (len(r.logprobs), len(r.tr.ids), len(r.tr.mask))
+  return Trajectory(task=r.task, ids=np.asarray(r.tr.ids, np.int32), response_mask=np.asarray(r.tr.mask, np.int32),
+                    logprobs=np.asarray(r.logprobs, np.float32), pixel_values=np.concatenate(r.pixels),
+                    image_grid_thw=np.concatenate(r.grids).astype(np.int64), calls=r.calls, answer=r.answer,
+                    finish_reason=r.reason or "context_limit", rounds=len(r.turns), turns=r.turns)
