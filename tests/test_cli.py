@@ -24,3 +24,25 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "zoomer_jax", "forward", "--checkpoint", str(tmp_path / "nope")],
                         capture_output=True, text=True)
   assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_infer_runs_the_agent_on_a_video(tmp_path, capsys):
+  import media
+  video = media.write_video(str(tmp_path / "v.mp4"), 60, 10.0, (64, 80))
+  assert main(["infer", "--video", video, "--question", "<image>\nWhat colour? A. red B. blue",
+               "--max-new-tokens", "8", "--max-generation-round", "2", "--out", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "--- assistant turn ---" in out and "answer:" in out and "60 frames at 10.00 fps" in out
+  report = json.loads((tmp_path / "infer.json").read_text())
+  assert report["frames"] == 3 and 1 <= report["rounds"] <= 2 and report["tokens"] > 0
+
+
+def test_infer_unreadable_video_and_bad_checkpoint_are_clear_errors(tmp_path, capsys):
+  bad = tmp_path / "bad.mp4"
+  bad.write_bytes(b"not a video at all")
+  assert main(["infer", "--video", str(bad), "--question", "Q?"]) == 2
+  assert "bad.mp4" in capsys.readouterr().err
+  import media
+  video = media.write_video(str(tmp_path / "v.mp4"), 20, 10.0, (64, 80))
+  assert main(["infer", "--video", video, "--question", "Q?", "--checkpoint", str(tmp_path / "nope")]) == 2
+  assert "does not exist" in capsys.readouterr().err

@@ -1,8 +1,13 @@
-"""Command line: `python -m zoomer_jax forward [--checkpoint DIR] [--config NAME] [--frames N]`.
+"""Command line: `python -m zoomer_jax {forward,infer} ...`.
 
 `forward` runs one forward pass of Qwen2.5-VL on a clip generated on the spot (a moving square whose
 colour encodes the frame index), with the built-in tiny random model unless `--checkpoint` names an
 HF directory, and prints what went in, what came out and how long it took.
+
+`infer --video V --question Q` runs the zoom agent on one video: it prints every turn, every zoom (segment,
+fps, frames returned) and the answer, and writes the trajectory to `out/infer.json`. Without `--checkpoint`
+it uses the built-in tiny random model and tokenizer, whose turns are noise: it shows the machinery, not an
+answer.
 """
 
 from __future__ import annotations
@@ -76,6 +81,65 @@ def forward(args) -> dict:
   return report
 
 
+def _model_and_tokenizer(args):
+  from flax import nnx
+
+  import zoomer_jax
+  from zoomer_jax.config_loader import load
+  from zoomer_jax.text import build_tiny_tokenizer, load_tokenizer
+  if args.checkpoint:
+    model = zoomer_jax.load_hf(args.checkpoint, dtype=args.dtype)
+    return model, load_tokenizer(args.checkpoint), args.checkpoint
+  cfg = load(args.config, args.override)
+  model = zoomer_jax.Qwen25VL(zoomer_jax.ModelConfig.from_config_dict(cfg.model.to_dict()), dtype=args.dtype,
+                              rngs=nnx.Rngs(cfg.get("seed", 0)))
+  return model, build_tiny_tokenizer(), f"{args.config} (random weights)"
+
+
+def infer(args) -> dict:
+  import dataclasses
+
+  import jax
+
+  from zoomer_jax.agent.protocol import ToolConfig
+  from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
+  from zoomer_jax.sampling import SamplingParams
+  from zoomer_jax.video import read_meta
+
+  meta = read_meta(args.video)  # an unreadable video fails here, before any model work
+  model, tok, source = _model_and_tokenizer(args)
+  print(f"model: {source}\nvideo: {args.video} ({meta.n_frames} frames at {meta.fps:.2f} fps, "
+        f"{meta.duration:.1f} s, {meta.width}x{meta.height})")
+  cfg = AgentConfig(tool=ToolConfig(max_generation_round=args.max_generation_round,
+                                    tool_call_max_frames=args.tool_call_max_frames),
+                    sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+
+  def show(kind, _row, info):
+    if kind == "turn":
+      print(f"\n--- assistant turn ---\n{info}")
+    elif kind == "zoom":
+      print(f"--- zoom: segment {info['segment']} (clamped {info['clamped']}), fps {info['fps']}, "
+            f"{info['frames']} frames at {info['timestamps']}")
+    elif kind == "tool_error":
+      print(f"--- tool error: {info.message}")
+    elif kind == "final":
+      print(f"--- final ({info.reason}): answer = {info.answer!r}")
+
+  (traj,) = rollout(model, tok, [Task(args.video, args.question)], cfg, jax.random.key(args.seed), on_event=show)
+  report = dict(model=source, video=args.video, question=args.question, answer=traj.answer,
+                finish_reason=traj.finish_reason, rounds=traj.rounds, frames=traj.n_frames, calls=traj.calls,
+                turns=traj.turns, tokens=len(traj.ids), agent=dataclasses.asdict(cfg.tool))
+  if traj.finish_reason == "video_error":
+    raise ValueError(traj.calls[0]["error"])
+  print(f"\nanswer: {traj.answer!r} ({traj.finish_reason}; {traj.rounds} turns, {traj.n_frames} frames, "
+        f"{len(traj.ids)} tokens)")
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "infer.json"), "w") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m zoomer_jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -87,10 +151,25 @@ def main(argv=None) -> int:
   fw.add_argument("--frames", type=int, default=16)
   fw.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   fw.add_argument("--out", default="out", help="directory for forward.json ('' to skip)")
+  inf = sub.add_parser("infer", help="run the zoom agent on one video and question")
+  inf.add_argument("--video", required=True)
+  inf.add_argument("--question", required=True, help="the question; '<image>' marks where the frames go")
+  inf.add_argument("--checkpoint", help="HF Qwen2.5-VL directory with tokenizer files (default: built-in tiny)")
+  inf.add_argument("--config", default="qwen25vl_tiny", help="model config when no checkpoint is given")
+  inf.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+  inf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  inf.add_argument("--max-generation-round", type=int, default=5)
+  inf.add_argument("--tool-call-max-frames", type=int, default=16)
+  inf.add_argument("--max-new-tokens", type=int, default=64, help="per assistant turn")
+  inf.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  inf.add_argument("--seed", type=int, default=0)
+  inf.add_argument("--out", default="out", help="directory for infer.json ('' to skip)")
   args = parser.parse_args(argv)
   try:
     if args.command == "forward":
       forward(args)
+    elif args.command == "infer":
+      infer(args)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
