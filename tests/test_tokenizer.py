@@ -15,7 +15,7 @@ from zoomer_jax.text import TINY_SPECIAL_IDS, Tokenizer, build_tiny_tokenizer, l
 from zoomer_jax.text import tokenizer as tokenizer_module
 from zoomer_jax.text.tokenizer import QWEN_ADDED_TOKENS, _tiny_tokenizer_json
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 SPECIALS = [t for t, _ in QWEN_ADDED_TOKENS]
 WORDS = ["<think>", "</think>", "<answer>", "</answer>", "<video_zoom>", "</video_zoom>", '{"segment": [4.0, 6.0], ',

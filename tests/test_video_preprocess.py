@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 import media
 from zoomer_jax.video import preprocess as pp
 
-PIL = pytest.importorskip("PIL.Image")
-hf_pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+import PIL.Image as PIL  # noqa: N812
+import transformers.models.qwen2_vl.image_processing_pil_qwen2_vl as hf_pil
 
 # Tolerances (max abs unless stated).
 PATCHIFY_VS_HF = 1e-5  # normalised values, same uint8 input

@@ -15,7 +15,7 @@ import media
 from zoomer_jax.video import VideoError, VideoReader, read_meta, sample_overview, sample_zoom
 from zoomer_jax.video import reader as reader_module
 
-av = pytest.importorskip("av")
+import av
 from zoomer_jax.video.pyav_source import AvSource, CfrTimeline, OffGrid, TableTimeline  # noqa: E402
 
 FPS = 30000 / 1001
