@@ -103,3 +103,25 @@ def test_unscripted_rollout_ends_and_keeps_budgets(model, video):
     assert traj.finish_reason in ("no_call", "answer", "round_limit")
     assert 1 <= traj.rounds <= 2 and traj.n_frames <= 128
     assert traj.response_mask.sum() <= 2 * 40 + 2
+
+
+def test_rollout_on_the_8_device_mesh_equals_one_device(model, video, tmp_path, measure):
+  """The same scripted rollout with the model sharded over (data 2, fsdp 2, tensor 2)."""
+  import zoomer_jax
+  from zoomer_jax.parallel.mesh import make_mesh
+  tok = build_tiny_tokenizer()
+  mesh = make_mesh((2, 2, 2))
+  sharded = zoomer_jax.load_hf(zoomer_jax.export_hf(model, tmp_path / "m"), mesh=mesh)
+  assert any(not v.sharding.is_fully_replicated for v in jax.tree.leaves(nnx.state(sharded, nnx.Param)))
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "t0"),
+           Task(video, "<image>\nIs there a square? A. yes B. no", "A", "t1")]
+  script = lambda row, rnd: SCRIPT[row][rnd] if rnd < len(SCRIPT[row]) else None
+  want = rollout(model, tok, tasks, _config(), jax.random.key(3), script=script)
+  with jax.set_mesh(mesh):
+    got = rollout(sharded, tok, tasks, _config(), jax.random.key(3), script=script)
+  for a, b in zip(want, got):
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.response_mask, b.response_mask)
+    assert a.calls == b.calls and a.answer == b.answer
+    diff = float(np.abs(a.logprobs - b.logprobs).max())
+    measure(f"{a.task.id}_sharded_logprob_diff", diff)
+    assert diff <= tol.LOGPROB_FP32
