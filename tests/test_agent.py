@@ -125,3 +125,33 @@ def test_rollout_on_the_8_device_mesh_equals_one_device(model, video, tmp_path, 
     diff = float(np.abs(a.logprobs - b.logprobs).max())
     measure(f"{a.task.id}_sharded_logprob_diff", diff)
     assert diff <= tol.LOGPROB_FP32
+
+
+def test_no_recompilation_across_turns_after_warm_up(model, video):
+  """A 4-round rollout compiles its programs; a second one whose turns and observations have other lengths
+  and frame counts (within the same buckets) compiles nothing new."""
+  from zoomer_jax.sampling import sampler
+  tok = build_tiny_tokenizer()
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue"), Task(video, "<image>\nWhere?")]
+  first = {0: ['<think>a</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>',
+               '<think>b</think><video_zoom>{"segment": [5, 8], "fps": 1}</video_zoom>',
+               '<think>c c c</think><video_zoom>{"segment": [1, 2], "fps": 3}</video_zoom>',
+               "<think>d</think><answer>B</answer><|im_end|>"],
+           1: ['<think>x</think><video_zoom>{"segment": [0, 1], "fps": 4}</video_zoom>',
+               "<think>y</think><answer>A</answer><|im_end|>"]}
+  second = {0: ['<think>other words here</think><video_zoom>{"segment": [10, 11.5], "fps": 2}</video_zoom>',
+                '<think>z</think><video_zoom>{"segment": [3, 6], "fps": 1.5}</video_zoom>',
+                '<think>q</think><video_zoom>{"segment": [12, 13], "fps": 1}</video_zoom>',
+                "<think>so</think><answer>A</answer><|im_end|>"],
+            1: ['<think>p</think><video_zoom>{"segment": [4, 5], "fps": 5}</video_zoom>',
+                '<think>p</think><video_zoom>{"segment": [6, 7], "fps": 2}</video_zoom>',
+                "<think>r</think><answer>B</answer><|im_end|>"]}
+  cfg = _config()
+  for script in (first, second):
+    before = dict(sampler.TRACES)
+    out = rollout(model, tok, tasks, cfg, jax.random.key(1),
+                  script=lambda row, rnd, s=script: s[row][rnd] if rnd < len(s[row]) else None)
+    assert out[0].rounds == 4 and all(t.answer for t in out)
+    grown = {k: sampler.TRACES[k] - before[k] for k in before}
+  assert sampler.TRACES["step"] > 0 and sampler.TRACES["decode"] > 0  # the counters do count
+  assert grown == {"step": 0, "decode": 0}, grown  # the second rollout compiled nothing

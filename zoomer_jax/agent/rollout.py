@@ -52,6 +52,8 @@ class AgentConfig:
   max_pixels: int = 100352
   min_pixels: int = 25088
   cache_size: int = 0  # 0: enough for the longest prompt plus every round at its limits
+  token_bucket: int = 64  # prompt and observation chunks are padded to a multiple of this many tokens
+  image_bucket: int = 8  # and their images to a multiple of this many, so turns reuse compiled programs
   workers: int = 4
   video_backend: str = "auto"
 
@@ -164,7 +166,8 @@ def _cache_size(rows, cfg) -> int:
   longest = max(len(r.tr.ids) for r in rows)
   per_frame = max((max(_tokens_per_image(r.grids[0]), default=0) for r in rows), default=0) + 12
   observation = cfg.tool.tool_call_max_frames * per_frame + 160
-  need = longest + cfg.tool.max_generation_round * (cfg.sampling.max_new_tokens + cfg.decode_chunk + observation)
+  need = longest + cfg.token_bucket + cfg.tool.max_generation_round * (
+      cfg.sampling.max_new_tokens + cfg.decode_chunk + observation + cfg.token_bucket)
   return int(-(-need // 256) * 256)
 
 
@@ -182,7 +185,8 @@ def _run(model, tok, rows, cfg, key, stop, pool, event, script):
   pix = [r.pixels[0] for r in rows if not r.done]
   grids = [r.grids[0] for r in rows if not r.done]
   logits, cache, pos = prefill(model, ids, mask, cache_size=size, pixel_values=np.concatenate(pix),
-                               image_grid_thw=np.concatenate(grids))
+                               image_grid_thw=np.concatenate(grids), token_bucket=cfg.token_bucket,
+                               image_bucket=cfg.image_bucket)
   temperature = cfg.sampling.temperature or 1.0
 
   while any(not r.done for r in rows):
@@ -226,7 +230,7 @@ def _run(model, tok, rows, cfg, key, stop, pool, event, script):
     if not chunk_rows:
       continue
     length = max(len(rows[i].tr.ids) - rows[i].in_cache for i in chunk_rows)
-    if int(cache.length) + length > cache.size:
+    if int(cache.length) + -(-length // max(cfg.token_bucket, 1)) * max(cfg.token_bucket, 1) > cache.size:
       for i in chunk_rows:
         rows[i].reason = "context_limit"
       continue
@@ -248,7 +252,8 @@ def _run(model, tok, rows, cfg, key, stop, pool, event, script):
     vision = {}
     if new_pix:
       vision = dict(pixel_values=np.concatenate(new_pix), image_grid_thw=np.concatenate(new_grids))
-    logits, cache, pos = extend(model, cache, cids, cmask, pos, logits, **vision)
+    logits, cache, pos = extend(model, cache, cids, cmask, pos, logits, token_bucket=cfg.token_bucket,
+                                image_bucket=cfg.image_bucket, **vision)
 
 
 def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok, cfg, pool, event):

@@ -197,6 +197,7 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
 
 @nnx.jit(static_argnames=("params",))
 def _decode(model, cache, logits_bv, next_position, live, key, stop, params, window, forced):
+  TRACES["decode"] += 1
   graphdef, state = nnx.split(model)
   b, n = logits_bv.shape[0], params.max_new_tokens
 
@@ -238,18 +239,48 @@ def _decode(model, cache, logits_bv, next_position, live, key, stop, params, win
                    window=out.window)
 
 
+# Trace counts of the jitted programs (a retrace means a new compilation); tests read them.
+TRACES = {"step": 0, "decode": 0}
+
+
+def _round_up(n: int, bucket: int) -> int:
+  return n if bucket <= 0 else -(-n // bucket) * bucket
+
+
 def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev_logits=None, *,
            pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-           second_per_grid_ts=None) -> tuple[jax.Array, KVCache, jax.Array]:
+           second_per_grid_ts=None, token_bucket: int = 0,
+           image_bucket: int = 0) -> tuple[jax.Array, KVCache, jax.Array]:
   """Appends a chunk [B, T] (rows may be empty; padding anywhere) with its images to the cache.
 
   Row b's tokens get M-RoPE positions counted from `next_position[b]`, laid out exactly as if the chunk
   had been part of the prompt. Returns (logits after each row's last real token [B, V] - `prev_logits`
   for rows with no tokens -, cache, next_position). Used for the prompt too (a fresh cache, position 0).
+
+  Shape buckets, so that turns of different lengths reuse one compiled program: `token_bucket` pads T up to
+  a multiple (padding is masked; it uses cache slots), and `image_bucket` pads the images with blank copies
+  of the last image's grid up to a multiple of that many images (their features are computed and unused).
   """
-  from zoomer_jax.model.qwen25vl import prepare_inputs  # noqa: PLC0415 (the model imports nothing from here)
-  prep = prepare_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+  from zoomer_jax.model.qwen25vl import VisionInput, prepare_inputs  # noqa: PLC0415 (no import cycle)
+  from zoomer_jax.model.vision_layout import vision_layout  # noqa: PLC0415
+  ids = np.asarray(input_ids)
+  ids = ids[None] if ids.ndim == 1 else ids
+  mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+  pad = _round_up(ids.shape[1], token_bucket) - ids.shape[1]
+  if pad:
+    ids = np.pad(ids, ((0, 0), (0, pad)))
+    mask = np.pad(mask, ((0, 0), (0, pad)))
+  prep = prepare_inputs(model.config, ids, mask, pixel_values, image_grid_thw,
                         pixel_values_videos, video_grid_thw, second_per_grid_ts)
+  if image_bucket > 0 and prep.images is not None:
+    grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    extra = _round_up(len(grid), image_bucket) - len(grid)
+    if extra:
+      grid = np.concatenate([grid, np.repeat(grid[-1:], extra, 0)])
+      rows = int(grid[-extra:].prod(-1).sum())
+      pixels = jnp.concatenate([prep.images.pixels, jnp.zeros((rows, prep.images.pixels.shape[1]),
+                                                               prep.images.pixels.dtype)])
+      prep = prep.replace(images=VisionInput(pixels=pixels, layout=vision_layout(grid, model.config.vision)))
   b, t = prep.ids.shape
   if int(cache.length) + t > cache.size:
     raise ValueError(f"a chunk of {t} tokens overflows the cache ({int(cache.length)} of {cache.size} slots "
@@ -266,17 +297,20 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   return logits, cache, jnp.asarray(np.where(n > 0, start + np.asarray(prep.next_position), start), jnp.int32)
 
 
-def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **vision) -> tuple[jax.Array, KVCache,
-                                                                                         jax.Array]:
-  """The prompt into a fresh cache of `cache_size` slots: (last-token logits [B, V], cache, next_position)."""
+def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **kw) -> tuple[jax.Array, KVCache,
+                                                                                     jax.Array]:
+  """The prompt into a fresh cache of `cache_size` slots: (last-token logits [B, V], cache, next_position).
+
+  Takes `extend`'s vision and bucket arguments."""
   ids = np.asarray(input_ids)
   ids = ids[None] if ids.ndim == 1 else ids
   cache = model.init_cache(ids.shape[0], cache_size)
-  return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **vision)
+  return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **kw)
 
 
 @nnx.jit
 def _step(model, ids, positions, token_mask, images, videos, cache, last_b):
+  TRACES["step"] += 1
   image_feats = None if images is None else model.encode_vision(images)
   video_feats = None if videos is None else model.encode_vision(videos)
   x_btd = model.embed(ids, image_feats, video_feats)
