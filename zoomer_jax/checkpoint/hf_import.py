@@ -1,8 +1,9 @@
 """`load_hf`: an HF Qwen2.5-VL directory (config.json + safetensors) -> `Qwen25VL`.
 
 The model is built abstractly (no parameter memory), then the checkpoint is streamed tensor by
-tensor from memory-mapped files: each tensor is transformed, cast, and put on the devices (into its
-sharding when a mesh is given) before the next is read.
+tensor: each tensor is read in chunks straight into the slices its devices hold (transformed and cast
+on the way, see `safetensors_io.read_shards`) before the next is read. The host holds at most one
+tensor beyond the loaded model, and no file pages stay mapped.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from zoomer_jax.checkpoint.key_map import hf_to_nnx
-from zoomer_jax.checkpoint.safetensors_io import checkpoint_files, iter_tensors
+from zoomer_jax.checkpoint.safetensors_io import checkpoint_files, iter_tensors, read_shards
 from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model.qwen25vl import Qwen25VL, resolve_dtype
 from zoomer_jax.parallel.rules import DEFAULT_RULES, Rules, variable_sharding
@@ -72,9 +72,8 @@ def load_hf(path: str | os.PathLike, dtype="float32", mesh: Mesh | None = None, 
                             f"needs {list(hf_shape)}")
     if not jnp.issubdtype(f.dtype(key), jnp.floating):
       raise CheckpointError(f"tensor {key!r} has dtype {f.dtype(key)} in {f.path}, expected a float dtype")
-    host = transform.to_nnx(f.get(key), want.shape).astype(dtype)
     sharding = variable_sharding(var, mesh, rules) if mesh is not None else None
-    loaded[nnx_path] = _put(host, sharding)
+    loaded[nnx_path] = _put(f, key, transform, want.shape, dtype, sharding)
 
   missing = [k for k in targets if k not in loaded]
   if missing:
@@ -87,8 +86,22 @@ def load_hf(path: str | os.PathLike, dtype="float32", mesh: Mesh | None = None, 
   return model
 
 
-def _put(host: np.ndarray, sharding) -> jax.Array:
+def _put(f, key: str, transform, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+  """Reads one tensor from the file straight into its shards (the whole array without a sharding).
+
+  Each distinct slice that a local device holds is read once, in the loaded dtype, into an aligned
+  host array, which XLA's CPU client adopts without a copy (replicas share it; other backends copy
+  it to the device).
+  """
+  view = lambda stored: transform.to_nnx(stored, shape)
   if sharding is None:
+    (host,) = read_shards(f, key, view, [tuple(slice(0, n) for n in shape)], dtype)
     return jax.device_put(host)
-  # Each device reads only its own slice of the memory-mapped tensor.
-  return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.asarray(host[idx]))
+  boxes = sorted({_box_key(idx, shape) for idx in sharding.addressable_devices_indices_map(shape).values()})
+  hosts = dict(zip(boxes, read_shards(f, key, view, [tuple(slice(*b) for b in box) for box in boxes], dtype)))
+  return jax.make_array_from_callback(shape, sharding, lambda idx: hosts[_box_key(idx, shape)])
+
+
+def _box_key(idx: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """A shard index as hashable (start, stop) pairs, one per axis."""
+  return tuple(s.indices(n)[:2] for s, n in zip(idx, shape))
