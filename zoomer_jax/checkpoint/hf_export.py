@@ -24,6 +24,7 @@ from flax import nnx
 
 from zoomer_jax.checkpoint.key_map import nnx_to_hf
 from zoomer_jax.checkpoint.safetensors_io import save_file
+from zoomer_jax.parallel.distributed import to_host
 
 # Files of an HF model directory that are not weights and that a user of the export needs.
 SIDE_FILES = (
@@ -63,7 +64,7 @@ def export_hf(model, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAU
 
   weight_map, total = {}, 0
   for name, shard in zip(names, shards):
-    host = {key: transform.to_hf(_to_host(value), model.config) for key, value, transform in shard}
+    host = {key: transform.to_hf(to_host(value), model.config) for key, value, transform in shard}
     total += sum(a.nbytes for a in host.values())
     weight_map.update({key: name for key in host})
     if writer:
@@ -123,14 +124,6 @@ def _plan_shards(tensors, max_bytes: int) -> list[list]:
   if current:
     shards.append(current)
   return shards
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The whole array on this host; across processes every process must call this (a collective)."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _copy_side_files(source_dir, dest: str) -> None:
