@@ -28,6 +28,7 @@ import numpy as np
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.sampling import STOP_STRING, STOP_TOKEN, SamplingParams, StopCriteria, decode, extend
 from zoomer_jax.sampling import prefill
+from zoomer_jax.sampling.sampler import round_up
 from zoomer_jax.text.chat import Transcript
 from zoomer_jax.text.tokenizer import Tokenizer
 from zoomer_jax.video import VideoError, VideoReader, preprocess_frames, sample_overview, sample_zoom
@@ -168,7 +169,7 @@ def _cache_size(rows, cfg) -> int:
   observation = cfg.tool.tool_call_max_frames * per_frame + 160
   need = longest + cfg.token_bucket + cfg.tool.max_generation_round * (
       cfg.sampling.max_new_tokens + cfg.decode_chunk + observation + cfg.token_bucket)
-  return int(-(-need // 256) * 256)
+  return round_up(need, 256)
 
 
 def _run(model, tok, rows, cfg, key, stop, pool, event, script):
@@ -230,7 +231,7 @@ def _run(model, tok, rows, cfg, key, stop, pool, event, script):
     if not chunk_rows:
       continue
     length = max(len(rows[i].tr.ids) - rows[i].in_cache for i in chunk_rows)
-    if int(cache.length) + -(-length // max(cfg.token_bucket, 1)) * max(cfg.token_bucket, 1) > cache.size:
+    if int(cache.length) + round_up(length, cfg.token_bucket) > cache.size:
       for i in chunk_rows:
         rows[i].reason = "context_limit"
       continue

@@ -243,7 +243,8 @@ def _decode(model, cache, logits_bv, next_position, live, key, stop, params, win
 TRACES = {"step": 0, "decode": 0}
 
 
-def _round_up(n: int, bucket: int) -> int:
+def round_up(n: int, bucket: int) -> int:
+  """n rounded up to a multiple of bucket (bucket <= 0: n)."""
   return n if bucket <= 0 else -(-n // bucket) * bucket
 
 
@@ -266,7 +267,7 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   ids = np.asarray(input_ids)
   ids = ids[None] if ids.ndim == 1 else ids
   mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
-  pad = _round_up(ids.shape[1], token_bucket) - ids.shape[1]
+  pad = round_up(ids.shape[1], token_bucket) - ids.shape[1]
   if pad:
     ids = np.pad(ids, ((0, 0), (0, pad)))
     mask = np.pad(mask, ((0, 0), (0, pad)))
@@ -274,7 +275,7 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
                         pixel_values_videos, video_grid_thw, second_per_grid_ts)
   if image_bucket > 0 and prep.images is not None:
     grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    extra = _round_up(len(grid), image_bucket) - len(grid)
+    extra = round_up(len(grid), image_bucket) - len(grid)
     if extra:
       grid = np.concatenate([grid, np.repeat(grid[-1:], extra, 0)])
       rows = int(grid[-extra:].prod(-1).sum())
