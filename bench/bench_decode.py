@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 
 import hf_oracle  # noqa: E402
+import machine_ceilings  # noqa: E402
 import zoomer_jax  # noqa: E402
 from bench_forward import bench_config  # noqa: E402
 from zoomer_jax.sampling import SamplingParams, StopCriteria, decode, prefill  # noqa: E402
@@ -44,8 +45,14 @@ def main(argv=None):
   args = p.parse_args(argv)
   torch.set_num_threads(os.cpu_count() or 1)
 
+  ceilings = [machine_ceilings.measure()]
   hf_cfg, ids = bench_config(args.config)
   hf = hf_oracle.make_hf_model(hf_cfg, seed=0)
+  # Bytes a decode step must stream: every decoder weight once, the (tied) embedding table once for the logits.
+  text = hf.model.language_model
+  weight_bytes = sum(p.numel() * p.element_size() for p in text.parameters())
+  if hf.lm_head.weight.data_ptr() != text.embed_tokens.weight.data_ptr():
+    weight_bytes += hf.lm_head.weight.numel() * hf.lm_head.weight.element_size()
   hf.generation_config.eos_token_id = None
   hf.generation_config.pad_token_id = ids["bos"]
   with tempfile.TemporaryDirectory() as d:
@@ -91,12 +98,26 @@ def main(argv=None):
     r = dict(config=args.config, batch=b, prompt=args.prompt, new=args.new, cache_size=size,
              ours_tok_s=round(b * args.new / ours_s, 2), hf_tok_s=round(b * args.new / hf_s, 2),
              ratio=round(hf_s / ours_s, 3), greedy_token_agreement=agree,
+             ours_step_ms=round(1e3 * ours_s / args.new, 1), hf_step_ms=round(1e3 * hf_s / args.new, 1),
+             ours_weight_gbps=round(weight_bytes * args.new / ours_s / 1e9, 2),
+             hf_weight_gbps=round(weight_bytes * args.new / hf_s / 1e9, 2),
              ours_runs=[round(t, 3) for t in t_ours], hf_generate_runs=[round(t, 3) for t in t_gen],
              hf_prefill_runs=[round(t, 3) for t in t_pre])
     results.append(r)
-    print(f"{args.config} batch {b}: ours {r['ours_tok_s']} tok/s, transformers {r['hf_tok_s']} tok/s, "
-          f"ratio {r['ratio']} (target: >= 0.9 at batch 1, >= 3 at batch 8); greedy tokens agree {agree:.2f}")
-  print("BENCH_JSON " + json.dumps(results))
+  ceilings.append(machine_ceilings.measure())
+  ceil = {k: {f: max(c[k][f] for c in ceilings) for f in ceilings[0][k]} for k in ceilings[0]}
+  bw = ceil["memory_gbps"]["read"]
+  print(machine_ceilings.describe(ceil) + " (best of the start and the end of the run)")
+  print(f"a decode step streams {weight_bytes / 1e9:.2f} GB of weights (decoder + tied embedding for the logits); "
+        f"at {bw:.1f} GB/s that bounds batch-1 decode at {bw * 1e9 / weight_bytes:.1f} tok/s")
+  for r in results:
+    r["ours_of_bandwidth"], r["hf_of_bandwidth"] = r["ours_weight_gbps"] / bw, r["hf_weight_gbps"] / bw
+    print(f"{args.config} batch {r['batch']}: ours {r['ours_tok_s']} tok/s ({r['ours_step_ms']} ms/step, weights at "
+          f"{r['ours_weight_gbps']} GB/s = {100 * r['ours_of_bandwidth']:.0f}% of the bandwidth), transformers "
+          f"{r['hf_tok_s']} tok/s ({r['hf_step_ms']} ms/step, {100 * r['hf_of_bandwidth']:.0f}%), ratio {r['ratio']} "
+          f"(target: >= 0.9 at batch 1, >= 3 at batch 8); greedy tokens agree {r['greedy_token_agreement']:.2f}")
+  print("BENCH_JSON " + json.dumps(dict(ceilings=ceil, ceilings_start_end=ceilings, weight_bytes=weight_bytes,
+                                        results=results)))
   return results
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -30,7 +31,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import hf_oracle  # noqa: E402
+import machine_ceilings  # noqa: E402
 import zoomer_jax  # noqa: E402
+from zoomer_jax.cost.flops import text_forward_flops, vision_forward_flops  # noqa: E402
+from zoomer_jax.model.config import ModelConfig  # noqa: E402
 
 # Real Qwen2.5 special ids (bench-small uses the full 151936 vocabulary).
 QWEN_IDS = dict(image=151655, video=151656, vstart=151652, vend=151653, bos=151643, eos=151645,
@@ -95,18 +99,16 @@ def run_hf(model, kw: dict) -> torch.Tensor:
     return model(**kw).logits
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """Measured fp32 GFLOP/s of an n x n jnp matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(times) / 1e9
+def prefill_flops(cfg: ModelConfig, seq_len: int, grids: np.ndarray) -> dict:
+  """Matmul FLOPs of one prefill forward (batch 1): the useful work, the same for both implementations.
+
+  `zoomer_jax.cost.flops`' model count: causal (query, key) pairs in the decoder, the real pairs of each
+  window / frame segment in the vision tower, logits for every position (both sides compute them).
+  """
+  text = text_forward_flops(cfg.text, seq_len, causal=True)
+  vision = vision_forward_flops(cfg.vision, np.asarray(grids).reshape(-1, 3).tolist(), padded=False).total
+  return dict(vision=vision, text=text["dense"] + text["attention"], logits=text["lm_head"],
+              total=vision + sum(text.values()))
 
 
 def busy_cpu_s() -> float | None:
@@ -192,7 +194,7 @@ def main(argv=None):
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
 
   busy0, own0, wall0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
-  gflops = matmul_gflops()
+  ceilings = [machine_ceilings.measure()]
   t0 = time.perf_counter()
   hf_model = hf_oracle.make_hf_model(cfg, args.seed)
   hf_model.set_attn_implementation(args.hf_attn)
@@ -204,7 +206,16 @@ def main(argv=None):
     hf_oracle.save_hf(hf_model, path)
     for dtype in dtypes:
       rows.append(bench_dtype(path, hf_model, prompt, dtype, args.repeats))
+  del hf_model
+  ceilings.append(machine_ceilings.measure())
   wall = time.perf_counter() - wall0
+  ceil = {k: {f: max(c[k][f] for c in ceilings) for f in ceilings[0][k]} for k in ceilings[0]}
+  flops = prefill_flops(ModelConfig.from_hf_dict(cfg), seq_len, prompt["image_grid_thw"])
+  for r in rows:
+    peak = ceil["matmul_tflops"]["fp32" if r["dtype"] == "float32" else "bf16_fp32acc"] * 1e12
+    for side in ("ours", "hf"):
+      r[f"{side}_tflops"] = flops["total"] / r[f"{side}_min_s"] / 1e12
+      r[f"{side}_of_ceiling"] = flops["total"] / r[f"{side}_min_s"] / peak
   # CPU that other processes used while we ran (the machine's busy time minus ours), in cores.
   others = None if busy0 is None else max(0.0, (busy_cpu_s() - busy0) - (own_cpu_s() - own0)) / wall
 
@@ -212,21 +223,27 @@ def main(argv=None):
         f"{seq_len} tokens ({frames} images of grid {grid}), repeats={args.repeats}, hf attn={args.hf_attn}")
   print(f"{platform.processor() or platform.machine()}, {cores} cores, jax {jax.__version__} "
         f"({jax.devices()[0].platform} x{jax.device_count()}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; fp32 2048^3 jnp matmul: {gflops:.1f} GFLOP/s")
+        f"transformers {transformers.__version__}")
+  print(machine_ceilings.describe(ceil) + " (best of the start and the end of the run)")
+  print(f"matmul work of one forward: {flops['total'] / 1e12:.3f} TFLOP (vision {flops['vision'] / 1e12:.3f}, "
+        f"decoder {flops['text'] / 1e12:.3f}, logits {flops['logits'] / 1e12:.3f})")
   if others is not None:
     print(f"other processes used {others:.2f} of {cores} cores on average during the run"
           + (" -- WARNING: timings are skewed by them" if others > 0.1 * cores else ""))
   print(f"{'dtype':<9} {'ours s':>9} {'hf s':>9} {'hf/ours':>8} {'(min)':>6} {'ours 1st':>9} "
-        f"{'hf 1st':>8} {'max|dlogit|':>12} {'max|logit|':>11} {'argmax=':>8}")
+        f"{'hf 1st':>8} {'max|dlogit|':>12} {'max|logit|':>11} {'argmax=':>8} {'ours %peak':>10} {'hf %peak':>8}")
   for r in rows:
     print(f"{r['dtype']:<9} {r['ours_s']:>9.4f} {r['hf_s']:>9.4f} {r['ratio_hf_over_ours']:>8.2f} "
           f"{r['ratio_min']:>6.2f} {r['ours_first_call_s']:>9.2f} {r['hf_first_call_s']:>8.2f} "
-          f"{r['max_abs_dlogit']:>12.3e} {r['max_abs_logit']:>11.3e} {r['argmax_agreement']:>8.3f}")
+          f"{r['max_abs_dlogit']:>12.3e} {r['max_abs_logit']:>11.3e} {r['argmax_agreement']:>8.3f} "
+          f"{100 * r['ours_of_ceiling']:>9.0f}% {100 * r['hf_of_ceiling']:>7.0f}%")
   print("(s = median seconds per forward; hf/ours > 1 means zoomer_jax is faster, (min) is the same "
         "ratio of the fastest calls; 1st = first call, incl. our jit compile; argmax= is the fraction "
-        "of positions whose top token agrees)")
+        "of positions whose top token agrees; %peak = matmul FLOPs / fastest call over the matmul ceiling "
+        "of that dtype: fp32, or bf16 with fp32 accumulation)")
   result = dict(config=args.config, seq_len=seq_len, frames=frames, grid=list(grid), params=n_params,
-                repeats=args.repeats, hf_attn=args.hf_attn, cores=cores, matmul_fp32_gflops=gflops,
+                repeats=args.repeats, hf_attn=args.hf_attn, cores=cores, ceilings=ceil, ceilings_start_end=ceilings,
+                flops=flops,
                 hf_build_s=build_s, other_procs_cores=others,
                 jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
                 results={r["dtype"]: r for r in rows})

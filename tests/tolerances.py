@@ -36,3 +36,11 @@ SYNTH_GHOST_MAX = 12
 # zoomer_jax.cost's matmul-only FLOP count vs XLA's cost analysis of the compiled forward, relative. XLA also
 # counts element-wise ops (norms, rotary, softmax, activations, masks), ~1-3% of the total on the test configs.
 COST_FLOPS_REL = 0.05
+# The model's CPU fast paths vs float64 references (test_model_fast_paths): attention in query blocks and the
+# vision segment packing, fp32 (absolute, values O(1)); the same in bf16, where the probabilities and the output
+# are rounded to bf16 (absolute); tied logits in either matmul layout, fp32, relative to max |logit|; a bf16
+# result's own rounding (2^-9 relative per element), relative to the largest element.
+ATTENTION_FP32 = 1e-5
+ATTENTION_BF16 = 2e-2
+LOGITS_LAYOUT_FP32_REL = 1e-5
+BF16_ROUNDING_REL = 1e-2

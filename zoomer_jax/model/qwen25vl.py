@@ -19,11 +19,17 @@ from flax import nnx, struct
 
 from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model.kv_cache import KVCache
-from zoomer_jax.model.layers import Linear, precision_for
+from zoomer_jax.model.layers import Linear, pad_single_row, precision_for
 from zoomer_jax.model.mrope import rope_index, text_positions
 from zoomer_jax.model.text import TextDecoder
 from zoomer_jax.model.vision import VisionTower
 from zoomer_jax.model.vision_layout import VisionLayout, num_tokens, vision_layout
+
+# On CPU, logits for at most this many rows (decode steps) are computed as table [V, d] x hidden^T: with
+# the table as the left operand XLA:CPU streams it once (22 GB/s at 8 rows here), where hidden x table^T
+# repacks it and reads it about twice as slowly. The barrier keeps XLA from folding the final transpose back
+# into the matmul's output layout, which would bring the slow kernel back.
+FEW_ROWS = 64
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -85,8 +91,17 @@ class Qwen25VL(nnx.Module):
     if self.lm_head is not None:
       return self.lm_head(h_btd).astype(jnp.float32)
     table = self.model.embed_tokens.embedding[...]
-    return jnp.einsum("btd,vd->btv", h_btd, table, precision=precision_for(self.dtype),
-                      preferred_element_type=jnp.float32).astype(self.dtype).astype(jnp.float32)
+    b, t, d = h_btd.shape
+    prec = precision_for(self.dtype)
+    if b * t > FEW_ROWS or jax.default_backend() != "cpu":
+      z_btv = jnp.einsum("btd,vd->btv", h_btd, table, precision=prec, preferred_element_type=jnp.float32)
+    else:  # decode: the table as the GEMM's row operand (see FEW_ROWS)
+      h_rd = h_btd.reshape(b * t, d).astype(table.dtype)
+      if pad_single_row(b * t, self.dtype):
+        h_rd = jnp.broadcast_to(h_rd, (2, d))
+      z_vr = jnp.einsum("vd,rd->vr", table, h_rd, precision=prec, preferred_element_type=jnp.float32)
+      z_btv = jax.lax.optimization_barrier(z_vr)[:, :b * t].T.reshape(b, t, -1)
+    return z_btv.astype(self.dtype).astype(jnp.float32)
 
   def forward(self, ids_bt: jax.Array, positions_3bt: jax.Array, token_mask_bt: jax.Array, *,
               images: VisionInput | None = None, videos: VisionInput | None = None,
@@ -150,7 +165,9 @@ class Qwen25VL(nnx.Module):
     return logits, cache, next_position + ids.shape[1]
 
 
-@nnx.jit
+# graph_updates=False: the forward never changes the model, so its parameters are not returned (by default
+# nnx.jit hands every parameter back as an output, which XLA serves with a copy of all the weights per call).
+@nnx.jit(graph_updates=False)
 def _jit_forward(model: Qwen25VL, ids, positions, token_mask, images, videos, cache):
   return model.forward(ids, positions, token_mask, images=images, videos=videos, cache=cache)
 

@@ -45,14 +45,21 @@ class VisionAttention(nnx.Module):
     rot = lambda t: (t.astype(jnp.float32) * cos + rotate_half(t.astype(jnp.float32)) * sin)
     q_nkh, k_nkh = rot(q_nkh).astype(self.dtype), rot(k_nkh).astype(self.dtype)
 
-    q_slkh, k_slkh, v_slkh = q_nkh[seg.gather], k_nkh[seg.gather], v_nkh[seg.gather]
-    scale = q_nkh.shape[-1] ** -0.5
-    scores = jnp.einsum("slkh,smkh->sklm", q_slkh, k_slkh, precision=self.precision,
-                        preferred_element_type=jnp.float32) * scale
-    probs = attention_weights(scores, seg.valid[:, None, None, :], self.dtype)
-    out_slkh = jnp.einsum("sklm,smkh->slkh", probs, v_slkh, precision=self.precision,
+    # Heads first, rows packed into segments: [k, S, L, h], so both GEMMs batch over leading (k, S). Segments
+    # are consecutive runs of rows, so when none is padded (S * L == N, e.g. grids the window divides) the
+    # packing is a reshape and the gather/scatter round trip is skipped.
+    n, k, h = q_nkh.shape
+    s, length = seg.gather.shape
+    packed = s * length == n
+    pack = (lambda a: a.reshape(k, s, length, h)) if packed else (lambda a: a[:, seg.gather])
+    q_kslh, k_kslh, v_kslh = (pack(a.transpose(1, 0, 2)) for a in (q_nkh, k_nkh, v_nkh))
+    scores = jnp.einsum("kslh,ksmh->kslm", q_kslh, k_kslh, precision=self.precision,
+                        preferred_element_type=jnp.float32) * h**-0.5
+    probs = attention_weights(scores, seg.valid[None, :, None, :], self.dtype)
+    out_kslh = jnp.einsum("kslm,ksmh->kslh", probs, v_kslh, precision=self.precision,
                           preferred_element_type=jnp.float32).astype(self.dtype)
-    out_nkh = out_slkh.reshape((-1,) + out_slkh.shape[2:])[seg.scatter]
+    out_knh = out_kslh.reshape(k, s * length, h)
+    out_nkh = (out_knh if packed else out_knh[:, seg.scatter]).transpose(1, 0, 2)
     return self.proj(out_nkh)
 
 

@@ -195,7 +195,7 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
                  jnp.asarray(live, bool), key, stop, params, window, jnp.asarray(forced))
 
 
-@nnx.jit(static_argnames=("params",))
+@nnx.jit(static_argnames=("params",), graph_updates=False)  # graph_updates: see qwen25vl._jit_forward
 def _decode(model, cache, logits_bv, next_position, live, key, stop, params, window, forced):
   TRACES["decode"] += 1
   graphdef, state = nnx.split(model)
@@ -309,7 +309,7 @@ def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **kw) -> 
   return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **kw)
 
 
-@nnx.jit
+@nnx.jit(graph_updates=False)
 def _step(model, ids, positions, token_mask, images, videos, cache, last_b):
   TRACES["step"] += 1
   image_feats = None if images is None else model.encode_vision(images)

@@ -1,0 +1,129 @@
+"""The model's CPU fast paths compute what the plain formulas compute (float64 numpy references).
+
+* `text.grouped_attention` in query blocks (the short block first, keys past a block skipped without a cache);
+* tied logits for few rows (decode) as table x hidden^T, and 1-row bf16 matmuls run as 2 rows;
+* the vision attention's packing of segments by reshape (no padded segment) and by gather.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hf_oracle as O
+import tolerances as tol
+from zoomer_jax.model import text
+from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.model.layers import Linear
+from zoomer_jax.model.qwen25vl import Qwen25VL
+from zoomer_jax.model.vision import VisionAttention, vision_rotary
+from zoomer_jax.model.vision_layout import vision_layout
+
+
+def _softmax_attention(q_tnh, k_snh, v_snh, allowed_ts):
+  """One sequence, heads already matched: float64 softmax over allowed keys; no allowed key -> zeros."""
+  scores = np.einsum("tnh,snh->nts", q_tnh, k_snh) / np.sqrt(q_tnh.shape[-1])
+  scores = np.where(allowed_ts[None], scores, -np.inf)
+  top = np.max(np.where(allowed_ts[None], scores, -1e300), axis=-1, keepdims=True)
+  w = np.where(allowed_ts[None], np.exp(scores - top), 0.0)
+  w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+  return np.einsum("nts,snh->tnh", w, v_snh)
+
+
+def _as(x, dtype):
+  return jnp.asarray(x, jnp.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_blocked_grouped_attention_matches_softmax(rng, measure, dtype, with_cache):
+  """150 queries = blocks of 22 + 64 + 64 rows; 6 query heads on 2 kv heads; left padding in row 1."""
+  b, t, n, kh, h = 2, 150, 6, 2, 16
+  s = 200 if with_cache else t
+  q = rng.standard_normal((b, t, n, h))
+  k, v = rng.standard_normal((b, s, kh, h)), rng.standard_normal((b, s, kh, h))
+  if with_cache:  # queries sit at slots 30..179 of a 200-slot cache; slots may be invalid anywhere
+    valid = rng.random((b, s)) > 0.2
+    allowed = (np.arange(s)[None, :] <= 30 + np.arange(t)[:, None])[None] & valid[:, None, :]
+  else:
+    valid = np.ones((b, t), bool)
+    valid[1, :17] = False  # left padding: those queries see no key at all
+    allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+  dt = jnp.dtype(dtype)
+  qd, kd, vd = _as(q, dt), _as(k, dt), _as(v, dt)
+  got = jax.jit(lambda q, k, v, a: text.grouped_attention(
+      q, k, v, a, causal_prefix=not with_cache, dtype=dt,
+      precision=jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT))(
+          qd, kd, vd, jnp.asarray(allowed))
+  assert text.QUERY_BLOCK == 64  # so that the blocks above are what this test exercises
+  group = n // kh
+  q64, k64, v64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (qd, kd, vd))
+  want = np.stack([_softmax_attention(q64[i], np.repeat(k64[i], group, axis=1), np.repeat(v64[i], group, axis=1),
+                                      allowed[i]) for i in range(b)])
+  diff = float(np.abs(np.asarray(got, np.float64) - want).max())
+  measure(f"{dtype}_cache{int(with_cache)}", diff)
+  assert diff <= (tol.ATTENTION_FP32 if dt == jnp.float32 else tol.ATTENTION_BF16)
+  if not with_cache:
+    assert not np.asarray(got[1, :17], np.float32).any()  # fully masked queries give zeros, not NaN
+
+
+def _tiny_tied(dtype):
+  cfg = ModelConfig.from_hf_dict(O.tiny_hf_config(tie=True))
+  return Qwen25VL(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("bt", [(1, 1), (8, 1), (2, 3), (1, 65)])
+def test_tied_logits_few_and_many_rows(rng, measure, dtype, bt):
+  """(1,1), (8,1), (2,3) take the decode layout (table x hidden^T); (1,65) the prefill one."""
+  model = _tiny_tied(dtype)
+  h = _as(rng.standard_normal(bt + (model.config.text.hidden_size,)), model.dtype)
+  got = np.asarray(jax.jit(lambda h: model.logits(h))(h), np.float64)
+  table = np.asarray(model.model.embed_tokens.embedding[...].astype(jnp.float32), np.float64)
+  want = np.asarray(h.astype(jnp.float32), np.float64) @ table.T
+  assert got.shape == bt + (model.config.text.vocab_size,)
+  rel = float(np.abs(got - want).max() / np.abs(want).max())
+  measure(f"{dtype}_{bt[0]}x{bt[1]}", rel)
+  assert rel <= (tol.LOGITS_LAYOUT_FP32_REL if dtype == "float32" else tol.BF16_ROUNDING_REL)
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 1)])
+def test_bf16_linear_one_row(rng, measure, lead):
+  """A 1-row bf16 product (run as 2 rows on CPU) equals the fp32-accumulated reference, shapes kept."""
+  lin = Linear((32,), (4, 8), axes=("embed", "heads", "head_dim"), use_bias=True, dtype="bfloat16",
+               rngs=nnx.Rngs(1))
+  x = _as(rng.standard_normal(lead + (32,)), jnp.bfloat16)
+  got = jax.jit(lambda x: lin(x))(x)
+  assert got.shape == lead + (4, 8) and got.dtype == jnp.bfloat16
+  w = np.asarray(lin.kernel[...].astype(jnp.float32), np.float64)
+  want = np.einsum("...k,kno->...no", np.asarray(x.astype(jnp.float32), np.float64), w)
+  rel = float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+  measure(f"lead{len(lead)}x{lead[0]}", rel)
+  assert rel <= tol.BF16_ROUNDING_REL
+
+
+@pytest.mark.parametrize("grid", [(2, 16, 16), (1, 12, 20)])
+def test_vision_attention_packing(rng, measure, grid):
+  """(2,16,16): 8x8-patch windows all full, packed by reshape; (1,12,20): edge windows padded, gathered."""
+  cfg = ModelConfig.from_hf_dict(O.tiny_hf_config()).vision
+  layout = vision_layout(np.asarray([grid]), cfg)
+  attn = VisionAttention(cfg, dtype="float32", rngs=nnx.Rngs(2))
+  n = int(np.prod(grid))
+  x = jnp.asarray(rng.standard_normal((n, cfg.hidden_size)), jnp.float32)
+  cos, sin = vision_rotary(jnp.asarray(layout.rot_pos), cfg)
+  for seg in (layout.windows, layout.frames):
+    got = np.asarray(jax.jit(lambda x, c, s, g: attn(x, c, s, g))(x, cos, sin, seg), np.float64)
+    # Reference: rotate q and k, attend inside each segment's rows only, project.
+    qkv = np.asarray(attn.qkv(x), np.float64)
+    c64, s64 = np.asarray(cos, np.float64)[:, None], np.asarray(sin, np.float64)[:, None]
+    rot = lambda a: a * c64 + np.concatenate([-a[..., a.shape[-1] // 2:], a[..., :a.shape[-1] // 2]], -1) * s64
+    q, k, v = rot(qkv[:, 0]), rot(qkv[:, 1]), qkv[:, 2]
+    out = np.zeros_like(q)
+    for rows, ok in zip(seg.gather, seg.valid):
+      r = rows[ok]
+      out[r] = _softmax_attention(q[r], k[r], v[r], np.ones((len(r), len(r)), bool))
+    want = np.asarray(attn.proj(jnp.asarray(out, jnp.float32)), np.float64)
+    diff = float(np.abs(got - want).max())
+    measure(f"{grid}_{seg.gather.shape}", diff)
+    assert diff <= tol.ATTENTION_FP32
