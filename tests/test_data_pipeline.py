@@ -1,4 +1,5 @@
-"""grain pipelines: seeded per-epoch shuffles, per-process shards, exact resume from a JSON state, collation."""
+"""grain pipelines: seeded per-epoch shuffles, per-process shards, exact resume from a JSON state, collation, and the
+global stream each training process reads only its rows of."""
 
 import json
 import sys
@@ -6,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from zoomer_jax.data.pipeline import collate, make_iterator
+from zoomer_jax.data.pipeline import collate, make_iterator, make_stream
 from zoomer_jax.data.records import RLRecord
 
 # grain's index shuffle costs ~1 ms per element on 50 records but ~0.1 ms on a few hundred: keep N that size.
@@ -203,3 +204,99 @@ def test_bad_arguments(kw, match):
 def test_empty_shard_is_an_error():
   with pytest.raises(ValueError, match="shard 3 of 4 is empty"):
     make_iterator([1, 2, 3], seed=0, shard_index=3, shard_count=4)
+
+
+# ---------------------------------------------------------------- the global stream (make_stream / RecordStream)
+class ThreadGather:
+  """A host allgather among `n` threads standing in for processes: each call returns every thread's array."""
+
+  def __init__(self, n: int):
+    import threading
+    self.slots, self.barrier = [None] * n, threading.Barrier(n)
+
+  def for_process(self, pid: int):
+    def gather(x):
+      self.slots[pid] = np.asarray(x)
+      self.barrier.wait()
+      out = np.stack(self.slots)
+      self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+      return out
+    return gather
+
+
+def test_stream_is_the_one_shard_iterator_order_and_resumes():
+  it, stream = make(5), make_stream(SOURCE, seed=5)
+  assert [next(stream) for _ in range(2 * N + 3)] == elements(it, 2 * N + 3)
+  assert stream.get_state() == it.get_state()  # the same state format (checkpoints written before still load)
+  again = make_stream(SOURCE, seed=5)
+  again.set_state(json.loads(json.dumps(stream.get_state())))
+  assert [next(again) for _ in range(7)] == elements(it, 7)
+  with pytest.raises(ValueError, match="seed: saved 5, now 6"):
+    make_stream(SOURCE, seed=6).set_state(stream.get_state())
+  finite = make_stream(list(range(3)), seed=0, num_epochs=1)
+  assert sorted(next(finite) for _ in range(3)) == [0, 1, 2]
+  with pytest.raises(StopIteration):
+    next(finite)
+
+
+def test_take_reads_only_the_given_rows_and_skips_like_reading_one_by_one():
+  seen = []
+  stream = make_stream(SOURCE, seed=1, transform=lambda x: seen.append(x) or x, workers=3)
+  ref = make_stream(SOURCE, seed=1)
+  want = [next(ref) for _ in range(40)]
+  # Another process measures the other rows; here a stand-in gather supplies their (true) measures.
+  others = np.array([[-1 if r in (1, 6) else want[r]] for r in range(8)])
+  local, info, skipped = stream.take(8, [1, 6], measure=lambda x: (x,),
+                                     gather=lambda x: np.stack([np.asarray(x), others]))
+  assert local == {1: want[1], 6: want[6]} and skipped == 0 and stream.next_index == 8
+  assert sorted(seen) == sorted([want[1], want[6]]) and stream.decoded == 2  # the other rows were never read
+  assert info[:, 0].tolist() == want[:8]
+  with pytest.raises(RuntimeError, match=r"no process read stream positions \[8, 9, 11"):
+    stream.take(8, [2, 7], measure=lambda x: (x,))  # alone, nobody reads rows 0, 1, 3...
+  stream.next_index = 8
+  # Skipping: rows are the first n accepted elements from the position on, as a one-by-one read would take.
+  keep = lambda m: m[0] % 3 != 0
+  accepted = [x for x in want[8:] if keep((x,))]
+  local, info, skipped = stream.take(8, range(8), measure=lambda x: (x,), accept=keep)
+  assert [local[r] for r in range(8)] == accepted[:8] and info[:, 0].tolist() == accepted[:8]
+  end = want.index(accepted[7]) + 1
+  assert skipped == end - 8 - 8 > 0 and stream.next_index == end
+
+
+def test_take_in_two_simulated_processes_equals_one_process():
+  """Two threads with their own streams and a real allgather between them: together they hold exactly the
+  one-process batches (with skips), each reading fewer elements; both end at the same position."""
+  import threading
+  keep = lambda m: m[0] % 4 != 1
+  rows = {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}
+  one = make_stream(SOURCE, seed=2, transform=lambda x: x)
+  want = [one.take(8, range(8), measure=lambda x: (x,), accept=keep) for _ in range(5)]
+  gather, got, streams = ThreadGather(2), {}, {}
+
+  def process(pid):
+    streams[pid] = make_stream(SOURCE, seed=2, transform=lambda x: x)
+    got[pid] = [streams[pid].take(8, rows[pid], measure=lambda x: (x,), accept=keep, gather=gather.for_process(pid))
+                for _ in range(5)]
+  threads = [threading.Thread(target=process, args=(p,)) for p in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert sum(s for _, _, s in want) > 0  # the skipping path ran
+  for step, (w_local, w_info, w_skipped) in enumerate(want):
+    for pid in (0, 1):
+      local, info, skipped = got[pid][step]
+      assert local == {r: w_local[r] for r in rows[pid]}, (step, pid)
+      assert np.array_equal(info, w_info) and skipped == w_skipped
+  assert streams[0].get_state() == streams[1].get_state() == one.get_state()
+  assert max(streams[0].decoded, streams[1].decoded) < one.decoded
+
+
+def test_stream_transform_errors_name_the_position():
+  def bad(x):
+    if x == 4:
+      raise ValueError("cannot read image r4.png")
+    return x
+  stream = make_stream(list(range(6)), seed=0, shuffle=False, transform=bad)
+  with pytest.raises(ValueError, match=r"stream position 10 \(epoch 1\): cannot read image r4.png"):
+    stream.read([10])

@@ -147,16 +147,8 @@ def test_to_host_on_a_single_process():
   assert np.array_equal(got["b"], x[0])
 
 
-@pytest.mark.slow
-def test_two_process_sft_job_matches_one_process(tmp_path):
-  """`python -m zoomer_jax train` started on two hosts (4 devices each, one 8-device mesh): the same losses as
-  one 8-device process; only process 0 writes metrics; Orbax checkpoints come from both."""
-  from train_data import write_sft_records
-  data = write_sft_records(str(tmp_path / "data"), 6)
-  args = ["--config=sft_tiny", f"--config.data.train_files=('{data}',)", "--config.train.total_steps=2",
-          "--config.data.batch_size=2", "--config.data.micro_batch_size=2", "--config.trainer.progress=False",
-          "--config.model.text.num_hidden_layers=1", "--config.model.vision.depth=2",
-          "--config.model.vision.fullatt_block_indexes=(1,)", "--config.trainer.tensorboard=False"]
+def _job_on_one_and_two_processes(tmp_path, args: list[str]) -> tuple[list[dict], list[dict]]:
+  """`python -m zoomer_jax train ARGS` on two processes (4 devices each) and on one (8 devices): metrics rows."""
   _run_workers([], str(tmp_path), job=[sys.executable, "-m", "zoomer_jax", "train", *args,
                                        f"--config.workdir={tmp_path / 'two'}"])
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -164,9 +156,64 @@ def test_two_process_sft_job_matches_one_process(tmp_path):
   subprocess.run([sys.executable, "-m", "zoomer_jax", "train", *args, f"--config.workdir={tmp_path / 'one'}"],
                  env=env, check=True, capture_output=True, timeout=TIMEOUT_S)
   read = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]
-  two, one = read("two"), read("one")
-  assert [r["step"] for r in two] == [1, 2]  # written once (process 0), not once per process
+  return read("two"), read("one")
+
+
+SMALL_MODEL = ["--config.model.text.num_hidden_layers=1", "--config.model.vision.depth=2",
+               "--config.model.vision.fullatt_block_indexes=(1,)", "--config.trainer.progress=False",
+               "--config.trainer.tensorboard=False"]
+
+
+@pytest.mark.slow
+def test_two_process_sft_job_matches_one_process(tmp_path):
+  """`python -m zoomer_jax train` started on two hosts (4 devices each, one 8-device mesh): the same losses as
+  one 8-device process, while each process read and encoded only the rows its devices hold; a record longer than
+  cutoff_len is skipped alike; only process 0 writes metrics; Orbax checkpoints come from both."""
+  from train_data import write_sft_records
+  data = write_sft_records(str(tmp_path / "data"), 10)
+  records = json.load(open(data))
+  records[3]["messages"][4]["content"] = "<think>" + "long " * 300 + "</think><answer>D</answer>"  # ~440 tokens
+  with open(data, "w") as f:
+    json.dump(records, f)
+  # mesh (data 2, fsdp 2, tensor 2): a micro-batch of 4 rows is split over data x fsdp, 2 rows per process.
+  args = ["--config=sft_tiny", f"--config.data.train_files=('{data}',)", "--config.train.total_steps=3",
+          "--config.data.batch_size=8", "--config.data.micro_batch_size=4", "--config.mesh.ici=(2,2,2)",
+          "--config.data.cutoff_len=300", *SMALL_MODEL]
+  two, one = _job_on_one_and_two_processes(tmp_path, args)
+  assert [r["step"] for r in two] == [1, 2, 3]  # written once (process 0), not once per process
   for a, b in zip(two, one):
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=tol.MULTIPROCESS_LOSS_REL)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=tol.MULTIPROCESS_GRAD_REL)
+    assert a["skipped_too_long"] == b["skipped_too_long"]
+    # One process encodes all 8 rows (and each skipped record); process 0 of two encodes its 4 rows (and, when
+    # a skip shifts the rows, the records that moved into them).
+    assert b["records_decoded"] == 8 + b["skipped_too_long"]
+    assert 4 <= a["records_decoded"] < b["records_decoded"]
+    if a["skipped_too_long"] == 0:
+      assert a["records_decoded"] == 4
+  assert sum(r["skipped_too_long"] for r in one) >= 1  # the long record came up: the skip path ran
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["3"]
+
+
+@pytest.mark.slow
+def test_two_process_grpo_job_matches_one_process(tmp_path):
+  """GRPO on two processes: every process runs the same rollouts with the sampler's inputs placed as global arrays
+  over the 8-device mesh; rewards, response lengths and frames equal one process's exactly, losses closely."""
+  from train_data import write_rl_records
+  data = write_rl_records(str(tmp_path / "data"), 4)
+  args = ["--config=grpo_tiny", f"--config.data.train_files=('{data}',)", "--config.trainer.total_steps=2",
+          "--config.data.train_batch_size=2", "--config.rollout.n=2", "--config.rollout.response_length=8",
+          "--config.rollout.max_generation_round=2", "--config.rollout.batch_size=4",
+          "--config.actor.ppo_mini_batch_size=2", "--config.actor.ppo_micro_batch_size=2",
+          "--config.algorithm.rejection_sample=False", "--config.trainer.save_freq=5", *SMALL_MODEL]
+  two, one = _job_on_one_and_two_processes(tmp_path, args)
+  assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+  for a, b in zip(two, one):
+    for key in ("reward/mean", "acc/mean", "reward/format", "response_length/mean", "frames/mean", "tool_calls/mean",
+                "rounds/1_ratio", "advantage/abs_mean"):
+      assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    for key in ("loss", "actor/entropy", "actor/kl_loss", "actor/pg_loss"):
+      np.testing.assert_allclose(a[key], b[key], rtol=tol.MULTIPROCESS_LOSS_REL, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=tol.MULTIPROCESS_GRAD_REL)
+  assert one[1]["actor/kl_loss"] > 0 and one[0]["frames/mean"] > 0  # the policy moved; frames were read
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2"]

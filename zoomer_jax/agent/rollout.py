@@ -24,9 +24,10 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from zoomer_jax.agent import protocol as P
-from zoomer_jax.parallel.distributed import to_host
+from zoomer_jax.parallel.distributed import mesh_of, replicate, to_host
 from zoomer_jax.sampling import STOP_STRING, STOP_TOKEN, SamplingParams, StopCriteria, decode, extend
 from zoomer_jax.sampling import prefill
 from zoomer_jax.sampling.sampler import round_up
@@ -135,6 +136,8 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
   key = jax.random.key(0) if key is None else key
   event = on_event or (lambda *a: None)
   stop = stop_criteria(tok)
+  if jax.process_count() > 1:  # the stop tables as global arrays once, not at every decode call
+    stop = replicate(stop, mesh_of(nnx.state(model, nnx.Param)))
   system = P.system_prompt(cfg.tool)
   with cf.ThreadPoolExecutor(cfg.workers) as pool:
     rows = _start(tasks, cfg, tok, system, pool)

@@ -84,6 +84,30 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(fetch, tree)
 
 
+def host_allgather(x: np.ndarray) -> np.ndarray:
+  """[num_processes, *x.shape]: every process's host array `x` (same shape and dtype everywhere), stacked in
+  process order. A collective (every process calls it in the same order); no communication in one process."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+
+
+def ragged_allgather(x: np.ndarray) -> list[np.ndarray]:
+  """Every process's host array `x`, whose leading length may differ between processes (trailing shape and
+  dtype may not): a list in process order. Two collectives (the lengths, then the arrays padded to the longest)."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return [x]
+  lengths = host_allgather(np.asarray(len(x), np.int64))
+  longest = int(lengths.max())
+  if longest == 0:
+    return [x[:0]] * len(lengths)
+  padded = np.zeros((longest, *x.shape[1:]), x.dtype)
+  padded[:len(x)] = x
+  everything = host_allgather(padded)
+  return [everything[p, :int(n)] for p, n in enumerate(lengths)]
+
 
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (a no-op in a single process)."""
@@ -108,3 +132,30 @@ def put(tree: Any, shardings: Any) -> Any:
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
   return jax.tree.map(one, tree, shardings)
+
+
+def mesh_of(tree: Any):
+  """The mesh of the first leaf of `tree` laid out by a NamedSharding (e.g. a model's parameters), or None."""
+  for x in jax.tree.leaves(tree):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def replicate(tree: Any, mesh) -> Any:
+  """Host values (numpy, Python scalars, process-local arrays) as global arrays replicated over `mesh` when the
+  mesh spans several processes; `tree` unchanged otherwise (one process, or no mesh).
+
+  Arrays already spread over several processes are left as they are. Every process must pass the same
+  values: each one only copies its own devices' replicas (no communication, no check).
+  """
+  if mesh is None or jax.process_count() == 1 or not mesh.is_multi_process:
+    return tree
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
+    return put(x, rep)
+  return jax.tree.map(one, tree)

@@ -191,8 +191,10 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
   forced = np.full((b, params.max_new_tokens), -1, np.int32) if forced is None else np.asarray(forced, np.int32)
   if forced.shape != (b, params.max_new_tokens):
     raise ValueError(f"forced tokens must have shape {(b, params.max_new_tokens)}, got {forced.shape}")
-  return _decode(model, cache, jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
-                 jnp.asarray(live, bool), key, stop, params, window, jnp.asarray(forced))
+  args = _on_model_mesh(model, (cache, jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
+                                jnp.asarray(live, bool), key, stop, window, jnp.asarray(forced)))
+  cache, logits_bv, next_position, live, key, stop, window, forced = args
+  return _decode(model, cache, logits_bv, next_position, live, key, stop, params, window, forced)
 
 
 @nnx.jit(static_argnames=("params",), graph_updates=False)  # graph_updates: see qwen25vl._jit_forward
@@ -243,6 +245,15 @@ def _decode(model, cache, logits_bv, next_position, live, key, stop, params, win
 TRACES = {"step": 0, "decode": 0}
 
 
+def _on_model_mesh(model, args):
+  """Host and process-local inputs as global arrays replicated over the model's mesh when that mesh spans
+  several processes (every process runs the same calls on the same host values); unchanged otherwise."""
+  if jax.process_count() == 1:
+    return args
+  from zoomer_jax.parallel.distributed import mesh_of, replicate  # noqa: PLC0415
+  return replicate(args, mesh_of(nnx.state(model, nnx.Param)))
+
+
 def round_up(n: int, bucket: int) -> int:
   """n rounded up to a multiple of bucket (bucket <= 0: n)."""
   return n if bucket <= 0 else -(-n // bucket) * bucket
@@ -291,10 +302,11 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   last = np.where(n > 0, t - 1 - np.argmax(mask[:, ::-1], axis=1), 0).astype(np.int32)
   start = np.asarray(next_position, np.int32).reshape(b)
   positions = prep.positions + jnp.asarray(start)[None, :, None]
-  logits, cache = _step(model, prep.ids, positions, prep.token_mask, prep.images, prep.videos, cache,
-                        jnp.asarray(last))
+  step_args = _on_model_mesh(model, (prep.ids, positions, prep.token_mask, prep.images, prep.videos, cache,
+                                     jnp.asarray(last), n > 0, prev_logits))
+  logits, cache = _step(model, *step_args[:7])
   if prev_logits is not None:
-    logits = jnp.where(jnp.asarray(n > 0)[:, None], logits, prev_logits)
+    logits = jnp.where(jnp.asarray(step_args[7])[:, None], logits, step_args[8])
   return logits, cache, jnp.asarray(np.where(n > 0, start + np.asarray(prep.next_position), start), jnp.int32)
 
 
@@ -305,7 +317,7 @@ def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **kw) -> 
   Takes `extend`'s vision and bucket arguments."""
   ids = np.asarray(input_ids)
   ids = ids[None] if ids.ndim == 1 else ids
-  cache = model.init_cache(ids.shape[0], cache_size)
+  cache = _on_model_mesh(model, model.init_cache(ids.shape[0], cache_size))
   return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **kw)
 
 

@@ -131,23 +131,108 @@ def make_batch(cfg: ModelConfig, examples: Sequence[Example], *, rows: int | Non
                     images=images, token_values=token_values, seq_values=seq_values)
 
 
+def row_spec(mesh: Mesh, rows: int) -> PartitionSpec:
+  """How a batch of `rows` rows lays its row axis out: split over (data, fsdp) when it divides, else replicated."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  n = int(np.prod([mesh.shape[a] for a in axes]))
+  return PartitionSpec(axes) if rows % n == 0 else PartitionSpec()
+
+
 def batch_sharding(mesh: Mesh | None, batch: TrainBatch):
   """Shardings for `batch`: the row axis split over (data, fsdp) when it divides, everything else replicated."""
   if mesh is None:
     return None
-  n = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
-  rows = batch.ids.shape[0]
-  axes = tuple(a for a in BATCH_AXES if a in mesh.shape) if rows % n == 0 else None
+  spec = row_spec(mesh, batch.ids.shape[0])
   rep = NamedSharding(mesh, PartitionSpec())
 
   def spec_for(path, x):
     names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
-    if "images" in names or axes is None:
+    if "images" in names or not spec:
       return rep
     if names[0] == "positions":
-      return NamedSharding(mesh, PartitionSpec(None, axes))
-    return NamedSharding(mesh, PartitionSpec(axes))
+      return NamedSharding(mesh, PartitionSpec(None, *spec))
+    return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(spec_for, batch)
+
+
+def local_rows(mesh: Mesh | None, rows: int) -> list[int]:
+  """The rows of a `rows`-row batch that this process's devices hold (all of them when the rows are replicated,
+  or in a single process)."""
+  if mesh is None:
+    return list(range(rows))
+  held = NamedSharding(mesh, row_spec(mesh, rows)).addressable_devices_indices_map((rows,))
+  return sorted({r for idx in held.values() for r in range(*idx[0].indices(rows))})
+
+
+def make_global_batch(cfg: ModelConfig, local: dict[int, Example], mesh: Mesh, *, rows: int, length: int,
+                      image_bucket: int = 0, pad_id: int = 0) -> TrainBatch:
+  """A global batch (jax arrays laid out by `batch_sharding`) from this process's rows only.
+
+  `local` maps each row this process holds (`local_rows(mesh, rows)`) to its example; every process must pass
+  the same `length` (e.g. bucketed from the global longest row, which `RecordStream.take` gives every
+  process). Token arrays are built from the local rows alone. The images are replicated on every device (the
+  vision tower sees the whole batch's images, which the model scatters into the pad tokens in row order), so
+  when no process holds every row, each process sends its rows' pixels to the others (`ragged_allgather`):
+  each process decodes only its rows, and only pixels cross the network. A collective in that case.
+  """
+  want = local_rows(mesh, rows)
+  missing = [r for r in want if r not in local]
+  if missing:
+    raise ValueError(f"make_global_batch: this process holds rows {missing} but was given no example for them")
+  mine = [local[r] for r in want]
+  if len(want) == rows:  # every row is here (one process, or replicated rows): the whole batch, as before
+    host = make_batch(cfg, mine, rows=rows, length=length, image_bucket=image_bucket, pad_id=pad_id)
+    return _global_arrays(host, mesh, list(range(rows)), rows)
+  host = make_batch(cfg, mine, rows=len(want), length=length, pad_id=pad_id)  # positions: per row
+  images = _gathered_images(cfg, {r: local[r] for r in want}, rows, image_bucket)
+  return _global_arrays(host.replace(images=images), mesh, want, rows)
+
+
+def _gathered_images(cfg: ModelConfig, local: dict[int, Example], rows: int, image_bucket: int):
+  """Every row's images, in row order, on every process (each process sends the rows it holds)."""
+  from zoomer_jax.parallel.distributed import ragged_allgather  # noqa: PLC0415
+  grids = [np.concatenate([np.full((e.n_images, 1), r), np.asarray(e.image_grid_thw, np.int64).reshape(-1, 3)], 1)
+           for r, e in local.items() if e.n_images]
+  pixels = [np.asarray(e.pixel_values, np.float32) for e in local.values() if e.n_images]
+  grids = np.concatenate(grids) if grids else np.zeros((0, 4), np.int64)
+  pixels = np.concatenate(pixels) if pixels else np.zeros((0, cfg.vision.patch_dim), np.float32)
+  by_row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+  for g, pv in zip(ragged_allgather(grids), ragged_allgather(pixels)):  # process order; a row sent twice: first
+    starts = np.concatenate([[0], np.cumsum(g[:, 1:].prod(1))])
+    for r in np.unique(g[:, 0]):
+      sel = np.flatnonzero(g[:, 0] == r)
+      if int(r) not in by_row:
+        by_row[int(r)] = (g[sel, 1:], np.concatenate([pv[starts[i]:starts[i + 1]] for i in sel]))
+  if not by_row:
+    return None
+  grid = np.concatenate([by_row[r][0] for r in sorted(by_row)])
+  pv = np.concatenate([by_row[r][1] for r in sorted(by_row)])
+  extra = round_up(len(grid), image_bucket) - len(grid)
+  if extra:  # as make_batch: blank copies of the last grid
+    grid = np.concatenate([grid, np.repeat(grid[-1:], extra, 0)])
+    pv = np.concatenate([pv, np.zeros((int(grid[-extra:].prod(-1).sum()), pv.shape[1]), pv.dtype)])
+  return VisionInput(pixels=pv, layout=jax.tree.map(np.asarray, vision_layout(grid, cfg.vision)))
+
+
+def _global_arrays(host: TrainBatch, mesh: Mesh, held: list[int], rows: int) -> TrainBatch:
+  """Global arrays of `rows` rows from host arrays holding rows `held` (in that order) of the row-split leaves
+  and the full value of the replicated ones."""
+  where = {r: i for i, r in enumerate(held)}
+  shardings = batch_sharding(mesh, host.replace(ids=np.zeros((rows, 1), np.int32)))
+
+  def one(path, x, sharding):
+    x = np.asarray(x)
+    names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
+    axis = None if "images" in names else (1 if names[0] == "positions" else 0)
+    if axis is None or len(held) == rows and held == list(range(rows)):
+      return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    shape = x.shape[:axis] + (rows,) + x.shape[axis + 1:]
+
+    def block(idx):
+      picked = np.take(x, [where[r] for r in range(*idx[axis].indices(rows))], axis=axis)
+      return picked[tuple(slice(None) if a == axis else s for a, s in enumerate(idx))]
+    return jax.make_array_from_callback(shape, sharding, block)
+  return jax.tree_util.tree_map_with_path(one, host, shardings)
 
 
 def to_device(batch: TrainBatch, mesh: Mesh | None = None) -> TrainBatch:

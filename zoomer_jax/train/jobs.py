@@ -84,11 +84,15 @@ class JobContext:
     self._files(split)
     return tfds_builders.rl_source(self._builder("rl"), split)
 
-  def iterator(self, source, *, seed: int, shuffle: bool = True):
-    """Records forever (reshuffled each epoch). Every process reads the same global order: the step's
-    batch is assembled identically everywhere and laid out over the mesh (see trainer.global_batch)."""
-    from zoomer_jax.data.pipeline import make_iterator  # noqa: PLC0415
-    return make_iterator(source, seed=seed, shuffle=shuffle, num_epochs=None, shard_index=0, shard_count=1)
+  def iterator(self, source, *, seed: int, shuffle: bool = True, transform=None):
+    """The records forever (reshuffled each epoch) as one global stream (`data.pipeline.RecordStream`): every
+    process sees the same order, so step k's global batch is the same records whatever the process count,
+    and the saved position (`next_index`) is the same on every process. `next(it)` reads a record on every
+    process (GRPO prompts); `it.take(n, rows, ...)` gives each process only its rows, passed through
+    `transform` (SFT: tokenising and reading images) on that process alone."""
+    from zoomer_jax.data.pipeline import make_stream  # noqa: PLC0415
+    return make_stream(source, seed=seed, shuffle=shuffle, num_epochs=None, transform=transform,
+                       workers=self.cfg.data.get("workers", 4))
 
   # ------------------------------------------------------------------ loop
   def engine(self, loss_fn, *, total_steps: int, optim, freeze_vision: bool) -> Engine:

@@ -23,7 +23,8 @@ import numpy as np
 
 from zoomer_jax.text.chat import IMAGE_PLACEHOLDER, Transcript
 from zoomer_jax.text.tokenizer import Tokenizer
-from zoomer_jax.train.batch import Example, make_batch
+from zoomer_jax.sampling.sampler import round_up
+from zoomer_jax.train.batch import Example, local_rows, make_global_batch
 from zoomer_jax.train.forward import sequence_logprobs
 from zoomer_jax.video.preprocess import preprocess_frames
 
@@ -96,10 +97,31 @@ def sft_loss(model, batch, *, remat: str = "none", vocab_chunk: int | None = Non
   return nll, n, {"tokens": n / jnp.maximum(n, 1.0)}
 
 
-def micro_batches(cfg_model, examples: list[Example], rows: int, data_cfg, pad_id: int):
-  for i in range(0, len(examples), rows):
-    yield make_batch(cfg_model, examples[i:i + rows], rows=rows, token_bucket=data_cfg.token_bucket,
-                     image_bucket=data_cfg.image_bucket, pad_id=pad_id)
+def step_rows(mesh, batch_size: int, micro_batch_size: int) -> list[int]:
+  """The rows of an SFT step's global batch this process holds: in each micro-batch of `micro_batch_size`
+  consecutive rows, those its devices hold (all of them when a micro-batch's rows are replicated)."""
+  mine = local_rows(mesh, micro_batch_size)
+  return [m + r for m in range(0, batch_size, micro_batch_size) for r in mine]
+
+
+def read_step(stream, mesh, data_cfg) -> tuple[dict[int, Example], np.ndarray, int]:
+  """This process's examples of the next step: ({global row: Example}, [batch_size, 2] (tokens, images) of
+  every row, records skipped as longer than `cutoff_len`). Every process reads the same records in the same
+  order whatever the process count; each encodes (tokenises, reads images) only the rows it holds."""
+  rows = step_rows(mesh, data_cfg.batch_size, data_cfg.micro_batch_size)
+  return stream.take(data_cfg.batch_size, rows, measure=lambda e: (len(e.ids), e.n_images), width=2,
+                     accept=lambda m: m[0] <= data_cfg.cutoff_len)
+
+
+def global_micro_batches(cfg_model, local: dict[int, Example], info: np.ndarray, mesh, data_cfg, pad_id: int):
+  """The step's micro-batches as global arrays, each process contributing its rows; every process pads to the
+  same length, bucketed from the micro-batch's longest row over all processes (`info`)."""
+  mb = data_cfg.micro_batch_size
+  for m in range(0, data_cfg.batch_size, mb):
+    length = round_up(int(info[m:m + mb, 0].max()), data_cfg.token_bucket)
+    part = {r - m: e for r, e in local.items() if m <= r < m + mb}
+    yield make_global_batch(cfg_model, part, mesh, rows=mb, length=length, image_bucket=data_cfg.image_bucket,
+                            pad_id=pad_id)
 
 
 def run_sft(cfg) -> dict:
@@ -123,28 +145,23 @@ def run_sft(cfg) -> dict:
                  token_chunk=cfg.train.get("logprob_token_chunk", 0) or None,
                  freeze_vision=cfg.train.freeze_vision_tower)
   engine = ctx.engine(loss, total_steps=total, optim=cfg.optim, freeze_vision=cfg.train.freeze_vision_tower)
-  it = ctx.iterator(source, seed=data.seed, shuffle=data.shuffle)
-  writer, bar = ctx.start(engine, it, total)
   tok, mc = ctx.tok, engine.model_config
+  encode = partial(encode_record, tok=tok, max_pixels=data.max_pixels, min_pixels=data.min_pixels,
+                   merge=mc.vision.spatial_merge_size)
+  it = ctx.iterator(source, seed=data.seed, shuffle=data.shuffle, transform=encode)
+  writer, bar = ctx.start(engine, it, total)
   stats, completed = {}, False
   try:
     while ctx.job_step < total:
       t0 = time.perf_counter()
-      examples, skipped = [], 0
-      while len(examples) < data.batch_size:
-        ex = encode_record(next(it), tok, max_pixels=data.max_pixels, min_pixels=data.min_pixels,
-                           merge=mc.vision.spatial_merge_size)
-        if len(ex.ids) > data.cutoff_len:
-          skipped += 1
-          continue
-        examples.append(ex)
-      n_tokens = sum(len(e.ids) for e in examples)
-      for batch in micro_batches(mc, examples, data.micro_batch_size, data, tok.endoftext):
+      decoded = it.decoded
+      local, info, skipped = read_step(it, engine.mesh, data)
+      for batch in global_micro_batches(mc, local, info, engine.mesh, data, tok.endoftext):
         engine.accumulate(batch)
       stats = engine.apply()
       dt = time.perf_counter() - t0
-      stats.update(tokens_per_s=n_tokens / dt, step_s=dt, skipped_too_long=skipped,
-                   epoch=engine.step / steps_per_epoch)
+      stats.update(tokens_per_s=float(info[:, 0].sum()) / dt, step_s=dt, skipped_too_long=skipped,
+                   epoch=engine.step / steps_per_epoch, records_decoded=it.decoded - decoded)
       ctx.job_step = engine.step
       ctx.end_step(engine, it, writer, bar, stats)
     completed = True

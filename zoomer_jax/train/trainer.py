@@ -11,8 +11,10 @@
 micro-batches divided by the summed denominators, so accumulating is exactly one large batch. `metrics` are
 per-micro-batch means, averaged weighted by the denominator.
 
-Every process runs the same Python control flow on the same global batch (SPMD): jitted programs span the
-whole mesh, so every process must call them in the same order with the same shapes.
+Every process runs the same Python control flow (SPMD): jitted programs span the whole mesh, so every process
+must call them in the same order with the same shapes. A batch is either a host batch identical on every
+process (`put`, GRPO) or already global arrays assembled from each process's own rows
+(`batch.make_global_batch`, SFT).
 """
 
 from __future__ import annotations
