@@ -51,7 +51,7 @@ def get_config(arg=None):
       reflection_fraction=0.0,  # > 0 needs tool.max_generation_round >= 3
       # 661 frames at 6 fps: the 12 overview frames fall on 0, 10, ..., 110 s
       video=dict(height=56, width=56, fps=6.0, min_seconds=661 / 6, max_seconds=661 / 6, answer_seconds=1.0,
-                 object_frac=0.6, n_classes=4, shuffle_options=False),
+                 object_frac=0.6, n_classes=4, shuffle_options=False, distractor_every=15.0),
   ))
   # The agent's budgets, shared by the data generator (where the flash may hide), the cold start, GRPO's
   # rollouts and the evaluation. The no-tool baseline gets frame_budget = 12 + (2 - 1) * 16 = 28 frames.

@@ -143,7 +143,8 @@ def test_frames_show_what_the_thinks_say(sft):
       else:
         named = re.findall(r"(\d+\.\d\d)s", msgs[-1]["content"].split("</think>")[0])
         assert named and named == [t for t, x in zip(times, shown) if answer in x], (named, times, shown)
-        assert f"show a {answer}. That is option {r['solution']}." in msgs[-1]["content"]
+        assert f"A {answer} appears at " in msgs[-1]["content"]
+        assert msgs[-1]["content"].endswith(f"That is option {r['solution']}.</think>\n<answer>{r['solution']}</answer>")
     assert pos == len(images)
 
 

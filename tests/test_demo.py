@@ -119,7 +119,7 @@ def test_no_tool_conversation_shows_the_baseline_frames(tmp_path):
     assert conv["messages"][0]["content"].startswith("You are a helpful assistant")
     assert "zoom" not in conv["messages"][0]["content"]
     if seen:
-      assert f"show a {info['answer_class']}" in reply and reply.endswith(f"<answer>{rec['solution']}</answer>")
+      assert f"A {info['answer_class']} appears at " in reply and reply.endswith(f"<answer>{rec['solution']}</answer>")
     else:
       assert "guess" in reply
   assert any(c["seen"] for c in convs) and not all(c["seen"] for c in convs)

@@ -236,6 +236,16 @@ def test_bad_parameters_are_named(tmp_path):
     S.plan_video(np.random.default_rng(0), S.VideoParams(answer_seconds=2.5))
   with pytest.raises(ValueError, match="frame size"):
     S.VideoParams(height=111)
+  with pytest.raises(ValueError, match="distractor_every"):
+    S.VideoParams(distractor_every=-1.0)
+
+
+def test_distractor_every_zero_draws_none_and_the_default_draws_one_per_15_s():
+  for k in range(20):
+    none = S.plan_video(np.random.default_rng([7, k]), S.VideoParams(distractor_every=0.0))
+    some = S.plan_video(np.random.default_rng([7, k]), S.VideoParams(min_seconds=90.0, max_seconds=90.0))
+    assert none.distractors == ()
+    assert 1 <= len(some.distractors) <= 6  # 90 s / 15 s; rejection sampling may leave some out
 
 
 def test_tfds_builder_serves_the_same_records_without_tensorflow(tmp_path):

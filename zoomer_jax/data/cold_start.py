@@ -14,7 +14,7 @@ reject cannot be written.
 
 Kinds (think texts short and templated, every number read off the timestamp tags):
   direct:     think (where the border is) -> `<video_zoom>` on `synthetic.cue_zoom`'s segment -> frames ->
-              think (which frames show which object) -> `<answer>X</answer>`;
+              think (which object appears, and when) -> `<answer>X</answer>`;
   reflection: the first zoom takes one overview gap inside the cue that does not hold the flash (a plausible
               miss; its frames show no object) -> the next turn says so and zooms as in `direct` -> answer.
 """
@@ -154,7 +154,9 @@ def trajectory(record: dict, kind: str, image_dir: str, rng: np.random.Generator
     seen = (zidx >= answer_frames[0]) & (zidx <= answer_frames[1])
     if not seen.any():
       raise ValueError(f"{where}: the zoom [{s}, {e}] s at {fps} fps misses the answer window {answer_frames}")
-    w.answer(f"The frames at {_times(zts[seen])} show a {name}. That is option {letter}.", letter)
+    # The object first, its time after: the answer letter then follows from what is seen, not from copying a
+    # timestamp first (which a small model gets wrong long after it has learned to see the object).
+    w.answer(f"A {name} appears at {_times(zts[seen])}. That is option {letter}.", letter)
   return {"messages": w.messages, "images": w.images}
 
 

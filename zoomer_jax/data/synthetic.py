@@ -84,7 +84,7 @@ class VideoParams:
   max_seconds: float = 120.0
   cue_seconds: tuple[float, float] = (3.0, 6.0)  # drawn uniformly; raised to the widest overview gap
   answer_seconds: float = 1.0  # must be shorter than the overview spacing
-  distractor_every: float = 15.0  # one distractor per this many seconds of video
+  distractor_every: float = 15.0  # one distractor per this many seconds of video; 0: none
   distractor_seconds: tuple[float, float] = (2.0, 6.0)
   object_frac: float = 0.3  # object size / the frame's short side
   n_classes: int = len(CLASSES)  # objects are drawn from the first n_classes of CLASSES (4 or more)
@@ -101,8 +101,10 @@ class VideoParams:
       lo, hi = getattr(self, name)
       if not 0 < lo <= hi:
         raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {getattr(self, name)}")
-    if not self.answer_seconds > 0 or not self.distractor_every > 0:
-      raise ValueError("answer_seconds and distractor_every must be > 0")
+    if not self.answer_seconds > 0:
+      raise ValueError(f"answer_seconds must be > 0, got {self.answer_seconds}")
+    if not self.distractor_every >= 0:
+      raise ValueError(f"distractor_every must be >= 0 (0: no distractors), got {self.distractor_every}")
     if not 0.1 <= self.object_frac <= 0.6:
       raise ValueError(f"object_frac must lie in [0.1, 0.6], got {self.object_frac}")
     if not len(LETTERS) <= self.n_classes <= len(CLASSES):
@@ -248,6 +250,8 @@ def plan_video(rng: np.random.Generator, p: VideoParams, tool: ToolConfig = Tool
 
 
 def _distractors(rng: np.random.Generator, p: VideoParams, n: int, keep_out: tuple[int, int]) -> tuple[Show, ...]:
+  if p.distractor_every == 0:
+    return ()
   taken = [keep_out]
   out = []
   for _ in range(max(1, round(n / p.fps / p.distractor_every))):

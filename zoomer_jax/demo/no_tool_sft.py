@@ -47,7 +47,7 @@ def conversation(record: dict, tool_cfg: P.ToolConfig, image_dir: str, rng: np.r
   on = f"The yellow border is on at {_times(ts[cued])}." if cued.any() else "No frame shows the yellow border."
   if seen.any():
     name = info["options"][LETTERS.index(letter)]
-    think = f"{on} The frames at {_times(ts[seen])} show a {name}. That is option {letter}."
+    think = f"{on} A {name} appears at {_times(ts[seen])}. That is option {letter}."
   else:
     letter = LETTERS[int(rng.integers(len(info["options"])))]
     think = f"{on} No frame shows an object while it is on, so I guess option {letter}."
