@@ -19,8 +19,13 @@ The task (`zoomer_jax/data/synthetic.py`) is sized so that the tool is needed an
     did not form within a few hundred steps: every digit stayed at chance);
   * four colour classes, options A-D always in the same order (`n_classes=4, shuffle_options=False`): with
     shuffled options the letter must be looked up in the option list, which the model did not learn in time;
-  * small frames (56x56: 4 vision tokens each); the vision tower is frozen at its random initialisation (its
-    features already separate the colours; trained, they collapsed onto one direction within 200 steps);
+  * small frames (56x56: 4 vision tokens each); the vision tower's patch embedding and blocks stay at their
+    random initialisation (their features already separate the colours), and only its patch merger (the
+    projector into the text model) trains in SFT (`freeze_vision_tower="blocks"`). With the whole tower frozen
+    the model learned to tell red from the rest and named every other colour "blue" (SFT with the tool 37-53%);
+    with the whole tower trained, its features collapsed (20%); with the merger trained, 100%;
+  * the answer turn names the object before its time ("A red square appears at 38.83s. That is option A."):
+    with the time first, the model had to copy a timestamp before naming what it saw, and stayed at chance;
   * a short system prompt (`zoomer_jax/demo/system_prompt.txt`, ~100 tokens instead of ~390): a trajectory is
     ~880 tokens and every training shape fits one 1024-token bucket (one compilation);
   * two rounds (zoom, then answer): the cold start is all "direct" trajectories (`reflection_fraction=0`); a
@@ -68,7 +73,9 @@ def get_config(arg=None):
   sft.mesh.ici = (1, -1, 1)
   sft.data.update(dict(batch_size=8, micro_batch_size=8, cutoff_len=1024, token_bucket=1024))
   sft.optim.update(dict(lr=3e-3, warmup_ratio=0.05, lr_scheduler="cosine", min_lr_ratio=0.05))
-  sft.train.update(dict(remat="none", logprob_vocab_chunk=0, total_steps=480, freeze_vision_tower=True))
+  sft.train.update(dict(remat="none", logprob_vocab_chunk=0, total_steps=480))
+  del sft.train["freeze_vision_tower"]  # a bool in sft_tiny; "blocks" is a string
+  sft.train.freeze_vision_tower = "blocks"  # the patch embedding and blocks stay random, the merger trains
   sft.trainer.update(dict(save_freq=120, max_to_keep=1, tensorboard=True))
   cfg.sft = sft
 

@@ -154,8 +154,10 @@ def test_gradient_accumulation_is_exact(tok, rng, engine_factory):
   np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
 
 
-def test_frozen_vision_tower_does_not_move(tok, rng, engine_factory):
-  eng = engine_factory(partial(sft_loss, vocab_chunk=64, freeze_vision=True), freeze_vision=True)
+@pytest.mark.parametrize("freeze", [True, "blocks"])
+def test_frozen_vision_tower_does_not_move(tok, rng, engine_factory, freeze):
+  """True: no vision parameter moves; "blocks": only the patch merger's do (and all of them get a gradient)."""
+  eng = engine_factory(partial(sft_loss, vocab_chunk=64, freeze_vision=freeze), freeze_vision=freeze)
   before = _params(eng)
   eng.accumulate(make_batch(eng.model_config, _examples(tok, rng, 2), token_bucket=64, image_bucket=8,
                             pad_id=tok.endoftext))
@@ -164,10 +166,21 @@ def test_frozen_vision_tower_does_not_move(tok, rng, engine_factory):
                             pad_id=tok.endoftext))
   eng.apply()
   after = _params(eng)
-  vision = [k for k in before if "visual" in k]
+  merger = [k for k in before if "visual" in k and "merger" in k] if freeze == "blocks" else []
+  vision = [k for k in before if "visual" in k and k not in merger]
   text = [k for k in before if "visual" not in k]
   assert vision and all(np.array_equal(before[k], after[k]) for k in vision)
   assert sum(not np.array_equal(before[k], after[k]) for k in text) >= len(text) - 1
+  assert all(not np.array_equal(before[k], after[k]) for k in merger)
+  assert len(merger) == (5 if freeze == "blocks" else 0)  # ln_q weight, fc1 and fc2 kernels and biases
+
+
+def test_freeze_vision_values_are_checked():
+  from zoomer_jax.train.optim import check_freeze_vision
+  for ok in (False, True, "blocks"):
+    check_freeze_vision(ok)
+  with pytest.raises(ValueError, match="freeze_vision_tower must be one of"):
+    check_freeze_vision("merger")
 
 
 def test_schedule_matches_transformers_cosine_with_warmup():

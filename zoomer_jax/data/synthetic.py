@@ -105,8 +105,8 @@ class VideoParams:
       raise ValueError(f"answer_seconds must be > 0, got {self.answer_seconds}")
     if not self.distractor_every >= 0:
       raise ValueError(f"distractor_every must be >= 0 (0: no distractors), got {self.distractor_every}")
-    if not 0.1 <= self.object_frac <= 0.6:
-      raise ValueError(f"object_frac must lie in [0.1, 0.6], got {self.object_frac}")
+    if not 0.1 <= self.object_frac <= 0.8:
+      raise ValueError(f"object_frac must lie in [0.1, 0.8], got {self.object_frac}")
     if not len(LETTERS) <= self.n_classes <= len(CLASSES):
       raise ValueError(f"n_classes must lie in [{len(LETTERS)}, {len(CLASSES)}], got {self.n_classes}")
 

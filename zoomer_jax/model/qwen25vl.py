@@ -72,9 +72,9 @@ class Qwen25VL(nnx.Module):
         rngs=rngs)
 
   # ------------------------------------------------------------------ traced pieces
-  def encode_vision(self, vision: VisionInput) -> jax.Array:
-    """[N, patch_dim] pixel rows -> [N/4, d] features in placeholder order."""
-    return self.visual(vision.pixels, vision.layout)
+  def encode_vision(self, vision: VisionInput, *, frozen_blocks: bool = False) -> jax.Array:
+    """[N, patch_dim] pixel rows -> [N/4, d] features in placeholder order (`frozen_blocks`: see VisionTower)."""
+    return self.visual(vision.pixels, vision.layout, frozen_blocks=frozen_blocks)
 
   def embed(self, ids_bt: jax.Array, image_feats: jax.Array | None = None,
             video_feats: jax.Array | None = None) -> jax.Array:

@@ -107,11 +107,14 @@ class VisionTower(nnx.Module):
     self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, pixels_np: jax.Array, layout: VisionLayout) -> jax.Array:
+  def __call__(self, pixels_np: jax.Array, layout: VisionLayout, *, frozen_blocks: bool = False) -> jax.Array:
+    """`frozen_blocks`: no gradient reaches the patch embedding and the blocks (only the merger trains)."""
     # Pixels are rounded to the tower's dtype first (HF casts pixel_values to visual.dtype).
     x_nd = self.patch_embed(pixels_np.astype(self.dtype)[layout.perm])
     cos_nh, sin_nh = vision_rotary(layout.rot_pos, self.cfg)
     full = frozenset(self.cfg.fullatt_block_indexes)
     for i, block in enumerate(self.blocks):
       x_nd = block(x_nd, cos_nh, sin_nh, layout.frames if i in full else layout.windows)
+    if frozen_blocks:
+      x_nd = jax.lax.stop_gradient(x_nd)
     return self.merger(x_nd)[layout.unperm]

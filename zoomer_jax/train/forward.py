@@ -38,10 +38,13 @@ def _layer_fn(layer, remat: str):
 
 
 def hidden_states(model, batch: TrainBatch, *, remat: str = "none", freeze_vision: bool = False) -> jax.Array:
-  """Final-norm hidden states [B, L, d]; with `freeze_vision` no gradient reaches the vision tower."""
-  feats = None if batch.images is None else model.encode_vision(batch.images)
-  if freeze_vision and feats is not None:
-    feats = jax.lax.stop_gradient(feats)
+  """Final-norm hidden states [B, L, d]. `freeze_vision` (`optim.FREEZE_VISION`): True, no gradient reaches the
+  vision tower; "blocks", none reaches its patch embedding and blocks (the merger trains)."""
+  feats = None
+  if batch.images is not None:
+    feats = model.encode_vision(batch.images, frozen_blocks=freeze_vision == "blocks")
+    if freeze_vision is True:
+      feats = jax.lax.stop_gradient(feats)
   x_btd = model.embed(batch.ids, feats)
   dec = model.model
   cos_bth, sin_bth = mrope_cos_sin(batch.positions, dec.cfg, dec.dtype)

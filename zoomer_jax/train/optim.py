@@ -35,11 +35,24 @@ def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def trainable_mask(params, freeze_vision: bool):
-  """A pytree of bools like `params`: False for the vision tower's parameters when it is frozen."""
+FREEZE_VISION = (False, True, "blocks")  # train the vision tower; freeze all of it; freeze all but the merger
+
+
+def check_freeze_vision(freeze_vision) -> None:
+  if not any(freeze_vision is v or freeze_vision == v and isinstance(v, str) for v in FREEZE_VISION):
+    raise ValueError(f"freeze_vision_tower must be one of {FREEZE_VISION}, got {freeze_vision!r}")
+
+
+def trainable_mask(params, freeze_vision: bool | str):
+  """A pytree of bools like `params`: False for the vision tower's frozen parameters (all of them with True;
+  all but the patch merger's with "blocks")."""
+  check_freeze_vision(freeze_vision)
+
   def one(path, _):
     names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-    return not (freeze_vision and names and names[0] == "visual")
+    if not (freeze_vision and names and names[0] == "visual"):
+      return True
+    return freeze_vision == "blocks" and len(names) > 1 and names[1] == "merger"
   return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -59,6 +72,6 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int, params=None,
   if freeze_vision:
     if params is None:
       raise ValueError("freezing the vision tower needs the params to label")
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, True))
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, freeze_vision))
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
