@@ -87,13 +87,18 @@ class DataIterator:
 
   def set_state(self, state: dict) -> None:
     """Continues from a `get_state()` of an iterator made with the same arguments (also across processes)."""
-    if "next_index" not in state:
-      raise ValueError(f"not a data iterator state (no 'next_index'): {state!r:.200}")
-    differ = {k: (state.get(k), v) for k, v in self._config.items() if state.get(k) != v}
-    if differ:
-      raise ValueError("data iterator state was saved with other arguments: " +
-                       ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items()))
-    self._iter.set_state({"next_index": int(state["next_index"])})
+    self._iter.set_state({"next_index": _checked_index(state, self._config)})
+
+
+def _checked_index(state: dict, config: dict) -> int:
+  """The `next_index` of a saved iterator state, after checking it was saved with the same arguments."""
+  if "next_index" not in state:
+    raise ValueError(f"not a data iterator state (no 'next_index'): {state!r:.200}")
+  differ = {k: (state.get(k), v) for k, v in config.items() if state.get(k) != v}
+  if differ:
+    raise ValueError("data iterator state was saved with other arguments: " +
+                     ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items()))
+  return int(state["next_index"])
 
 
 def make_iterator(source: Sequence, *, seed: int, shuffle: bool = True, num_epochs: int | None = None,
@@ -242,13 +247,7 @@ class RecordStream:
 
   def set_state(self, state: dict) -> None:
     """Continues from a `get_state()` (of this class or of a one-shard, unbatched `DataIterator`)."""
-    if "next_index" not in state:
-      raise ValueError(f"not a data iterator state (no 'next_index'): {state!r:.200}")
-    differ = {k: (state.get(k), v) for k, v in self._config.items() if state.get(k) != v}
-    if differ:
-      raise ValueError("data iterator state was saved with other arguments: " +
-                       ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items()))
-    self.next_index = int(state["next_index"])
+    self.next_index = _checked_index(state, self._config)
 
 
 def make_stream(source: Sequence, *, seed: int, shuffle: bool = True, num_epochs: int | None = None,
