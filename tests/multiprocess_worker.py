@@ -1,12 +1,19 @@
-"""One process of the multi-process test: joins the run, loads the checkpoint into each global mesh, runs the
-forward on the saved prompt, and (process 0) writes the gathered logits.
+"""One process of the multi-process tests: joins the run, then either
 
   python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID CHECKPOINT PROMPT_NPZ OUT_DIR ICI [ICI ...]
 
-ICI is a mesh shape such as 2,2,2. Every process writes OUT_DIR/info{PROCESS_ID}.json (device counts);
-process 0 writes OUT_DIR/logits_{ICI}.npy and an HF export OUT_DIR/export_{ICI}/ per mesh.
+loads the checkpoint into each global mesh (ICI a mesh shape such as 2,2,2), runs the forward on the saved prompt,
+writes OUT_DIR/info{PROCESS_ID}.json (device counts) and (process 0) OUT_DIR/logits_{ICI}.npy and an HF export
+OUT_DIR/export_{ICI}/ per mesh; or
+
+  python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID rollout CHECKPOINT TASKS_JSON OUT_DIR
+
+runs the scripted agent rollout (`ROLLOUT_SCRIPT`, `rollout_config`) of the tasks on the 8-device mesh (2,2,2)
+and writes OUT_DIR/rollout{PROCESS_ID}.json: this process's trajectories, events and the videos it decoded,
+then the error that the same rollout raised when one row's clip extraction has a bug.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -14,7 +21,99 @@ import sys
 from zoomer_jax.parallel import distributed
 
 
+# The scripted turns of the rollout test, by row: row 0 zooms twice (both clips readable), row 1's video is
+# unreadable, row 2 asks first for seconds 2-4 of a video whose frames 25-34 are corrupt (the clip fails) and
+# then for 10-12 (it works), row 3 answers at once.
+ROLLOUT_SCRIPT = {
+    0: ['<think>too coarse</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>',
+        '<think>later</think><video_zoom>{"segment": [10, 13], "fps": 1}</video_zoom>',
+        "<think>seen it</think><answer>B</answer><|im_end|>"],
+    2: ['<think>too coarse</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>',
+        '<think>elsewhere</think><video_zoom>{"segment": [10, 12], "fps": 1}</video_zoom>',
+        "<think>seen it</think><answer>A</answer><|im_end|>"],
+    3: ["<think>easy</think><answer>A</answer><|im_end|>"],
+}
+
+
+def rollout_script(row: int, rnd: int):
+  turns = ROLLOUT_SCRIPT.get(row, [])
+  return turns[rnd] if rnd < len(turns) else None
+
+
+def rollout_config():
+  from zoomer_jax.agent import protocol as P
+  from zoomer_jax.agent.rollout import AgentConfig
+  from zoomer_jax.sampling import SamplingParams
+  small = 56 * 56  # 4 tokens a frame
+  return AgentConfig(tool=P.ToolConfig(), sampling=SamplingParams(temperature=1.0, max_new_tokens=40),
+                     decode_chunk=16, max_pixels=small, min_pixels=small, workers=2)
+
+
+def count_decodes(rollout_module, decoded: dict) -> None:
+  """Wraps the module's `_overview` and `_clip` so that each call appends its task id to decoded[name]."""
+  for name in ("_overview", "_clip"):
+    decoded[name] = []
+    inner = getattr(rollout_module, name)
+
+    def counted(task, *args, _inner=inner, _name=name):
+      decoded[_name].append(task.id)  # list.append is atomic: the pool's threads may call at once
+      return _inner(task, *args)
+    setattr(rollout_module, name, counted)
+
+
+def rollout_record(trajs, events) -> dict:
+  """Trajectories and events as JSON (floats as their exact repr, pixels as a hash of their bytes)."""
+  return dict(events=[[kind, int(row), str(info)] for kind, row, info in events],
+              trajs=[dict(id=t.task.id, ids=t.ids.tolist(), mask=t.response_mask.tolist(),
+                          logprobs=t.logprobs.tolist(), pixel_shape=list(t.pixel_values.shape),
+                          pixel_sha256=hashlib.sha256(t.pixel_values.tobytes()).hexdigest(),
+                          grids=t.image_grid_thw.tolist(), calls=t.calls, answer=t.answer,
+                          finish_reason=t.finish_reason, turns=t.turns) for t in trajs])
+
+
+def rollout_main(argv):
+  coordinator, n, pid, checkpoint, tasks_json, out_dir = argv
+  distributed.initialize(coordinator, int(n), int(pid))
+
+  import jax
+
+  import zoomer_jax
+  from zoomer_jax.agent import rollout as R
+  from zoomer_jax.parallel.mesh import make_mesh
+  from zoomer_jax.text import build_tiny_tokenizer
+
+  decoded = {}
+  count_decodes(R, decoded)
+  mesh = make_mesh((2, 2, 2))
+  model = zoomer_jax.load_hf(checkpoint, mesh=mesh)
+  tasks = [R.Task(**t) for t in json.load(open(tasks_json))]
+  events = []
+  with jax.set_mesh(mesh):
+    trajs = R.rollout(model, build_tiny_tokenizer(), tasks, rollout_config(), jax.random.key(3),
+                      on_event=lambda *e: events.append(e), script=rollout_script)
+  record = dict(rollout_record(trajs, events), decoded={k: list(v) for k, v in decoded.items()},
+                process_index=jax.process_index(), owned=R.owned_rows(len(tasks)))
+
+  # A bug in one process's clip extraction (not a video error) must stop every process with the same error,
+  # not leave the others waiting for it in a collective.
+  def buggy_clip(task, *args, _inner=R._clip):
+    if task.id == "t2":
+      raise TypeError("simulated bug in the clip extraction")
+    return _inner(task, *args)
+  R._clip = buggy_clip
+  try:
+    with jax.set_mesh(mesh):
+      R.rollout(model, build_tiny_tokenizer(), tasks, rollout_config(), jax.random.key(3), script=rollout_script)
+    record["fatal"] = None
+  except Exception as e:  # noqa: BLE001 (the test checks which)
+    record["fatal"] = [type(e).__name__, str(e)]
+  with open(os.path.join(out_dir, f"rollout{pid}.json"), "w") as f:
+    json.dump(record, f)
+
+
 def main(argv):
+  if len(argv) > 3 and argv[3] == "rollout":
+    return rollout_main(argv[:3] + argv[4:])
   coordinator, n, pid, checkpoint, prompt_path, out_dir, *meshes = argv
   distributed.initialize(coordinator, int(n), int(pid))
 

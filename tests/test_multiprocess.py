@@ -217,3 +217,145 @@ def test_two_process_grpo_job_matches_one_process(tmp_path):
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=tol.MULTIPROCESS_GRAD_REL)
   assert one[1]["actor/kl_loss"] > 0 and one[0]["frames/mean"] > 0  # the policy moved; frames were read
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2"]
+
+
+def test_pack_round_trips_exactly_and_share_is_local_in_one_process():
+  rng = np.random.default_rng(0)
+  tree = [[3, {"value": [0.1, rng.normal(size=(5, 1176)).astype(np.float32), np.zeros((0, 3), np.int64),
+                         np.float64(1 / 3), np.int64(2**40), np.arange(6, dtype=np.uint16).reshape(2, 3)[:, ::2]]}],
+          [0, {"error": "video x.mp4: cannot décode"}], [1, (None, True, float("inf"), "s")]]
+  got = distributed.unpack(distributed.pack(tree))
+  assert got[0][0] == 3 and got[1] == [0, {"error": "video x.mp4: cannot décode"}]
+  assert got[2] == [1, [None, True, float("inf"), "s"]]
+  for a, b in zip(got[0][1]["value"], tree[0][1]["value"]):
+    assert type(a) is type(b) or isinstance(b, np.ndarray)
+    assert np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
+  assert got[0][1]["value"][0] == 0.1  # a JSON float keeps every bit
+  with pytest.raises(TypeError, match="dict keys must be str"):
+    distributed.pack({1: 2})
+  with pytest.raises(TypeError, match="cannot pack a set"):
+    distributed.pack([{1}])
+  local = {0: {"value": [1.0]}}
+  assert distributed.share_by_key(local) is local  # one process: nothing is communicated
+
+
+def test_owned_rows_are_contiguous_blocks_covering_the_batch():
+  from zoomer_jax.agent.rollout import owned_rows
+  assert owned_rows(5) == [0, 1, 2, 3, 4]  # one process owns everything
+  assert [owned_rows(4, p, 2) for p in range(2)] == [[0, 1], [2, 3]]
+  assert [owned_rows(5, p, 2) for p in range(2)] == [[0, 1, 2], [3, 4]]  # row i -> i * 2 // 5
+  assert [owned_rows(2, p, 4) for p in range(4)] == [[0], [], [1], []]
+  for b, n in [(7, 3), (8, 8), (3, 5), (64, 6)]:
+    blocks = [owned_rows(b, p, n) for p in range(n)]
+    assert sum(blocks, []) == list(range(b))  # every row once, in process order
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def _corrupt_mjpeg(path: str, frames: range) -> str:
+  """An MJPG AVI of 200 index frames (10 fps, 64x80) whose JPEGs for `frames` are zeroed: the container and the
+  other frames are intact, so the overview reads and a clip over `frames` fails to decode."""
+  import cv2
+  import media
+  out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (80, 64))
+  for i in range(200):
+    out.write(media.draw_frame(i, 64, 80)[..., ::-1].copy())
+  out.release()
+  data = bytearray(open(path, "rb").read())
+  starts, at = [], data.find(b"\xff\xd8\xff")
+  while at >= 0:
+    starts.append(at)
+    at = data.find(b"\xff\xd8\xff", at + 3)
+  assert len(starts) == 200, len(starts)
+  for k in frames:
+    data[starts[k]:starts[k + 1] - 16] = bytes(starts[k + 1] - 16 - starts[k])
+  with open(path, "wb") as f:
+    f.write(data)
+  return path
+
+
+@pytest.mark.slow
+def test_two_process_rollout_decodes_each_video_on_its_owner_only(tmp_path, monkeypatch, measure):
+  """A scripted rollout of 4 rows on two processes (one 8-device mesh): process p reads the overviews and cuts
+  the clips of its own rows only (rows 0-1 on process 0, 2-3 on process 1), and both processes end with the
+  trajectories, tool-call logs and events of one process running all 4 rows - an unreadable video and a clip
+  that fails to decode reported alike everywhere. Any other failure of one process's extraction is raised on
+  both (no process is left waiting in a collective)."""
+  import media
+  import multiprocess_worker as W
+  import zoomer_jax
+  from flax import nnx
+  from zoomer_jax.agent import rollout as R
+  from zoomer_jax.config_loader import load
+  from zoomer_jax.model.config import ModelConfig
+  from zoomer_jax.model.qwen25vl import Qwen25VL
+  from zoomer_jax.parallel.mesh import make_mesh
+  from zoomer_jax.text import build_tiny_tokenizer
+
+  good = media.write_video(str(tmp_path / "good.mp4"), 200, 10.0, (64, 80))
+  torn = _corrupt_mjpeg(str(tmp_path / "torn.avi"), range(25, 35))  # seconds 2.5-3.5 undecodable
+  (tmp_path / "broken.mp4").write_bytes(b"not a video" * 100)
+  tasks = [R.Task(good, "<image>\nWhat colour is the square? A. red B. blue", "B", "t0"),
+           R.Task(str(tmp_path / "broken.mp4"), "<image>\nAnything?", "A", "t1"),
+           R.Task(torn, "<image>\nIs there a square? A. yes B. no", "A", "t2"),
+           R.Task(good, "<image>\nIs it moving? A. yes B. no", "A", "t3")]
+  with open(tmp_path / "tasks.json", "w") as f:
+    json.dump([dict(video=t.video, problem=t.problem, answer=t.answer, id=t.id) for t in tasks], f)
+  model = Qwen25VL(ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model), rngs=nnx.Rngs(4))
+  ckpt = str(zoomer_jax.export_hf(model, tmp_path / "ckpt"))
+
+  # One process, all 8 devices in the same mesh: the reference, which must not communicate at all.
+  def no_collective(*a):
+    raise AssertionError("a collective was called in a single process")
+  monkeypatch.setattr(R, "share_by_key", no_collective)
+  monkeypatch.setattr(distributed, "ragged_allgather", no_collective)
+  monkeypatch.setattr(R, "_overview", R._overview)  # restored after the test ...
+  monkeypatch.setattr(R, "_clip", R._clip)
+  want_decoded = {}
+  W.count_decodes(R, want_decoded)  # ... which wraps both to count their calls
+  mesh = make_mesh((2, 2, 2))
+  sharded = zoomer_jax.load_hf(ckpt, mesh=mesh)
+  events = []
+  with jax.set_mesh(mesh):
+    trajs = R.rollout(sharded, build_tiny_tokenizer(), tasks, W.rollout_config(), jax.random.key(3),
+                      on_event=lambda *e: events.append(e), script=W.rollout_script)
+  want = W.rollout_record(trajs, events)
+
+  start = time.monotonic()
+  _run_workers(["rollout", ckpt, str(tmp_path / "tasks.json"), str(tmp_path)], str(tmp_path))
+  measure("two_process_rollout_wall_s", time.monotonic() - start)
+  got = [json.loads((tmp_path / f"rollout{p}.json").read_text()) for p in range(2)]
+
+  # The scenario happened: zooms that worked, a clip that failed to decode, an unreadable video.
+  t0, t1, t2, t3 = want["trajs"]
+  assert [("error" in c) for c in t0["calls"]] == [False, False] and t0["answer"] == "B"
+  assert t1["finish_reason"] == "video_error" and "broken.mp4" in t1["calls"][0]["error"]
+  assert [("error" in c) for c in t2["calls"]] == [True, False] and t2["calls"][1]["frames"] == 2
+  assert (t3["answer"], t3["calls"]) == ("A", [])
+  # Each process decoded only its own rows' videos; together exactly what one process decoded.
+  for p, g in enumerate(got):
+    assert g["owned"] == [[0, 1], [2, 3]][p]
+    ids = [tasks[i].id for i in g["owned"]]
+    assert sorted(g["decoded"]["_overview"]) == ids
+    assert set(g["decoded"]["_clip"]) <= set(ids)
+    for name in ("_overview", "_clip"):
+      measure(f"process{p}_{name[1:]}_calls", len(g["decoded"][name]))
+  for name in ("_overview", "_clip"):
+    assert sorted(got[0]["decoded"][name] + got[1]["decoded"][name]) == sorted(want_decoded[name]), name
+    measure(f"one_process_{name[1:]}_calls", len(want_decoded[name]))
+  assert len(want_decoded["_overview"]) == 4 and len(want_decoded["_clip"]) == 4
+  assert [len(g["decoded"]["_clip"]) for g in got] == [2, 2]
+  # A bug (not a video error) in process 1's clip of row 2 is raised on both processes, by its type.
+  for g in got:
+    name, message = g["fatal"]
+    assert name == "TypeError" and "row 2" in message and "simulated bug in the clip extraction" in message
+  # Both processes hold the same trajectories and saw the same events, bit for bit ...
+  assert got[0]["trajs"] == got[1]["trajs"] and got[0]["events"] == got[1]["events"]
+  # ... and those of one process: the same tokens, frames and tool log, log-probs within the cross-process bound.
+  assert got[0]["events"] == want["events"]
+  for a, b in zip(got[0]["trajs"], want["trajs"]):
+    la, lb = np.array(a.pop("logprobs")), np.array(b.pop("logprobs"))
+    assert a == b, a["id"]
+    assert la.shape == lb.shape, a["id"]
+    diff = float(np.abs(la - lb).max(initial=0.0))
+    measure(f"{a['id']}_logprob_two_vs_one_process", diff)
+    assert diff <= tol.MULTIPROCESS_LOGPROB_FP32, (a["id"], diff)

@@ -14,12 +14,23 @@ One `rollout` call runs a batch of (video, question) tasks to the end:
 
 Each trajectory comes back with its token ids, a response mask (1 on model tokens, 0 on prompt and tool
 tokens), the sampler's log-probs, its images, the tool-call log and the final answer.
+
+Several processes (one global mesh) run this same control flow on the same tasks in lockstep: the sampler's calls
+are global programs, so every process holds every row and gives them identical inputs. Only the videos are split:
+row i belongs to process `i * P // b` (`owned_rows`, contiguous blocks of the batch), and only its owner reads its
+overview and cuts its clips; the owner then shares the result (timestamps, pixels, grids, duration) or the
+error message with every other process (`distributed.share_by_key`: once after the overviews, once per round of
+observations, called by every process even with nothing to send). Parsing turns is cheap and deterministic, so
+it stays replicated, and `on_event` fires on every process alike. In one process every row is owned and nothing
+is communicated.
 """
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures as cf
 import dataclasses
+import traceback
 from typing import Any, Sequence
 
 import jax
@@ -27,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from zoomer_jax.agent import protocol as P
-from zoomer_jax.parallel.distributed import mesh_of, replicate, to_host
+from zoomer_jax.parallel.distributed import mesh_of, replicate, share_by_key, to_host
 from zoomer_jax.sampling import STOP_STRING, STOP_TOKEN, SamplingParams, StopCriteria, decode, extend
 from zoomer_jax.sampling import prefill
 from zoomer_jax.sampling.sampler import round_up
@@ -85,6 +96,51 @@ def stop_criteria(tok: Tokenizer) -> StopCriteria:
                             suppress_ids=[tok.image_pad, tok.video_pad, tok.vision_start, tok.vision_end])
 
 
+def owned_rows(b: int, process: int | None = None, processes: int | None = None) -> list[int]:
+  """The rows of a batch of `b` whose videos `process` (default: this one) reads: row i belongs to process
+  i * processes // b, so each process owns one contiguous block of b / processes rows (sizes differ by at most
+  one). Contiguous, not strided: GRPO puts a prompt's n samples side by side, so a group's rows (the same
+  video) are read on one host, and each host opens fewer distinct files."""
+  process = jax.process_index() if process is None else process
+  processes = jax.process_count() if processes is None else processes
+  return [i for i in range(b) if i * processes // b == process]
+
+
+def _outcome(fut: cf.Future, expected: tuple, convert=lambda v: v) -> dict:
+  """{"value": convert(the future's result)}, or {"error": message} when it raised one of `expected`.
+
+  Any other exception propagates in one process; with several it becomes {"fatal": [type name, text]}, shared
+  like the rest so that every process raises it (`_shared`) instead of waiting for this one in a collective.
+  """
+  try:
+    return {"value": convert(fut.result())}
+  except expected as e:
+    return {"error": str(e)}
+  except Exception as e:
+    if jax.process_count() == 1:
+      raise
+    return {"fatal": [type(e).__name__, "".join(traceback.format_exception(e)).rstrip()]}
+
+
+def _shared(outcomes: dict[int, dict], what: str, tasks: Sequence[Task]) -> dict[int, dict]:
+  """Every process's `_outcome`s by row, identical everywhere (a collective when there are several processes;
+  `outcomes` itself in one). A fatal outcome is raised on every process, as its builtin type where it has one."""
+  if jax.process_count() == 1:
+    return outcomes
+  outcomes = share_by_key(outcomes)
+  for i, out in sorted(outcomes.items()):
+    if "fatal" in out:
+      name, text = out["fatal"]
+      cls = getattr(builtins, name, None)
+      message = f"{what} of row {i} ({tasks[i].video}) failed on the process that owns it:\n{text}"
+      try:
+        err = cls(message) if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError(message)
+      except Exception:  # a builtin type with other constructor arguments
+        err = RuntimeError(message)
+      raise err
+  return outcomes
+
+
 def _overview(task: Task, cfg: AgentConfig):
   with VideoReader(task.video, backend=cfg.video_backend) as reader:
     idx, ts = sample_overview(reader.meta, cfg.tool.video_fps, cfg.tool.frames_upbound)
@@ -139,29 +195,31 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
   if jax.process_count() > 1:  # the stop tables as global arrays once, not at every decode call
     stop = replicate(stop, mesh_of(nnx.state(model, nnx.Param)))
   system = P.system_prompt(cfg.tool)
+  mine = set(owned_rows(len(tasks)))
   with cf.ThreadPoolExecutor(cfg.workers) as pool:
-    rows = _start(tasks, cfg, tok, system, pool)
+    rows = _start(tasks, cfg, tok, system, pool, mine)
     if any(not r.done for r in rows):
-      _run(model, tok, rows, cfg, key, stop, pool, event, script)
+      _run(model, tok, rows, cfg, key, stop, pool, event, script, mine)
   return [_finish(r) for r in rows]
 
 
-def _start(tasks, cfg, tok, system, pool) -> list[_Row]:
-  futures = [pool.submit(_overview, t, cfg) for t in tasks]
+def _start(tasks, cfg, tok, system, pool, mine) -> list[_Row]:
+  futures = {i: pool.submit(_overview, tasks[i], cfg) for i in sorted(mine)}
+  overviews = {i: _outcome(f, (VideoError, OSError), lambda v: (v[0].duration, *v[1:])) for i, f in futures.items()}
+  overviews = _shared(overviews, "reading the overview", tasks)
   rows = []
-  for task, fut in zip(tasks, futures):
-    try:
-      meta, ts, pixels, grids = fut.result()
-    except (VideoError, OSError) as e:  # reported for this task; the others go on
+  for i, task in enumerate(tasks):
+    if "error" in overviews[i]:  # reported for this task; the others go on
       tr = Transcript(tok, [])
       row = _Row(task, tr, None, np.zeros((0, 1176), np.float32), np.zeros((0, 3), np.int64))
-      row.reason, row.calls = "video_error", [dict(error=str(e))]
+      row.reason, row.calls = "video_error", [dict(error=overviews[i]["error"])]
       rows.append(row)
       continue
+    duration, ts, pixels, grids = overviews[i]["value"]
     messages = [{"role": "system", "content": system},
                 {"role": "user", "content": P.user_prompt(task.problem, ts)}]
     tr = Transcript.from_messages(tok, messages, image_tokens=_tokens_per_image(grids))
-    rows.append(_Row(task, tr, P.Episode(cfg.tool, meta.duration, len(ts)), pixels, grids))
+    rows.append(_Row(task, tr, P.Episode(cfg.tool, duration, len(ts)), pixels, grids))
   return rows
 
 
@@ -176,7 +234,7 @@ def _cache_size(rows, cfg) -> int:
   return round_up(need, 256)
 
 
-def _run(model, tok, rows, cfg, key, stop, pool, event, script):
+def _run(model, tok, rows, cfg, key, stop, pool, event, script, mine):
   b = len(rows)
   size = _cache_size(rows, cfg)
   prompt_len = max(len(r.tr.ids) for r in rows)
@@ -227,7 +285,7 @@ def _run(model, tok, rows, cfg, key, stop, pool, event, script):
         r.turn_tokens += int(nums[i])
         if reasons[i] in (STOP_TOKEN, STOP_STRING) or r.turn_tokens >= cfg.sampling.max_new_tokens:
           active[i] = False
-          _end_turn(r, i, last_logits[i], temperature, tok, cfg, pool, event)
+          _end_turn(r, i, last_logits[i], temperature, tok, cfg, pool if i in mine else None, event)
       cache, logits, pos, window = out.cache, out.last_logits, out.next_position, out.window
     _observe(rows, tok, event)
     chunk_rows = [i for i, r in enumerate(rows) if not r.done and len(r.tr.ids) > r.in_cache]
@@ -261,7 +319,8 @@ def _run(model, tok, rows, cfg, key, stop, pool, event, script):
 
 
 def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok, cfg, pool, event):
-  """Parses the finished turn; a valid call starts its clip extraction in the pool."""
+  """Parses the finished turn; a valid call starts its clip extraction in the pool (None: another process owns
+  the row, extracts the clip and shares it in `_observe`)."""
   text = r.tr.turn_text()
   r.turns.append(text)
   event("turn", i, text)
@@ -278,11 +337,15 @@ def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok,
     event("tool_error", i, out)
     r.pending = ("error", out.observation)
   else:
-    r.pending = ("call", out, pool.submit(_clip, r.task, out, cfg))
+    r.pending = ("call", out, None if pool is None else pool.submit(_clip, r.task, out, cfg))
 
 
 def _observe(rows, tok, event):
-  """Waits for each pending clip and appends the observation text (and frames) to the transcript."""
+  """Waits for each pending clip (this process's, then every process's, shared) and appends the observation
+  text (and frames) to the transcript. Every process calls it at the same point of each round."""
+  clips = {i: _outcome(r.pending[2], (VideoError, ValueError, OSError)) for i, r in enumerate(rows)
+           if r.pending is not None and r.pending[0] == "call" and r.pending[2] is not None}
+  clips = _shared(clips, "cutting the zoom clip", [r.task for r in rows])
   for i, r in enumerate(rows):
     if r.pending is None:
       continue
@@ -290,15 +353,15 @@ def _observe(rows, tok, event):
     if pending[0] == "error":
       _append(r, pending[1], ())
       continue
-    call, fut = pending[1], pending[2]
-    try:
-      ts, pixels, grids = fut.result()
-    except (VideoError, ValueError, OSError) as e:
-      err = r.episode.extraction_failed(str(e))
-      r.calls.append(dict(round=call.round, segment=list(call.requested), fps=call.fps, error=str(e)))
+    call = pending[1]
+    if "error" in clips[i]:
+      message = clips[i]["error"]
+      err = r.episode.extraction_failed(message)
+      r.calls.append(dict(round=call.round, segment=list(call.requested), fps=call.fps, error=message))
       event("tool_error", i, err)
       _append(r, err.observation, ())
       continue
+    ts, pixels, grids = clips[i]["value"]
     obs = r.episode.observation(ts)
     r.calls.append(dict(round=call.round, segment=list(call.requested), clamped=list(call.segment), fps=call.fps,
                         frames=len(ts), timestamps=[round(float(t), 3) for t in ts]))

@@ -1,4 +1,5 @@
-"""Multi-process runs: joining the JAX distributed runtime, the main process, global arrays to host.
+"""Multi-process runs: joining the JAX distributed runtime, the main process, global arrays to host, host values
+shared between processes (`host_allgather`, `ragged_allgather`, `share_by_key`).
 
 One Python process per host (TPU pod) or per simulated host (CPU tests). `initialize` must run
 before anything touches a JAX backend (`jax.devices()`, array creation, compilation); after it,
@@ -7,6 +8,7 @@ before anything touches a JAX backend (`jax.devices()`, array creation, compilat
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -107,6 +109,76 @@ def ragged_allgather(x: np.ndarray) -> list[np.ndarray]:
   padded[:len(x)] = x
   everything = host_allgather(padded)
   return [everything[p, :int(n)] for p, n in enumerate(lengths)]
+
+
+_ARRAY = "__ndarray__"  # a packed dict with this key stands for an array: [dtype, shape, byte offset, is scalar]
+
+
+def pack(tree: Any) -> np.ndarray:
+  """uint8 [n]: `tree` (nested lists, tuples, dicts with str keys, str, int, float, bool, None, numpy arrays and
+  scalars) as bytes that `unpack` turns back into it exactly: arrays keep their dtype, shape and bytes; tuples
+  come back as lists. Layout: an 8-byte little-endian header length, a JSON header, the arrays' raw bytes."""
+  chunks, offset = [], 0
+
+  def one(x):
+    nonlocal offset
+    if isinstance(x, (np.ndarray, np.generic)):
+      a = np.asarray(x)
+      if a.dtype.hasobject or a.dtype.names:
+        raise TypeError(f"pack: arrays of dtype {a.dtype} (objects or fields) cannot be packed")
+      ref = {_ARRAY: [a.dtype.str, list(a.shape), offset, isinstance(x, np.generic)]}
+      chunks.append(a.tobytes())
+      offset += len(chunks[-1])
+      return ref
+    if isinstance(x, (list, tuple)):
+      return [one(v) for v in x]
+    if isinstance(x, dict):
+      if not all(isinstance(k, str) for k in x):
+        raise TypeError(f"pack: dict keys must be str, got {sorted({type(k).__name__ for k in x})}")
+      return {k: one(v) for k, v in x.items()}
+    if x is None or isinstance(x, (str, bool, int, float)):
+      return x
+    raise TypeError(f"pack: cannot pack a {type(x).__name__}")
+
+  header = json.dumps(one(tree), separators=(",", ":")).encode()
+  return np.frombuffer(b"".join([len(header).to_bytes(8, "little"), header, *chunks]), np.uint8)
+
+
+def unpack(blob: np.ndarray) -> Any:
+  """The tree `pack` made `blob` (uint8 [n]) from."""
+  data = np.asarray(blob, np.uint8).tobytes()
+  n = int.from_bytes(data[:8], "little")
+  body = memoryview(data)[8 + n:]
+
+  def one(x):
+    if isinstance(x, dict) and _ARRAY in x:
+      dtype, shape, offset, scalar = x[_ARRAY]
+      size = int(np.prod(shape, dtype=np.int64))
+      a = np.frombuffer(body, np.dtype(dtype), count=size, offset=offset) if size else np.zeros(0, dtype)
+      a = a.reshape(shape).copy()
+      return a[()] if scalar else a
+    if isinstance(x, dict):
+      return {k: one(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return [one(v) for v in x]
+    return x
+  return one(json.loads(data[8:8 + n]))
+
+
+def share_by_key(local: dict) -> dict:
+  """Every process's `local` {key: value} (int or str keys, disjoint between processes; values as `pack` takes
+  them) merged into one dict, identical on every process: process order, then each process's own order. Values
+  arrive exactly (arrays bit for bit), tuples as lists. A collective: every process calls it, in the same order,
+  with a dict that may be empty. In one process it returns `local` itself and communicates nothing."""
+  if jax.process_count() == 1:
+    return local
+  merged, sender = {}, {}
+  for p, blob in enumerate(ragged_allgather(pack([[k, v] for k, v in local.items()]))):
+    for key, value in unpack(blob):
+      if key in merged:
+        raise ValueError(f"share_by_key: key {key!r} sent by processes {sender[key]} and {p}; keys must be disjoint")
+      merged[key], sender[key] = value, p
+  return merged
 
 
 def barrier(name: str) -> None:
