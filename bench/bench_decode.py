@@ -3,9 +3,11 @@
 Greedy, no stop tokens, a text prompt of `--prompt` tokens, `--new` tokens per sequence, batch 1 and 8.
 For transformers the decode time is `generate` minus one prefill forward over the same prompt (both timed in
 the same run); for us it is `decode` alone after `prefill`. Calls are interleaved and compiled beforehand.
-Ratio = our tokens/s ÷ transformers' tokens/s (> 1: we are faster).
+Ratio = our tokens/s ÷ transformers' tokens/s (> 1: we are faster). `--dtype bfloat16` runs both sides with
+bf16 weights and activations (ours accumulates its matmuls in fp32); `both` measures fp32 then bf16.
 
   PYTHONPATH=. python bench/bench_decode.py --config bench-small --batch 1,8
+  PYTHONPATH=. python bench/bench_decode.py --config bench-small --batch 1,8 --dtype both
 """
 
 from __future__ import annotations
@@ -35,29 +37,13 @@ from bench_forward import bench_config  # noqa: E402
 from zoomer_jax.sampling import SamplingParams, StopCriteria, decode, prefill  # noqa: E402
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--config", default="bench-small", choices=["tiny", "bench-small"])
-  p.add_argument("--batch", default="1,8")
-  p.add_argument("--prompt", type=int, default=128)
-  p.add_argument("--new", type=int, default=32)
-  p.add_argument("--repeats", type=int, default=3)
-  args = p.parse_args(argv)
-  torch.set_num_threads(os.cpu_count() or 1)
-
-  ceilings = [machine_ceilings.measure()]
-  hf_cfg, ids = bench_config(args.config)
-  hf = hf_oracle.make_hf_model(hf_cfg, seed=0)
+def bench_dtype(args, hf, ours, ids, dtype: str) -> list[dict]:
+  """Times our decode and transformers' at `dtype` for each batch size, interleaved."""
   # Bytes a decode step must stream: every decoder weight once, the (tied) embedding table once for the logits.
   text = hf.model.language_model
   weight_bytes = sum(p.numel() * p.element_size() for p in text.parameters())
   if hf.lm_head.weight.data_ptr() != text.embed_tokens.weight.data_ptr():
     weight_bytes += hf.lm_head.weight.numel() * hf.lm_head.weight.element_size()
-  hf.generation_config.eos_token_id = None
-  hf.generation_config.pad_token_id = ids["bos"]
-  with tempfile.TemporaryDirectory() as d:
-    ours = zoomer_jax.load_hf(hf_oracle.save_hf(hf, d))
-  hf.config._attn_implementation = "sdpa"
   rng = np.random.default_rng(0)
   results = []
   for b in (int(x) for x in args.batch.split(",")):
@@ -95,7 +81,8 @@ def main(argv=None):
         acc.append(time.perf_counter() - t0)
     ours_s = statistics.median(t_ours)
     hf_s = max(statistics.median(t_gen) - statistics.median(t_pre), 1e-9)
-    r = dict(config=args.config, batch=b, prompt=args.prompt, new=args.new, cache_size=size,
+    r = dict(config=args.config, dtype=dtype, weight_bytes=weight_bytes, batch=b, prompt=args.prompt, new=args.new,
+             cache_size=size,
              ours_tok_s=round(b * args.new / ours_s, 2), hf_tok_s=round(b * args.new / hf_s, 2),
              ratio=round(hf_s / ours_s, 3), greedy_token_agreement=agree,
              ours_step_ms=round(1e3 * ours_s / args.new, 1), hf_step_ms=round(1e3 * hf_s / args.new, 1),
@@ -104,20 +91,50 @@ def main(argv=None):
              ours_runs=[round(t, 3) for t in t_ours], hf_generate_runs=[round(t, 3) for t in t_gen],
              hf_prefill_runs=[round(t, 3) for t in t_pre])
     results.append(r)
+  return results
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default="bench-small", choices=["tiny", "bench-small"])
+  p.add_argument("--batch", default="1,8")
+  p.add_argument("--prompt", type=int, default=128)
+  p.add_argument("--new", type=int, default=32)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="float32")
+  args = p.parse_args(argv)
+  dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+  torch.set_num_threads(os.cpu_count() or 1)
+
+  ceilings = [machine_ceilings.measure()]
+  hf_cfg, ids = bench_config(args.config)
+  hf = hf_oracle.make_hf_model(hf_cfg, seed=0)
+  hf.generation_config.eos_token_id = None
+  hf.generation_config.pad_token_id = ids["bos"]
+  with tempfile.TemporaryDirectory() as d:
+    path = hf_oracle.save_hf(hf, d)
+    models = {dtype: zoomer_jax.load_hf(path, dtype=dtype) for dtype in dtypes}
+  hf.config._attn_implementation = "sdpa"
+  results = []
+  for dtype in dtypes:
+    hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    results += bench_dtype(args, hf, models[dtype], ids, dtype)
   ceilings.append(machine_ceilings.measure())
   ceil = {k: {f: max(c[k][f] for c in ceilings) for f in ceilings[0][k]} for k in ceilings[0]}
   bw = ceil["memory_gbps"]["read"]
   print(machine_ceilings.describe(ceil) + " (best of the start and the end of the run)")
-  print(f"a decode step streams {weight_bytes / 1e9:.2f} GB of weights (decoder + tied embedding for the logits); "
-        f"at {bw:.1f} GB/s that bounds batch-1 decode at {bw * 1e9 / weight_bytes:.1f} tok/s")
+  for dtype in dtypes:
+    wb = next(r["weight_bytes"] for r in results if r["dtype"] == dtype)
+    print(f"{dtype}: a decode step streams {wb / 1e9:.2f} GB of weights (decoder + tied embedding for the logits); "
+          f"at {bw:.1f} GB/s that bounds batch-1 decode at {bw * 1e9 / wb:.1f} tok/s")
   for r in results:
     r["ours_of_bandwidth"], r["hf_of_bandwidth"] = r["ours_weight_gbps"] / bw, r["hf_weight_gbps"] / bw
-    print(f"{args.config} batch {r['batch']}: ours {r['ours_tok_s']} tok/s ({r['ours_step_ms']} ms/step, weights at "
-          f"{r['ours_weight_gbps']} GB/s = {100 * r['ours_of_bandwidth']:.0f}% of the bandwidth), transformers "
-          f"{r['hf_tok_s']} tok/s ({r['hf_step_ms']} ms/step, {100 * r['hf_of_bandwidth']:.0f}%), ratio {r['ratio']} "
-          f"(target: >= 0.9 at batch 1, >= 3 at batch 8); greedy tokens agree {r['greedy_token_agreement']:.2f}")
-  print("BENCH_JSON " + json.dumps(dict(ceilings=ceil, ceilings_start_end=ceilings, weight_bytes=weight_bytes,
-                                        results=results)))
+    print(f"{args.config} {r['dtype']} batch {r['batch']}: ours {r['ours_tok_s']} tok/s ({r['ours_step_ms']} ms/step, "
+          f"weights at {r['ours_weight_gbps']} GB/s = {100 * r['ours_of_bandwidth']:.0f}% of the bandwidth), "
+          f"transformers {r['hf_tok_s']} tok/s ({r['hf_step_ms']} ms/step, {100 * r['hf_of_bandwidth']:.0f}%), "
+          f"ratio {r['ratio']} (target: >= 0.9 at batch 1, >= 3 at batch 8); greedy tokens agree "
+          f"{r['greedy_token_agreement']:.2f}")
+  print("BENCH_JSON " + json.dumps(dict(ceilings=ceil, ceilings_start_end=ceilings, results=results)))
   return results
 
 

@@ -202,3 +202,48 @@ def test_bad_input_is_named(sft, tmp_path):
     C.generate_sft(str(path), str(tmp_path / "o"))
   with pytest.raises(ValueError, match="max_generation_round"):
     C.generate_sft(str(path), str(tmp_path / "o"), tool_cfg=P.ToolConfig(max_generation_round=2))
+
+
+def test_sparse_zooms_ask_half_the_frame_rate_and_guess_when_the_frames_miss(tmp_path):
+  # The demo's layout (a 1-s flash, 10-frame zooms over 20-s segments), where half the frame rate mostly misses
+  cfg = P.ToolConfig(max_generation_round=3, tool_call_max_frames=10, frames_upbound=12, max_total_frames=32)
+  rl = S.generate(str(tmp_path / "rl"), seed=3, n_train=N, n_val=0, n_test=0, tool_cfg=cfg, height=56, width=56,
+                  fps=6.0, min_seconds=661 / 6, max_seconds=661 / 6, answer_seconds=1.0)["train"]
+  records = json.load(open(rl))
+  convs = json.load(open(C.generate_sft(rl, str(tmp_path / "s"), seed=0, reflection_fraction=0.0,
+                                        sparse_fraction=1.0, tool_cfg=cfg)))
+  assert [c["kind"] for c in convs] == ["sparse"] * N
+  mixed = json.load(open(C.generate_sft(rl, str(tmp_path / "m"), seed=0, reflection_fraction=0.25,
+                                        sparse_fraction=0.5, tool_cfg=cfg)))
+  kinds = [c["kind"] for c in mixed]
+  assert (kinds.count("reflection"), kinds.count("sparse"), kinds.count("direct")) == (2, 4, 2)
+  border, misses = S.VideoParams().border, 0
+  ref = json.load(open(C.generate_sft(rl, str(tmp_path / "d"), seed=0, reflection_fraction=0.0, tool_cfg=cfg)))
+  for r, conv, d in zip(records, convs, ref):
+    msgs, answer = conv["messages"], r["extra_info"]["options"]["ABCD".index(r["solution"])]
+    assert msgs[2]["content"].split("<video_zoom>")[0] == d["messages"][2]["content"].split("<video_zoom>")[0]
+    ((s, e), fps), = calls_of(conv)
+    ((ds, de), dfps), = calls_of(d)
+    assert (s, e) == (ds, de) and fps == dfps / 2
+    meta = read_meta(r["videos"][0])
+    idx, _ = sample_zoom(meta, s, e, fps)
+    n_ov = len(sample_overview(meta, cfg.video_fps, cfg.frames_upbound)[0])
+    shown = [objects(rgb(p), border) for p in conv["images"][n_ov:]]
+    assert len(shown) == len(idx) == int(fps * (e - s))
+    last = msgs[-1]["content"]
+    if S.hits(idx, tuple(r["extra_info"]["answer_frames"])):
+      assert any(answer in x for x in shown) and f"A {answer} appears at " in last
+      assert last.endswith(f"<answer>{r['solution']}</answer>")
+    else:
+      misses += 1
+      assert not any(shown)
+      guess = re.fullmatch(r"<think>No object appears in these frames\. I guess option ([A-D])\.</think>\n"
+                           r"<answer>\1</answer>", last)
+      assert guess, last
+    turns = [m["content"] for m in msgs if m["role"] == "assistant"]
+    assert format_reward(turns, cfg.tool_call_max_frames) == 1
+  assert misses >= N // 2  # half the frames of a 1-s flash: most sparse zooms miss it
+  with pytest.raises(ValueError, match="sparse_fraction must lie in"):
+    C.generate_sft(rl, str(tmp_path / "x"), sparse_fraction=-0.1)
+  with pytest.raises(ValueError, match="reflection_fraction \\+ sparse_fraction must be at most 1"):
+    C.generate_sft(rl, str(tmp_path / "x"), reflection_fraction=0.6, sparse_fraction=0.5)

@@ -17,6 +17,10 @@ Kinds (think texts short and templated, every number read off the timestamp tags
               think (which object appears, and when) -> `<answer>X</answer>`;
   reflection: the first zoom takes one overview gap inside the cue that does not hold the flash (a plausible
               miss; its frames show no object) -> the next turn says so and zooms as in `direct` -> answer.
+  sparse:     as `direct`, with the same think text, but the zoom asks for half the frame rate (`sparse_fps`):
+              its frames catch the flash only now and then; when they miss it, the answer turn says so and
+              guesses a letter. An imperfect demonstration on purpose: SFT copies the mix of frame rates, and
+              GRPO, whose reward sees the answers, can learn that the denser zoom pays (the demo's RL signal).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from zoomer_jax.data.synthetic import LETTERS, write_if_changed, cue_zoom, hits,
 from zoomer_jax.video import VideoReader, sample_overview, sample_zoom
 
 _NEEDED = ("cue_frames", "answer_frames", "options", "n_frames")
+KINDS = ("direct", "reflection", "sparse")
 
 
 def _times(ts) -> str:
@@ -110,11 +115,16 @@ class _Writer:
     self.messages.append({"role": "assistant", "content": text})
 
 
+def sparse_fps(fps: float) -> float:
+  """The frame rate of a `sparse` trajectory's zoom: half the one that shows the flash."""
+  return fps / 2
+
+
 def trajectory(record: dict, kind: str, image_dir: str, rng: np.random.Generator,
                tool_cfg: P.ToolConfig = P.ToolConfig(), where: str = "record", video_backend: str = "auto") -> dict:
   """One SFT conversation ("direct" or "reflection") for a synthetic RL record; frames saved under image_dir."""
-  if kind not in ("direct", "reflection"):
-    raise ValueError(f"{where}: kind must be 'direct' or 'reflection', got {kind!r}")
+  if kind not in KINDS:
+    raise ValueError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
   info = record["extra_info"]
   answer_frames = tuple(info["answer_frames"])
   c0, c1 = info["cue_frames"]
@@ -150,10 +160,16 @@ def trajectory(record: dict, kind: str, image_dir: str, rng: np.random.Generator
     else:
       think = (f"The yellow border is on at {on} and off at {s:.2f}s and {e:.2f}s. The object appears briefly "
                f"between {s:.2f}s and {e:.2f}s, which these frames miss, so I zoom in there.")
+    if kind == "sparse":
+      fps = sparse_fps(fps)
     zidx, zts = w.zoom(think, (s, e), fps)
     seen = (zidx >= answer_frames[0]) & (zidx <= answer_frames[1])
     if not seen.any():
-      raise ValueError(f"{where}: the zoom [{s}, {e}] s at {fps} fps misses the answer window {answer_frames}")
+      if kind != "sparse":
+        raise ValueError(f"{where}: the zoom [{s}, {e}] s at {fps} fps misses the answer window {answer_frames}")
+      guess = LETTERS[int(rng.integers(len(info["options"])))]
+      w.answer(f"No object appears in these frames. I guess option {guess}.", guess)
+      return {"messages": w.messages, "images": w.images}
     # The object first, its time after: the answer letter then follows from what is seen, not from copying a
     # timestamp first (which a small model gets wrong long after it has learned to see the object).
     w.answer(f"A {name} appears at {_times(zts[seen])}. That is option {letter}.", letter)
@@ -161,14 +177,20 @@ def trajectory(record: dict, kind: str, image_dir: str, rng: np.random.Generator
 
 
 def generate_sft(rl_json: str, out_dir: str, *, seed: int = 0, reflection_fraction: float = 0.3,
-                 tool_cfg: P.ToolConfig = P.ToolConfig(), video_backend: str = "auto") -> str:
+                 sparse_fraction: float = 0.0, tool_cfg: P.ToolConfig = P.ToolConfig(),
+                 video_backend: str = "auto") -> str:
   """Writes `out_dir/<rl_json stem>_sft.json` (a list of conversations) and `out_dir/images/<doc_id>/*.png`.
 
-  round(reflection_fraction * n) records, drawn with `seed`, get a reflection trajectory, the rest a direct one.
-  Deterministic; files already there with the same bytes are left alone. Returns the JSON path.
+  round(reflection_fraction * n) records, drawn with `seed`, get a reflection trajectory, round(sparse_fraction *
+  n) others a sparse one, the rest a direct one. Deterministic; files already there with the same bytes are left
+  alone. Returns the JSON path.
   """
-  if not 0 <= reflection_fraction <= 1:
-    raise ValueError(f"reflection_fraction must lie in [0, 1], got {reflection_fraction}")
+  for name, frac in (("reflection_fraction", reflection_fraction), ("sparse_fraction", sparse_fraction)):
+    if not 0 <= frac <= 1:
+      raise ValueError(f"{name} must lie in [0, 1], got {frac}")
+  if reflection_fraction + sparse_fraction > 1:
+    raise ValueError(f"reflection_fraction + sparse_fraction must be at most 1, got "
+                     f"{reflection_fraction} + {sparse_fraction}")
   need = 3 if reflection_fraction > 0 else 2
   if tool_cfg.max_generation_round < need:
     raise ValueError(f"these trajectories take {need} rounds; max_generation_round is "
@@ -178,14 +200,15 @@ def generate_sft(rl_json: str, out_dir: str, *, seed: int = 0, reflection_fracti
   if not isinstance(records, list):
     raise ValueError(f"{rl_json}: expected a JSON list of records, got {type(records).__name__}")
   rng = np.random.default_rng(seed)
-  n_reflect = round(reflection_fraction * len(records))
-  reflect = set(rng.permutation(len(records))[:n_reflect].tolist())
+  n_reflect, n_sparse = round(reflection_fraction * len(records)), round(sparse_fraction * len(records))
+  order = rng.permutation(len(records)).tolist()
+  reflect, sparse = set(order[:n_reflect]), set(order[n_reflect:n_reflect + n_sparse])
   out_dir = os.path.abspath(out_dir)
   conversations = []
   for i, record in enumerate(records):
     _check(record, i, rl_json)
     doc_id = str(record.get("doc_id", f"{i:05d}"))
-    kind = "reflection" if i in reflect else "direct"
+    kind = "reflection" if i in reflect else "sparse" if i in sparse else "direct"
     traj = trajectory(record, kind, os.path.join(out_dir, "images", doc_id), np.random.default_rng([seed, i]),
                       tool_cfg, where=f"{rl_json} record {i}", video_backend=video_backend)
     conversations.append({**traj, "id": doc_id, "kind": kind})
