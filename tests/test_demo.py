@@ -65,16 +65,25 @@ def test_quick_demo_end_to_end(tmp_path):
   assert set(on_disk["times_s"]) >= {"data", "sft", "grpo", "eval_sft", "eval_grpo", "total"}
   n_test = cfg.data.n_test
   for name in ("sft", "grpo"):
-    for mode in ("tool", "no_tool"):
+    for mode in ("tool", "no_tool", "sampled"):
       lines = [json.loads(x) for x in (out / "eval" / f"{name}_{mode}.jsonl").read_text().splitlines()]
       res = on_disk["results"][name][mode]
-      assert len(lines) == res["n"] == n_test
+      assert len(lines) == res["n"] == n_test * (cfg.eval.samples if mode == "sampled" else 1)
+      if mode == "sampled":
+        assert res["mode"] == f"tool@T{cfg.eval.temperature:g}x{cfg.eval.samples}"
+        assert [x["sample"] for x in lines] == list(range(cfg.eval.samples)) * n_test
       assert res["accuracy"] == pytest.approx(np.mean([x["acc"] for x in lines]))
       assert res["mean_frames"] == pytest.approx(np.mean([x["frames"] for x in lines if x["error"] is None]))
       budget = cfg.tool.max_total_frames
       assert all(x["frames"] <= budget for x in lines)
       if mode == "no_tool":
         assert all(x["tool_calls"] == 0 for x in lines)
+  # The SFT mix: each cold-start record direct_copies times as a direct trajectory, sparse_copies as a sparse one
+  mix = json.loads(open(pipeline.data_paths(str(out))["sft_mix"]).read())
+  kinds = [c["kind"] for c in mix]
+  d = cfg.data
+  assert (kinds.count("direct"), kinds.count("sparse")) == (d.n_sft * d.direct_copies, d.n_sft * d.sparse_copies)
+  assert json.loads((out / "sft" / "config.json").read_text())["data"]["train_files"][0].endswith("_mix_sft.json")
   sft_steps = [json.loads(x)["step"] for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
   assert sft_steps == list(range(1, cfg.sft.train.total_steps + 1))
   assert json.loads((out / "grpo" / "hf" / "demo_step.json").read_text())["step"] >= 1

@@ -244,3 +244,25 @@ def test_main_loads_a_checkpoint_onto_the_mesh(model, videos, tmp_path):
   assert [r["frames"] for r in report.records] == [10, 10, 6]
   saved = json.loads((tmp_path / "out" / "original_no_tool.json").read_text())
   assert saved["checkpoint"] == str(ckpt) and saved["frame_budget"] == 10
+
+
+def test_sampled_evaluation_draws_k_trajectories_per_task(model, videos, tmp_path):
+  tok = build_tiny_tokenizer()
+  tasks = [Task(videos["a"], "<image>\nWhich? A. x B. y", "B", "t0", "S1"),
+           Task(videos["c"], "<image>\nWhich? A. x B. y", "A", "t1", "S1")]
+  out = str(tmp_path / "sampled.jsonl")
+  report = evaluate(model, tok, tasks, CFG, batch_size=4, out_jsonl=out, key=jax.random.key(2), progress=False,
+                    temperature=1.0, samples=3)
+  lines = _read_jsonl(out)
+  assert report.mode == "tool@T1x3" and report.n == 6 == len(lines)
+  assert [(r["id"], r["sample"]) for r in lines] == [(t, k) for t in ("t0", "t1") for k in range(3)]
+  assert report.accuracy == pytest.approx(np.mean([r["acc"] for r in lines]))
+  for t in ("t0", "t1"):  # a random model at temperature 1: the three samples of a task differ
+    outputs = [r["output"] for r in lines if r["id"] == t]
+    assert len(set(outputs)) == 3, outputs
+  greedy = _read_jsonl(evaluate(model, tok, tasks, CFG, batch_size=4, out_jsonl=str(tmp_path / "g.jsonl"),
+                                progress=False).out_jsonl)
+  assert len(greedy) == 2 and "sample" not in greedy[0]
+  for bad in (dict(samples=0, temperature=1.0), dict(samples=2, temperature=0.0), dict(temperature=-1.0)):
+    with pytest.raises(ValueError, match="samples must be >= 1 and temperature >= 0"):
+      evaluate(model, tok, tasks, CFG, progress=False, **bad)

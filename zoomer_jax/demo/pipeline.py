@@ -10,7 +10,9 @@ Stages (`cfg.stages`, comma-separated, in this order):
   grpo  `train.grpo.run_grpo` from that directory (`init.checkpoint`) on the train split (workdir `out_dir/grpo`),
         exported to `out_dir/grpo/hf`;
   eval  `eval.harness.evaluate` of each exported model on the test split, with the tool and as the no-tool
-        baseline (same frame budget), greedy; trajectories in `out_dir/eval/{sft,grpo}_{tool,no_tool}.jsonl`.
+        baseline (same frame budget), greedy; and the tool run sampled `eval.samples` times per video at
+        `eval.temperature` (GRPO's rollout temperature: the policy's expected accuracy, which GRPO trains);
+        trajectories in `out_dir/eval/{sft,grpo}_{tool,no_tool,sampled}.jsonl`.
 Then: the table (printed and `out_dir/table.txt`), `out_dir/report.json`, `out_dir/training_curves.png` and
 `out_dir/trajectories.png`.
 
@@ -89,6 +91,7 @@ def data_paths(out: str) -> dict[str, str]:
   d = os.path.join(out, "data")
   return {"train": os.path.join(d, "train.json"), "validation": os.path.join(d, "validation.json"),
           "test": os.path.join(d, "test.json"), "sft": os.path.join(d, "sft", "sft_records_sft.json"),
+          "sft_mix": os.path.join(d, "sft", "sft_records_mix_sft.json"),
           "sft_no_tool": os.path.join(d, "sft", "sft_records_notool_sft.json")}
 
 
@@ -110,11 +113,21 @@ def build_data(cfg, out: str) -> dict[str, str]:
   synthetic.write_if_changed(sft_in, json.dumps(records, indent=1).encode())
   paths["sft"] = cold_start.generate_sft(sft_in, os.path.dirname(sft_in), seed=cfg.seed,
                                          reflection_fraction=d.reflection_fraction, tool_cfg=tool)
+  if d.sparse_copies:
+    # Every record also as a sparse trajectory (half the zoom's frame rate); the mix holds each direct one
+    # direct_copies times and each sparse one sparse_copies times: the same video is shown with both frame
+    # rates, so SFT learns the mix (direct_copies : sparse_copies), not which video got which.
+    sparse = cold_start.generate_sft(sft_in, os.path.join(os.path.dirname(sft_in), "sparse"), seed=cfg.seed,
+                                     reflection_fraction=0.0, sparse_fraction=1.0, tool_cfg=tool)
+    with open(paths["sft"], encoding="utf-8") as f, open(sparse, encoding="utf-8") as g:
+      mix = json.load(f) * d.direct_copies + json.load(g) * d.sparse_copies
+    paths["sft_mix"] = data_paths(out)["sft_mix"]
+    synthetic.write_if_changed(paths["sft_mix"], json.dumps(mix, indent=1).encode())
   if d.n_sft_no_tool:
     paths["sft_no_tool"] = generate_no_tool_sft(sft_in, os.path.dirname(sft_in), tool_cfg=tool, seed=cfg.seed,
                                                 n=d.n_sft_no_tool)
   print(f"train {d.n_train}, validation {d.n_val}, test {d.n_test} videos; {len(records)} cold-start "
-        f"trajectories ({d.reflection_fraction:.0%} reflection) and {d.n_sft_no_tool} no-tool ones in {root}")
+        f"trajectories ({d.reflection_fraction:.0%} reflection; mixed {d.direct_copies}:{d.sparse_copies} with sparse ones) and {d.n_sft_no_tool} no-tool ones in {root}")
   return paths
 
 
@@ -141,7 +154,8 @@ def sft_job(cfg, paths: dict, out: str):
   job.model = copy.deepcopy(cfg.model)
   job.seed = cfg.seed
   job.workdir = os.path.join(out, "sft")
-  job.data.train_files = (paths["sft"],) + ((paths["sft_no_tool"],) if cfg.data.n_sft_no_tool else ())
+  tool = paths["sft_mix"] if cfg.data.sparse_copies else paths["sft"]
+  job.data.train_files = (tool,) + ((paths["sft_no_tool"],) if cfg.data.n_sft_no_tool else ())
   job.data.max_pixels = job.data.min_pixels = cfg.pixels
   # Image counts padded to what a micro-batch can hold at most: one compiled training shape.
   job.data.image_bucket = job.data.micro_batch_size * cfg.tool.max_total_frames
@@ -214,27 +228,36 @@ def evaluate_model(cfg, hf_dir: str, name: str, tasks: list[Task], out: str) -> 
   model, tok = zoomer_jax.load_hf(hf_dir, dtype="float32"), load_tokenizer(hf_dir)
   agent = agent_config(cfg)
   reports = {}
-  for mode in MODES:
-    reports[mode] = evaluate(model, tok, tasks, agent, use_tool=mode == "tool", batch_size=cfg.eval.batch_size,
+  for mode in modes(cfg):
+    sampled = dict(temperature=cfg.eval.temperature, samples=cfg.eval.samples) if mode == "sampled" else {}
+    reports[mode] = evaluate(model, tok, tasks, agent, use_tool=mode != "no_tool", batch_size=cfg.eval.batch_size,
                              out_jsonl=os.path.join(out, "eval", f"{name}_{mode}.jsonl"),
-                             key=jax.random.key(cfg.seed))
-    print(f"{name} {mode}: accuracy {reports[mode].accuracy:.3f} ({reports[mode].wall_s:.1f} s)", flush=True)
+                             key=jax.random.key(cfg.seed), **sampled)
+    print(f"{name} {reports[mode].mode}: accuracy {reports[mode].accuracy:.3f} ({reports[mode].wall_s:.1f} s)",
+          flush=True)
   return reports
+
+
+def modes(cfg) -> tuple[str, ...]:
+  """The evaluations of each model: greedy with and without the tool, and (eval.samples > 0) the tool run
+  sampled eval.samples times per video at eval.temperature - the expected reward GRPO optimises."""
+  return MODES + (("sampled",) if cfg.eval.get("samples", 0) else ())
 
 
 # ---------------------------------------------------------------------------------------------- report
 def table(results: dict) -> str:
   """The summary table: one row per (model, mode)."""
-  head = (f"{'model':<6} {'mode':<8} {'n':>4} {'acc %':>6} {'format %':>8} {'zooms':>6} {'tool use %':>10} "
+  head = (f"{'model':<6} {'mode':<10} {'n':>4} {'acc %':>6} {'format %':>8} {'zooms':>6} {'tool use %':>10} "
           f"{'frames':>7}  rounds")
   lines = [head, "-" * len(head)]
   for name in MODELS:
-    for mode in MODES:
-      r = results.get(name, {}).get(mode)
+    for key in MODES + ("sampled",):
+      r = results.get(name, {}).get(key)
       if r is None:
         continue
+      mode = r.get("mode", key)
       rounds = ", ".join(f"{k}:{v['count']}" for k, v in r["rounds"].items())
-      lines.append(f"{name.upper():<6} {mode:<8} {r['n']:>4} {100 * r['accuracy']:>6.1f} {100 * r['format']:>8.1f} "
+      lines.append(f"{name.upper():<6} {mode:<10} {r['n']:>4} {100 * r['accuracy']:>6.1f} {100 * r['format']:>8.1f} "
                    f"{r['mean_tool_calls']:>6.2f} {100 * r['tool_use_rate']:>10.1f} {r['mean_frames']:>7.1f}  {rounds}")
   return "\n".join(lines)
 
@@ -291,7 +314,7 @@ def run_demo(cfg) -> dict:
       chance=CHANCE, no_tool_flash_visible=no_tool_flash_visible(paths["test"], tool) if has_eval else None,
       training=dict(sft=_training_summary(os.path.join(out, "sft"), ("loss",)),
                     grpo=_training_summary(os.path.join(out, "grpo"),
-                                           ("reward/mean", "acc/mean", "tool_calls/mean", "actor/kl_loss"))),
+                                           ("reward/mean", "acc/mean", "tool_calls/mean", "frames/mean", "actor/kl_loss"))),
       tool=dataclasses.asdict(tool), config=json.loads(cfg.to_json()), out_dir=out)
   if results:
     report["table"] = table(results)

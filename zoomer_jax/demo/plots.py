@@ -1,4 +1,4 @@
-"""Training curves of the demo from the jobs' `metrics.jsonl`: SFT loss; GRPO reward, accuracy, tool calls, KL.
+"""Training curves of the demo from the jobs' `metrics.jsonl`: SFT loss; GRPO reward, accuracy, frames shown, KL.
 
     plot_training("out/demo/sft", "out/demo/grpo", "out/demo/training_curves.png")
 """
@@ -14,7 +14,7 @@ from zoomer_jax.train.metrics import read_metrics
 # (metrics.jsonl key, panel title) for each panel; a job without the key leaves its panel empty
 SFT_PANELS = (("loss", "SFT loss (assistant tokens)"),)
 GRPO_PANELS = (("reward/mean", "GRPO reward (mean of rollouts)"), ("acc/mean", "GRPO rollout accuracy"),
-               ("tool_calls/mean", "GRPO tool calls / trajectory"), ("actor/kl_loss", "GRPO KL to the SFT model"))
+               ("frames/mean", "GRPO frames shown / trajectory"), ("actor/kl_loss", "GRPO KL to the SFT model"))
 
 
 def _smooth(y: np.ndarray, k: int) -> np.ndarray:

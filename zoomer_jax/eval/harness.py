@@ -5,7 +5,10 @@
     print(report.to_table())
 
 Decoding is greedy (temperature 0), one sample per question, as the original's validation (reference §6.3);
-whatever `agent_cfg.sampling.temperature` says is replaced by 0.
+whatever `agent_cfg.sampling.temperature` says is replaced by 0. `evaluate(..., temperature=T, samples=k)`
+instead draws k trajectories per question at temperature T (the mode is then named e.g. "tool@T1x4"): its
+accuracy is the mean over all k x n trajectories (avg@k), the expected reward of the sampling policy that RL
+trains, each JSONL line carrying its `sample` index.
 
 Two modes:
 
@@ -217,19 +220,28 @@ def _run_batch(model, tok, batch, cfg, key, script) -> list[Trajectory | str]:
 
 def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentConfig(), *, use_tool: bool = True,
              batch_size: int = 8, out_jsonl: str | None = None, key: jax.Array | None = None, progress: bool = True,
-             no_tool_system_prompt: str = NO_TOOL_PROMPT, script: Script | None = None) -> Report:
-  """Runs every task (greedy), scores it, writes one JSONL line per task (if `out_jsonl`), returns the Report.
+             no_tool_system_prompt: str = NO_TOOL_PROMPT, script: Script | None = None,
+             temperature: float = 0.0, samples: int = 1) -> Report:
+  """Runs every task, scores it, writes one JSONL line per trajectory (if `out_jsonl`), returns the Report.
 
-  `script(task, round) -> str | None` (optional) dictates a turn's text instead of generating it, as
-  `rollout`'s `script` does (tests and demonstrations).
+  Greedy by default; `temperature` > 0 samples `samples` trajectories per task (all k of a task in the same
+  batch position order: task 0 k times, then task 1, ...). `script(task, round) -> str | None` (optional)
+  dictates a turn's text instead of generating it, as `rollout`'s `script` does (tests and demonstrations).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if samples < 1 or not temperature >= 0 or (temperature == 0 and samples > 1):
+    raise ValueError(f"samples must be >= 1 and temperature >= 0, with samples > 1 only when sampling "
+                     f"(temperature > 0); got samples={samples}, temperature={temperature}")
   missing = [t.id for t in tasks if not t.answer]
   if missing:
     raise ValueError(f"tasks without an answer cannot be scored: {missing[:5]}")
   mode = "tool" if use_tool else "no_tool"
   cfg = greedy(agent_cfg if use_tool else no_tool_config(agent_cfg, no_tool_system_prompt))
+  if temperature > 0:
+    mode += f"@T{temperature:g}x{samples}"
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, temperature=float(temperature)))
+  tasks = [t for t in tasks for _ in range(samples)]
   key = jax.random.key(0) if key is None else key
   sink = None
   if out_jsonl:
@@ -242,11 +254,13 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
     for start in range(0, len(tasks), batch_size):
       batch = list(tasks[start:start + batch_size])
       key, sub = jax.random.split(key)
-      for task, traj in zip(batch, _run_batch(model, tok, batch, cfg, sub, script)):
+      for k, (task, traj) in enumerate(zip(batch, _run_batch(model, tok, batch, cfg, sub, script))):
         if isinstance(traj, str):
           rec = _error_record(task, mode, traj, "error")
         else:
           rec = score_trajectory(traj, tok, mode, agent_cfg.tool.tool_call_max_frames)
+        if temperature > 0:
+          rec["sample"] = (start + k) % samples
         records.append(rec)
         if sink:
           sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
