@@ -112,3 +112,24 @@ def write_video(path: str, n_frames: int, fps: float, size: tuple[int, int], cod
   else:
     raise ValueError(f"unknown codec {codec!r}; expected 'mp4v' or 'h264'")
   return path
+
+
+def write_torn_mjpeg(path: str, frames: range) -> str:
+  """An MJPG AVI of 200 index frames (10 fps, 64x80) whose JPEGs for `frames` are zeroed: the container and the
+  other frames are intact, so the overview reads and a clip over `frames` fails to decode."""
+  import cv2
+  out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (80, 64))
+  for i in range(200):
+    out.write(draw_frame(i, 64, 80)[..., ::-1].copy())
+  out.release()
+  data = bytearray(open(path, "rb").read())
+  starts, at = [], data.find(b"\xff\xd8\xff")
+  while at >= 0:
+    starts.append(at)
+    at = data.find(b"\xff\xd8\xff", at + 3)
+  assert len(starts) == 200, len(starts)
+  for k in frames:
+    data[starts[k]:starts[k + 1] - 16] = bytes(starts[k + 1] - 16 - starts[k])
+  with open(path, "wb") as f:
+    f.write(data)
+  return path

@@ -251,28 +251,6 @@ def test_owned_rows_are_contiguous_blocks_covering_the_batch():
     assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
-def _corrupt_mjpeg(path: str, frames: range) -> str:
-  """An MJPG AVI of 200 index frames (10 fps, 64x80) whose JPEGs for `frames` are zeroed: the container and the
-  other frames are intact, so the overview reads and a clip over `frames` fails to decode."""
-  import cv2
-  import media
-  out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (80, 64))
-  for i in range(200):
-    out.write(media.draw_frame(i, 64, 80)[..., ::-1].copy())
-  out.release()
-  data = bytearray(open(path, "rb").read())
-  starts, at = [], data.find(b"\xff\xd8\xff")
-  while at >= 0:
-    starts.append(at)
-    at = data.find(b"\xff\xd8\xff", at + 3)
-  assert len(starts) == 200, len(starts)
-  for k in frames:
-    data[starts[k]:starts[k + 1] - 16] = bytes(starts[k + 1] - 16 - starts[k])
-  with open(path, "wb") as f:
-    f.write(data)
-  return path
-
-
 @pytest.mark.slow
 def test_two_process_rollout_decodes_each_video_on_its_owner_only(tmp_path, monkeypatch, measure):
   """A scripted rollout of 4 rows on two processes (one 8-device mesh): process p reads the overviews and cuts
@@ -292,7 +270,7 @@ def test_two_process_rollout_decodes_each_video_on_its_owner_only(tmp_path, monk
   from zoomer_jax.text import build_tiny_tokenizer
 
   good = media.write_video(str(tmp_path / "good.mp4"), 200, 10.0, (64, 80))
-  torn = _corrupt_mjpeg(str(tmp_path / "torn.avi"), range(25, 35))  # seconds 2.5-3.5 undecodable
+  torn = media.write_torn_mjpeg(str(tmp_path / "torn.avi"), range(25, 35))  # seconds 2.5-3.5 undecodable
   (tmp_path / "broken.mp4").write_bytes(b"not a video" * 100)
   tasks = [R.Task(good, "<image>\nWhat colour is the square? A. red B. blue", "B", "t0"),
            R.Task(str(tmp_path / "broken.mp4"), "<image>\nAnything?", "A", "t1"),
@@ -330,6 +308,7 @@ def test_two_process_rollout_decodes_each_video_on_its_owner_only(tmp_path, monk
   assert [("error" in c) for c in t0["calls"]] == [False, False] and t0["answer"] == "B"
   assert t1["finish_reason"] == "video_error" and "broken.mp4" in t1["calls"][0]["error"]
   assert [("error" in c) for c in t2["calls"]] == [True, False] and t2["calls"][1]["frames"] == 2
+  assert "torn.avi" in t2["calls"][0]["error"]  # the decoder's failure names the file
   assert (t3["answer"], t3["calls"]) == ("A", [])
   # Each process decoded only its own rows' videos; together exactly what one process decoded.
   for p, g in enumerate(got):

@@ -157,6 +157,13 @@ def test_errors(tmp_path):
       VideoReader(empty, backend)
   with pytest.raises(ValueError, match="backend"):
     VideoReader(garbage, "decord")
+  # A container that opens but whose frames 25-34 cannot be decoded: the error names the file, on every backend
+  torn = media.write_torn_mjpeg(str(tmp_path / "torn.avi"), range(25, 35))
+  for backend in ("auto", "cv2", "av"):
+    with VideoReader(torn, backend) as reader:
+      assert reader.frames([0, 100]).shape == (2, 64, 80, 3)
+      with pytest.raises(VideoError, match="torn.avi"):
+        reader.frames(np.arange(24, 36))
 
 
 def test_av_retries_from_an_earlier_keyframe(videos, monkeypatch):

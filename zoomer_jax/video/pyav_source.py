@@ -148,16 +148,21 @@ class AvSource:
     container.close()
 
   def read(self, container: Any, wanted: np.ndarray, out: dict[int, np.ndarray]) -> None:
-    """Decodes the sorted unique frames `wanted` into out[index] (uint8 RGB [H, W, 3])."""
+    """Decodes the sorted unique frames `wanted` into out[index] (uint8 RGB [H, W, 3]); a decoder failure is a
+    VideoError naming the file and the frames asked for."""
     timeline = self.timeline
     try:
-      self._read(container, timeline, wanted, out)
-    except OffGrid:
-      with av.open(self.path) as c:  # not constant-rate after all: index every packet and read again
-        self.timeline = TableTimeline(c)
-      self.meta = dataclasses.replace(self.meta, fps=self.timeline.fps, n_frames=self.timeline.n)
-      out.clear()
-      self._read(container, self.timeline, wanted, out)
+      try:
+        self._read(container, timeline, wanted, out)
+      except OffGrid:
+        with av.open(self.path) as c:  # not constant-rate after all: index every packet and read again
+          self.timeline = TableTimeline(c)
+        self.meta = dataclasses.replace(self.meta, fps=self.timeline.fps, n_frames=self.timeline.n)
+        out.clear()
+        self._read(container, self.timeline, wanted, out)
+    except av.FFmpegError as e:
+      raise VideoError(f"video {self.path}: decoding frames {int(wanted[0])}..{int(wanted[-1])} failed "
+                       f"({type(e).__name__}: {e})") from e
 
   def _read(self, container: Any, timeline: Any, wanted: np.ndarray, out: dict[int, np.ndarray]) -> None:
     keys = timeline.keyframes_before(container, wanted)
