@@ -36,7 +36,8 @@ from zoomer_jax.agent.rollout import AgentConfig, Task
 
 STAGES = ("data", "sft", "grpo", "eval")
 MODELS = ("sft", "grpo")
-MODES = ("tool", "no_tool")
+MODES = ("tool", "no_tool")  # greedy, every model
+SAMPLED = "sampled"  # the tool run sampled eval.samples times per video (when eval.samples > 0)
 CHANCE = 0.25  # four options
 
 
@@ -126,8 +127,9 @@ def build_data(cfg, out: str) -> dict[str, str]:
   if d.n_sft_no_tool:
     paths["sft_no_tool"] = generate_no_tool_sft(sft_in, os.path.dirname(sft_in), tool_cfg=tool, seed=cfg.seed,
                                                 n=d.n_sft_no_tool)
+  mixed = f"; mixed {d.direct_copies}:{d.sparse_copies} with sparse ones" if d.sparse_copies else ""
   print(f"train {d.n_train}, validation {d.n_val}, test {d.n_test} videos; {len(records)} cold-start "
-        f"trajectories ({d.reflection_fraction:.0%} reflection; mixed {d.direct_copies}:{d.sparse_copies} with sparse ones) and {d.n_sft_no_tool} no-tool ones in {root}")
+        f"trajectories ({d.reflection_fraction:.0%} reflection{mixed}) and {d.n_sft_no_tool} no-tool ones in {root}")
   return paths
 
 
@@ -229,7 +231,7 @@ def evaluate_model(cfg, hf_dir: str, name: str, tasks: list[Task], out: str) -> 
   agent = agent_config(cfg)
   reports = {}
   for mode in modes(cfg):
-    sampled = dict(temperature=cfg.eval.temperature, samples=cfg.eval.samples) if mode == "sampled" else {}
+    sampled = dict(temperature=cfg.eval.temperature, samples=cfg.eval.samples) if mode == SAMPLED else {}
     reports[mode] = evaluate(model, tok, tasks, agent, use_tool=mode != "no_tool", batch_size=cfg.eval.batch_size,
                              out_jsonl=os.path.join(out, "eval", f"{name}_{mode}.jsonl"),
                              key=jax.random.key(cfg.seed), **sampled)
@@ -241,7 +243,7 @@ def evaluate_model(cfg, hf_dir: str, name: str, tasks: list[Task], out: str) -> 
 def modes(cfg) -> tuple[str, ...]:
   """The evaluations of each model: greedy with and without the tool, and (eval.samples > 0) the tool run
   sampled eval.samples times per video at eval.temperature - the expected reward GRPO optimises."""
-  return MODES + (("sampled",) if cfg.eval.get("samples", 0) else ())
+  return MODES + ((SAMPLED,) if cfg.eval.samples else ())
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -251,7 +253,7 @@ def table(results: dict) -> str:
           f"{'frames':>7}  rounds")
   lines = [head, "-" * len(head)]
   for name in MODELS:
-    for key in MODES + ("sampled",):
+    for key in MODES + (SAMPLED,):
       r = results.get(name, {}).get(key)
       if r is None:
         continue
@@ -313,8 +315,8 @@ def run_demo(cfg) -> dict:
       load_average=dict(start=list(load_start), end=list(os.getloadavg())), cpu_count=os.cpu_count(),
       chance=CHANCE, no_tool_flash_visible=no_tool_flash_visible(paths["test"], tool) if has_eval else None,
       training=dict(sft=_training_summary(os.path.join(out, "sft"), ("loss",)),
-                    grpo=_training_summary(os.path.join(out, "grpo"),
-                                           ("reward/mean", "acc/mean", "tool_calls/mean", "frames/mean", "actor/kl_loss"))),
+                    grpo=_training_summary(os.path.join(out, "grpo"), ("reward/mean", "acc/mean", "tool_calls/mean",
+                                                                       "frames/mean", "actor/kl_loss"))),
       tool=dataclasses.asdict(tool), config=json.loads(cfg.to_json()), out_dir=out)
   if results:
     report["table"] = table(results)
