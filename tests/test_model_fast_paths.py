@@ -97,7 +97,7 @@ def test_bf16_linear_one_row(rng, measure, lead):
   got = jax.jit(lambda x: lin(x))(x)
   assert got.shape == lead + (4, 8) and got.dtype == jnp.bfloat16
   w = np.asarray(lin.kernel[...].astype(jnp.float32), np.float64)
-  want = np.einsum("...k,kno->...no", np.asarray(x.astype(jnp.float32), np.float64), w)
+  want = np.einsum("...k,nok->...no", np.asarray(x.astype(jnp.float32), np.float64), w)
   rel = float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
   measure(f"lead{len(lead)}x{lead[0]}", rel)
   assert rel <= tol.BF16_ROUNDING_REL
