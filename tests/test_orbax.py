@@ -228,9 +228,9 @@ def test_wrong_target_fails_naming_key(trained, saved):
   target = abstract_on_mesh(trained, mesh)
   with Checkpointer(saved[0]) as ckpt:
     good = target.params["lm_head"]["kernel"].value
-    target.params["lm_head"]["kernel"].value = jax.ShapeDtypeStruct((7, 128), good.dtype, sharding=good.sharding)
+    target.params["lm_head"]["kernel"].value = jax.ShapeDtypeStruct((128, 7), good.dtype, sharding=good.sharding)
     with pytest.raises(zoomer_jax.CheckpointError,
-                       match=r"'params\.lm_head\.kernel\.value' has shape \[600, 128\], target wants \[7, 128\]"):
+                       match=r"'params\.lm_head\.kernel\.value' has shape \[128, 600\], target wants \[128, 7\]"):
       ckpt.restore(target=target)
     target = abstract_on_mesh(trained, mesh)
     target.params["lm_head"]["kernel"].value = jax.ShapeDtypeStruct(good.shape, jnp.bfloat16, sharding=good.sharding)

@@ -38,8 +38,8 @@ SYNTH_GHOST_MAX = 12
 COST_FLOPS_REL = 0.05
 # The model's CPU fast paths vs float64 references (test_model_fast_paths): attention in query blocks and the
 # vision segment packing, fp32 (absolute, values O(1)); the same in bf16, where the probabilities and the output
-# are rounded to bf16 (absolute); tied logits and Linear outputs in either matmul layout, fp32, relative to the
-# largest output; a bf16 result's own rounding (2^-9 relative per element), relative to the largest element.
+# are rounded to bf16 (absolute); tied logits in either matmul layout, fp32, relative to max |logit|; a bf16
+# result's own rounding (2^-9 relative per element), relative to the largest element.
 ATTENTION_FP32 = 1e-5
 ATTENTION_BF16 = 2e-2
 LOGITS_LAYOUT_FP32_REL = 1e-5

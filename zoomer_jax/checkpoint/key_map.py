@@ -21,33 +21,33 @@ Path = tuple[str | int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
-  """torch Linear weight [out, in] <-> kernel [*out_dims, *in_dims] (`n_in` trailing kernel dims): a reshape."""
+  """torch Linear weight [out, in] <-> kernel [*in_dims, *out_dims] (`n_in` leading kernel dims)."""
 
   n_in: int = 1
 
   def hf_shape(self, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
-    return (math.prod(shape[:-self.n_in]), math.prod(shape[-self.n_in:]))
+    return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
 
   def to_nnx(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return w.reshape(shape)
+    return w.T.reshape(shape)
 
   def to_hf(self, k: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    return k.reshape(self.hf_shape(k.shape, cfg))
+    return k.reshape(math.prod(k.shape[:self.n_in]), -1).T
 
 
 @dataclasses.dataclass(frozen=True)
 class PatchConv:
-  """Conv3d weight [d, C, T, P, P] <-> kernel [d, C*T*P*P] (a row-major flatten)."""
+  """Conv3d weight [d, C, T, P, P] <-> kernel [C*T*P*P, d] (a row-major flatten, then transpose)."""
 
   def hf_shape(self, shape, cfg: ModelConfig):
     v = cfg.vision
-    return (shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
 
   def to_nnx(self, w, shape):
-    return w.reshape(shape)
+    return w.reshape(w.shape[0], -1).T.reshape(shape)
 
   def to_hf(self, k, cfg):
-    return k.reshape(self.hf_shape(k.shape, cfg))
+    return k.T.reshape(self.hf_shape(k.shape, cfg))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,14 +3,12 @@
 `param_table` lists every parameter `zoomer_jax.model` creates -- its path (layer index as `*`), shape and
 logical axes -- with how many layers repeat it:
 
-    vision: patch_embed [d, C*T*P*P] (no bias); per block norm1, norm2 [d], qkv [3, n, h, d] + [3, n, h],
-            proj [d, n, h] + [d], SwiGLU gate/up [I, d] + [I], down [d, I] + [d];
-            merger ln_q [d], fc1 [4d, 4d] + [4d], fc2 [out, 4d] + [out]
-    text:   embed [V, D]; per layer 2 norms [D], q [n, h, D] + [n, h], k and v [k, h, D] + [k, h],
-            o [D, n, h] (no bias), SwiGLU gate/up/down without biases; final norm [D]
-    head:   lm_head [V, D] unless tie_word_embeddings
-
-(Linear kernels are stored output dims first, as torch stores them; see `zoomer_jax.model.layers.Linear`.)
+    vision: patch_embed [C*T*P*P, d] (no bias); per block norm1, norm2 [d], qkv [d, 3, n, h] + [3, n, h],
+            proj [n, h, d] + [d], SwiGLU gate/up [d, I] + [I], down [I, d] + [d];
+            merger ln_q [d], fc1 [4d, 4d] + [4d], fc2 [4d, out] + [out]
+    text:   embed [V, D]; per layer 2 norms [D], q [D, n, h] + [n, h], k and v [D, k, h] + [k, h],
+            o [n, h, D] (no bias), SwiGLU gate/up/down without biases; final norm [D]
+    head:   lm_head [D, V] unless tie_word_embeddings
 
 `params_per_chip` shards that table with the same rules table the trainer uses
 (`zoomer_jax.parallel.rules`): a mesh axis that does not divide a dimension leaves it replicated, so e.g.
@@ -54,36 +52,36 @@ def param_table(cfg: ModelConfig) -> list[ParamEntry]:
   m = d * v.spatial_merge_size**2
   ve, vm = "vision_embed", "vision_mlp"
   blk = lambda name, shape, axes: ParamEntry(f"visual.blocks.*.{name}", shape, axes, v.depth)
-  out = [ParamEntry("visual.patch_embed.kernel", (d, v.patch_dim), (ve, "vision_patch"))]
+  out = [ParamEntry("visual.patch_embed.kernel", (v.patch_dim, d), ("vision_patch", ve))]
   out += [blk("norm1.weight", (d,), (ve,)), blk("norm2.weight", (d,), (ve,)),
-          blk("attn.qkv.kernel", (3, vn, vh, d), (None, "vision_heads", "head_dim", ve)),
+          blk("attn.qkv.kernel", (d, 3, vn, vh), (ve, None, "vision_heads", "head_dim")),
           blk("attn.qkv.bias", (3, vn, vh), (None, "vision_heads", "head_dim")),
-          blk("attn.proj.kernel", (d, vn, vh), (ve, "vision_heads", "head_dim")), blk("attn.proj.bias", (d,), (ve,))]
+          blk("attn.proj.kernel", (vn, vh, d), ("vision_heads", "head_dim", ve)), blk("attn.proj.bias", (d,), (ve,))]
   for name in ("gate_proj", "up_proj"):
-    out += [blk(f"mlp.{name}.kernel", (vi, d), (vm, ve)), blk(f"mlp.{name}.bias", (vi,), (vm,))]
-  out += [blk("mlp.down_proj.kernel", (d, vi), (ve, vm)), blk("mlp.down_proj.bias", (d,), (ve,))]
+    out += [blk(f"mlp.{name}.kernel", (d, vi), (ve, vm)), blk(f"mlp.{name}.bias", (vi,), (vm,))]
+  out += [blk("mlp.down_proj.kernel", (vi, d), (vm, ve)), blk("mlp.down_proj.bias", (d,), (ve,))]
   out += [ParamEntry("visual.merger.ln_q.weight", (d,), (ve,)),
-          ParamEntry("visual.merger.fc1.kernel", (m, m), ("vision_merged_out", "vision_merged")),
+          ParamEntry("visual.merger.fc1.kernel", (m, m), ("vision_merged", "vision_merged_out")),
           ParamEntry("visual.merger.fc1.bias", (m,), ("vision_merged_out",)),
-          ParamEntry("visual.merger.fc2.kernel", (v.out_hidden_size, m), ("embed", "vision_merged_out")),
+          ParamEntry("visual.merger.fc2.kernel", (m, v.out_hidden_size), ("vision_merged_out", "embed")),
           ParamEntry("visual.merger.fc2.bias", (v.out_hidden_size,), ("embed",))]
 
   D, n, k, h, inter = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size
   lay = lambda name, shape, axes: ParamEntry(f"model.layers.*.{name}", shape, axes, t.num_hidden_layers)
   out.append(ParamEntry("model.embed_tokens.embedding", (t.vocab_size, D), ("vocab", "embed")))
   out += [lay("input_layernorm.weight", (D,), ("embed",)), lay("post_attention_layernorm.weight", (D,), ("embed",)),
-          lay("self_attn.q_proj.kernel", (n, h, D), ("q_heads", "head_dim", "embed")),
+          lay("self_attn.q_proj.kernel", (D, n, h), ("embed", "q_heads", "head_dim")),
           lay("self_attn.q_proj.bias", (n, h), ("q_heads", "head_dim"))]
   for name in ("k_proj", "v_proj"):
-    out += [lay(f"self_attn.{name}.kernel", (k, h, D), ("kv_heads", "head_dim", "embed")),
+    out += [lay(f"self_attn.{name}.kernel", (D, k, h), ("embed", "kv_heads", "head_dim")),
             lay(f"self_attn.{name}.bias", (k, h), ("kv_heads", "head_dim"))]
-  out += [lay("self_attn.o_proj.kernel", (D, n, h), ("embed", "q_heads", "head_dim")),
-          lay("mlp.gate_proj.kernel", (inter, D), ("mlp", "embed")),
-          lay("mlp.up_proj.kernel", (inter, D), ("mlp", "embed")),
-          lay("mlp.down_proj.kernel", (D, inter), ("embed", "mlp")),
+  out += [lay("self_attn.o_proj.kernel", (n, h, D), ("q_heads", "head_dim", "embed")),
+          lay("mlp.gate_proj.kernel", (D, inter), ("embed", "mlp")),
+          lay("mlp.up_proj.kernel", (D, inter), ("embed", "mlp")),
+          lay("mlp.down_proj.kernel", (inter, D), ("mlp", "embed")),
           ParamEntry("model.norm.weight", (D,), ("embed",))]
   if not t.tie_word_embeddings:
-    out.append(ParamEntry("lm_head.kernel", (t.vocab_size, D), ("vocab", "embed")))
+    out.append(ParamEntry("lm_head.kernel", (D, t.vocab_size), ("embed", "vocab")))
   return out
 
 

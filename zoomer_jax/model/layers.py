@@ -42,27 +42,8 @@ def pad_single_row(rows: int, dtype) -> bool:
   return rows == 1 and jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
-# Products with at most this many rows of activations (decode steps, short extends) are, on CPU in fp32,
-# computed with the weight as the GEMM's row operand: W [out, in] x x^T -> [out, rows], transposed after.
-# XLA:CPU then streams the weight once (20-24 GB/s of a [4864, 896] kernel at 8 rows here), where
-# x [rows, in] x W^T packs it first and runs at 10-14 GB/s. The barrier keeps XLA from folding the final
-# transpose back into the product's output layout, which would bring the slow kernel back. bf16 products
-# gain nothing from the swap (measured), and long inputs are compute-bound either way.
-FEW_ROWS = 64
-
-
-def weight_as_row_operand(rows: int, dtype) -> bool:
-  """Whether a product with `rows` activation rows runs as weight x activations^T (see FEW_ROWS)."""
-  return rows <= FEW_ROWS and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
-
-
 class Linear(nnx.Module):
-  """y = x @ kernel^T + bias over the last `len(in_shape)` dims of x; kernel [*out_shape, *in_shape].
-
-  The kernel is stored output dims first, torch's Linear layout, so a checkpoint's weight is a reshape of it
-  and a few-row product can read it as the row operand (`FEW_ROWS`). `axes` names the kernel's dims in
-  that order, outputs first.
-  """
+  """y = x @ kernel + bias over the last `len(in_shape)` dims of x; kernel [*in_shape, *out_shape]."""
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, axes: Axes,
                use_bias: bool, dtype, rngs: nnx.Rngs):
@@ -71,35 +52,23 @@ class Linear(nnx.Module):
       raise ValueError(f"axes {axes} do not match kernel rank {len(in_shape) + len(out_shape)}")
     self.dtype = jnp.dtype(dtype)
     self.precision = precision_for(dtype)
-    n_in, n_out = len(self.in_shape), len(self.out_shape)
     fan_in = math.prod(self.in_shape)
-    # Drawn as [*in, *out] and transposed, so a seed gives the same function as before the layout change.
-    draw = normal_init(rngs, self.in_shape + self.out_shape, dtype, fan_in**-0.5)
-    kernel = jnp.transpose(draw, tuple(range(n_in, n_in + n_out)) + tuple(range(n_in)))
-    self.kernel = nnx.Param(kernel, axes=axes)
-    self.bias = (nnx.Param(jnp.zeros(self.out_shape, dtype), axes=axes[:n_out]) if use_bias else None)
+    self.kernel = nnx.Param(normal_init(rngs, self.in_shape + self.out_shape, dtype, fan_in**-0.5), axes=axes)
+    self.bias = (nnx.Param(jnp.zeros(self.out_shape, dtype), axes=axes[len(self.in_shape):])
+                 if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    n_in = len(self.in_shape)
     x = x.astype(self.dtype)
     lead = x.shape[:x.ndim - n_in]
-    rows = math.prod(lead)
-    w = self.kernel[...]
-    w_in = tuple(range(n_out, n_out + n_in))
-    if weight_as_row_operand(rows, self.dtype):
-      x_r = x.reshape((rows,) + self.in_shape)
-      y_or = jax.lax.dot_general(w, x_r, ((w_in, tuple(range(1, 1 + n_in))), ((), ())),
-                                 precision=self.precision, preferred_element_type=jnp.float32)
-      y = jnp.moveaxis(jax.lax.optimization_barrier(y_or), -1, 0).reshape(lead + self.out_shape)
-    else:
-      pad = pad_single_row(rows, self.dtype)
-      if pad:
-        x = jnp.broadcast_to(x.reshape((1,) + self.in_shape), (2,) + self.in_shape)
-      x_in = tuple(range(x.ndim - n_in, x.ndim))
-      y = jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())), precision=self.precision,
-                              preferred_element_type=jnp.float32)
-      if pad:
-        y = y[:1].reshape(lead + self.out_shape)
+    pad = pad_single_row(math.prod(lead), self.dtype)
+    if pad:
+      x = jnp.broadcast_to(x.reshape((1,) + self.in_shape), (2,) + self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x, self.kernel[...], (contract, ((), ())),
+                            precision=self.precision, preferred_element_type=jnp.float32)
+    if pad:
+      y = y[:1].reshape(lead + self.out_shape)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
@@ -124,9 +93,9 @@ class SwiGLU(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, use_bias: bool, embed_axis: str, mlp_axis: str,
                dtype, rngs: nnx.Rngs):
     kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
-    self.gate_proj = Linear((dim,), (hidden,), axes=(mlp_axis, embed_axis), **kw)
-    self.up_proj = Linear((dim,), (hidden,), axes=(mlp_axis, embed_axis), **kw)
-    self.down_proj = Linear((hidden,), (dim,), axes=(embed_axis, mlp_axis), **kw)
+    self.gate_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
+    self.up_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
+    self.down_proj = Linear((hidden,), (dim,), axes=(mlp_axis, embed_axis), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

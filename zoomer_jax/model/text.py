@@ -73,13 +73,13 @@ class Attention(nnx.Module):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     self.dtype = jnp.dtype(dtype)
     self.precision = precision_for(dtype)
-    self.q_proj = Linear((d,), (n, h), axes=("q_heads", "head_dim", "embed"), use_bias=True,
+    self.q_proj = Linear((d,), (n, h), axes=("embed", "q_heads", "head_dim"), use_bias=True,
                          dtype=dtype, rngs=rngs)
-    self.k_proj = Linear((d,), (k, h), axes=("kv_heads", "head_dim", "embed"), use_bias=True,
+    self.k_proj = Linear((d,), (k, h), axes=("embed", "kv_heads", "head_dim"), use_bias=True,
                          dtype=dtype, rngs=rngs)
-    self.v_proj = Linear((d,), (k, h), axes=("kv_heads", "head_dim", "embed"), use_bias=True,
+    self.v_proj = Linear((d,), (k, h), axes=("embed", "kv_heads", "head_dim"), use_bias=True,
                          dtype=dtype, rngs=rngs)
-    self.o_proj = Linear((n, h), (d,), axes=("embed", "q_heads", "head_dim"), use_bias=False,
+    self.o_proj = Linear((n, h), (d,), axes=("q_heads", "head_dim", "embed"), use_bias=False,
                          dtype=dtype, rngs=rngs)
 
   def __call__(self, x_btd, cos_bth, sin_bth, allowed_bts, cache: KVCache | None, layer: int):

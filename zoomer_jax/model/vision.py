@@ -32,9 +32,9 @@ class VisionAttention(nnx.Module):
     n, h, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
     self.dtype = jnp.dtype(dtype)
     self.precision = precision_for(dtype)
-    self.qkv = Linear((d,), (3, n, h), axes=(None, "vision_heads", "head_dim", "vision_embed"),
+    self.qkv = Linear((d,), (3, n, h), axes=("vision_embed", None, "vision_heads", "head_dim"),
                       use_bias=True, dtype=dtype, rngs=rngs)
-    self.proj = Linear((n, h), (d,), axes=("vision_embed", "vision_heads", "head_dim"),
+    self.proj = Linear((n, h), (d,), axes=("vision_heads", "head_dim", "vision_embed"),
                        use_bias=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_nd: jax.Array, cos_nh: jax.Array, sin_nh: jax.Array, seg: Segments) -> jax.Array:
@@ -84,9 +84,9 @@ class PatchMerger(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
     merged = cfg.hidden_size * cfg.spatial_merge_size**2
     self.ln_q = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vision_embed", dtype=dtype)
-    self.fc1 = Linear((merged,), (merged,), axes=("vision_merged_out", "vision_merged"),
+    self.fc1 = Linear((merged,), (merged,), axes=("vision_merged", "vision_merged_out"),
                       use_bias=True, dtype=dtype, rngs=rngs)
-    self.fc2 = Linear((merged,), (cfg.out_hidden_size,), axes=("embed", "vision_merged_out"),
+    self.fc2 = Linear((merged,), (cfg.out_hidden_size,), axes=("vision_merged_out", "embed"),
                       use_bias=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_nd: jax.Array) -> jax.Array:
@@ -102,7 +102,7 @@ class VisionTower(nnx.Module):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     # Conv3d(kernel = stride = (T, P, P)) over one row is a linear map of the flattened row.
-    self.patch_embed = Linear((cfg.patch_dim,), (cfg.hidden_size,), axes=("vision_embed", "vision_patch"),
+    self.patch_embed = Linear((cfg.patch_dim,), (cfg.hidden_size,), axes=("vision_patch", "vision_embed"),
                               use_bias=False, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)

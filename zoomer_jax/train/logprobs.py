@@ -31,13 +31,13 @@ from zoomer_jax.model.qwen25vl import Qwen25VL, VisionInput
 
 
 def head_weight(model: Qwen25VL) -> jax.Array:
-  """The output projection as [d, vocab]: lm_head's kernel [vocab, d] or the tied embedding table, transposed.
+  """The output projection as [d, vocab]: lm_head's kernel, or the tied embedding table transposed.
 
   Under jit the transpose is a view (XLA folds it into the matmul's dimension numbers), so no copy of the
   table is made.
   """
   if model.lm_head is not None:
-    return model.lm_head.kernel[...].T
+    return model.lm_head.kernel[...]
   return model.model.embed_tokens.embedding[...].T
 
 
