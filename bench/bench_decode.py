@@ -130,8 +130,9 @@ def main(argv=None):
   for r in results:
     r["ours_of_bandwidth"], r["hf_of_bandwidth"] = r["ours_weight_gbps"] / bw, r["hf_weight_gbps"] / bw
     # The step's floor on this machine: stream every weight once, and do 2 FLOPs per weight per sequence at the
-    # matmul ceiling of this dtype (attention over a cache this short adds about 1%). A ratio above
-    # hf_step / floor is out of reach for any implementation.
+    # matmul ceiling of this dtype. Attention is left out: 4 * heads * head_dim FLOPs per cached token and layer,
+    # at bench-small's default 128 + 32 tokens 24 * 4 * 14 * 64 * 144 = 12.4 MFLOP per sequence against the
+    # weights' 2 * 494M, i.e. 1.3%. A ratio above hf_step / floor is out of reach for any implementation.
     tflops = ceil["matmul_tflops"]["fp32" if r["dtype"] == "float32" else "bf16_fp32acc"]
     elem = 4 if r["dtype"] == "float32" else 2
     flops = 2 * r["weight_bytes"] / elem * r["batch"]
