@@ -34,7 +34,7 @@ import hf_oracle  # noqa: E402
 import machine_ceilings  # noqa: E402
 import zoomer_jax  # noqa: E402
 from bench_forward import bench_config  # noqa: E402
-from zoomer_jax.sampling import SamplingParams, StopCriteria, decode, prefill  # noqa: E402
+from zoomer_jax.sampling import SamplingParams, StopCriteria, decode, decode_weights, prefill  # noqa: E402
 
 
 def bench_dtype(args, hf, ours, ids, dtype: str) -> list[dict]:
@@ -45,6 +45,8 @@ def bench_dtype(args, hf, ours, ids, dtype: str) -> list[dict]:
   if hf.lm_head.weight.data_ptr() != text.embed_tokens.weight.data_ptr():
     weight_bytes += hf.lm_head.weight.numel() * hf.lm_head.weight.element_size()
   rng = np.random.default_rng(0)
+  # The sampler's weight layout (`decode_weights`), made once per set of weights, as a rollout does.
+  decoder = decode_weights(ours)
   results = []
   for b in (int(x) for x in args.batch.split(",")):
     prompt = rng.integers(3, min(ids["text_max"], 20000), (b, args.prompt)).astype(np.int64)
@@ -54,7 +56,7 @@ def bench_dtype(args, hf, ours, ids, dtype: str) -> list[dict]:
     logits, cache, pos = prefill(ours, prompt, cache_size=size)
 
     def run_ours():
-      out = decode(ours, cache, logits, pos, np.ones(b, bool), jax.random.key(0), stop, params)
+      out = decode(decoder, cache, logits, pos, np.ones(b, bool), jax.random.key(0), stop, params)
       return jax.block_until_ready(out.tokens)
 
     t_ids = torch.as_tensor(prompt)

@@ -2,6 +2,8 @@
 
 * `text.grouped_attention` in query blocks (the short block first, keys past a block skipped without a cache);
 * tied logits for few rows (decode) as table x hidden^T, and 1-row bf16 matmuls run as 2 rows;
+* `Linear` with its kernel stored outputs first (the sampler's layout): kernel x x^T for few rows, x x kernel^T
+  for many;
 * the vision attention's packing of segments by reshape (no padded segment) and by gather.
 """
 
@@ -15,6 +17,7 @@ import hf_oracle as O
 import tolerances as tol
 from zoomer_jax.model import text
 from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.model import layers
 from zoomer_jax.model.layers import Linear
 from zoomer_jax.model.qwen25vl import Qwen25VL
 from zoomer_jax.model.vision import VisionAttention, vision_rotary
@@ -101,6 +104,35 @@ def test_bf16_linear_one_row(rng, measure, lead):
   rel = float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
   measure(f"lead{len(lead)}x{lead[0]}", rel)
   assert rel <= tol.BF16_ROUNDING_REL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lead", [(1,), (8, 1), (2, 32), (65,)])
+@pytest.mark.parametrize("shapes", [((32,), (4, 8)), ((4, 8), (32,))], ids=["q_like", "o_like"])
+def test_outputs_first_linear(rng, measure, dtype, lead, shapes):
+  """An outputs-first copy of a layer computes the float64 product from its transposed kernel, for few rows
+  (up to FEW_ROWS: kernel x x^T) and many (65: x x kernel^T), bf16's 1-row padding included; the layer it was
+  copied from keeps its [*in, *out] kernel."""
+  in_shape, out_shape = shapes
+  names = tuple(f"ax{i}" for i in range(len(in_shape) + len(out_shape)))
+  lin = Linear(in_shape, out_shape, axes=names, use_bias=True, dtype=dtype, rngs=nnx.Rngs(2))
+  lin.bias.value = _as(rng.standard_normal(out_shape), jnp.dtype(dtype))
+  w = np.asarray(lin.kernel[...].astype(jnp.float32), np.float64)
+  copy = nnx.merge(*nnx.split(lin))
+  layers.outputs_first(copy)
+  n_in = len(in_shape)
+  assert copy.kernel.shape == out_shape + in_shape and lin.kernel.shape == in_shape + out_shape
+  assert copy.kernel.get_metadata()["axes"] == names[n_in:] + names[:n_in]
+  assert copy.kernel_outputs_first and not lin.kernel_outputs_first
+  x = _as(rng.standard_normal(lead + in_shape), jnp.dtype(dtype))
+  got = jax.jit(lambda x: copy(x))(x)
+  assert got.shape == lead + out_shape and got.dtype == jnp.dtype(dtype)
+  rows = int(np.prod(lead))
+  want = ((np.asarray(x.astype(jnp.float32), np.float64).reshape(rows, -1) @ w.reshape(-1, int(np.prod(out_shape))))
+          .reshape(lead + out_shape) + np.asarray(lin.bias[...].astype(jnp.float32), np.float64))
+  rel = float(np.abs(np.asarray(got.astype(jnp.float32), np.float64) - want).max() / np.abs(want).max())
+  measure(f"{dtype}_{'x'.join(map(str, lead))}", rel)
+  assert rel <= (tol.LINEAR_FP32_REL if dtype == "float32" else tol.BF16_ROUNDING_REL)
 
 
 @pytest.mark.parametrize("grid", [(2, 16, 16), (1, 12, 20)])

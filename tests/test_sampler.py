@@ -108,13 +108,25 @@ def _prompts(rng):
   return rows, pixels, grids
 
 
-def test_greedy_decode_matches_teacher_forcing_and_stops(model, rng, measure):
+@pytest.fixture(params=["model", "decode_weights"])
+def decoder(request, model):
+  """What `decode` is handed: the model itself, or its sampler-layout copy (`S.decode_weights`, outputs-first
+  kernels on CPU in fp32) - prefill, extend and the teacher-forced forward always take the model."""
+  if request.param == "model":
+    return model
+  view = S.decode_weights(model)
+  assert view is not model and view.model.layers[0].mlp.up_proj.kernel_outputs_first
+  assert not model.model.layers[0].mlp.up_proj.kernel_outputs_first  # the model keeps its layout
+  return view
+
+
+def test_greedy_decode_matches_teacher_forcing_and_stops(model, decoder, rng, measure):
   rows, pixels, grids = _prompts(rng)
   ids, mask = _left_pad(rows)
   vision = dict(pixel_values=np.concatenate(pixels), image_grid_thw=np.asarray(grids))
   logits, cache, pos = S.prefill(model, ids, mask, cache_size=128, **vision)
   params = S.SamplingParams(temperature=0.0, max_new_tokens=12)
-  free = S.decode(model, cache, logits, pos, np.ones(2, bool), jax.random.key(0), S.StopCriteria.build(), params)
+  free = S.decode(decoder, cache, logits, pos, np.ones(2, bool), jax.random.key(0), S.StopCriteria.build(), params)
   assert np.array_equal(free.num_tokens, [12, 12]) and np.array_equal(free.stop_reason, [S.STOP_LENGTH] * 2)
   worst = 0.0
   for b in range(2):
@@ -134,7 +146,7 @@ def test_greedy_decode_matches_teacher_forcing_and_stops(model, rng, measure):
   # the seeded draw must make both stops unambiguous, or the checks below would prove nothing
   assert stop_id not in t1[:7] and string not in text_before
   stop = S.StopCriteria.build([stop_id], [string], VOCAB_BYTES, window=16)
-  out = S.decode(model, cache, logits, pos, np.ones(2, bool), jax.random.key(0), stop, params)
+  out = S.decode(decoder, cache, logits, pos, np.ones(2, bool), jax.random.key(0), stop, params)
   assert np.asarray(out.num_tokens).tolist() == [4, 7]
   assert np.asarray(out.stop_reason).tolist() == [S.STOP_TOKEN, S.STOP_STRING]
   assert np.array_equal(out.tokens[0, :4], t0[:4]) and (np.asarray(out.tokens[0, 4:]) == -1).all()
@@ -142,24 +154,24 @@ def test_greedy_decode_matches_teacher_forcing_and_stops(model, rng, measure):
   assert np.asarray(out.next_position - pos).tolist() == [4, 7]
   # The same turn split over two calls: the stop string straddles them and is still found.
   six = S.SamplingParams(temperature=0.0, max_new_tokens=6)
-  part = S.decode(model, cache, logits, pos, np.array([False, True]), jax.random.key(0), stop, six)
+  part = S.decode(decoder, cache, logits, pos, np.array([False, True]), jax.random.key(0), stop, six)
   assert int(part.stop_reason[1]) == S.STOP_LENGTH
-  rest = S.decode(model, part.cache, part.last_logits, part.next_position, np.array([False, True]),
+  rest = S.decode(decoder, part.cache, part.last_logits, part.next_position, np.array([False, True]),
                   jax.random.key(0), stop, six, window=part.window)
   assert int(rest.num_tokens[1]) == 1 and int(rest.stop_reason[1]) == S.STOP_STRING
   assert int(rest.tokens[1, 0]) == int(t1[6])
   # Suppressed ids are never drawn, even when they are the argmax; their log-prob is still reported.
   banned = S.StopCriteria.build(suppress_ids=[int(t0[0]), int(t1[0])])
-  alt = S.decode(model, cache, logits, pos, np.ones(2, bool), jax.random.key(0), banned,
+  alt = S.decode(decoder, cache, logits, pos, np.ones(2, bool), jax.random.key(0), banned,
                  S.SamplingParams(temperature=0.0, max_new_tokens=1))
   assert int(alt.tokens[0, 0]) not in (t0[0], t1[0]) and int(alt.tokens[1, 0]) not in (t0[0], t1[0])
   # A sequence that is not live generates nothing and leaves its cache rows invalid.
-  idle = S.decode(model, cache, logits, pos, np.array([False, True]), jax.random.key(0), stop, params)
+  idle = S.decode(decoder, cache, logits, pos, np.array([False, True]), jax.random.key(0), stop, params)
   assert int(idle.num_tokens[0]) == 0 and int(idle.stop_reason[0]) == S.STOP_NONE
   assert not np.asarray(idle.cache.valid[0, int(cache.length):]).any()
 
 
-def test_sampled_multi_turn_logprobs_equal_one_teacher_forced_forward(model, rng, measure):
+def test_sampled_multi_turn_logprobs_equal_one_teacher_forced_forward(model, decoder, rng, measure):
   """prefill -> sample -> extend with a tool observation holding new images -> sample, batch of 2 with
   different lengths; then one forward over each finished sequence with positions from the whole."""
   rows, pixels, grids = _prompts(rng)
@@ -168,7 +180,7 @@ def test_sampled_multi_turn_logprobs_equal_one_teacher_forced_forward(model, rng
   logits, cache, pos = S.prefill(model, ids, mask, cache_size=160, **vision)
   params = S.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8)
   stop = S.StopCriteria.build([int(rng.integers(3, O.TEXT_MAX))])
-  first = S.decode(model, cache, logits, pos, np.ones(2, bool), jax.random.key(7), stop, params)
+  first = S.decode(decoder, cache, logits, pos, np.ones(2, bool), jax.random.key(7), stop, params)
 
   # The tool answers row 0 with two new frames and row 1 with one; row 1's chunk is shorter.
   new_grids = [[(1, 4, 4), (1, 6, 4)], [(1, 4, 6)]]
@@ -183,7 +195,7 @@ def test_sampled_multi_turn_logprobs_equal_one_teacher_forced_forward(model, rng
   logits2, cache2, pos2 = S.extend(model, first.cache, cids, cmask, first.next_position, first.last_logits,
                                    pixel_values=np.concatenate(new_pixels),
                                    image_grid_thw=np.asarray(new_grids[0] + new_grids[1]))
-  second = S.decode(model, cache2, logits2, pos2, np.ones(2, bool), jax.random.key(8), stop, params)
+  second = S.decode(decoder, cache2, logits2, pos2, np.ones(2, bool), jax.random.key(8), stop, params)
 
   worst, k = 0.0, 0
   for b in range(2):

@@ -43,6 +43,8 @@ COST_FLOPS_REL = 0.05
 ATTENTION_FP32 = 1e-5
 ATTENTION_BF16 = 2e-2
 LOGITS_LAYOUT_FP32_REL = 1e-5
+# A Linear layer in either kernel layout vs the float64 product, fp32, relative to the largest output element.
+LINEAR_FP32_REL = 1e-5
 BF16_ROUNDING_REL = 1e-2
 # A training job on two processes (4 CPU devices each) vs one process of 8 devices, same mesh: the same programs,
 # but cross-process reductions go through gloo in another order. Relative; measured <= 1e-7 (SFT loss, GRPO KL and

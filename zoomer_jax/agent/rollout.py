@@ -40,7 +40,7 @@ from flax import nnx
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.parallel.distributed import mesh_of, replicate, share_by_key, to_host
 from zoomer_jax.sampling import STOP_STRING, STOP_TOKEN, SamplingParams, StopCriteria, decode, extend
-from zoomer_jax.sampling import prefill
+from zoomer_jax.sampling import decode_weights, prefill
 from zoomer_jax.sampling.sampler import round_up
 from zoomer_jax.text.chat import Transcript
 from zoomer_jax.text.tokenizer import Tokenizer
@@ -199,7 +199,7 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
   with cf.ThreadPoolExecutor(cfg.workers) as pool:
     rows = _start(tasks, cfg, tok, system, pool, mine)
     if any(not r.done for r in rows):
-      _run(model, tok, rows, cfg, key, stop, pool, event, script, mine)
+      _run(model, decode_weights(model), tok, rows, cfg, key, stop, pool, event, script, mine)
   return [_finish(r) for r in rows]
 
 
@@ -234,7 +234,8 @@ def _cache_size(rows, cfg) -> int:
   return round_up(need, 256)
 
 
-def _run(model, tok, rows, cfg, key, stop, pool, event, script, mine):
+def _run(model, decoder, tok, rows, cfg, key, stop, pool, event, script, mine):
+  """`decoder` is `decode_weights(model)`: decode steps use it, prefill and extend use `model`."""
   b = len(rows)
   size = _cache_size(rows, cfg)
   prompt_len = max(len(r.tr.ids) for r in rows)
@@ -273,7 +274,7 @@ def _run(model, tok, rows, cfg, key, stop, pool, event, script, mine):
         part = ids_i[rows[i].turn_tokens:rows[i].turn_tokens + n]
         forced[i, :len(part)] = part
       key, sub = jax.random.split(key)
-      out = decode(model, cache, logits, pos, active, sub, stop, dataclasses.replace(cfg.sampling, max_new_tokens=n),
+      out = decode(decoder, cache, logits, pos, active, sub, stop, dataclasses.replace(cfg.sampling, max_new_tokens=n),
                    window, forced)
       tokens, lps, nums, reasons, last_logits = to_host(
           (out.tokens, out.logprobs, out.num_tokens, out.stop_reason, out.last_logits))

@@ -42,8 +42,30 @@ def pad_single_row(rows: int, dtype) -> bool:
   return rows == 1 and jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
+# Products with at most this many activation rows (decode steps) can run, on CPU in fp32, with the weight
+# as the GEMM's row operand: W [out, in] x x^T -> [out, rows], transposed after. XLA:CPU then streams the
+# weight once (20-24 GB/s of a [4864, 896] kernel at 8 rows here) where x [rows, in] x W [in, out] runs at
+# 14-17 GB/s. That needs the kernel stored outputs first; a transposed *view* of a [in, out] kernel is
+# slower still (5-6 GB/s), so the sampler keeps its own outputs-first copy (`outputs_first`), as serving
+# engines keep their own weight layout next to the trainer's. The barrier keeps XLA from folding the final
+# transpose back into the product's output layout, which would bring the slow kernel back.
+FEW_ROWS = 64
+
+
+def outputs_first_helps(dtype) -> bool:
+  """Whether an outputs-first kernel speeds few-row products up here (fp32 on CPU; bf16 gains nothing)."""
+  return jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+
+
+_transpose = jax.jit(jnp.transpose, static_argnums=1)
+
+
 class Linear(nnx.Module):
-  """y = x @ kernel + bias over the last `len(in_shape)` dims of x; kernel [*in_shape, *out_shape]."""
+  """y = x @ kernel + bias over the last `len(in_shape)` dims of x; kernel [*in_shape, *out_shape].
+
+  `outputs_first(layer)` turns a layer's kernel into [*out_shape, *in_shape] (same function, another
+  memory layout) for the sampler; checkpoints and training always see [*in, *out].
+  """
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, axes: Axes,
                use_bias: bool, dtype, rngs: nnx.Rngs):
@@ -52,26 +74,55 @@ class Linear(nnx.Module):
       raise ValueError(f"axes {axes} do not match kernel rank {len(in_shape) + len(out_shape)}")
     self.dtype = jnp.dtype(dtype)
     self.precision = precision_for(dtype)
+    self.kernel_outputs_first = False
     fan_in = math.prod(self.in_shape)
     self.kernel = nnx.Param(normal_init(rngs, self.in_shape + self.out_shape, dtype, fan_in**-0.5), axes=axes)
     self.bias = (nnx.Param(jnp.zeros(self.out_shape, dtype), axes=axes[len(self.in_shape):])
                  if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    n_in = len(self.in_shape)
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
     x = x.astype(self.dtype)
     lead = x.shape[:x.ndim - n_in]
-    pad = pad_single_row(math.prod(lead), self.dtype)
-    if pad:
-      x = jnp.broadcast_to(x.reshape((1,) + self.in_shape), (2,) + self.in_shape)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x, self.kernel[...], (contract, ((), ())),
-                            precision=self.precision, preferred_element_type=jnp.float32)
+    rows = math.prod(lead)
+    x_in = tuple(range(x.ndim - n_in, x.ndim))
+    w = self.kernel[...]
+    pad = False
+    if self.kernel_outputs_first and rows <= FEW_ROWS:
+      x_r = x.reshape((rows,) + self.in_shape)
+      y_or = jax.lax.dot_general(w, x_r, ((tuple(range(n_out, n_out + n_in)), tuple(range(1, 1 + n_in))),
+                                          ((), ())),
+                                 precision=self.precision, preferred_element_type=jnp.float32)
+      y = jnp.moveaxis(jax.lax.optimization_barrier(y_or), -1, 0).reshape(lead + self.out_shape)
+    else:
+      w_in = tuple(range(n_out, n_out + n_in)) if self.kernel_outputs_first else tuple(range(n_in))
+      pad = pad_single_row(rows, self.dtype)
+      if pad:
+        x = jnp.broadcast_to(x.reshape((1,) + self.in_shape), (2,) + self.in_shape)
+        x_in = tuple(range(1, 1 + n_in))
+      y = jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())),
+                              precision=self.precision, preferred_element_type=jnp.float32)
     if pad:
       y = y[:1].reshape(lead + self.out_shape)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
+
+
+def outputs_first(layer: Linear) -> None:
+  """Stores `layer`'s kernel as [*out_shape, *in_shape] in place (its `axes` metadata permuted to match).
+
+  The layer computes the same function; products of at most `FEW_ROWS` rows then read the kernel as the
+  GEMM's row operand. Apply it to a copy (`nnx.merge(*nnx.split(model))`): the original keeps its layout.
+  """
+  if layer.kernel_outputs_first:
+    return
+  n_in, n_out = len(layer.in_shape), len(layer.out_shape)
+  perm = tuple(range(n_in, n_in + n_out)) + tuple(range(n_in))
+  axes = layer.kernel.get_metadata().get("axes")
+  layer.kernel = nnx.Param(_transpose(layer.kernel[...], perm),
+                           axes=None if axes is None else tuple(axes[i] for i in perm))
+  layer.kernel_outputs_first = True
 
 
 class RMSNorm(nnx.Module):
