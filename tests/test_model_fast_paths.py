@@ -1,6 +1,7 @@
 """The model's CPU fast paths compute what the plain formulas compute (float64 numpy references).
 
-* `text.grouped_attention` in query blocks (the short block first, keys past a block skipped without a cache);
+* `text.grouped_attention` in query blocks (the short block first, keys past a block skipped without a cache),
+  on keys and values as projected and in the cache's layout;
 * tied logits for few rows (decode) as table x hidden^T, and 1-row bf16 matmuls run as 2 rows;
 * `Linear` with its kernel stored outputs first (the sampler's layout): kernel x x^T for few rows, x x kernel^T
   for many;
@@ -55,10 +56,11 @@ def test_blocked_grouped_attention_matches_softmax(rng, measure, dtype, with_cac
     allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
   dt = jnp.dtype(dtype)
   qd, kd, vd = _as(q, dt), _as(k, dt), _as(v, dt)
+  k_in, v_in = (kd.transpose(0, 2, 3, 1), vd.transpose(0, 2, 1, 3)) if with_cache else (kd, vd)  # cache layout
   got = jax.jit(lambda q, k, v, a: text.grouped_attention(
-      q, k, v, a, causal_prefix=not with_cache, dtype=dt,
+      q, k, v, a, causal_prefix=not with_cache, cache_layout=with_cache, dtype=dt,
       precision=jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT))(
-          qd, kd, vd, jnp.asarray(allowed))
+          qd, k_in, v_in, jnp.asarray(allowed))
   assert text.QUERY_BLOCK == 64  # so that the blocks above are what this test exercises
   group = n // kh
   q64, k64, v64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (qd, kd, vd))

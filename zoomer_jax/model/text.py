@@ -36,9 +36,13 @@ def query_blocks(t: int) -> list[int]:
   return [0] + list(range(t % size or min(t, size), t + 1, size))
 
 
-def grouped_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, allowed_bts: jax.Array, *,
-                      causal_prefix: bool, dtype, precision) -> jax.Array:
-  """GQA softmax attention; q [B, T, n, h], k/v [B, S, k, h], allowed [B, T, S] -> [B, T, n, h].
+def grouped_attention(q_btnh: jax.Array, k: jax.Array, v: jax.Array, allowed_bts: jax.Array, *,
+                      causal_prefix: bool, cache_layout: bool, dtype, precision) -> jax.Array:
+  """GQA softmax attention; q [B, T, n, h], allowed [B, T, S] -> [B, T, n, h].
+
+  k and v are [B, S, k, h] as projected, or with `cache_layout` as the cache stores them (`KVCache`): keys
+  transposed [B, k, h, S], values [B, k, S, h]. (XLA makes those copies itself from [B, S, k, h]; training
+  keeps that form, whose gradients are bitwise those of earlier versions.)
 
   Query head i reads kv head i // (n / k). Queries go in blocks (`query_blocks`); each block is two batched
   GEMMs over (B, kv head) with the block's queries and heads as rows, [B, k, rows, S'], and the fp32
@@ -47,19 +51,23 @@ def grouped_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, a
   the work (about half of it).
   """
   b, t, n, h = q_btnh.shape
-  kh = k_bskh.shape[2]
+  kh, s = (k.shape[1], k.shape[3]) if cache_layout else (k.shape[2], k.shape[1])
   g = n // kh
   q_bktgh = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
   bounds = query_blocks(t)
   outs = []
   for t0, t1 in zip(bounds[:-1], bounds[1:]):
-    s1 = t1 if causal_prefix else k_bskh.shape[1]
+    s1 = t1 if causal_prefix else s
+    if cache_layout:
+      k_spec, v_spec, k_blk, v_blk = "bkhs", "bksh", k[..., :s1], v[:, :, :s1]
+    else:
+      k_spec, v_spec, k_blk, v_blk = "bskh", "bskh", k[:, :s1], v[:, :s1]
     q_bkrh = q_bktgh[:, :, t0:t1].reshape(b, kh, (t1 - t0) * g, h)  # rows r = (t, g)
-    scores = jnp.einsum("bkrh,bskh->bkrs", q_bkrh, k_bskh[:, :s1], precision=precision,
+    scores = jnp.einsum(f"bkrh,{k_spec}->bkrs", q_bkrh, k_blk, precision=precision,
                         preferred_element_type=jnp.float32) * h**-0.5
     probs = attention_weights(scores.reshape(b, kh, t1 - t0, g, s1), allowed_bts[:, None, t0:t1, None, :s1],
                               dtype)
-    out = jnp.einsum("bkrs,bskh->bkrh", probs.reshape(b, kh, (t1 - t0) * g, s1), v_bskh[:, :s1],
+    out = jnp.einsum(f"bkrs,{v_spec}->bkrh", probs.reshape(b, kh, (t1 - t0) * g, s1), v_blk,
                      precision=precision, preferred_element_type=jnp.float32).astype(dtype)
     outs.append(out.reshape(b, kh, t1 - t0, g, h))
   out_bktgh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
@@ -88,13 +96,13 @@ class Attention(nnx.Module):
     cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
     q_btnh = q_btnh * cos + rotate_half(q_btnh) * sin  # in the activation dtype, as HF
     k_btkh = k_btkh * cos + rotate_half(k_btkh) * sin
-    if cache is not None:  # write into the stacked buffer in place, then read this layer's slots
-      at = (layer, 0, cache.length, 0, 0)
-      cache = cache.replace(k=jax.lax.dynamic_update_slice(cache.k, k_btkh[None], at),
-                            v=jax.lax.dynamic_update_slice(cache.v, v_btkh[None], at))
-      k_btkh, v_btkh = cache.k[layer], cache.v[layer]
-    out_btnh = grouped_attention(q_btnh, k_btkh, v_btkh, allowed_bts, causal_prefix=cache is None,
-                                 dtype=self.dtype, precision=self.precision)
+    if cache is None:
+      out_btnh = grouped_attention(q_btnh, k_btkh, v_btkh, allowed_bts, causal_prefix=True, cache_layout=False,
+                                   dtype=self.dtype, precision=self.precision)
+    else:  # written in place, then this layer's every slot is read
+      cache = cache.write(layer, k_btkh, v_btkh)
+      out_btnh = grouped_attention(q_btnh, cache.k[layer], cache.v[layer], allowed_bts, causal_prefix=False,
+                                   cache_layout=True, dtype=self.dtype, precision=self.precision)
     return self.o_proj(out_btnh), cache
 
 
