@@ -8,7 +8,7 @@ bf16 weights and activations (ours accumulates its matmuls in fp32); `both` meas
 
   PYTHONPATH=. python bench/bench_decode.py --config bench-small --batch 1,8
   PYTHONPATH=. python bench/bench_decode.py --config bench-small --batch 1,8 --dtype both
-  PYTHONPATH=. python bench/bench_decode.py --config bench-small --batch 1,8 --prompt 1264  # bench-small's context
+  PYTHONPATH=. python bench/bench_decode.py --config bench-small --batch 1,8 --prompt 1264 --new 64  # bench-small's context
 
 Our decode gets `decode_weights(model)`, the sampler's weight layout, made once per set of weights as a rollout
 does (not timed: 0.4-0.5 s here warm, 3.4 s the first time, compiling the transposes; measured at bench-small).

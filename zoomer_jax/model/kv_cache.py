@@ -21,8 +21,8 @@ class KVCache:
   """One key and one value array per layer. Keys are stored transposed, [B, kv_heads, head_dim, S], and values
   as [B, kv_heads, S, head_dim]: the two attention products then read the cache as plain GEMM operands. On
   XLA:CPU a stacked [layers, B, S, kv_heads, head_dim] buffer cost a transposing copy of every layer's keys and
-  values at every decode step, and reading a layer out of the stack ran at ~3 GB/s; at batch 8 with 2.3k
-  cached tokens attention took 133 ms of a 239 ms bench-small step (`bench/bench_decode.py --prompt 2048`)."""
+  values at every decode step, and reading a layer out of the stack ran at ~3 GB/s: a bench-small decode step at
+  batch 8 after a 2048-token prompt spent 133 of its 239 ms in attention, against 20 of 130 ms with this layout."""
 
   k: tuple[jax.Array, ...]  # per layer [B, kv_heads, head_dim, S]
   v: tuple[jax.Array, ...]  # per layer [B, kv_heads, S, head_dim]
