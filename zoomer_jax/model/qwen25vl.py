@@ -19,17 +19,11 @@ from flax import nnx, struct
 
 from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model.kv_cache import KVCache
-from zoomer_jax.model.layers import Linear, pad_single_row, precision_for
+from zoomer_jax.model.layers import FEW_ROWS, Linear, pad_single_row, precision_for
 from zoomer_jax.model.mrope import rope_index, text_positions
 from zoomer_jax.model.text import TextDecoder
 from zoomer_jax.model.vision import VisionTower
 from zoomer_jax.model.vision_layout import VisionLayout, num_tokens, vision_layout
-
-# On CPU, logits for at most this many rows (decode steps) are computed as table [V, d] x hidden^T: with
-# the table as the left operand XLA:CPU streams it once (22 GB/s at 8 rows here), where hidden x table^T
-# repacks it and reads it about twice as slowly. The barrier keeps XLA from folding the final transpose back
-# into the matmul's output layout, which would bring the slow kernel back.
-FEW_ROWS = 64
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -93,9 +87,13 @@ class Qwen25VL(nnx.Module):
     table = self.model.embed_tokens.embedding[...]
     b, t, d = h_btd.shape
     prec = precision_for(self.dtype)
+    # On CPU, logits for at most `layers.FEW_ROWS` rows (decode steps) are computed as table [V, d] x hidden^T:
+    # with the table as the left operand XLA:CPU streams it once (22 GB/s at 8 rows here), where hidden x
+    # table^T repacks it and reads it about twice as slowly. The barrier keeps XLA from folding the final
+    # transpose back into the matmul's output layout, which would bring the slow kernel back.
     if b * t > FEW_ROWS or jax.default_backend() != "cpu":
       z_btv = jnp.einsum("btd,vd->btv", h_btd, table, precision=prec, preferred_element_type=jnp.float32)
-    else:  # decode: the table as the GEMM's row operand (see FEW_ROWS)
+    else:  # decode: the table as the GEMM's row operand
       h_rd = h_btd.reshape(b * t, d).astype(table.dtype)
       if pad_single_row(b * t, self.dtype):
         h_rd = jnp.broadcast_to(h_rd, (2, d))
