@@ -119,9 +119,8 @@ def outputs_first(layer: Linear) -> None:
     return
   n_in, n_out = len(layer.in_shape), len(layer.out_shape)
   perm = tuple(range(n_in, n_in + n_out)) + tuple(range(n_in))
-  axes = layer.kernel.get_metadata().get("axes")
-  layer.kernel = nnx.Param(_transpose(layer.kernel[...], perm),
-                           axes=None if axes is None else tuple(axes[i] for i in perm))
+  axes = layer.kernel.get_metadata()["axes"]  # every Linear kernel has them (checked in __init__)
+  layer.kernel = nnx.Param(_transpose(layer.kernel[...], perm), axes=tuple(axes[i] for i in perm))
   layer.kernel_outputs_first = True
 
 
