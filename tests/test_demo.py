@@ -27,6 +27,15 @@ def test_demo_config_is_consistent():
     pipeline._stages(load("demo", ["stages=data,train"]))
 
 
+def test_sft_direct_steps_must_leave_steps_for_the_mix(tmp_path):
+  paths = pipeline.data_paths(str(tmp_path))
+  for bad in (800, 900, -1):
+    cfg = load("demo", [f"sft_direct_steps={bad}", "sft.train.total_steps=800"])
+    with pytest.raises(ValueError, match="sft_direct_steps"):
+      pipeline.train_sft(cfg, paths, str(tmp_path))
+  assert not os.listdir(tmp_path)  # nothing was trained or written
+
+
 def test_table_rows_and_numbers():
   r = dict(n=4, accuracy=0.75, format=1.0, mean_tool_calls=1.0, tool_use_rate=1.0, mean_frames=27.5,
            rounds={"2": {"count": 4, "accuracy": 0.75}})
@@ -83,9 +92,16 @@ def test_quick_demo_end_to_end(tmp_path):
   kinds = [c["kind"] for c in mix]
   d = cfg.data
   assert (kinds.count("direct"), kinds.count("sparse")) == (d.n_sft * d.direct_copies, d.n_sft * d.sparse_copies)
-  assert json.loads((out / "sft" / "config.json").read_text())["data"]["train_files"][0].endswith("_mix_sft.json")
+  sft_cfg = json.loads((out / "sft" / "config.json").read_text())
+  assert sft_cfg["data"]["train_files"][0].endswith("_mix_sft.json")
+  # sft_direct_steps: a first job on the direct trajectories alone; the mix starts from its exported weights
+  direct_cfg = json.loads((out / "sft_direct" / "config.json").read_text())
+  assert direct_cfg["data"]["train_files"][0].endswith("sft_records_sft.json")
+  assert sft_cfg["init"]["checkpoint"] == str(out / "sft_direct" / "hf")
+  direct_steps = [json.loads(x)["step"] for x in (out / "sft_direct" / "metrics.jsonl").read_text().splitlines()]
+  assert direct_steps == list(range(1, cfg.sft_direct_steps + 1))
   sft_steps = [json.loads(x)["step"] for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
-  assert sft_steps == list(range(1, cfg.sft.train.total_steps + 1))
+  assert sft_steps == list(range(1, cfg.sft.train.total_steps - cfg.sft_direct_steps + 1))
   assert json.loads((out / "grpo" / "hf" / "demo_step.json").read_text())["step"] >= 1
   # A second run reuses the data and both checkpoints: no training step is repeated.
   again = pipeline.run_demo(load("demo:quick", [f"out_dir={out}", "stages=data,sft,grpo"]))

@@ -6,7 +6,9 @@ Stages (`cfg.stages`, comma-separated, in this order):
   data  `data.synthetic.generate` (train / validation / test) and `data.cold_start.generate_sft` on the first
         `data.n_sft` train records, under `out_dir/data`;
   sft   `train.sft.run_sft` on the cold start (workdir `out_dir/sft`), then the last checkpoint exported as an HF
-        directory with the tiny tokenizer (`out_dir/sft/hf`);
+        directory with the tiny tokenizer (`out_dir/sft/hf`); with `sft_direct_steps`, first that many steps on
+        the direct trajectories alone (`out_dir/sft_direct`, exported to `out_dir/sft_direct/hf`), and the
+        rest on the mix from those weights;
   grpo  `train.grpo.run_grpo` from that directory (`init.checkpoint`) on the train split (workdir `out_dir/grpo`),
         exported to `out_dir/grpo/hf`;
   eval  `eval.harness.evaluate` of each exported model on the test split, with the tool and as the no-tool
@@ -198,9 +200,28 @@ def export_trained(job, optim, freeze_vision: bool, hf_dir: str) -> str:
   return hf_dir
 
 
+def direct_job(cfg, paths: dict, out: str):
+  """The first `sft_direct_steps` of SFT: direct trajectories only (workdir `out/sft_direct`)."""
+  job = sft_job(cfg, paths, out)
+  job.workdir = os.path.join(out, "sft_direct")
+  job.data.train_files = (paths["sft"],) + ((paths["sft_no_tool"],) if cfg.data.n_sft_no_tool else ())
+  job.train.total_steps = cfg.sft_direct_steps
+  return job
+
+
 def train_sft(cfg, paths: dict, out: str) -> str:
+  """SFT; with `sft_direct_steps`, in two jobs: direct trajectories only, then the mix from its result."""
   from zoomer_jax.train.sft import run_sft  # noqa: PLC0415
   job = sft_job(cfg, paths, out)
+  if cfg.sft_direct_steps:
+    if not 0 < cfg.sft_direct_steps < job.train.total_steps:
+      raise ValueError(f"sft_direct_steps={cfg.sft_direct_steps} must lie in (0, sft.train.total_steps="
+                       f"{job.train.total_steps})")
+    first = direct_job(cfg, paths, out)
+    run_sft(first)
+    job.init.checkpoint = export_trained(first, first.optim, first.train.freeze_vision_tower,
+                                         os.path.join(first.workdir, "hf"))
+    job.train.total_steps -= cfg.sft_direct_steps
   run_sft(job)
   return export_trained(job, job.optim, job.train.freeze_vision_tower, os.path.join(job.workdir, "hf"))
 
@@ -318,6 +339,8 @@ def run_demo(cfg) -> dict:
                     grpo=_training_summary(os.path.join(out, "grpo"), ("reward/mean", "acc/mean", "tool_calls/mean",
                                                                        "frames/mean", "actor/kl_loss"))),
       tool=dataclasses.asdict(tool), config=json.loads(cfg.to_json()), out_dir=out)
+  if cfg.sft_direct_steps:
+    report["training"]["sft_direct"] = _training_summary(os.path.join(out, "sft_direct"), ("loss",))
   if results:
     report["table"] = table(results)
     print("\n" + report["table"])
@@ -325,8 +348,9 @@ def run_demo(cfg) -> dict:
       f.write(report["table"] + "\n")
   from zoomer_jax.demo.plots import plot_training  # noqa: PLC0415
   from zoomer_jax.demo.trajectories import draw_trajectories  # noqa: PLC0415
-  report["pictures"] = {"training_curves": plot_training(os.path.join(out, "sft"), os.path.join(out, "grpo"),
-                                                         os.path.join(out, "training_curves.png"))}
+  report["pictures"] = {"training_curves": plot_training(
+      os.path.join(out, "sft"), os.path.join(out, "grpo"), os.path.join(out, "training_curves.png"),
+      sft_direct_workdir=os.path.join(out, "sft_direct") if cfg.sft_direct_steps else None)}
   best = next((n for n in ("grpo", "sft") if n in reports), None)
   if best:
     report["pictures"]["trajectories"] = draw_trajectories(

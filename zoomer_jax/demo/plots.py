@@ -34,8 +34,11 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(s, float), np.asarray(v, float)
 
 
-def plot_training(sft_workdir: str, grpo_workdir: str, out_png: str) -> str:
-  """Writes a 1x5 grid of curves (raw and smoothed) to out_png; returns its path."""
+def plot_training(sft_workdir: str, grpo_workdir: str, out_png: str, sft_direct_workdir: str | None = None) -> str:
+  """Writes a 1x5 grid of curves (raw and smoothed) to out_png; returns its path.
+
+  With `sft_direct_workdir` (the demo's `sft_direct_steps`), the SFT panels show that job's steps first and
+  `sft_workdir`'s after them, a dashed line between."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -45,6 +48,12 @@ def plot_training(sft_workdir: str, grpo_workdir: str, out_png: str) -> str:
   for ax, (workdir, key, title) in zip(axes, panels):
     rows = cache.setdefault(workdir, read_metrics(workdir))
     steps, vals = series(rows, key)
+    if workdir == sft_workdir and sft_direct_workdir:
+      first_steps, first_vals = series(read_metrics(sft_direct_workdir), key)
+      if len(first_steps):
+        offset = first_steps.max()
+        steps, vals = np.r_[first_steps, steps + offset], np.r_[first_vals, vals]
+        ax.axvline(offset, color="gray", ls="--", lw=1)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("SFT step" if workdir == sft_workdir else "RL step")
     ax.grid(alpha=0.3)
