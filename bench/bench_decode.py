@@ -180,8 +180,8 @@ def main(argv=None):
           f"the prefix cache vs without: {r['hf_prefix_cache_agreement']:.2f})")
     print(f"  runs (s): ours {r['ours_runs']}, transformers {r['hf_runs']}")
     print(f"  floor: {r['floor_step_ms']} ms/step (weights and KV cache at the bandwidth, or the step's FLOPs at "
-          f"the matmul ceiling, whichever is longer); ours at {100 * r['ours_of_floor']:.0f}% of it"
-          + f"; the best ratio any implementation could reach here is {r['max_ratio']}")
+          f"the matmul ceiling, whichever is longer); ours at {100 * r['ours_of_floor']:.0f}% of it; the best "
+          f"ratio any implementation could reach here is {r['max_ratio']}")
   print("BENCH_JSON " + json.dumps(dict(ceilings=ceil, ceilings_start_end=ceilings, results=results)))
   return results
 

@@ -46,9 +46,8 @@ The task (`zoomer_jax/data/synthetic.py`) is sized so that the tool is needed an
     from that model and see the 2 : 3 mix, which moves greedy decoding to the sparse zoom. Trained on the mix
     from the start, whether SFT learned to name the object within 800 steps depended on float rounding: seed 0
     did (GRPO then reached 100%), seed 1 did not (SFT sampled 25%, GRPO 56%), and a change in the order of the
-    sums (kernels stored transposed) turned seed 0 into a failure as well. After the direct steps the model
-    named the object in 80% (seed 0) and 100% (seed 1) of the test videos, and GRPO reached 95-100% with the
-    tool at seeds 0, 1 and 2 (README);
+    sums (kernels stored transposed) turned seed 0 into a failure as well. With the direct steps GRPO reached
+    95-100% with the tool at seeds 0, 1 and 2 (README);
   * the evaluation also samples the tool run (`eval.samples` per video at GRPO's temperature 1): the
     policy's expected accuracy, the quantity GRPO raises step by step, besides the greedy number;
   * `n_sft_no_tool` no-tool conversations (`zoomer_jax/demo/no_tool_sft.py`) teach the baseline's condition, so

@@ -204,7 +204,7 @@ def direct_job(cfg, paths: dict, out: str):
   """The first `sft_direct_steps` of SFT: direct trajectories only (workdir `out/sft_direct`)."""
   job = sft_job(cfg, paths, out)
   job.workdir = os.path.join(out, "sft_direct")
-  job.data.train_files = (paths["sft"],) + ((paths["sft_no_tool"],) if cfg.data.n_sft_no_tool else ())
+  job.data.train_files = (paths["sft"],) + tuple(job.data.train_files[1:])  # the no-tool conversations stay
   job.train.total_steps = cfg.sft_direct_steps
   return job
 

@@ -49,7 +49,7 @@ def plot_training(sft_workdir: str, grpo_workdir: str, out_png: str, sft_direct_
     rows = cache.setdefault(workdir, read_metrics(workdir))
     steps, vals = series(rows, key)
     if workdir == sft_workdir and sft_direct_workdir:
-      first_steps, first_vals = series(read_metrics(sft_direct_workdir), key)
+      first_steps, first_vals = series(cache.setdefault(sft_direct_workdir, read_metrics(sft_direct_workdir)), key)
       if len(first_steps):
         offset = first_steps.max()
         steps, vals = np.r_[first_steps, steps + offset], np.r_[first_vals, vals]
