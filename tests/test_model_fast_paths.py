@@ -1,7 +1,9 @@
-"""The model's CPU fast paths compute what the plain formulas compute (float64 numpy references).
+"""The model's attention kernels and CPU fast paths compute what the plain formulas compute (float64 numpy
+references).
 
-* `text.grouped_attention` in query blocks (the short block first, keys past a block skipped without a cache),
-  on keys and values as projected and in the cache's layout;
+* `attention.dense` in query blocks (the short block first, keys past a block skipped without a cache), on keys
+  and values as projected and in the cache's layout; `attention.blockwise` (online softmax over key blocks of the
+  cache); `attention.splash` (the TPU kernel, run by Pallas' interpreter);
 * tied logits for few rows (decode) as table x hidden^T, and 1-row bf16 matmuls run as 2 rows;
 * `Linear` with its kernel stored outputs first (the sampler's layout): kernel x x^T for few rows, x x kernel^T
   for many;
@@ -16,13 +18,13 @@ from flax import nnx
 
 import hf_oracle as O
 import tolerances as tol
-from zoomer_jax.model import text
+from zoomer_jax.model import attention
 from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model import layers
 from zoomer_jax.model.layers import Linear
 from zoomer_jax.model.qwen25vl import Qwen25VL
 from zoomer_jax.model.vision import VisionAttention, vision_rotary
-from zoomer_jax.model.vision_layout import vision_layout
+from zoomer_jax.model.vision_layout import layout_sizes as vision_layout_sizes, padded_layout, vision_layout
 
 
 def _softmax_attention(q_tnh, k_snh, v_snh, allowed_ts):
@@ -39,38 +41,84 @@ def _as(x, dtype):
   return jnp.asarray(x, jnp.float32).astype(dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("with_cache", [False, True])
-def test_blocked_grouped_attention_matches_softmax(rng, measure, dtype, with_cache):
-  """150 queries = blocks of 22 + 64 + 64 rows; 6 query heads on 2 kv heads; left padding in row 1."""
-  b, t, n, kh, h = 2, 150, 6, 2, 16
-  s = 200 if with_cache else t
+def _attention_case(rng, dtype, with_cache, b=2, t=150, n=6, kh=2, h=16):
+  """Inputs and the float64 reference: 6 query heads on 2 kv heads; without a cache left padding in row 1 (its
+  first 17 queries see no key), with one queries at slots 30.. of a cache whose slots may be invalid anywhere."""
+  s = t + 50 if with_cache else t
   q = rng.standard_normal((b, t, n, h))
   k, v = rng.standard_normal((b, s, kh, h)), rng.standard_normal((b, s, kh, h))
-  if with_cache:  # queries sit at slots 30..179 of a 200-slot cache; slots may be invalid anywhere
+  if with_cache:
     valid = rng.random((b, s)) > 0.2
-    allowed = (np.arange(s)[None, :] <= 30 + np.arange(t)[:, None])[None] & valid[:, None, :]
+    start = 30
   else:
     valid = np.ones((b, t), bool)
-    valid[1, :17] = False  # left padding: those queries see no key at all
-    allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+    valid[1, :17] = False
+    start = 0
+  allowed = (np.arange(s)[None, :] <= start + np.arange(t)[:, None])[None] & valid[:, None, :]
   dt = jnp.dtype(dtype)
   qd, kd, vd = _as(q, dt), _as(k, dt), _as(v, dt)
-  k_in, v_in = (kd.transpose(0, 2, 3, 1), vd.transpose(0, 2, 1, 3)) if with_cache else (kd, vd)  # cache layout
-  got = jax.jit(lambda q, k, v, a: text.grouped_attention(
-      q, k, v, a, causal_prefix=not with_cache, cache_layout=with_cache, dtype=dt,
-      precision=jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT))(
-          qd, k_in, v_in, jnp.asarray(allowed))
-  assert text.QUERY_BLOCK == 64  # so that the blocks above are what this test exercises
   group = n // kh
   q64, k64, v64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (qd, kd, vd))
   want = np.stack([_softmax_attention(q64[i], np.repeat(k64[i], group, axis=1), np.repeat(v64[i], group, axis=1),
                                       allowed[i]) for i in range(b)])
+  mask = attention.AttentionMask(key_valid=jnp.asarray(valid), q_start=jnp.asarray(start, jnp.int32))
+  return qd, kd, vd, mask, want
+
+
+def _precision(dt):
+  return jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("with_cache", [False, True])
+@pytest.mark.parametrize("kind", ["dense_blocks", "blockwise"])
+def test_attention_matches_softmax(rng, measure, dtype, with_cache, kind):
+  """dense: 150 queries = blocks of 22 + 64 + 64 rows; blockwise (cache only): key blocks of 64 over 200 slots
+  (the last one padded) and query blocks of 100."""
+  if kind == "blockwise" and not with_cache:
+    pytest.skip("blockwise attention reads a cache")
+  dt = jnp.dtype(dtype)
+  qd, kd, vd, mask, want = _attention_case(rng, dtype, with_cache)
+  t = qd.shape[1]
+  k_in, v_in = (kd.transpose(0, 2, 3, 1), vd.transpose(0, 2, 1, 3)) if with_cache else (kd, vd)  # cache layout
+  if kind == "dense_blocks":
+    assert attention.QUERY_BLOCK == 64 and attention.query_blocks(t) == [0, 22, 86, 150]
+    fn = lambda q, k, v, m: attention.dense(q, k, v, m, bounds=attention.query_blocks(t), causal_prefix=not with_cache,
+                                            cache_layout=with_cache, dtype=dt, precision=_precision(dt))
+  else:
+    fn = lambda q, k, v, m: attention.blockwise(q, k, v, m, dtype=dt, precision=_precision(dt), query_block=100,
+                                                key_block=64)
+  got = jax.jit(fn)(qd, k_in, v_in, mask)
   diff = float(np.abs(np.asarray(got, np.float64) - want).max())
-  measure(f"{dtype}_cache{int(with_cache)}", diff)
+  measure(f"{kind}_{dtype}_cache{int(with_cache)}", diff)
   assert diff <= (tol.ATTENTION_FP32 if dt == jnp.float32 else tol.ATTENTION_BF16)
   if not with_cache:
     assert not np.asarray(got[1, :17], np.float32).any()  # fully masked queries give zeros, not NaN
+
+
+@pytest.mark.slow
+def test_splash_attention_matches_softmax(rng, measure):
+  """The TPU kernel (Pallas interpreter on CPU), 256 tokens in 128-token tiles, GQA, right padding in row 1:
+  real queries match the reference; padded ones (which splash lets read padded keys) are never read."""
+  b, t, n, kh, h = 2, 256, 4, 2, 128
+  q = rng.standard_normal((b, t, n, h))
+  k, v = rng.standard_normal((b, t, kh, h)), rng.standard_normal((b, t, kh, h))
+  valid = np.ones((b, t), bool)
+  valid[1, 200:] = False
+  allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+  q32, k32, v32 = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
+  old = attention.SPLASH_BLOCK
+  attention.SPLASH_BLOCK = 128
+  try:
+    got = jax.jit(lambda q, k, v, m: attention.splash(q, k, v, m, rules=(), interpret=True))(
+        q32, k32, v32, jnp.asarray(valid))
+  finally:
+    attention.SPLASH_BLOCK = old
+  want = np.stack([_softmax_attention(q[i], np.repeat(k[i], n // kh, axis=1), np.repeat(v[i], n // kh, axis=1),
+                                      allowed[i]) for i in range(b)])
+  diff = float(np.abs(np.asarray(got, np.float64) - want)[valid].max())
+  measure("splash_fp32", diff)
+  assert diff <= tol.ATTENTION_FP32
 
 
 def _tiny_tied(dtype):
@@ -137,13 +185,21 @@ def test_outputs_first_linear(rng, measure, dtype, lead, shapes):
   assert rel <= (tol.LINEAR_FP32_REL if dtype == "float32" else tol.BF16_ROUNDING_REL)
 
 
-@pytest.mark.parametrize("grid", [(2, 16, 16), (1, 12, 20)])
+@pytest.mark.parametrize("grid", [(2, 16, 16), (1, 12, 20), "padded"])
 def test_vision_attention_packing(rng, measure, grid):
-  """(2,16,16): 8x8-patch windows all full, packed by reshape; (1,12,20): edge windows padded, gathered."""
+  """(2,16,16): 8x8-patch windows all full, packed by reshape; (1,12,20): edge windows padded, gathered;
+  "padded": a (1,12,12) row padded to a batch layout of 320 patches (blank rows in segments of their own)."""
   cfg = ModelConfig.from_hf_dict(O.tiny_hf_config()).vision
-  layout = vision_layout(np.asarray([grid]), cfg)
+  if grid == "padded":
+    grid = (1, 12, 12)
+    sizes = vision_layout_sizes([np.asarray([[1, 12, 20]])], cfg)
+    layout = padded_layout(np.asarray([grid]), cfg, sizes)
+    assert len(layout.perm) == 240 and not layout.windows.identity and not layout.frames.identity
+  else:
+    layout = vision_layout(np.asarray([grid]), cfg)
+    assert layout.windows.identity == (grid == (2, 16, 16))
   attn = VisionAttention(cfg, dtype="float32", rngs=nnx.Rngs(2))
-  n = int(np.prod(grid))
+  n = len(layout.perm)
   x = jnp.asarray(rng.standard_normal((n, cfg.hidden_size)), jnp.float32)
   cos, sin = vision_rotary(jnp.asarray(layout.rot_pos), cfg)
   for seg in (layout.windows, layout.frames):
@@ -156,8 +212,11 @@ def test_vision_attention_packing(rng, measure, grid):
     out = np.zeros_like(q)
     for rows, ok in zip(seg.gather, seg.valid):
       r = rows[ok]
+      if not len(r):  # an empty padding segment
+        continue
       out[r] = _softmax_attention(q[r], k[r], v[r], np.ones((len(r), len(r)), bool))
     want = np.asarray(attn.proj(jnp.asarray(out, jnp.float32)), np.float64)
-    diff = float(np.abs(got - want).max())
+    real = int(np.prod(grid))  # blank rows' outputs are never read
+    diff = float(np.abs(got - want)[:real].max())
     measure(f"{grid}_{seg.gather.shape}", diff)
     assert diff <= tol.ATTENTION_FP32

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from zoomer_jax.checkpoint.key_map import nnx_to_hf
+from zoomer_jax.checkpoint.key_map import is_stacked, nnx_to_hf, unstacked_path
 from zoomer_jax.checkpoint.safetensors_io import save_file
 from zoomer_jax.parallel.distributed import to_host
 
@@ -64,7 +64,8 @@ def export_hf(model, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAU
 
   weight_map, total = {}, 0
   for name, shard in zip(names, shards):
-    host = {key: transform.to_hf(to_host(value), model.config) for key, value, transform in shard}
+    host = {key: transform.to_hf(to_host(value.fetch() if isinstance(value, _LayerSlice) else value), model.config)
+            for key, value, transform in shard}
     total += sum(a.nbytes for a in host.values())
     weight_map.update({key: name for key in host})
     if writer:
@@ -104,11 +105,30 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
 
 
 def _hf_tensors(model) -> Iterable[tuple[str, jax.Array, object]]:
-  """(HF key, parameter array, transform) for every parameter, in the model's parameter order."""
+  """(HF key, parameter array, transform) for every parameter, in the model's parameter order; a stacked
+  parameter of a scanned model gives one tensor per layer (its slice, taken when the shard is written)."""
   _, state = nnx.split(model, nnx.Param)
   for path, var in nnx.to_flat_state(state):
-    key, transform = nnx_to_hf(path)
-    yield key, var.get_value(), transform
+    value = var.get_value()
+    if not is_stacked(tuple(path)):
+      key, transform = nnx_to_hf(path)
+      yield key, value, transform
+      continue
+    for i in range(value.shape[0]):
+      key, transform = nnx_to_hf(unstacked_path(tuple(path), i))
+      yield key, _LayerSlice(value, i), transform
+
+
+class _LayerSlice:
+  """Layer i of a stacked array, sliced only when fetched (`to_host`), so planning shards allocates nothing."""
+
+  def __init__(self, stacked: jax.Array, i: int):
+    self.stacked, self.i = stacked, i
+    self.shape, self.dtype = tuple(stacked.shape[1:]), stacked.dtype
+    self.size = int(np.prod(self.shape))
+
+  def fetch(self) -> jax.Array:
+    return self.stacked[self.i]
 
 
 def _plan_shards(tensors, max_bytes: int) -> list[list]:

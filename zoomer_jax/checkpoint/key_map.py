@@ -151,3 +151,31 @@ def _fill(rx: str, groups) -> str:
   for g, rest in zip(groups, parts[1:]):
     out += str(g) + rest
   return out.replace("\\", "")
+
+
+# Stacked modules of a scanned model (`ModelOptions.scan_layers`): the per-layer index moves into the array.
+STACKED = (("model", "layers"), ("visual", "blocks"))
+
+
+def stacked_path(path: Path) -> tuple[Path, int] | None:
+  """(the stacked parameter's path, layer index) for a per-layer path such as model.layers.3.mlp.up_proj.kernel;
+  None for a path outside the stacked modules."""
+  for prefix in STACKED:
+    n = len(prefix)
+    if tuple(path[:n]) == prefix and len(path) > n and isinstance(path[n], int):
+      return tuple(path[:n]) + tuple(path[n + 1:]), path[n]
+  return None
+
+
+def unstacked_path(path: Path, index: int) -> Path:
+  """The per-layer path of layer `index` of a stacked parameter path (model.layers.mlp... -> model.layers.i.mlp...)."""
+  for prefix in STACKED:
+    n = len(prefix)
+    if tuple(path[:n]) == prefix:
+      return tuple(path[:n]) + (index,) + tuple(path[n:])
+  raise KeyError(f"{'.'.join(map(str, path))} is not a stacked parameter")
+
+
+def is_stacked(path: Path) -> bool:
+  return any(tuple(path[:len(p)]) == p and (len(path) == len(p) or not isinstance(path[len(p)], int))
+             for p in STACKED)

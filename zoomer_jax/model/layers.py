@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zoomer_jax.parallel.rules import constrain
+
 Axes = tuple[str | None, ...]
 
 
@@ -35,11 +37,28 @@ def normal_init(rngs: nnx.Rngs, shape, dtype, std: float) -> jax.Array:
   return jnp.asarray(host.astype(dtype))
 
 
-def pad_single_row(rows: int, dtype) -> bool:
-  """Whether to compute a 1-row bf16 matmul as 2 rows: XLA:CPU sends 1-row bf16 products to a matrix-vector
-  path about 8x slower than its GEMM kernel (1.5 vs 12 GB/s of weights here), which made bf16 decode at
-  batch 1 crawl. fp32 1-row products are fast as they are."""
-  return rows == 1 and jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+def pads_single_row(rows: int, dtype) -> bool:
+  """Whether a 1-row product may need the CPU's 2-row form (`on_cpu_pad_row`): bf16 products of one row."""
+  return rows == 1 and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def on_cpu_pad_row(product, x_rd: jax.Array) -> jax.Array:
+  """`product(x_rd)` for a 1-row x, computed as 2 rows when the program is compiled for CPU: XLA:CPU sends
+  1-row bf16 products to a matrix-vector path about 8x slower than its GEMM kernel, which made bf16 decode at
+  batch 1 crawl. Other platforms (and fp32) are fast as they are."""
+  def cpu(x):
+    return product(jnp.broadcast_to(x, (2,) + x.shape[1:]))[:1]
+  return jax.lax.platform_dependent(x_rd, cpu=cpu, default=product)
+
+
+def platform_of(tree) -> str | None:
+  """The platform of the devices the arrays (or ShapeDtypeStructs with shardings) of `tree` are laid out on:
+  what a program over them is compiled for; None when nothing in `tree` says."""
+  for x in jax.tree.leaves(tree):
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None:
+      return next(iter(sharding.device_set)).platform
+  return None
 
 
 # Products with at most this many activation rows (decode steps) can run, on CPU in fp32, with the weight
@@ -52,9 +71,10 @@ def pad_single_row(rows: int, dtype) -> bool:
 FEW_ROWS = 64
 
 
-def outputs_first_helps(dtype) -> bool:
-  """Whether an outputs-first kernel speeds few-row products up here (fp32 on CPU; bf16 gains nothing)."""
-  return jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+def outputs_first_helps(dtype, platform: str | None) -> bool:
+  """Whether an outputs-first kernel speeds few-row products up on `platform` (fp32 on CPU; bf16 gains
+  nothing)."""
+  return jnp.dtype(dtype) == jnp.float32 and platform == "cpu"
 
 
 _transpose = jax.jit(jnp.transpose, static_argnums=1)
@@ -87,7 +107,6 @@ class Linear(nnx.Module):
     rows = math.prod(lead)
     x_in = tuple(range(x.ndim - n_in, x.ndim))
     w = self.kernel[...]
-    pad = False
     if self.kernel_outputs_first and rows <= FEW_ROWS:
       x_r = x.reshape((rows,) + self.in_shape)
       y_or = jax.lax.dot_general(w, x_r, ((tuple(range(n_out, n_out + n_in)), tuple(range(1, 1 + n_in))),
@@ -96,14 +115,14 @@ class Linear(nnx.Module):
       y = jnp.moveaxis(jax.lax.optimization_barrier(y_or), -1, 0).reshape(lead + self.out_shape)
     else:
       w_in = tuple(range(n_out, n_out + n_in)) if self.kernel_outputs_first else tuple(range(n_in))
-      pad = pad_single_row(rows, self.dtype)
-      if pad:
-        x = jnp.broadcast_to(x.reshape((1,) + self.in_shape), (2,) + self.in_shape)
-        x_in = tuple(range(1, 1 + n_in))
-      y = jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())),
-                              precision=self.precision, preferred_element_type=jnp.float32)
-    if pad:
-      y = y[:1].reshape(lead + self.out_shape)
+      if pads_single_row(rows, self.dtype):
+        def product(x_r):
+          return jax.lax.dot_general(x_r, w, ((tuple(range(1, 1 + n_in)), w_in), ((), ())),
+                                     precision=self.precision, preferred_element_type=jnp.float32)
+        y = on_cpu_pad_row(product, x.reshape((1,) + self.in_shape)).reshape(lead + self.out_shape)
+      else:
+        y = jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())),
+                                precision=self.precision, preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
@@ -141,14 +160,18 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)); [..., d] -> [..., d]."""
 
   def __init__(self, dim: int, hidden: int, *, use_bias: bool, embed_axis: str, mlp_axis: str,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, rules=None):
+    self.rules = rules  # when given, the hidden activations are constrained to ("activation_batch", ..., "activation_mlp")
     kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.gate_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
     self.up_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
     self.down_proj = Linear((hidden,), (dim,), axes=(mlp_axis, embed_axis), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    if self.rules is not None:
+      hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"), self.rules)
+    return self.down_proj(hidden)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ Two levels of API:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +19,13 @@ from flax import nnx, struct
 
 from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model.kv_cache import KVCache
-from zoomer_jax.model.layers import FEW_ROWS, Linear, pad_single_row, precision_for
+from zoomer_jax.model.layers import FEW_ROWS, Linear, pads_single_row, precision_for
 from zoomer_jax.model.mrope import rope_index, text_positions
+from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.text import TextDecoder
 from zoomer_jax.model.vision import VisionTower
-from zoomer_jax.model.vision_layout import VisionLayout, num_tokens, vision_layout
+from zoomer_jax.model.vision_layout import LayoutSizes, VisionLayout, batch_layout, layout_sizes, num_tokens
+from zoomer_jax.parallel.rules import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -38,37 +40,67 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 @struct.dataclass
 class VisionInput:
-  """Pixel rows of one modality (images or videos) and their layout."""
+  """Pixel rows of one modality (images or videos), per batch row, and their layouts.
 
-  pixels: jax.Array  # [N, patch_dim]
+  pixels [R, N, patch_dim]: row r's images, in placeholder order, padded with blank rows to N; layout leaves
+  [R, ...] (`vision_layout.batch_layout`). Row r's features go to row r's pad tokens."""
+
+  pixels: jax.Array  # [R, N, patch_dim]
   layout: VisionLayout
 
 
-def scatter_features(x_btd: jax.Array, ids_bt: jax.Array, token_id: int, feats_nd: jax.Array) -> jax.Array:
-  """Writes feats rows, in row-major (batch, seq) order, into the positions where ids == token_id."""
+def vision_input(cfg: ModelConfig, pixels: Sequence[np.ndarray | None], grids: Sequence[np.ndarray | None], *,
+                 image_bucket: int = 0, sizes: LayoutSizes | None = None) -> VisionInput | None:
+  """Per-row pixel rows and grids (None or empty for rows without images) as one padded `VisionInput` (numpy
+  leaves); None when no row has an image. The padded shapes are `sizes`, or fitted to these rows
+  (`vision_layout.layout_sizes`, with `image_bucket`)."""
+  grids = [np.zeros((0, 3), np.int64) if g is None else np.asarray(g, np.int64).reshape(-1, 3) for g in grids]
+  if sizes is None and not any(len(g) for g in grids):
+    return None
+  sizes = layout_sizes(grids, cfg.vision, image_bucket) if sizes is None else sizes
+  out = np.zeros((len(grids), sizes.patches, cfg.vision.patch_dim), np.float32)
+  for r, (p, g) in enumerate(zip(pixels, grids)):
+    n = int(g.prod(-1).sum())
+    if n:
+      p = np.asarray(p)
+      if p.shape != (n, cfg.vision.patch_dim):
+        raise ValueError(f"row {r}: pixel values have shape {tuple(p.shape)}, its grids {g.tolist()} need "
+                         f"({n}, {cfg.vision.patch_dim})")
+      out[r, :n] = p
+  return VisionInput(pixels=out, layout=batch_layout(grids, cfg.vision, sizes))
+
+
+def scatter_features(x_btd: jax.Array, ids_bt: jax.Array, token_id: int, feats_rmd: jax.Array) -> jax.Array:
+  """Writes row r's feature rows [M, d], in order, into row r's positions where ids == token_id."""
   hit = ids_bt == token_id
-  row = jnp.clip(jnp.cumsum(hit.reshape(-1)) - 1, 0, feats_nd.shape[0] - 1).reshape(hit.shape)
-  return jnp.where(hit[..., None], feats_nd.astype(x_btd.dtype)[row], x_btd)
+  row = jnp.clip(jnp.cumsum(hit, axis=1) - 1, 0, feats_rmd.shape[1] - 1)
+  feats_btd = jnp.take_along_axis(feats_rmd.astype(x_btd.dtype), row[..., None], axis=1)
+  return jnp.where(hit[..., None], feats_btd, x_btd)
 
 
 class Qwen25VL(nnx.Module):
-  """Qwen2_5_VLForConditionalGeneration in Flax NNX; parameter paths mirror HF's module names."""
+  """Qwen2_5_VLForConditionalGeneration in Flax NNX; parameter paths mirror HF's module names (a scanned model,
+  `ModelOptions.scan_layers`, stacks `model.layers.*` and `visual.blocks.*` along a leading axis)."""
 
-  def __init__(self, config: ModelConfig, *, dtype="float32", rngs: nnx.Rngs | None = None):
+  def __init__(self, config: ModelConfig, *, dtype="float32", rngs: nnx.Rngs | None = None,
+               options: ModelOptions = ModelOptions()):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.config = config
     self.dtype = resolve_dtype(dtype)
-    self.visual = VisionTower(config.vision, dtype=self.dtype, rngs=rngs)
-    self.model = TextDecoder(config.text, dtype=self.dtype, rngs=rngs)
+    self.options = options
+    self.visual = VisionTower(config.vision, dtype=self.dtype, rngs=rngs, options=options)
+    self.model = TextDecoder(config.text, dtype=self.dtype, rngs=rngs, options=options)
     t = config.text
     self.lm_head = None if t.tie_word_embeddings else Linear(
         (t.hidden_size,), (t.vocab_size,), axes=("embed", "vocab"), use_bias=False, dtype=self.dtype,
         rngs=rngs)
 
   # ------------------------------------------------------------------ traced pieces
-  def encode_vision(self, vision: VisionInput, *, frozen_blocks: bool = False) -> jax.Array:
-    """[N, patch_dim] pixel rows -> [N/4, d] features in placeholder order (`frozen_blocks`: see VisionTower)."""
-    return self.visual(vision.pixels, vision.layout, frozen_blocks=frozen_blocks)
+  def encode_vision(self, vision: VisionInput, *, frozen_blocks: bool = False,
+                    remat_policy: str = "none") -> jax.Array:
+    """[R, N, patch_dim] pixel rows -> [R, N/4, d] features in placeholder order (`frozen_blocks`: see
+    VisionTower)."""
+    return self.visual(vision.pixels, vision.layout, frozen_blocks=frozen_blocks, remat_policy=remat_policy)
 
   def embed(self, ids_bt: jax.Array, image_feats: jax.Array | None = None,
             video_feats: jax.Array | None = None) -> jax.Array:
@@ -83,33 +115,64 @@ class Qwen25VL(nnx.Module):
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Final hidden states -> fp32 logits [B, T, vocab]."""
     if self.lm_head is not None:
-      return self.lm_head(h_btd).astype(jnp.float32)
+      z = self.lm_head(h_btd).astype(jnp.float32)
+    else:
+      z = self._tied_logits(h_btd)
+    return constrain(z, ("activation_batch", "activation_length", "activation_vocab"), self.options.rules)
+
+  def _tied_logits(self, h_btd: jax.Array) -> jax.Array:
     table = self.model.embed_tokens.embedding[...]
     b, t, d = h_btd.shape
     prec = precision_for(self.dtype)
-    # On CPU, logits for at most `layers.FEW_ROWS` rows (decode steps) are computed as table [V, d] x hidden^T:
-    # with the table as the left operand XLA:CPU streams it once (22 GB/s at 8 rows here), where hidden x
-    # table^T repacks it and reads it about twice as slowly. The barrier keeps XLA from folding the final
-    # transpose back into the matmul's output layout, which would bring the slow kernel back.
-    if b * t > FEW_ROWS or jax.default_backend() != "cpu":
-      z_btv = jnp.einsum("btd,vd->btv", h_btd, table, precision=prec, preferred_element_type=jnp.float32)
-    else:  # decode: the table as the GEMM's row operand
-      h_rd = h_btd.reshape(b * t, d).astype(table.dtype)
-      if pad_single_row(b * t, self.dtype):
+
+    def general(h):
+      return jnp.einsum("btd,vd->btv", h, table, precision=prec, preferred_element_type=jnp.float32)
+
+    # Compiled for CPU, logits for at most `layers.FEW_ROWS` rows (decode steps) are table [V, d] x hidden^T:
+    # with the table as the left operand XLA:CPU streams it once, where hidden x table^T repacks it and reads it
+    # about twice as slowly. The barrier keeps XLA from folding the final transpose back into the matmul's
+    # output layout, which would bring the slow kernel back.
+    def cpu_few_rows(h):
+      h_rd = h.reshape(b * t, d).astype(table.dtype)
+      if pads_single_row(b * t, self.dtype):
         h_rd = jnp.broadcast_to(h_rd, (2, d))
       z_vr = jnp.einsum("vd,rd->vr", table, h_rd, precision=prec, preferred_element_type=jnp.float32)
-      z_btv = jax.lax.optimization_barrier(z_vr)[:, :b * t].T.reshape(b, t, -1)
+      return jax.lax.optimization_barrier(z_vr)[:, :b * t].T.reshape(b, t, -1)
+
+    z_btv = general(h_btd) if b * t > FEW_ROWS else jax.lax.platform_dependent(h_btd, cpu=cpu_few_rows,
+                                                                                default=general)
     return z_btv.astype(self.dtype).astype(jnp.float32)
 
   def forward(self, ids_bt: jax.Array, positions_3bt: jax.Array, token_mask_bt: jax.Array, *,
               images: VisionInput | None = None, videos: VisionInput | None = None,
-              cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Returns (fp32 logits [B, T, vocab], updated cache)."""
-    image_feats = None if images is None else self.encode_vision(images)
-    video_feats = None if videos is None else self.encode_vision(videos)
-    x_btd = self.embed(ids_bt, image_feats, video_feats)
-    h_btd, cache = self.model(x_btd, positions_3bt, token_mask_bt, cache)
-    return self.logits(h_btd), cache
+              cache: KVCache | None = None, logits_at: Any = "all", remat_policy: str = "none",
+              freeze_vision: bool | str = False) -> tuple[jax.Array, KVCache | None]:
+    """The one trunk: vision, embedding, decoder, head. Returns (output, updated cache), where the output is
+
+      * `logits_at="all"`: fp32 logits [B, T, vocab];
+      * `logits_at` an int array [B]: the logits at that position of each row, [B, vocab] (prefill, extend);
+      * `logits_at=None`: the final-norm hidden states [B, T, d] (the trainer applies the head in chunks).
+
+    `remat_policy` rematerialises decoder layers and vision blocks in the backward pass; `freeze_vision`
+    (`train.optim.FREEZE_VISION`): True, no gradient reaches the vision tower; "blocks", none reaches its patch
+    embedding and blocks (the merger trains).
+    """
+    def features(vision):
+      if vision is None:
+        return None
+      feats = self.encode_vision(vision, frozen_blocks=freeze_vision == "blocks", remat_policy=remat_policy)
+      return jax.lax.stop_gradient(feats) if freeze_vision is True else feats
+
+    x_btd = self.embed(ids_bt, features(images), features(videos))
+    h_btd, cache = self.model(x_btd, positions_3bt, token_mask_bt, cache, remat_policy=remat_policy)
+    if logits_at is None:
+      return h_btd, cache
+    if isinstance(logits_at, str):
+      if logits_at != "all":
+        raise ValueError(f"logits_at must be 'all', None or an index array, got {logits_at!r}")
+      return self.logits(h_btd), cache
+    h_bd = h_btd[jnp.arange(h_btd.shape[0]), logits_at]
+    return self.logits(h_bd[:, None])[:, 0], cache
 
   # ------------------------------------------------------------------ host-level API (HF names)
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -130,7 +193,7 @@ class Qwen25VL(nnx.Module):
     return logits
 
   def init_cache(self, batch: int, size: int) -> KVCache:
-    return KVCache.init(self.config.text, batch, size, self.dtype)
+    return KVCache.init(self.config.text, batch, size, self.dtype, stacked=self.options.scan_layers)
 
   def prefill(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
               pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
@@ -180,29 +243,47 @@ class PreparedInputs:
   videos: VisionInput | None
 
 
-def _vision_input(cfg: ModelConfig, pixels, grid, kind: str, ids: np.ndarray, token_id: int):
+def _vision_input(cfg: ModelConfig, pixels, grid, kind: str, ids: np.ndarray, mask: np.ndarray, token_id: int,
+                  image_bucket: int):
+  """HF's flat pixel rows and grids (images in batch-major order of their pad runs) as a per-row VisionInput."""
   if pixels is None and grid is None:
-    if (ids == token_id).any():
+    if (ids[mask] == token_id).any():
       raise ValueError(f"input_ids hold {kind} pad tokens but no {kind} pixels were given")
     return None
   if pixels is None or grid is None:
     raise ValueError(f"{kind}: pixel values and grid_thw must be given together")
   grid = np.asarray(grid, np.int64).reshape(-1, 3)
-  pixels = np.asarray(pixels) if not isinstance(pixels, jax.Array) else pixels
+  pixels = np.asarray(pixels)
   n_rows = int(grid.prod(-1).sum())
   if pixels.shape != (n_rows, cfg.vision.patch_dim):
     raise ValueError(f"{kind} pixel values have shape {tuple(pixels.shape)}, grids {grid.tolist()} need "
                      f"({n_rows}, {cfg.vision.patch_dim})")
-  n_tok = int((ids == token_id).sum())
-  if n_tok != num_tokens(grid, cfg.vision.spatial_merge_size):
+  merge = cfg.vision.spatial_merge_size
+  n_tok = int((ids[mask] == token_id).sum())
+  if n_tok != num_tokens(grid, merge):
     raise ValueError(f"{kind} features and tokens do not match: input_ids hold {n_tok} {kind} pad tokens, "
-                     f"grids give {num_tokens(grid, cfg.vision.spatial_merge_size)}")
-  return VisionInput(pixels=jnp.asarray(pixels), layout=vision_layout(grid, cfg.vision))
+                     f"grids give {num_tokens(grid, merge)}")
+  tokens = grid.prod(-1) // merge**2
+  starts = np.concatenate([[0], np.cumsum(grid.prod(-1))])
+  row_pixels, row_grids, first = [], [], 0
+  for r in range(ids.shape[0]):
+    want, last, taken = int((ids[r][mask[r]] == token_id).sum()), first, 0
+    while taken < want and last < len(grid):
+      taken, last = taken + int(tokens[last]), last + 1
+    if taken != want:
+      raise ValueError(f"{kind}s do not split at row {r}: it holds {want} {kind} pad tokens, the next {kind}s "
+                       f"give {taken}")
+    row_grids.append(grid[first:last])
+    row_pixels.append(pixels[starts[first]:starts[last]])
+    first = last
+  return vision_input(cfg, row_pixels, row_grids, image_bucket=image_bucket)
 
 
 def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                   pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> PreparedInputs:
-  """Host-side work for one forward: 3-D positions, vision layouts, and shape checks."""
+                   pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
+                   image_bucket: int = 0) -> PreparedInputs:
+  """Host-side work for one forward: 3-D positions, per-row vision inputs (`image_bucket`: see
+  `vision_layout.layout_sizes`), and shape checks."""
   ids = np.asarray(input_ids)
   if ids.ndim == 1:
     ids = ids[None]
@@ -210,8 +291,9 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
     raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
   mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
   mask = mask.reshape(ids.shape)
-  images = _vision_input(cfg, pixel_values, image_grid_thw, "image", ids, cfg.image_token_id)
-  videos = _vision_input(cfg, pixel_values_videos, video_grid_thw, "video", ids, cfg.video_token_id)
+  images = _vision_input(cfg, pixel_values, image_grid_thw, "image", ids, mask, cfg.image_token_id, image_bucket)
+  videos = _vision_input(cfg, pixel_values_videos, video_grid_thw, "video", ids, mask, cfg.video_token_id,
+                         image_bucket)
   positions, deltas = rope_index(ids, cfg, attention_mask=mask, image_grid_thw=image_grid_thw,
                                  video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
   return PreparedInputs(ids=jnp.asarray(ids, jnp.int32), positions=jnp.asarray(positions, jnp.int32),

@@ -2,6 +2,9 @@
 
 pixel rows [N, 1176] -> patch embed -> window permutation -> blocks (windowed or per-frame
 attention, 2-D rotary) -> RMSNorm + 2x2 patch merger -> inverse permutation -> [N/4, out_hidden].
+
+Every row of a batch carries its own images ([R, N, 1176] with a per-row layout, `vision_layout.VisionBatch`),
+so the tower runs per row (vmapped) and its activations shard with the batch's rows.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from flax import nnx
 
 from zoomer_jax.model.config import VisionConfig
 from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, attention_weights, precision_for, rotate_half
+from zoomer_jax.model.options import ModelOptions
+from zoomer_jax.model.stack import remat, scan_modules, stack_modules
 from zoomer_jax.model.vision_layout import Segments, VisionLayout
+from zoomer_jax.parallel.rules import constrain
 
 
 def vision_rotary(rot_pos_n2: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
@@ -46,11 +52,11 @@ class VisionAttention(nnx.Module):
     q_nkh, k_nkh = rot(q_nkh).astype(self.dtype), rot(k_nkh).astype(self.dtype)
 
     # Heads first, rows packed into segments: [k, S, L, h], so both GEMMs batch over leading (k, S). Segments
-    # are consecutive runs of rows, so when none is padded (S * L == N, e.g. grids the window divides) the
-    # packing is a reshape and the gather/scatter round trip is skipped.
+    # are consecutive runs of rows, so when none is padded (e.g. grids the window divides) the packing is a
+    # reshape and the gather/scatter round trip is skipped.
     n, k, h = q_nkh.shape
     s, length = seg.gather.shape
-    packed = s * length == n
+    packed = seg.identity
     pack = (lambda a: a.reshape(k, s, length, h)) if packed else (lambda a: a[:, seg.gather])
     q_kslh, k_kslh, v_kslh = (pack(a.transpose(1, 0, 2)) for a in (q_nkh, k_nkh, v_nkh))
     scores = jnp.einsum("kslh,ksmh->kslm", q_kslh, k_kslh, precision=self.precision,
@@ -96,25 +102,54 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-  """pixel rows [N, C*T*P*P] + layout -> merged tokens [N/4, out_hidden] in placeholder order."""
+  """pixel rows [R, N, C*T*P*P] + per-row layouts -> merged tokens [R, N/4, out_hidden] in placeholder order.
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+  With `options.scan_layers` the blocks are one stacked module run by `lax.scan`; a block's kind (windowed or
+  full attention) is a `lax.cond` on its index, so both kinds compile once."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
+    self.options = options
     # Conv3d(kernel = stride = (T, P, P)) over one row is a linear map of the flattened row.
     self.patch_embed = Linear((cfg.patch_dim,), (cfg.hidden_size,), axes=("vision_patch", "vision_embed"),
                               use_bias=False, dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
+    blocks = [VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)]
+    self.blocks = stack_modules(blocks) if options.scan_layers else nnx.List(blocks)
     self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, pixels_np: jax.Array, layout: VisionLayout, *, frozen_blocks: bool = False) -> jax.Array:
-    """`frozen_blocks`: no gradient reaches the patch embedding and the blocks (only the merger trains)."""
+  def __call__(self, pixels_rnp: jax.Array, layout: VisionLayout, *, frozen_blocks: bool = False,
+               remat_policy: str = "none") -> jax.Array:
+    """`frozen_blocks`: no gradient reaches the patch embedding and the blocks (only the merger trains);
+    `remat_policy` rematerialises each block in the backward pass."""
+    rows = ("activation_batch", "activation_length", "activation_embed")
+    pixels_rnp = constrain(pixels_rnp, rows, self.options.rules)
+    out = jax.vmap(lambda p, lay: self._one_row(p, lay, frozen_blocks, remat_policy))(pixels_rnp, layout)
+    return constrain(out, rows, self.options.rules)
+
+  def _one_row(self, pixels_np, layout: VisionLayout, frozen_blocks: bool, remat_policy: str) -> jax.Array:
     # Pixels are rounded to the tower's dtype first (HF casts pixel_values to visual.dtype).
     x_nd = self.patch_embed(pixels_np.astype(self.dtype)[layout.perm])
     cos_nh, sin_nh = vision_rotary(layout.rot_pos, self.cfg)
     full = frozenset(self.cfg.fullatt_block_indexes)
-    for i, block in enumerate(self.blocks):
-      x_nd = block(x_nd, cos_nh, sin_nh, layout.frames if i in full else layout.windows)
+
+    def run(block, x, is_full):
+      if isinstance(is_full, bool):
+        return block(x, cos_nh, sin_nh, layout.frames if is_full else layout.windows)
+      return jax.lax.cond(is_full, lambda x: block(x, cos_nh, sin_nh, layout.frames),
+                          lambda x: block(x, cos_nh, sin_nh, layout.windows), x)
+
+    if self.options.scan_layers:
+      kinds = jnp.asarray([i in full for i in range(self.cfg.depth)])
+      x_nd, _ = scan_modules(lambda block, x, is_full: (run(block, x, is_full), None), self.blocks, x_nd, kinds,
+                             remat_policy=remat_policy)
+    else:
+      for i, block in enumerate(self.blocks):
+        if remat_policy == "none":
+          x_nd = run(block, x_nd, i in full)
+        else:  # split, so that only arrays cross jax.checkpoint
+          graphdef, state = nnx.split(block)
+          x_nd = remat(lambda state, x, f=i in full: run(nnx.merge(graphdef, state), x, f), remat_policy)(state, x_nd)
     if frozen_blocks:
       x_nd = jax.lax.stop_gradient(x_nd)
     return self.merger(x_nd)[layout.unperm]

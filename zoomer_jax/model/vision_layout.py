@@ -10,6 +10,8 @@ host and passed to the jitted tower as int arrays.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from flax import struct
 
@@ -21,12 +23,15 @@ class Segments:
   """Packing of a sequence of N rows into `[S, L]` segments.
 
   gather: [S, L] row index of each slot (0 for padding slots); valid: [S, L] slot holds a row;
-  scatter: [N] flat slot index (s * L + l) of each row, to unpack [S * L, ...] -> [N, ...].
+  scatter: [N] flat slot index (s * L + l) of each row, to unpack [S * L, ...] -> [N, ...];
+  identity: the packing is a plain reshape (S * L == N, every slot valid, rows in order), so the tower skips
+  the gather/scatter round trip.
   """
 
   gather: np.ndarray
   valid: np.ndarray
   scatter: np.ndarray
+  identity: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -77,17 +82,28 @@ def window_index(grid_thw: np.ndarray, merge: int, window_units: int) -> tuple[n
   return np.concatenate(index), np.asarray(lengths, np.int64)
 
 
-def _pack(lengths: np.ndarray) -> Segments:
-  """Packs consecutive runs of the given lengths into [S, max(lengths)]."""
+def _pack(lengths: np.ndarray, width: int | None = None, segments: int | None = None,
+          rows: int | None = None) -> Segments:
+  """Packs consecutive runs of the given lengths into [S, width] (default: max(lengths)); with `segments` and
+  `rows`, pads to that many segments (empty, invalid) and that many rows (scattered from slot 0)."""
   lengths = np.asarray(lengths, np.int64)
-  n, s, width = int(lengths.sum()), len(lengths), int(lengths.max())
+  n, s = int(lengths.sum()), len(lengths)
+  width = int(lengths.max()) if width is None else width
+  segments = s if segments is None else segments
+  rows = n if rows is None else rows
+  if (lengths > width).any() or segments < s or rows < n:
+    raise ValueError(f"segments of lengths up to {int(lengths.max(initial=0))} ({s} of them, {n} rows) do not fit "
+                     f"[{segments}, {width}] with {rows} rows")
+  lengths = np.concatenate([lengths, np.zeros(segments - s, np.int64)])
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
   offs = np.arange(width)
   valid = offs[None, :] < lengths[:, None]
   gather = np.where(valid, starts[:, None] + offs[None, :], 0)
-  seg_of_row = np.repeat(np.arange(s), lengths)
-  scatter = seg_of_row * width + (np.arange(n) - starts[seg_of_row])
-  return Segments(gather=gather.astype(np.int32), valid=valid, scatter=scatter.astype(np.int32))
+  seg_of_row = np.repeat(np.arange(segments), lengths)
+  scatter = np.zeros(rows, np.int64)
+  scatter[:n] = seg_of_row * width + (np.arange(n) - starts[seg_of_row])
+  identity = bool(valid.all() and segments * width == rows)
+  return Segments(gather=gather.astype(np.int32), valid=valid, scatter=scatter.astype(np.int32), identity=identity)
 
 
 def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionLayout:
@@ -122,3 +138,71 @@ def num_tokens(grid_thw: np.ndarray, merge: int) -> int:
   """LLM tokens the tower produces for these grids: sum(t * h * w) / merge^2."""
   grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
   return int(grid.prod(-1).sum()) // (merge * merge)
+
+
+@struct.dataclass
+class LayoutSizes:
+  """The padded shapes every row of a batch shares: patches per row, windowed and per-frame segments and their
+  widths. Rows with fewer patches are padded with blank rows that sit in segments of their own."""
+
+  patches: int
+  windows: int
+  window_len: int
+  frames: int
+  frame_len: int
+
+
+def layout_sizes(grids: Sequence[np.ndarray], cfg: VisionConfig, image_bucket: int = 0) -> LayoutSizes:
+  """Sizes that fit every row's grids; with `image_bucket`, room for image counts rounded up to a multiple of
+  it (images of the batch's largest), so batches whose counts differ within a bucket share one program."""
+  merge, unit = cfg.spatial_merge_size, cfg.spatial_merge_size**2
+  grids = [_check_grid(g, merge) if len(np.asarray(g).reshape(-1, 3)) else np.zeros((0, 3), np.int64)
+           for g in grids]
+  every = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
+  if not len(every):
+    raise ValueError("layout_sizes needs at least one image")
+  per_image = every.prod(-1)
+  wins_per_image = [len(window_index(g[None], merge, cfg.window_units)[1]) for g in every]
+  bucket = lambda n, one: n if image_bucket <= 0 else -(-n // (image_bucket * one)) * (image_bucket * one)
+  patches = max(int(g.prod(-1).sum()) for g in grids)
+  windows = max(len(window_index(g, merge, cfg.window_units)[1]) if len(g) else 0 for g in grids)
+  frames = max(int(g[:, 0].sum()) if len(g) else 0 for g in grids)
+  return LayoutSizes(patches=bucket(patches, int(per_image.max())), windows=bucket(windows, max(wins_per_image)),
+                     window_len=(cfg.window_units * merge) ** 2, frames=bucket(frames, int(every[:, 0].max())),
+                     frame_len=int((every[:, 1] * every[:, 2]).max()) if unit else 0)
+
+
+def padded_layout(grid_thw: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:
+  """`vision_layout` of one row's grids (possibly none), padded to `sizes` (rows beyond the real patches are
+  blank: identity-permuted, in segments of their own, never gathered into the real output)."""
+  grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  unit = cfg.spatial_merge_size**2
+  if len(grid):
+    real = vision_layout(grid, cfg)
+    win_lengths = window_index(grid, cfg.spatial_merge_size, cfg.window_units)[1] * unit
+    frame_lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    perm, rot_pos, unperm = real.perm, real.rot_pos, real.unperm
+  else:
+    win_lengths = frame_lengths = np.zeros(0, np.int64)
+    perm, rot_pos, unperm = np.zeros(0, np.int32), np.zeros((0, 2), np.int32), np.zeros(0, np.int32)
+  n = len(perm)
+  if n > sizes.patches:
+    raise ValueError(f"a row of {n} patches does not fit a batch layout of {sizes.patches}")
+  return VisionLayout(
+      perm=np.concatenate([perm, np.arange(n, sizes.patches)]).astype(np.int32),
+      rot_pos=np.concatenate([rot_pos, np.zeros((sizes.patches - n, 2), np.int32)]).astype(np.int32),
+      windows=_pack(win_lengths, sizes.window_len, sizes.windows, sizes.patches),
+      frames=_pack(frame_lengths, sizes.frame_len, sizes.frames, sizes.patches),
+      unperm=np.concatenate([unperm, np.arange(n // unit, sizes.patches // unit)]).astype(np.int32))
+
+
+def batch_layout(grids: Sequence[np.ndarray], cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:
+  """Every row's `padded_layout`, stacked: leaves [R, ...]; `identity` holds only if it holds for every row."""
+  layouts = [padded_layout(g, cfg, sizes) for g in grids]
+  stack = lambda get: np.stack([get(lay) for lay in layouts])
+  segs = lambda name: Segments(gather=stack(lambda l: getattr(l, name).gather),
+                               valid=stack(lambda l: getattr(l, name).valid),
+                               scatter=stack(lambda l: getattr(l, name).scatter),
+                               identity=all(getattr(l, name).identity for l in layouts))
+  return VisionLayout(perm=stack(lambda l: l.perm), rot_pos=stack(lambda l: l.rot_pos), windows=segs("windows"),
+                      frames=segs("frames"), unperm=stack(lambda l: l.unperm))

@@ -1,14 +1,17 @@
 """Logical axis names -> mesh axes.
 
-Parameters carry logical names (`embed`, `mlp`, `q_heads`, ...) in their `axes` metadata. A rules
-table, part of the run config, maps each name to a mesh axis, a tuple of mesh axes, or None
-(replicated). The first rule naming a logical axis wins; a mesh axis is used at most once per array.
+Parameters carry logical names (`embed`, `mlp`, `q_heads`, ...) in their `axes` metadata, and activations are
+constrained by logical names too (`constrain(x, ("activation_batch", "activation_length", "activation_embed"),
+rules)`, MaxText's `with_logical_constraint`), so the layout XLA picks is the one meant. A rules table, part of
+the run config (`cfg.mesh.rules`), maps each name to a mesh axis, a tuple of mesh axes, or None (replicated).
+The first rule naming a logical axis wins; a mesh axis is used at most once per array.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -29,7 +32,35 @@ DEFAULT_RULES: Rules = (
     ("vision_heads", "tensor"),
     ("vision_merged", "fsdp"),
     ("vision_merged_out", "tensor"),
+    ("layers", None),  # the stacked axis of scanned layers: every chip holds its slice of every layer
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # the KV cache [layers, batch, kv_heads, ...]
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_kv_heads", "tensor"),
 )
+
+
+def check_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """`rules` as a hashable tuple of (logical name, target) pairs; a malformed entry raises naming it."""
+  out = []
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ValueError(f"rule {i} {rule!r} is not a (logical name, mesh axes) pair")
+    name, target = rule
+    if isinstance(target, list):
+      target = tuple(target)
+    if not (target is None or isinstance(target, str)
+            or isinstance(target, tuple) and all(isinstance(t, str) for t in target)):
+      raise ValueError(f"rule for {name!r}: target {target!r} is not a mesh axis name, a tuple of them, or None")
+    out.append((name, target))
+  return tuple(out)
 
 
 def logical_to_spec(axes: Iterable[str | None], rules: Rules, mesh: Mesh | None = None,
@@ -49,7 +80,7 @@ def logical_to_spec(axes: Iterable[str | None], rules: Rules, mesh: Mesh | None 
     keep = []
     size = None if shape is None else shape[i]
     for t in targets:
-      if t in used:
+      if t in used or mesh is not None and t not in mesh.shape:
         continue
       if mesh is not None:
         n = mesh.shape[t]
@@ -72,3 +103,14 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedShard
     return NamedSharding(mesh, PartitionSpec())
   return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, value.shape))
 
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Array:
+  """`x` constrained to the layout its logical `axes` map to on the mesh in context (`jax.set_mesh`); `x`
+  itself when no mesh is set (single device, eager use). Axes that do not divide fall back to replication."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  if len(axes) != x.ndim:
+    raise ValueError(f"logical axes {tuple(axes)} do not match an array of rank {x.ndim}")
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, mesh, x.shape))

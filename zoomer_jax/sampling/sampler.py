@@ -1,6 +1,7 @@
 """Jitted generation around the KV cache: sample, decode until a stop, extend with new tokens and frames.
 
-Three device programs, each compiled once per bucketed shape:
+Three operations in two device programs (`step_program`: prefill and extend; `decode_program`), each
+compiled once per bucketed shape; both donate the cache they replace:
 
   * `prefill`  - the prompt (with its images) into a fresh cache; the logits of each sequence's last token;
   * `extend`   - appends a chunk of tokens (with images) to an existing cache at given M-RoPE positions,
@@ -21,6 +22,7 @@ the same temperature computes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -29,7 +31,7 @@ import numpy as np
 from flax import nnx, struct
 
 from zoomer_jax.model.kv_cache import KVCache
-from zoomer_jax.model.layers import Linear, outputs_first, outputs_first_helps
+from zoomer_jax.model.layers import Linear, outputs_first, outputs_first_helps, platform_of
 from zoomer_jax.model.mrope import text_positions
 
 STOP_NONE, STOP_TOKEN, STOP_STRING, STOP_LENGTH = 0, 1, 2, 3
@@ -175,13 +177,13 @@ class _Loop:
 def decode_weights(model):
   """The model to hand `decode`: the same function, with the text decoder's kernels in the sampler's layout.
 
-  On CPU in fp32 that is a copy whose decoder `Linear` kernels are stored outputs first (`layers.FEW_ROWS`
-  says why; a bench-small decode step at batch 8 took 107-120 ms against 135-167 ms, interleaved); it shares
-  every other array with `model` and costs one pass over the decoder weights, so make it once per set of
-  weights (once per rollout), not per call. Elsewhere it is `model` itself. Prefill and extend take `model`,
-  which is unchanged; results agree to float rounding, since only the order of the sums changes.
+  On CPU in fp32 (the platform of the model's parameters) that is a copy whose decoder `Linear` kernels are
+  stored outputs first (`layers.FEW_ROWS` says why); it shares every other array with `model` and costs one pass
+  over the decoder weights, so make it once per set of weights (once per rollout), not per call. Elsewhere, and
+  for scanned models (whose stacked kernels the layer scan slices), it is `model` itself. Prefill and extend take
+  `model`, which is unchanged; results agree to float rounding, since only the order of the sums changes.
   """
-  if not outputs_first_helps(model.dtype):
+  if model.options.scan_layers or not outputs_first_helps(model.dtype, platform_of(nnx.state(model, nnx.Param))):
     return model
   view = nnx.merge(*nnx.split(model))
   for _, layer in nnx.iter_modules(view.model):
@@ -214,13 +216,14 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
   args = _on_model_mesh(model, (cache, jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
                                 jnp.asarray(live, bool), key, stop, window, jnp.asarray(forced)))
   cache, logits_bv, next_position, live, key, stop, window, forced = args
-  return _decode(model, cache, logits_bv, next_position, live, key, stop, params, window, forced)
-
-
-@nnx.jit(static_argnames=("params",), graph_updates=False)  # graph_updates: see qwen25vl._jit_forward
-def _decode(model, cache, logits_bv, next_position, live, key, stop, params, window, forced):
-  TRACES["decode"] += 1
   graphdef, state = nnx.split(model)
+  return decode_program(graphdef, state, cache, logits_bv, next_position, live, key, stop, params, window, forced)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache",))
+def decode_program(graphdef, state, cache, logits_bv, next_position, live, key, stop, params, window, forced):
+  """The jitted decode loop (`decode`) as a function of the model's state; the cache is donated."""
+  TRACES["decode"] += 1
   b, n = logits_bv.shape[0], params.max_new_tokens
 
   def cond(s: _Loop):
@@ -290,11 +293,10 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   for rows with no tokens -, cache, next_position). Used for the prompt too (a fresh cache, position 0).
 
   Shape buckets, so that turns of different lengths reuse one compiled program: `token_bucket` pads T up to
-  a multiple (padding is masked; it uses cache slots), and `image_bucket` pads the images with blank copies
-  of the last image's grid up to a multiple of that many images (their features are computed and unused).
+  a multiple (padding is masked; it uses cache slots), and `image_bucket` pads every row's images with blank
+  rows to room for a multiple of that many images (`vision_layout.layout_sizes`).
   """
-  from zoomer_jax.model.qwen25vl import VisionInput, prepare_inputs  # noqa: PLC0415 (no import cycle)
-  from zoomer_jax.model.vision_layout import vision_layout  # noqa: PLC0415
+  from zoomer_jax.model.qwen25vl import prepare_inputs  # noqa: PLC0415 (no import cycle)
   ids = np.asarray(input_ids)
   ids = ids[None] if ids.ndim == 1 else ids
   mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
@@ -302,17 +304,8 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   if pad:
     ids = np.pad(ids, ((0, 0), (0, pad)))
     mask = np.pad(mask, ((0, 0), (0, pad)))
-  prep = prepare_inputs(model.config, ids, mask, pixel_values, image_grid_thw,
-                        pixel_values_videos, video_grid_thw, second_per_grid_ts)
-  if image_bucket > 0 and prep.images is not None:
-    grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    extra = round_up(len(grid), image_bucket) - len(grid)
-    if extra:
-      grid = np.concatenate([grid, np.repeat(grid[-1:], extra, 0)])
-      rows = int(grid[-extra:].prod(-1).sum())
-      pixels = jnp.concatenate([prep.images.pixels, jnp.zeros((rows, prep.images.pixels.shape[1]),
-                                                               prep.images.pixels.dtype)])
-      prep = prep.replace(images=VisionInput(pixels=pixels, layout=vision_layout(grid, model.config.vision)))
+  prep = prepare_inputs(model.config, ids, mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                        second_per_grid_ts, image_bucket=image_bucket)
   b, t = prep.ids.shape
   if int(cache.length) + t > cache.size:
     raise ValueError(f"a chunk of {t} tokens overflows the cache ({int(cache.length)} of {cache.size} slots "
@@ -324,7 +317,8 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   positions = prep.positions + jnp.asarray(start)[None, :, None]
   step_args = _on_model_mesh(model, (prep.ids, positions, prep.token_mask, prep.images, prep.videos, cache,
                                      jnp.asarray(last), n > 0, prev_logits))
-  logits, cache = _step(model, *step_args[:7])
+  graphdef, state = nnx.split(model)
+  logits, cache = step_program(graphdef, state, *step_args[:7])
   if prev_logits is not None:
     logits = jnp.where(jnp.asarray(step_args[7])[:, None], logits, step_args[8])
   return logits, cache, jnp.asarray(np.where(n > 0, start + np.asarray(prep.next_position), start), jnp.int32)
@@ -341,12 +335,10 @@ def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **kw) -> 
   return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **kw)
 
 
-@nnx.jit(graph_updates=False)
-def _step(model, ids, positions, token_mask, images, videos, cache, last_b):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def step_program(graphdef, state, ids, positions, token_mask, images, videos, cache, last_b):
+  """The jitted prefill / extend chunk (`extend`) as a function of the model's state: (logits after each row's
+  token `last_b` [B, V], the cache with the chunk written); the cache is donated."""
   TRACES["step"] += 1
-  image_feats = None if images is None else model.encode_vision(images)
-  video_feats = None if videos is None else model.encode_vision(videos)
-  x_btd = model.embed(ids, image_feats, video_feats)
-  h_btd, cache = model.model(x_btd, positions, token_mask, cache)
-  h_bd = h_btd[jnp.arange(h_btd.shape[0]), last_b]
-  return model.logits(h_bd[:, None])[:, 0], cache
+  model = nnx.merge(graphdef, state)
+  return model.forward(ids, positions, token_mask, images=images, videos=videos, cache=cache, logits_at=last_b)

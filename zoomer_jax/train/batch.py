@@ -9,8 +9,9 @@ An `Example` is one token sequence with its images (an SFT conversation or a GRP
     seq_values   {name: float}         per-sequence inputs (the GRPO advantage)
 
 `make_batch` lays a list of examples out as `rows` rows of a bucketed length with 3-D M-RoPE positions
-computed exactly as at sampling time (so trainer and sampler log-probs agree), and image counts padded to
-a bucket, so a run compiles a handful of programs. Rows beyond the examples are empty (all masks 0).
+computed exactly as at sampling time (so trainer and sampler log-probs agree), each row's images beside it
+(`VisionInput` [rows, patches, ...], split over the mesh with the rows) and image counts padded to a bucket, so
+a run compiles a handful of programs. Rows beyond the examples are empty (all masks 0).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zoomer_jax.model.config import ModelConfig
-from zoomer_jax.model.qwen25vl import VisionInput, prepare_inputs
-from zoomer_jax.model.vision_layout import vision_layout
+from zoomer_jax.model.mrope import rope_index
+from zoomer_jax.model.qwen25vl import VisionInput, vision_input
+from zoomer_jax.model.vision_layout import LayoutSizes, layout_sizes
 from zoomer_jax.sampling.sampler import round_up
 
 BATCH_AXES = ("data", "fsdp")
@@ -85,8 +87,10 @@ def batch_length(examples: Sequence[Example], token_bucket: int) -> int:
 
 
 def make_batch(cfg: ModelConfig, examples: Sequence[Example], *, rows: int | None = None, token_bucket: int = 0,
-               image_bucket: int = 0, pad_id: int = 0, length: int | None = None) -> TrainBatch:
-  """`examples` as a right-padded [rows, length] host batch (numpy leaves); see the module docstring."""
+               image_bucket: int = 0, pad_id: int = 0, length: int | None = None,
+               sizes: LayoutSizes | None = None) -> TrainBatch:
+  """`examples` as a right-padded [rows, length] host batch (numpy leaves); see the module docstring. `sizes`
+  fixes the images' padded shapes (several processes agree on them, `make_global_batch`)."""
   if not examples:
     raise ValueError("make_batch needs at least one example")
   rows = len(examples) if rows is None else rows
@@ -100,7 +104,7 @@ def make_batch(cfg: ModelConfig, examples: Sequence[Example], *, rows: int | Non
   seq_names = sorted({k for e in examples for k in e.seq_values})
   token_values = {k: np.zeros((rows, length), np.float32) for k in token_names}
   seq_values = {k: np.zeros((rows,), np.float32) for k in seq_names}
-  pixels, grids = [], []
+  pixels, grids = [None] * rows, [None] * rows
   for i, e in enumerate(examples):
     n = len(e.ids)
     if n > length:
@@ -115,19 +119,13 @@ def make_batch(cfg: ModelConfig, examples: Sequence[Example], *, rows: int | Non
         raise ValueError(f"example {i} lacks sequence value {k!r} that others have")
       seq_values[k][i] = e.seq_values[k]
     if e.n_images:
-      pixels.append(np.asarray(e.pixel_values, np.float32))
-      grids.append(np.asarray(e.image_grid_thw, np.int64).reshape(-1, 3))
-  pv = np.concatenate(pixels) if pixels else None
-  grid = np.concatenate(grids) if grids else None
-  prep = prepare_inputs(cfg, ids, token_mask, pv, grid)
-  images = None
-  if grid is not None:
-    extra = round_up(len(grid), image_bucket) - len(grid)
-    if extra:  # blank copies of the last grid: their features are computed and never scattered
-      grid = np.concatenate([grid, np.repeat(grid[-1:], extra, 0)])
-      pv = np.concatenate([pv, np.zeros((int(grid[-extra:].prod(-1).sum()), pv.shape[1]), pv.dtype)])
-    images = VisionInput(pixels=pv, layout=jax.tree.map(np.asarray, vision_layout(grid, cfg.vision)))
-  return TrainBatch(ids=ids, positions=np.asarray(prep.positions), token_mask=token_mask, loss_mask=loss_mask,
+      pixels[i] = np.asarray(e.pixel_values, np.float32)
+      grids[i] = np.asarray(e.image_grid_thw, np.int64).reshape(-1, 3)
+  every = [g for g in grids if g is not None]
+  positions, _ = rope_index(ids, cfg, attention_mask=token_mask,
+                            image_grid_thw=np.concatenate(every) if every else None)
+  images = vision_input(cfg, pixels, grids, image_bucket=image_bucket, sizes=sizes)
+  return TrainBatch(ids=ids, positions=positions.astype(np.int32), token_mask=token_mask, loss_mask=loss_mask,
                     images=images, token_values=token_values, seq_values=seq_values)
 
 
@@ -139,16 +137,17 @@ def row_spec(mesh: Mesh, rows: int) -> PartitionSpec:
 
 
 def batch_sharding(mesh: Mesh | None, batch: TrainBatch):
-  """Shardings for `batch`: the row axis split over (data, fsdp) when it divides, everything else replicated."""
+  """Shardings for `batch`: the row axis (of every leaf, images included) split over (data, fsdp) when it divides,
+  everything else replicated."""
   if mesh is None:
     return None
   spec = row_spec(mesh, batch.ids.shape[0])
   rep = NamedSharding(mesh, PartitionSpec())
 
   def spec_for(path, x):
-    names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
-    if "images" in names or not spec:
+    if not spec:
       return rep
+    names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
     if names[0] == "positions":
       return NamedSharding(mesh, PartitionSpec(None, *spec))
     return NamedSharding(mesh, spec)
@@ -170,61 +169,44 @@ def make_global_batch(cfg: ModelConfig, local: dict[int, Example], mesh: Mesh, *
 
   `local` maps each row this process holds (`local_rows(mesh, rows)`) to its example; every process must pass
   the same `length` (e.g. bucketed from the global longest row, which `RecordStream.take` gives every
-  process). Token arrays are built from the local rows alone. The images are replicated on every device (the
-  vision tower sees the whole batch's images, which the model scatters into the pad tokens in row order), so
-  when no process holds every row, each process sends its rows' pixels to the others (`ragged_allgather`):
-  each process decodes only its rows, and only pixels cross the network. A collective in that case.
+  process). Every leaf, images included, is built from the local rows alone; the processes agree on the images'
+  padded shapes by exchanging their rows' grids (a collective when no process holds every row).
   """
   want = local_rows(mesh, rows)
   missing = [r for r in want if r not in local]
   if missing:
     raise ValueError(f"make_global_batch: this process holds rows {missing} but was given no example for them")
   mine = [local[r] for r in want]
-  if len(want) == rows:  # every row is here (one process, or replicated rows): the whole batch, as before
+  if len(want) == rows:  # every row is here (one process, or replicated rows): the whole batch
     host = make_batch(cfg, mine, rows=rows, length=length, image_bucket=image_bucket, pad_id=pad_id)
     return _global_arrays(host, mesh, list(range(rows)), rows)
-  host = make_batch(cfg, mine, rows=len(want), length=length, pad_id=pad_id)  # positions: per row
-  images = _gathered_images(cfg, {r: local[r] for r in want}, rows, image_bucket)
-  return _global_arrays(host.replace(images=images), mesh, want, rows)
+  sizes = _global_sizes(cfg, mine, image_bucket)
+  host = make_batch(cfg, mine, rows=len(want), length=length, pad_id=pad_id, sizes=sizes)
+  return _global_arrays(host, mesh, want, rows)
 
 
-def _gathered_images(cfg: ModelConfig, local: dict[int, Example], rows: int, image_bucket: int):
-  """Every row's images, in row order, on every process (each process sends the rows it holds)."""
+def _global_sizes(cfg: ModelConfig, examples: Sequence[Example], image_bucket: int) -> LayoutSizes | None:
+  """The images' padded shapes fitted to every process's rows (None when no row has an image): each process
+  sends its rows' grids, [n, 4] (row, t, h, w), and all fit the sizes to all of them."""
   from zoomer_jax.parallel.distributed import ragged_allgather  # noqa: PLC0415
-  grids = [np.concatenate([np.full((e.n_images, 1), r), np.asarray(e.image_grid_thw, np.int64).reshape(-1, 3)], 1)
-           for r, e in local.items() if e.n_images]
-  pixels = [np.asarray(e.pixel_values, np.float32) for e in local.values() if e.n_images]
-  grids = np.concatenate(grids) if grids else np.zeros((0, 4), np.int64)
-  pixels = np.concatenate(pixels) if pixels else np.zeros((0, cfg.vision.patch_dim), np.float32)
-  by_row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-  for g, pv in zip(ragged_allgather(grids), ragged_allgather(pixels)):  # process order; a row sent twice: first
-    starts = np.concatenate([[0], np.cumsum(g[:, 1:].prod(1))])
-    for r in np.unique(g[:, 0]):
-      sel = np.flatnonzero(g[:, 0] == r)
-      if int(r) not in by_row:
-        by_row[int(r)] = (g[sel, 1:], np.concatenate([pv[starts[i]:starts[i + 1]] for i in sel]))
-  if not by_row:
-    return None
-  grid = np.concatenate([by_row[r][0] for r in sorted(by_row)])
-  pv = np.concatenate([by_row[r][1] for r in sorted(by_row)])
-  extra = round_up(len(grid), image_bucket) - len(grid)
-  if extra:  # as make_batch: blank copies of the last grid
-    grid = np.concatenate([grid, np.repeat(grid[-1:], extra, 0)])
-    pv = np.concatenate([pv, np.zeros((int(grid[-extra:].prod(-1).sum()), pv.shape[1]), pv.dtype)])
-  return VisionInput(pixels=pv, layout=jax.tree.map(np.asarray, vision_layout(grid, cfg.vision)))
+  grids = [np.concatenate([np.full((e.n_images, 1), i), np.asarray(e.image_grid_thw, np.int64).reshape(-1, 3)], 1)
+           for i, e in enumerate(examples) if e.n_images]
+  every = ragged_allgather(np.concatenate(grids) if grids else np.zeros((0, 4), np.int64))
+  per_row = [g[g[:, 0] == r, 1:] for g in every for r in np.unique(g[:, 0])]
+  return layout_sizes(per_row, cfg.vision, image_bucket) if per_row else None
 
 
 def _global_arrays(host: TrainBatch, mesh: Mesh, held: list[int], rows: int) -> TrainBatch:
-  """Global arrays of `rows` rows from host arrays holding rows `held` (in that order) of the row-split leaves
-  and the full value of the replicated ones."""
+  """Global arrays of `rows` rows from host arrays holding rows `held` (in that order) of every leaf (row axis
+  1 for positions, 0 for the rest)."""
   where = {r: i for i, r in enumerate(held)}
   shardings = batch_sharding(mesh, host.replace(ids=np.zeros((rows, 1), np.int32)))
 
   def one(path, x, sharding):
     x = np.asarray(x)
     names = [getattr(p, "name", getattr(p, "key", None)) for p in path]
-    axis = None if "images" in names else (1 if names[0] == "positions" else 0)
-    if axis is None or len(held) == rows and held == list(range(rows)):
+    axis = 1 if names[0] == "positions" else 0
+    if len(held) == rows and held == list(range(rows)):
       return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
     shape = x.shape[:axis] + (rows,) + x.shape[axis + 1:]
 

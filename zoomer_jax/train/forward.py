@@ -10,50 +10,24 @@ vocabulary when `vocab_chunk` is set, and `token_chunk` also walks the tokens in
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from zoomer_jax.model.kv_cache import attention_mask
-from zoomer_jax.model.mrope import mrope_cos_sin
+from zoomer_jax.model.stack import REMAT_POLICIES
 from zoomer_jax.train.batch import TrainBatch
 from zoomer_jax.train.logprobs import head_weight, logits_dtype, token_logprobs
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute each decoder layer in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
+__all__ = ["REMAT_POLICIES", "hidden_states", "sequence_logprobs"]
 
 
-def _layer_fn(layer, remat: str):
+def hidden_states(model, batch: TrainBatch, *, remat: str = "none", freeze_vision: bool | str = False):
+  """Final-norm hidden states [B, L, d] from the model's one trunk (`Qwen25VL.forward(logits_at=None)`).
+  `freeze_vision` (`optim.FREEZE_VISION`): True, no gradient reaches the vision tower; "blocks", none reaches its
+  patch embedding and blocks (the merger trains). `remat` is a `model.stack.REMAT_POLICIES` name."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
-  graphdef, state = nnx.split(layer)
-
-  def run(state, x_btd, cos, sin, allowed):
-    return nnx.merge(graphdef, state)(x_btd, cos, sin, allowed, None, 0)[0]
-  policy = REMAT_POLICIES[remat]
-  return state, (run if remat == "none" else jax.checkpoint(run, policy=policy))
-
-
-def hidden_states(model, batch: TrainBatch, *, remat: str = "none", freeze_vision: bool = False) -> jax.Array:
-  """Final-norm hidden states [B, L, d]. `freeze_vision` (`optim.FREEZE_VISION`): True, no gradient reaches the
-  vision tower; "blocks", none reaches its patch embedding and blocks (the merger trains)."""
-  feats = None
-  if batch.images is not None:
-    feats = model.encode_vision(batch.images, frozen_blocks=freeze_vision == "blocks")
-    if freeze_vision is True:
-      feats = jax.lax.stop_gradient(feats)
-  x_btd = model.embed(batch.ids, feats)
-  dec = model.model
-  cos_bth, sin_bth = mrope_cos_sin(batch.positions, dec.cfg, dec.dtype)
-  allowed_bts, _ = attention_mask(batch.token_mask.astype(bool), None)
-  x_btd = x_btd.astype(dec.dtype)
-  for layer in dec.layers:
-    state, run = _layer_fn(layer, remat)
-    x_btd = run(state, x_btd, cos_bth, sin_bth, allowed_bts)
-  return dec.norm(x_btd)
+  h_btd, _ = model.forward(batch.ids, batch.positions, batch.token_mask, images=batch.images, logits_at=None,
+                           remat_policy=remat, freeze_vision=freeze_vision)
+  return h_btd
 
 
 def sequence_logprobs(model, batch: TrainBatch, *, remat: str = "none", vocab_chunk: int | None = None,

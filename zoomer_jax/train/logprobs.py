@@ -16,7 +16,7 @@ vocab_chunk=16384 is 768 MiB here vs 1280 MiB (about 3 vs 5 [T, C] fp32 blocks),
 (d=64, C=8192, 1024 tokens) 98 vs 503 MiB, as autodiff accumulates dw per token block. Here each vocab
 chunk's dw is summed over token blocks in fp32 and written once, in place, into the [d, V] gradient.
 
-`sequence_logprobs` runs the model trunk (vision, embedding, decoder) and applies this to the head.
+`sequence_logprobs` runs the model's trunk (`Qwen25VL.forward(logits_at=None)`) and applies this to the head.
 """
 
 from __future__ import annotations
@@ -214,16 +214,6 @@ def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, 
   return unblock(logp_kc), (unblock(ent_kc) if with_entropy else None)
 
 
-def hidden_states(model: Qwen25VL, ids_bt: jax.Array, positions_3bt: jax.Array, token_mask_bt: jax.Array,
-                  images: VisionInput | None = None, videos: VisionInput | None = None) -> jax.Array:
-  """The trunk of `Qwen25VL.forward` (vision, embedding, decoder, final norm) without the head: [B, T, d]."""
-  image_feats = None if images is None else model.encode_vision(images)
-  video_feats = None if videos is None else model.encode_vision(videos)
-  x_btd = model.embed(ids_bt, image_feats, video_feats)
-  h_btd, _ = model.model(x_btd, positions_3bt, token_mask_bt, None)
-  return h_btd
-
-
 def sequence_logprobs(model: Qwen25VL, ids_bt: jax.Array, positions_3bt: jax.Array, token_mask_bt: jax.Array,
                       images: VisionInput | None = None, videos: VisionInput | None = None, *,
                       vocab_chunk: int | None, token_chunk: int | None = None, temperature=1.0,
@@ -234,7 +224,7 @@ def sequence_logprobs(model: Qwen25VL, ids_bt: jax.Array, positions_3bt: jax.Arr
   state at t - 1), and out[:, 0] = 0. Positions and masks are the caller's (`prepare_inputs` builds them);
   values at padded positions are meaningless and must be masked by the loss.
   """
-  h_btd = hidden_states(model, ids_bt, positions_3bt, token_mask_bt, images, videos)
+  h_btd, _ = model.forward(ids_bt, positions_3bt, token_mask_bt, images=images, videos=videos, logits_at=None)
   logp_bt, ent_bt = token_logprobs(h_btd[:, :-1], head_weight(model), ids_bt[:, 1:], vocab_chunk=vocab_chunk,
                                    token_chunk=token_chunk, temperature=temperature,
                                    with_entropy=with_entropy, dtype_rounding=logits_dtype(model))

@@ -33,6 +33,7 @@ from flax import nnx
 import zoomer_jax
 from zoomer_jax.checkpoint.orbax_io import Checkpointer, TrainState, abstract_on_mesh, state_shardings
 from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.parallel.distributed import put, to_host
 from zoomer_jax.parallel.mesh import make_mesh
 from zoomer_jax.train.batch import TrainBatch, batch_sharding
@@ -42,14 +43,65 @@ log = logging.getLogger("zoomer_jax.train")
 LossFn = Callable[[Any, TrainBatch], tuple[jax.Array, jax.Array, Mapping[str, jax.Array]]]
 
 
+def model_options(cfg) -> ModelOptions:
+  """How a job's model computes: `cfg.impl` (scanned layers, attention kernel) and the rules `cfg.mesh.rules`."""
+  return ModelOptions.from_config(cfg.impl.to_dict(), cfg.mesh.rules)
+
+
 def build_model(cfg, mesh) -> zoomer_jax.Qwen25VL:
   """The model of `cfg.init`: an HF checkpoint directory, or random weights from `cfg.seed`, on `mesh`."""
+  options = model_options(cfg)
   if cfg.init.checkpoint:
-    return zoomer_jax.load_hf(cfg.init.checkpoint, dtype=cfg.init.dtype, mesh=mesh)
+    return zoomer_jax.load_hf(cfg.init.checkpoint, dtype=cfg.init.dtype, mesh=mesh, options=options)
   model = zoomer_jax.Qwen25VL(ModelConfig.from_config_dict(cfg.model.to_dict()), dtype=cfg.init.dtype,
-                              rngs=nnx.Rngs(cfg.seed))
+                              rngs=nnx.Rngs(cfg.seed), options=options)
   graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, put(state, state_shardings(state, mesh)))
+  return nnx.merge(graphdef, put(state, state_shardings(state, mesh, options.rules)))
+
+
+def cast_floats(tree, dtype):
+  """Every floating leaf of `tree` in `dtype` (no-op leaves keep their buffers)."""
+  def one(x):
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+  return jax.tree.map(one, tree)
+
+
+class TrainSteps:
+  """A training job's jitted programs as pure functions of arrays: `grad` (one micro-batch's gradient, added to
+  the accumulator), `apply` (the optimizer step), `evaluate` (a function of the model, no gradient: old and
+  reference log-probs). The same objects run a job (`Engine`) and compile for a TPU topology from
+  ShapeDtypeStructs (`zoomer_jax.compile`)."""
+
+  def __init__(self, graphdef, rest, loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
+               compute_dtype, state_shardings):
+    self.graphdef, self.rest, self._loss_fn = graphdef, rest, loss_fn
+    self.tx, self.schedule, self.compute_dtype = tx, schedule, jnp.dtype(compute_dtype)
+    self.grad = jax.jit(self._grad_impl, donate_argnums=(1,))
+    self.apply = jax.jit(self._apply_impl, donate_argnums=(0, 1), out_shardings=(state_shardings, None))
+    self.evaluate = jax.jit(self._eval_impl, static_argnums=(2,))
+
+  def model(self, params) -> zoomer_jax.Qwen25VL:
+    return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype), self.rest)
+
+  def _grad_impl(self, params, acc, batch):
+    def f(p):
+      loss_sum, denom, metrics = self._loss_fn(self.model(p), batch)
+      return loss_sum, (denom, metrics)
+    (loss_sum, (denom, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
+    return acc, loss_sum, denom, metrics
+
+  def _apply_impl(self, state: TrainState, acc, denom):
+    grads = jax.tree.map(lambda g: g / jnp.maximum(denom, 1e-8), acc)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    lr = self.schedule(state.step)
+    new = TrainState(params, opt_state, state.step + 1, jax.random.split(state.rng)[0])
+    return new, dict(grad_norm=grad_norm, lr=lr)
+
+  def _eval_impl(self, params, batch, fn):
+    return fn(self.model(params), batch)
 
 
 def global_batch(batch: TrainBatch, mesh) -> TrainBatch:
@@ -71,17 +123,18 @@ class Engine:
                save_freq: int, max_to_keep: int):
     self.cfg = cfg
     self.mesh = make_mesh(tuple(cfg.mesh.ici), tuple(cfg.mesh.dcn))
+    self.rules = model_options(cfg).rules
     model = build_model(cfg, self.mesh)
     self.model_config = model.config
     self.compute_dtype = model.dtype
     self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
     # Mixed precision: the optimizer updates master weights in `init.param_dtype` (fp32 by default: a 1e-6
     # step vanishes in bf16), and every forward runs on a copy cast to the model dtype.
-    self.param_dtype = jnp.dtype(cfg.init.get("param_dtype", "float32") or model.dtype)
-    params = self._cast(params, self.param_dtype)
+    self.param_dtype = jnp.dtype(cfg.init.param_dtype or model.dtype)
+    params = cast_floats(params, self.param_dtype)
     self.tx, self.schedule = make_optimizer(dict(optim), total_steps, params, freeze_vision)
     state = TrainState.create(params, self.tx, jax.random.key(cfg.seed))
-    self.shardings = state_shardings(state, self.mesh)
+    self.shardings = state_shardings(state, self.mesh, self.rules)
     self.state = put(state, self.shardings)
     self.ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=max_to_keep,
                              save_interval_steps=max(1, save_freq))
@@ -89,24 +142,16 @@ class Engine:
     self._sums = None
     self._sigterm = False
     self.saved_step = None
-    self._loss_fn = loss_fn
-    self._grad = jax.jit(self._grad_impl, donate_argnums=(1,))
-    self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1), out_shardings=(self.shardings, None))
-    self._eval = jax.jit(self._eval_impl, static_argnums=(2,))
+    self.steps = TrainSteps(self.graphdef, self.rest, loss_fn, self.tx, self.schedule, self.compute_dtype,
+                            self.shardings)
 
   # ------------------------------------------------------------------ the model at the current params
-  @staticmethod
-  def _cast(params, dtype):
-    def one(x):
-      return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
-    return jax.tree.map(one, params)
-
   def compute_params(self, params=None):
     """`params` (default: the current master weights) in the model's compute dtype (no copy when equal)."""
     params = self.state.params if params is None else params
     if self.param_dtype == self.compute_dtype:
       return params
-    return jax.jit(self._cast, static_argnums=1)(params, self.compute_dtype)
+    return jax.jit(cast_floats, static_argnums=1)(params, self.compute_dtype)
 
   def model(self, params=None) -> zoomer_jax.Qwen25VL:
     """An nnx model at `params` (default: the current ones) in the compute dtype; valid until the next `apply`."""
@@ -116,28 +161,6 @@ class Engine:
   def step(self) -> int:
     return int(self.state.step)
 
-  # ------------------------------------------------------------------ jitted pieces
-  def _grad_impl(self, params, acc, batch):
-    def f(p):
-      loss_sum, denom, metrics = self._loss_fn(nnx.merge(self.graphdef, self._cast(p, self.compute_dtype),
-                                                         self.rest), batch)
-      return loss_sum, (denom, metrics)
-    (loss_sum, (denom, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
-    acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
-    return acc, loss_sum, denom, metrics
-
-  def _apply_impl(self, state: TrainState, acc, denom):
-    grads = jax.tree.map(lambda g: g / jnp.maximum(denom, 1e-8), acc)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    lr = self.schedule(state.step)
-    new = TrainState(params, opt_state, state.step + 1, jax.random.split(state.rng)[0])
-    return new, dict(grad_norm=grad_norm, lr=lr)
-
-  def _eval_impl(self, params, batch, fn):
-    return fn(nnx.merge(self.graphdef, self._cast(params, self.compute_dtype), self.rest), batch)
-
   # ------------------------------------------------------------------ public steps
   def put(self, batch: TrainBatch) -> TrainBatch:
     return global_batch(batch, self.mesh)
@@ -145,7 +168,8 @@ class Engine:
   def accumulate(self, batch: TrainBatch) -> None:
     """Adds one micro-batch's gradient (of its loss sum) to the running sum."""
     batch = batch if isinstance(batch.ids, jax.Array) else self.put(batch)
-    self._acc, loss_sum, denom, metrics = self._grad(self.state.params, self._acc, batch)
+    with jax.set_mesh(self.mesh):  # activations are laid out by the rules on this mesh
+      self._acc, loss_sum, denom, metrics = self.steps.grad(self.state.params, self._acc, batch)
     loss_sum, denom, metrics = to_host((loss_sum, denom, metrics))  # (a gather when the mesh spans processes)
     d = float(denom)
     s = self._sums or {"loss_sum": 0.0, "denom": 0.0, "metrics": {}}
@@ -161,7 +185,8 @@ class Engine:
       raise RuntimeError("apply() before any accumulate()")
     s = self._sums
     denom = jnp.asarray(s["denom"], jnp.float32)
-    self.state, stats = self._apply(self.state, self._acc, denom)
+    with jax.set_mesh(self.mesh):
+      self.state, stats = self.steps.apply(self.state, self._acc, denom)
     self._acc, self._sums = None, None
     out = {"loss": s["loss_sum"] / max(s["denom"], 1e-8)}
     out.update({k: v / max(s["denom"], 1e-8) for k, v in s["metrics"].items()})
@@ -171,14 +196,15 @@ class Engine:
   def evaluate(self, batch: TrainBatch, fn, params=None):
     """`fn(model, batch)` jitted at the current (or given) params, no gradient: e.g. old/ref log-probs."""
     batch = batch if isinstance(batch.ids, jax.Array) else self.put(batch)
-    return self._eval(self.state.params if params is None else params, batch, fn)
+    with jax.set_mesh(self.mesh):
+      return self.steps.evaluate(self.state.params if params is None else params, batch, fn)
 
   # ------------------------------------------------------------------ checkpoints and preemption
   def resume(self) -> dict | None:
     """Restores the latest checkpoint in the workdir onto this mesh; returns its `extra` (None if none)."""
     if self.ckpt.latest_step() is None:
       return None
-    self.state, extra = self.ckpt.restore(target=abstract_on_mesh(self.state, self.mesh))
+    self.state, extra = self.ckpt.restore(target=abstract_on_mesh(self.state, self.mesh, self.rules))
     self.saved_step = self.step
     log.info("resumed from step %d of %s", self.step, self.ckpt.directory)
     return extra

@@ -1,0 +1,211 @@
+"""GQA softmax attention of the text decoder, three implementations of one contract.
+
+    out_btnh = attend(q_btnh, k, v, mask, options=..., cached=...)
+
+q [B, T, n, h]; without a cache k and v are [B, T, k, h] as projected, with one they are the cache's arrays
+(`KVCache`: keys [B, k, h, S], values [B, k, S, h]). Query head i reads kv head i // (n / k). Query t of row b
+sits at slot `mask.q_start + t` and reads key slot s when the slot holds a real token and s is not later
+(`AttentionMask`); no [B, T, S] mask is ever materialised.
+
+  * `dense`: whole score matrices, in query blocks on CPU (a block's fp32 scores stay in cache and, without a
+    cache, block [t0, t1) reads keys [0, t1) only). The reference, and the path of decode steps (T = 1).
+  * `splash`: the splash attention Pallas kernel (TPU, no cache), causal with segment ids for padding, under
+    `shard_map` over the batch and head axes of the mesh in context.
+  * `blockwise`: an online softmax over key blocks of the cache (prefill and extend chunks with
+    `attention="flash"`): scores never exceed [B, k, rows, key block].
+
+The platform of the compiled program picks among paths (`jax.lax.platform_dependent`), never the host's
+backend, so a program compiled for TPU on a CPU host is the TPU program.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from zoomer_jax.model.layers import attention_weights
+from zoomer_jax.model.stack import scan
+from zoomer_jax.parallel.rules import Rules, logical_to_spec
+
+QUERY_BLOCK = 64  # queries per attention block on CPU: [B, k, 64 * group, S] fp32 scores stay in L2/L3
+MAX_QUERY_BLOCKS = 32  # longer sequences take larger blocks, so a layer unrolls at most this many
+FLASH_QUERY_BLOCK = 1024  # blockwise attention: queries per block (x group rows) ...
+FLASH_KEY_BLOCK = 512  # ... and keys per online-softmax step
+SPLASH_BLOCK = 512  # splash attention tile (q, kv, and the backward's), capped by the sequence length
+
+
+@struct.dataclass
+class AttentionMask:
+  """Which keys each query reads: slot s when `key_valid[b, s]` and s <= q_start + t (t the query's index)."""
+
+  key_valid: jax.Array  # [B, S] bool: the slot holds a real token (after writing this chunk)
+  q_start: jax.Array  # int32 []: the slot of the chunk's first query (the cache's length; 0 without a cache)
+
+  def block(self, t0: int, t1: int, s0, size: int) -> jax.Array:
+    """[B, t1 - t0, size] bool for queries [t0, t1) and keys [s0, s0 + size) (s0 may be traced)."""
+    q_slot = self.q_start + jnp.arange(t0, t1)
+    k_slot = s0 + jnp.arange(size)
+    valid = jax.lax.dynamic_slice_in_dim(self.key_valid, s0, size, axis=1)
+    return (k_slot[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
+
+
+def query_blocks(t: int) -> list[int]:
+  """CPU block boundaries [0, ..., t] over t queries: the short block (t % size rows) first, where it reads the
+  fewest keys."""
+  size = max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS // QUERY_BLOCK) * QUERY_BLOCK)
+  return [0] + list(range(t % size or min(t, size), t + 1, size))
+
+
+def _rows(q_btnh: jax.Array, kh: int) -> jax.Array:
+  """[B, T, n, h] -> [B, k, T * g, h]: each kv head's queries as rows r = (t, g)."""
+  b, t, n, h = q_btnh.shape
+  return q_btnh.reshape(b, t, kh, n // kh, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * (n // kh), h)
+
+
+def _unrows(o_bkrh: jax.Array, t: int) -> jax.Array:
+  b, kh, r, h = o_bkrh.shape
+  g = r // t
+  return o_bkrh.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, kh * g, h)
+
+
+def _kv_specs(cache_layout: bool) -> tuple[str, str]:
+  return ("bkhs", "bksh") if cache_layout else ("bskh", "bskh")
+
+
+def dense(q_btnh, k, v, mask: AttentionMask, *, bounds: list[int], causal_prefix: bool, cache_layout: bool,
+          dtype, precision) -> jax.Array:
+  """Whole score matrices for query blocks `bounds`; with `causal_prefix` (no cache: query t at slot t) block
+  [t0, t1) reads keys [0, t1) only, the rest being masked anyway."""
+  b, t, n, h = q_btnh.shape
+  kh, s = (k.shape[1], k.shape[3]) if cache_layout else (k.shape[2], k.shape[1])
+  g = n // kh
+  q_bktgh = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
+  k_spec, v_spec = _kv_specs(cache_layout)
+  outs = []
+  for t0, t1 in zip(bounds[:-1], bounds[1:]):
+    s1 = t1 if causal_prefix else s
+    k_blk, v_blk = (k[..., :s1], v[:, :, :s1]) if cache_layout else (k[:, :s1], v[:, :s1])
+    q_bkrh = q_bktgh[:, :, t0:t1].reshape(b, kh, (t1 - t0) * g, h)  # rows r = (t, g)
+    scores = jnp.einsum(f"bkrh,{k_spec}->bkrs", q_bkrh, k_blk, precision=precision,
+                        preferred_element_type=jnp.float32) * h**-0.5
+    allowed = mask.block(t0, t1, 0, s1)
+    probs = attention_weights(scores.reshape(b, kh, t1 - t0, g, s1), allowed[:, None, :, None, :], dtype)
+    out = jnp.einsum(f"bkrs,{v_spec}->bkrh", probs.reshape(b, kh, (t1 - t0) * g, s1), v_blk,
+                     precision=precision, preferred_element_type=jnp.float32).astype(dtype)
+    outs.append(out.reshape(b, kh, t1 - t0, g, h))
+  out_bktgh = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out_bktgh.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+
+
+def blockwise(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, dtype, precision,
+              query_block: int = FLASH_QUERY_BLOCK, key_block: int = FLASH_KEY_BLOCK) -> jax.Array:
+  """Online-softmax attention over key blocks of a cache (keys [B, k, h, S], values [B, k, S, h]).
+
+  Equals `dense` up to the order of the sums; rows that read no key get zeros (as `attention_weights`)."""
+  b, t, n, h = q_btnh.shape
+  kh, s = k_bkhs.shape[1], k_bkhs.shape[3]
+  kb = min(key_block, s)
+  n_blocks = -(-s // kb)
+  pad = n_blocks * kb - s
+  if pad:  # padded slots are invalid keys
+    k_bkhs = jnp.pad(k_bkhs, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    v_bksh = jnp.pad(v_bksh, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    mask = mask.replace(key_valid=jnp.pad(mask.key_valid, ((0, 0), (0, pad))))
+  outs = []
+  for t0 in range(0, t, query_block):
+    t1 = min(t, t0 + query_block)
+    q_bkrh = _rows(q_btnh[:, t0:t1], kh)
+    g = n // kh
+    r = q_bkrh.shape[2]
+
+    def step(carry, j, q_bkrh=q_bkrh, t0=t0, t1=t1):
+      m, l, acc = carry
+      s0 = j * kb
+      k_blk = jax.lax.dynamic_slice_in_dim(k_bkhs, s0, kb, axis=3)
+      v_blk = jax.lax.dynamic_slice_in_dim(v_bksh, s0, kb, axis=2)
+      scores = jnp.einsum("bkrh,bkhs->bkrs", q_bkrh, k_blk, precision=precision,
+                          preferred_element_type=jnp.float32) * h**-0.5
+      allowed = jnp.repeat(mask.block(t0, t1, s0, kb)[:, None], g, axis=2)  # rows r = (t, g)
+      scores = jnp.where(allowed, scores, -jnp.inf)
+      m_new = jnp.maximum(m, scores.max(-1))
+      safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.where(allowed, jnp.exp(scores - safe[..., None]), 0.0)
+      scale = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
+      acc = acc * scale[..., None] + jnp.einsum("bkrs,bksh->bkrh", p.astype(dtype), v_blk, precision=precision,
+                                                preferred_element_type=jnp.float32)
+      return (m_new, l * scale + p.sum(-1), acc), None
+
+    init = (jnp.full((b, kh, r), -jnp.inf, jnp.float32), jnp.zeros((b, kh, r), jnp.float32),
+            jnp.zeros((b, kh, r, h), jnp.float32))
+    (_, l, acc), _ = scan(step, init, jnp.arange(n_blocks))
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0).astype(dtype)
+    outs.append(_unrows(out, t1 - t0))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, t: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415
+  blk = min(SPLASH_BLOCK, t)
+  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                        block_kv_dkv_compute=blk, use_fused_bwd_kernel=True)
+  mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_fits(t: int) -> bool:
+  """Whether splash tiles a sequence of t tokens (a multiple of 128 and of the tile)."""
+  return t % 128 == 0 and t % min(SPLASH_BLOCK, t) == 0
+
+
+def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bool = False) -> jax.Array:
+  """Causal self-attention (no cache) with the splash kernel; padded tokens (segment 0) and real ones (1) never
+  read each other. Sharded by `shard_map` over the batch and head axes the rules give the mesh in context."""
+  b, t, n, h = q_btnh.shape
+  kh = k_btkh.shape[2]
+  seg = token_mask_bt.astype(jnp.int32)
+  q = (q_btnh * h**-0.5).astype(q_btnh.dtype).transpose(0, 2, 1, 3)  # [B, n, T, h]; splash does not scale
+  k, v = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = logical_to_spec(("activation_batch",), rules, None if mesh.empty else mesh, (b,))[0]
+  heads = logical_to_spec(("activation_kv_heads",), rules, None if mesh.empty else mesh, (kh,))[0]
+
+  def local(q, k, v, seg):
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds  # noqa
+    kernel = _splash_kernel(q.shape[1], t, interpret)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(q, k, v, seg)
+
+  if mesh.empty:
+    out = local(q, k, v, seg)
+  else:
+    spec = jax.sharding.PartitionSpec(batch, heads, None, None)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch, None)),
+                        out_specs=spec, check_vma=False)(q, k, v, seg)
+  return out.transpose(0, 2, 1, 3)
+
+
+def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, flash: bool, rules: Rules,
+           dtype, precision) -> jax.Array:
+  """Dispatch (module docstring): decode steps and "dot_product" take `dense` (query blocks on CPU), cached
+  chunks with "flash" take `blockwise`, uncached "flash" takes `splash` on TPU and `dense` elsewhere."""
+  t = q_btnh.shape[1]
+  kw = dict(cache_layout=cached, causal_prefix=not cached, dtype=dtype, precision=precision)
+
+  def dense_cpu(q, k, v, mask):
+    return dense(q, k, v, mask, bounds=query_blocks(t), **kw)
+
+  def dense_one(q, k, v, mask):
+    return dense(q, k, v, mask, bounds=[0, t], **kw)
+
+  if cached and flash and t > 1:
+    return blockwise(q_btnh, k, v, mask, dtype=dtype, precision=precision)
+  if not cached and flash and splash_fits(t):  # shorter or ragged chunks are small enough for `dense`
+    return jax.lax.platform_dependent(
+        q_btnh, k, v, mask, cpu=dense_cpu, default=dense_one,
+        tpu=lambda q, k, v, mask: splash(q, k, v, token_mask_bt, rules=rules))
+  return jax.lax.platform_dependent(q_btnh, k, v, mask, cpu=dense_cpu, default=dense_one)

@@ -1,0 +1,47 @@
+"""How the model is computed, as opposed to what it is (`ModelConfig`): layer stacking, attention kernels and the
+logical-axis rules its activations are laid out by.
+
+    model = Qwen25VL(cfg, dtype="bfloat16", options=ModelOptions(scan_layers=True, attention="flash"))
+
+Every option keeps the function the same: a scanned model loads, exports and computes what the unrolled one does.
+Job configs carry them as `cfg.impl` (`ModelOptions.from_config`) and the rules table as `cfg.mesh.rules`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from zoomer_jax.parallel.rules import DEFAULT_RULES, Rules, check_rules
+
+ATTENTION = ("dot_product", "flash")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """scan_layers: decoder layers and vision blocks are stored stacked ([layers, ...], logical axis "layers") and
+    run by `lax.scan`, so compile time does not grow with depth (MaxText's `scan_layers`). False keeps one module
+    per layer, as on CPU, where slicing stacked weights costs a copy per step.
+  attention: "dot_product" computes whole score matrices (in query blocks on CPU); "flash" uses a kernel that
+    never holds them: splash attention on TPU for self-attention without a cache, and everywhere a blockwise
+    online softmax over the KV cache for prefill and extend chunks. The dense path stays the reference.
+  rules: logical axis name -> mesh axes, for parameters (`axes` metadata) and activations (`constrain`).
+  """
+
+  scan_layers: bool = False
+  attention: str = "dot_product"
+  rules: Rules = DEFAULT_RULES
+
+  def __post_init__(self):
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention {self.attention!r} is not one of {list(ATTENTION)}")
+    object.__setattr__(self, "rules", check_rules(self.rules))
+
+  @classmethod
+  def from_config(cls, impl: Mapping[str, Any] | None, rules: Rules | None = None) -> "ModelOptions":
+    """From a job config's `impl` section ({scan_layers, attention}) and `mesh.rules`."""
+    impl = dict(impl or {})
+    unknown = set(impl) - {"scan_layers", "attention"}
+    if unknown:
+      raise ValueError(f"unknown impl keys {sorted(unknown)}; known: ['attention', 'scan_layers']")
+    return cls(**impl, rules=DEFAULT_RULES if rules is None else rules)
