@@ -77,7 +77,7 @@ class Engine:
     self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
     # Mixed precision: the optimizer updates master weights in `init.param_dtype` (fp32 by default: a 1e-6
     # step vanishes in bf16), and every forward runs on a copy cast to the model dtype.
-    self.param_dtype = jnp.dtype(cfg.init.get("param_dtype", "float32") or model.dtype)
+    self.param_dtype = jnp.dtype(cfg.init.param_dtype or model.dtype)
     params = self._cast(params, self.param_dtype)
     self.tx, self.schedule = make_optimizer(dict(optim), total_steps, params, freeze_vision)
     state = TrainState.create(params, self.tx, jax.random.key(cfg.seed))
