@@ -174,7 +174,7 @@ def measure(layers: int, seq: int, batch: int, repeats: int, dtype: str, vocab: 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("configs", nargs="*", default=list(DEFAULT_CONFIGS))
-  ap.add_argument("--accelerator", default="v5p-64", help="for configs without accelerator_type (e.g. sft_7b)")
+  ap.add_argument("--accelerator", default="v5p-64", help="for configs whose accelerator_type is empty (e.g. sft_7b)")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
   ap.add_argument("--measure", choices=("auto", "skip", "force"), default="auto",
                   help="auto: measure on TPU/GPU only; force: also on CPU (small --layers/--seq)")
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
   results = []
   for name in args.configs:
     cfg = load(name, args.set)
-    job = job_from_config(cfg, None if cfg.get("accelerator_type") else args.accelerator)
+    job = job_from_config(cfg, cfg.accelerator_type or args.accelerator)
     acc = account(job)
     today = account(job, trainer=as_implemented()[0], rollout=as_implemented()[1])
     m = job.mesh

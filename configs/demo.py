@@ -62,6 +62,25 @@ from zoomer_jax.config_loader import load
 
 PROMPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoomer_jax", "demo",
                       "system_prompt.txt")
+# Fields of sft_tiny and grpo_tiny that are no knobs of the demo, dropped so that overriding one fails instead of
+# being silently ignored: those the pipeline (zoomer_jax/demo/pipeline.py, sft_job / grpo_job) sets from the
+# demo's own (seed, out_dir, tool, pixels, the data it writes), and those only the command line and the cost
+# account read (job, accelerator_type, actor.max_token_len), which never see these sub-configs.
+NOT_KNOBS = ("job", "accelerator_type", "seed", "workdir", "data.train_files")
+NOT_SFT_KNOBS = NOT_KNOBS + ("data.max_pixels", "data.min_pixels", "data.image_bucket")
+NOT_GRPO_KNOBS = NOT_KNOBS + (
+    "init.checkpoint", "data.val_files", "rollout.max_pixels", "rollout.min_pixels", "actor.image_bucket",
+    "rollout.max_generation_round", "rollout.tool_call_max_frames", "rollout.frames_upbound", "rollout.video_fps",
+    "rollout.max_total_frames", "rollout.system_prompt", "rollout.last_round_hint", "actor.max_token_len")
+
+
+def _drop(cfg, paths):
+  for path in paths:
+    *parents, key = path.split(".")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    del node[key]
 
 
 def get_config(arg=None):
@@ -78,13 +97,14 @@ def get_config(arg=None):
       direct_copies=2, sparse_copies=3,  # the SFT mix: each record's direct and sparse trajectories, this often
       # 661 frames at 6 fps: the 12 overview frames fall on 0, 10, ..., 110 s
       video=dict(height=56, width=56, fps=6.0, min_seconds=661 / 6, max_seconds=661 / 6, answer_seconds=1.0,
-                 object_frac=0.6, n_classes=4, shuffle_options=False, distractor_every=15.0),
+                 object_frac=0.6, n_classes=4, shuffle_options=False, distractor_every=15.0,
+                 cue_seconds=(3.0, 6.0), distractor_seconds=(2.0, 6.0)),
   ))
   # The agent's budgets, shared by the data generator (where the flash may hide), the cold start, GRPO's
-  # rollouts and the evaluation. The no-tool baseline gets frame_budget = 12 + (2 - 1) * 16 = 28 frames.
+  # rollouts and the evaluation. The no-tool baseline gets frame_budget = 12 + (2 - 1) * 10 = 22 frames.
   cfg.tool = ml_collections.ConfigDict(dict(
       max_generation_round=2, tool_call_max_frames=10, frames_upbound=12, video_fps=0.5, max_total_frames=22,
-      system_prompt=PROMPT,
+      system_prompt=PROMPT, last_round_hint=True,
   ))
   cfg.pixels = 56 * 56  # frames are resized to this many pixels (4 vision tokens)
 
@@ -99,19 +119,21 @@ def get_config(arg=None):
   del sft.train["freeze_vision_tower"]  # a bool in sft_tiny; "blocks" is a string
   sft.train.freeze_vision_tower = "blocks"  # the patch embedding and blocks stay random, the merger trains
   sft.trainer.update(dict(save_freq=200, max_to_keep=1, tensorboard=True))
+  _drop(sft, NOT_SFT_KNOBS)
   cfg.sft = sft
 
   grpo = load("grpo_tiny")
   del grpo["model"]  # GRPO starts from the exported SFT model (init.checkpoint, set by the demo)
   grpo.mesh.ici = (1, -1, 1)
-  grpo.data.update(dict(train_batch_size=8, val_batch_size=16))
+  grpo.data.train_batch_size = 8
   grpo.rollout.update(dict(n=4, temperature=1.0, response_length=192, batch_size=32, decode_chunk=64, workers=2))
   grpo.actor.update(dict(ppo_mini_batch_size=8, ppo_micro_batch_size=8, logprob_vocab_chunk=0, remat="none",
-                         token_bucket=1024, max_token_len=1024))
+                         token_bucket=1024))
   grpo.actor.optim.lr = 2e-4
   grpo.actor.freeze_vision_tower = True
   grpo.algorithm.update(dict(rejection_sample=True, max_num_gen_batches=2))
   grpo.trainer.update(dict(total_steps=12, save_freq=12, max_to_keep=1, test_freq=0, tensorboard=True))
+  _drop(grpo, NOT_GRPO_KNOBS)
   cfg.grpo = grpo
 
   cfg.eval = ml_collections.ConfigDict(dict(

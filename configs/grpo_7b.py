@@ -25,6 +25,7 @@ def get_config(arg=None):
   ))
   cfg.workdir = "/tmp/zoomer_jax/grpo_7b"  # checkpoints, metrics.jsonl, TensorBoard events; resumed if present
   cfg.seed = 0
+  cfg.accelerator_type = ""  # e.g. "v5p-64": the TPU slice the cost account (zoomer_jax.cost) sizes for
   # (data, fsdp, tensor) degrees; -1 fills with the devices left. ICI is within a slice, DCN across slices.
   cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
 
@@ -33,7 +34,6 @@ def get_config(arg=None):
       val_files=(),
       tfds_dir="",  # where the array_record TFDS copy of the files is built (default: workdir/tfds)
       train_batch_size=128,  # prompts per RL step (data.train_batch_size)
-      val_batch_size=16,
       shuffle=True,
       seed=0,
   ))
@@ -41,13 +41,15 @@ def get_config(arg=None):
       n=16,  # trajectories per prompt (the GRPO group)
       temperature=1.0, top_p=1.0, top_k=-1,
       response_length=4096,  # new tokens per turn
-      max_generation_round=5, tool_call_max_frames=16, max_total_frames=128, video_fps=0.5,
+      # ToolConfig fields (zoomer_jax/agent/protocol.py)
+      max_generation_round=5, tool_call_max_frames=16, max_total_frames=128, video_fps=0.5, frames_upbound=64,
+      system_prompt="system_prompt.txt", last_round_hint=True,
       max_pixels=100352, min_pixels=25088,
       decode_chunk=64, batch_size=64,  # trajectories decoded together in one device call
       workers=16,  # host threads for frame extraction
   ))
   cfg.actor = ml_collections.ConfigDict(dict(
-      optim=dict(lr=1e-6, lr_scheduler="constant", warmup_ratio=0.0, min_lr_ratio=0.0,
+      optim=dict(lr=1e-6, lr_scheduler="constant", warmup_ratio=0.0, warmup_steps=0, min_lr_ratio=0.0,
                  betas=(0.9, 0.999), weight_decay=0.01, grad_clip=1.0),
       ppo_mini_batch_size=32,  # prompts per optimizer step (x n trajectories)
       ppo_micro_batch_size=1,  # trajectories per forward/backward (gradient accumulation inside a mini-batch)
@@ -61,17 +63,23 @@ def get_config(arg=None):
       remat="full",  # "none" | "full" (recompute each decoder layer in the backward pass)
       logprob_vocab_chunk=16384,  # log-probs and entropy over vocabulary chunks; 0 = full logits
       logprob_token_chunk=4096,  # ... and over blocks of this many tokens; 0 = all tokens at once
-      max_token_len=32768,  # micro-batches are padded to a multiple of token_bucket up to this
-      token_bucket=1024,
+      max_token_len=32768,  # the longest trajectory the cost account sizes a micro-batch for (not enforced)
+      token_bucket=1024,  # micro-batches are padded to a multiple of this many tokens
+      image_bucket=8,  # and of this many images
   ))
   cfg.algorithm = ml_collections.ConfigDict(dict(
-      adv_estimator="grpo", norm_adv_by_std_in_grpo=True,
+      adv_estimator="grpo",  # "grpo" | "rloo" (zoomer_jax.train.grpo_loss.ADVANTAGE_ESTIMATORS)
+      norm_adv_by_std_in_grpo=True,  # False: Dr.GRPO (r - mean, no division by the std)
       rejection_sample=True,  # dynamic sampling: drop groups whose rewards are all equal, keep generating
       max_num_gen_batches=256,
   ))
+  # RewardConfig fields (zoomer_jax/train/rewards.py, which documents each); tool_call_max_frames is the rollout's.
   cfg.reward = ml_collections.ConfigDict(dict(
       acc_reward_weight=0.9, format_reward_weight=0.1,
       tool_call_penalty=0.0, target_tool_call_rate=1.0,  # the authors' internal run: -0.5 and 0.5
+      penalize_mode="correct", penalty_per_turn=0.0, tool_call_frame_target=0, tool_call_frame_num_penalty=0.0,
+      forced_tool_call=False, letter_pattern=r"([A-Z])\.", count_failed_calls=True,
+      float_penalty=False, start_penalty=0.0, end_penalty=0.0, anneal_steps=0,
   ))
   cfg.trainer = ml_collections.ConfigDict(dict(
       total_steps=200, save_freq=10, max_to_keep=3, test_freq=5, log_freq=1, tensorboard=True, progress=True,

@@ -12,7 +12,7 @@ def get_config(arg=None):
   cfg.init.dtype = "float32"
   cfg.workdir = "/tmp/zoomer_jax/grpo_tiny"
   cfg.mesh.ici = (2, -1, 1)
-  cfg.data.train_batch_size, cfg.data.val_batch_size = 4, 8
+  cfg.data.train_batch_size = 4
   cfg.rollout.update(dict(n=4, response_length=48, max_generation_round=3, batch_size=16, workers=4,
                           max_pixels=56 * 56, min_pixels=28 * 28))
   cfg.actor.update(dict(ppo_mini_batch_size=2, ppo_micro_batch_size=4, logprob_vocab_chunk=256, logprob_token_chunk=0,

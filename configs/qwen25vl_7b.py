@@ -16,9 +16,11 @@ def get_config(arg=None):
                 mrope_section=(16, 24, 24), tie_word_embeddings=False, max_position_embeddings=128000),
       vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
                   patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=112,
-                  fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2.0, rope_theta=10000.0),
+                  fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2.0, rope_theta=10000.0,
+                  rms_norm_eps=1e-6),
       image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
       vision_end_token_id=151653, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
       position_rule="original",
   ))
+  cfg.seed = 0  # the random weights of `python -m zoomer_jax forward|infer` without a checkpoint
   return cfg

@@ -18,7 +18,7 @@ def get_config(arg=None):
                 mrope_section=(4, 6, 6), tie_word_embeddings=False, max_position_embeddings=32768),
       vision=dict(depth=4, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=128,
                   patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=112,
-                  fullatt_block_indexes=(1, 3), tokens_per_second=2.0, rope_theta=10000.0),
+                  fullatt_block_indexes=(1, 3), tokens_per_second=2.0, rope_theta=10000.0, rms_norm_eps=1e-6),
       image_token_id=590, video_token_id=591, vision_start_token_id=592, vision_end_token_id=593,
       # Special ids of zoomer_jax.text.build_tiny_tokenizer (578-599): bos = pad = <|endoftext|>, eos = <|im_end|>.
       bos_token_id=578, eos_token_id=580, pad_token_id=578, position_rule="original",

@@ -18,11 +18,11 @@ def get_config(arg=None):
   cfg.init = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16", param_dtype="float32"))
   cfg.workdir = "/tmp/zoomer_jax/sft_7b"
   cfg.seed = 0
+  cfg.accelerator_type = ""  # e.g. "v5p-64": the TPU slice the cost account (zoomer_jax.cost) sizes for
   cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
   cfg.data = ml_collections.ConfigDict(dict(
       train_files=(),  # SFT records (§6.2): {"messages": [...], "images": [...]}, JSON / JSONL / YAML
-      val_files=(),
-      tfds_dir="",
+      tfds_dir="",  # where the array_record TFDS copy of the files is built (default: workdir/tfds)
       batch_size=16,  # sequences per optimizer step (global), split into micro-batches
       micro_batch_size=1,  # sequences per forward/backward; batch_size / micro_batch_size = grad accumulation
       cutoff_len=32768,  # longer sequences are truncated (LLaMA-Factory cutoff_len)
@@ -30,9 +30,10 @@ def get_config(arg=None):
       image_bucket=16,  # and image counts to a multiple of this
       max_pixels=100352, min_pixels=25088,
       shuffle=True, seed=0, num_epochs=1,
+      workers=4,  # threads that tokenise records and read their images
   ))
   cfg.optim = ml_collections.ConfigDict(dict(
-      lr=5e-6, lr_scheduler="cosine", warmup_ratio=0.1, min_lr_ratio=0.0,
+      lr=5e-6, lr_scheduler="cosine", warmup_ratio=0.1, warmup_steps=0, min_lr_ratio=0.0,
       betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0,
   ))
   cfg.train = ml_collections.ConfigDict(dict(
@@ -43,7 +44,7 @@ def get_config(arg=None):
       total_steps=0,  # 0: one pass over the data (num_epochs)
   ))
   cfg.trainer = ml_collections.ConfigDict(dict(
-      save_freq=200, max_to_keep=3, test_freq=0, log_freq=1, tensorboard=True, progress=True,
+      save_freq=200, max_to_keep=3, log_freq=1, tensorboard=True, progress=True,
   ))
   if arg == "runlocal":
     cfg.data.batch_size, cfg.data.cutoff_len = 2, 4096

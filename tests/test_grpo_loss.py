@@ -31,6 +31,19 @@ def test_advantages_unbiased_std_and_single_sample_group():
     G.grpo_advantages([1.0, 2.0], [0])
 
 
+def test_rloo_advantages_leave_one_out_by_hand():
+  # group "a" = [1, 0, 1, 1]: each reward minus the mean of the other three: 1 - 2/3, 0 - 1, 1 - 2/3, 1 - 2/3;
+  # group "b" = [0.7] alone keeps its reward (verl)
+  rewards, ids = [1.0, 0.7, 0.0, 1.0, 1.0], ["a", "b", "a", "a", "a"]
+  want = [1 / 3, 0.7, -1.0, 1 / 3, 1 / 3]
+  np.testing.assert_allclose(G.rloo_advantages(rewards, ids), want, rtol=1e-6)
+  np.testing.assert_allclose(G.outcome_advantages("rloo", rewards, ids, norm_adv_by_std=True), want, rtol=1e-6)
+  np.testing.assert_array_equal(G.outcome_advantages("grpo", rewards, ids, norm_adv_by_std=False),
+                                G.grpo_advantages(rewards, ids, norm_adv_by_std=False))
+  with pytest.raises(ValueError, match=r"algorithm.adv_estimator 'gae' is not one of \['grpo', 'rloo'\]"):
+    G.outcome_advantages("gae", rewards, ids)
+
+
 def test_keep_groups_drops_all_equal_groups():
   rewards = [1, 0, 1, 1, 0.7, 0.5, 0.5, 0.5, 1.0, 1.0 + 1e-5]
   ids = ["a", "a", "a", "a", "b", "c", "c", "c", "d", "d"]

@@ -156,6 +156,19 @@ def test_dynamic_sampling_cap(monkeypatch):
   assert ro.gen_batches == 2 and len(ro.trajs) == 4 and np.all(ro.advantages == 0)
 
 
+def test_collect_uses_the_configured_advantage_estimator(monkeypatch):
+  cfg = load("grpo_tiny", ["--config.data.train_batch_size=1", "--config.rollout.n=3",
+                           "--config.algorithm.adv_estimator=rloo"])
+  right, wrong = ["<think>x</think><answer>A</answer>"], ["<think>x</think><answer>B</answer>"]
+  monkeypatch.setattr(grpo, "generate", lambda m, t, tasks, a, k, b: [_fake_traj(x, turns, 0) for x, turns in
+                                                                       zip(tasks, [right, wrong, wrong])])
+  records = iter([types.SimpleNamespace(video="v", problem="<image>q", solution="A", doc_id=0, data_source="s",
+                                        answer_type="multiple_choice")])
+  ro = grpo.collect(None, None, records, cfg, grpo.RewardConfig(), grpo.agent_config(cfg.rollout), jax.random.key(0), 0)
+  # scores 1.0, 0.1, 0.1: each minus the mean of the other two
+  np.testing.assert_allclose(ro.advantages, [0.9, -0.45, -0.45], rtol=1e-6)
+
+
 def test_misspelt_config_key_fails_with_the_closest_names(capsys, tmp_path):
   with pytest.raises(KeyError, match="clip_ratio_high"):
     load("grpo_tiny", ["--config.actor.clip_ratio_hgh=0.3"])
@@ -163,3 +176,6 @@ def test_misspelt_config_key_fails_with_the_closest_names(capsys, tmp_path):
   assert "actor.kl_loss_type" in capsys.readouterr().err
   assert main(["train", "--config=sft_tiny", "--config.data.train_files=()", f"--config.workdir={tmp_path}"]) == 2
   assert "data.train_files is empty" in capsys.readouterr().err
+  assert main(["train", "--config=grpo_tiny", "--config.algorithm.adv_estimator=gae",
+               f"--config.workdir={tmp_path}"]) == 2
+  assert "algorithm.adv_estimator 'gae' is not one of ['grpo', 'rloo']" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def forward(args) -> dict:
   else:
     cfg = load(args.config, args.override)
     model = zoomer_jax.Qwen25VL(zoomer_jax.ModelConfig.from_config_dict(cfg.model.to_dict()),
-                                dtype=args.dtype, rngs=nnx.Rngs(cfg.get("seed", 0)))
+                                dtype=args.dtype, rngs=nnx.Rngs(cfg.seed))
     source = f"{args.config} (random weights)"
   load_s = time.perf_counter() - t0
   mc = model.config
@@ -96,7 +96,7 @@ def _model_and_tokenizer(args):
     return model, load_tokenizer(args.checkpoint), args.checkpoint
   cfg = load(args.config, args.override)
   model = zoomer_jax.Qwen25VL(zoomer_jax.ModelConfig.from_config_dict(cfg.model.to_dict()), dtype=args.dtype,
-                              rngs=nnx.Rngs(cfg.get("seed", 0)))
+                              rngs=nnx.Rngs(cfg.seed))
   return model, build_tiny_tokenizer(), f"{args.config} (random weights)"
 
 
@@ -151,13 +151,14 @@ def _job_config(args):
 
 def train(args) -> dict:
   cfg = _job_config(args)
-  if cfg.get("job") == "sft":
+  job = cfg.job if "job" in cfg else None  # model configs (qwen25vl_*) and the demo's are not jobs of `train`
+  if job == "sft":
     from zoomer_jax.train.sft import run_sft  # noqa: PLC0415
     return run_sft(cfg)
-  if cfg.get("job") == "grpo":
+  if job == "grpo":
     from zoomer_jax.train.grpo import run_grpo  # noqa: PLC0415
     return run_grpo(cfg)
-  raise ValueError(f"config {args.config!r} is not a training job (its 'job' field is {cfg.get('job')!r}; "
+  raise ValueError(f"config {args.config!r} is not a training job (its 'job' field is {job!r}; "
                    "expected 'sft' or 'grpo')")
 
 

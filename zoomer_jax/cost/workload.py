@@ -111,15 +111,15 @@ class Job:
 
 
 def job_from_config(cfg: Mapping[str, Any], accelerator: str | None = None) -> Job:
-  """Reads a `configs/grpo_*.py` or `configs/sft_*.py` ConfigDict. The accelerator comes from
-  `cfg.accelerator_type` (e.g. "v5p-64"), else from the argument."""
-  accelerator = accelerator or cfg.get("accelerator_type")
+  """Reads a `configs/grpo_*.py` or `configs/sft_*.py` ConfigDict. The accelerator is the argument, else
+  `cfg.accelerator_type` (e.g. "v5p-64")."""
+  accelerator = accelerator or cfg["accelerator_type"]
   if not accelerator:
-    raise ValueError("the config has no accelerator_type; pass accelerator='v5p-64' (or another)")
+    raise ValueError("the config's accelerator_type is empty; pass accelerator='v5p-64' (or another)")
   chip, chips = parse_accelerator(accelerator)
-  model = ModelConfig.from_config_dict(cfg["model"].to_dict() if hasattr(cfg["model"], "to_dict") else cfg["model"])
+  model = ModelConfig.from_config_dict(cfg["model"].to_dict())
   mesh = resolve_mesh(cfg["mesh"]["ici"], cfg["mesh"]["dcn"], chips)
-  kind = cfg.get("job")
+  kind = cfg["job"]
   if kind == "grpo":
     d, r, a = cfg["data"], cfg["rollout"], cfg["actor"]
     job = Job(kind=kind, model=model, accelerator=accelerator, chip=chip, mesh=mesh,

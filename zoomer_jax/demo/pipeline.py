@@ -175,8 +175,7 @@ def grpo_job(cfg, paths: dict, out: str, init_dir: str):
   job.data.train_files = (paths["train"],)
   job.data.val_files = (paths["validation"],) if cfg.data.n_val and job.trainer.test_freq else ()
   r = job.rollout
-  for k, v in cfg.tool.items():  # the agent of the rollouts is the demo's (grpo.agent_config reads these)
-    r[k] = v
+  r.update(cfg.tool)  # the agent of the rollouts is the demo's (grpo.agent_config reads these)
   r.max_pixels = r.min_pixels = cfg.pixels
   job.actor.image_bucket = job.actor.ppo_micro_batch_size * cfg.tool.max_total_frames  # one training shape
   return job

@@ -3,9 +3,10 @@
 One RL step:
   1. take `data.train_batch_size` prompts; run `rollout.n` trajectories of each with the agent (the sampler
      pauses on `</video_zoom>`, the host cuts the clip, the cache is extended, decoding resumes);
-  2. score them (0.9 accuracy + 0.1 format, optional tool bonus) and normalise rewards within each prompt's
-     group; with `algorithm.rejection_sample`, drop groups whose rewards are all equal and generate more
-     batches until `train_batch_size` groups are kept (at most `max_num_gen_batches` generations);
+  2. score them (0.9 accuracy + 0.1 format, optional tool bonus) and turn rewards into advantages within each
+     prompt's group (`algorithm.adv_estimator`: GRPO's normalisation, or RLOO's leave-one-out baseline); with
+     `algorithm.rejection_sample`, drop groups whose rewards are all equal and generate more batches until
+     `train_batch_size` groups are kept (at most `max_num_gen_batches` generations);
   3. compute old (current-policy) and reference log-probs with teacher-forced forwards at the rollout's 3-D
      positions (they equal the sampler's, issue #5);
   4. `ppo_epochs` passes over mini-batches of `ppo_mini_batch_size` prompts (x n trajectories), each one
@@ -31,7 +32,7 @@ from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
 from zoomer_jax.sampling.sampler import SamplingParams
 from zoomer_jax.train.batch import Example, make_batch
 from zoomer_jax.train.forward import sequence_logprobs
-from zoomer_jax.train.grpo_loss import GRPOLossConfig, grpo_advantages, grpo_loss, keep_groups
+from zoomer_jax.train.grpo_loss import GRPOLossConfig, check_adv_estimator, grpo_loss, keep_groups, outcome_advantages
 from zoomer_jax.train.rewards import RewardConfig, score_batch
 
 LOSS_KEYS = ("clip_ratio_low", "clip_ratio_high", "loss_agg_mode", "use_kl_loss", "kl_loss_coef", "kl_loss_type",
@@ -42,8 +43,7 @@ def agent_config(rollout_cfg, *, greedy: bool = False) -> AgentConfig:
   r = rollout_cfg
   tool = ToolConfig(max_generation_round=r.max_generation_round, tool_call_max_frames=r.tool_call_max_frames,
                     max_total_frames=r.max_total_frames, video_fps=r.video_fps,
-                    frames_upbound=r.get("frames_upbound", min(ToolConfig.frames_upbound, r.max_total_frames)),
-                    system_prompt=r.get("system_prompt", ToolConfig.system_prompt))  # optional keys (the demo's)
+                    frames_upbound=r.frames_upbound, system_prompt=r.system_prompt, last_round_hint=r.last_round_hint)
   sampling = SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=max(0, r.top_k),
                             max_new_tokens=r.response_length)
   return AgentConfig(tool=tool, sampling=sampling, decode_chunk=r.decode_chunk, max_pixels=r.max_pixels,
@@ -130,8 +130,8 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
   trajs = [t for ts, _ in kept for t in ts]
   scores = [s for _, ss in kept for s in ss]
   groups = np.repeat(np.arange(len(kept)), r.n)
-  adv = grpo_advantages(np.array([s["score"] for s in scores], np.float64), groups,
-                        norm_adv_by_std=a.norm_adv_by_std_in_grpo)
+  adv = outcome_advantages(a.adv_estimator, np.array([s["score"] for s in scores], np.float64), groups,
+                           norm_adv_by_std=a.norm_adv_by_std_in_grpo)
   return Rollouts(trajs, scores, groups, adv, gen, all_scores, all_trajs)
 
 
@@ -180,12 +180,13 @@ def run_grpo(cfg) -> dict:
   RL step's metrics."""
   from zoomer_jax.train.jobs import JobContext  # noqa: PLC0415 (cycle)
 
+  check_adv_estimator(cfg.algorithm.adv_estimator)  # before any work
   ctx = JobContext(cfg, kind="grpo")
   actor, r = cfg.actor, cfg.rollout
   loss_cfg = GRPOLossConfig(**{k: actor[k] for k in LOSS_KEYS})
   reward_cfg = RewardConfig.from_dict(dict(cfg.reward.to_dict(), tool_call_max_frames=r.tool_call_max_frames))
   vocab_chunk = actor.logprob_vocab_chunk or None
-  token_chunk = actor.get("logprob_token_chunk", 0) or None
+  token_chunk = actor.logprob_token_chunk or None
   loss = partial(grpo_micro_loss, loss_cfg=loss_cfg, remat=actor.remat, vocab_chunk=vocab_chunk,
                  token_chunk=token_chunk,
                  freeze_vision=actor.freeze_vision_tower, temperature=r.temperature or 1.0)
@@ -228,7 +229,7 @@ def run_grpo(cfg) -> dict:
       batches = []
       for i in range(0, len(examples), rows):
         batch = make_batch(mc, examples[i:i + rows], rows=rows, token_bucket=actor.token_bucket,
-                           image_bucket=actor.get("image_bucket", agent_cfg.image_bucket), pad_id=ctx.tok.endoftext)
+                           image_bucket=actor.image_bucket, pad_id=ctx.tok.endoftext)
         dev = engine.put(batch)
         tv = dict(dev.token_values, old_logp=engine.evaluate(dev, logp_fn))
         if ref_params is not None:

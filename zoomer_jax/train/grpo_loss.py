@@ -1,4 +1,4 @@
-"""GRPO: group advantages, dynamic sampling, and the clipped policy loss with KL and entropy terms.
+"""GRPO: group advantages (GRPO or RLOO), dynamic sampling, and the clipped policy loss with KL and entropy terms.
 
 Semantics and names follow verl (`core_algos.py`, `dp_actor.py`) as VideoZoomer's fork uses them
 (reference §4): advantages per prompt group with the unbiased std, an asymmetric clip (`clip_ratio_low`,
@@ -54,6 +54,36 @@ def grpo_advantages(rewards, group_ids, eps: float = 1e-6, *, norm_adv_by_std: b
   if norm_adv_by_std:
     adv = adv / (std[g] + eps)
   return adv.astype(np.float32)
+
+
+def rloo_advantages(rewards, group_ids) -> np.ndarray:
+  """RLOO outcome advantages [N]: r minus the mean of the other samples of its group, = (r - mean) * n / (n - 1).
+
+  A group of one sample keeps its reward, as verl's `compute_rloo_outcome_advantage`.
+  """
+  r, g, n_groups = _groups(rewards, group_ids)
+  count, mean, _ = _group_stats(r, g, n_groups)
+  n = count[g]
+  adv = np.where(n > 1, (r - mean[g]) * n / np.maximum(n - 1, 1), r)
+  return adv.astype(np.float32)
+
+
+# `algorithm.adv_estimator` -> advantages [N] from (rewards, group ids, norm_adv_by_std_in_grpo), verl's names.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., np.ndarray]] = {
+    "grpo": lambda r, g, norm_adv_by_std: grpo_advantages(r, g, norm_adv_by_std=norm_adv_by_std),
+    "rloo": lambda r, g, norm_adv_by_std: rloo_advantages(r, g),  # norm_adv_by_std_in_grpo is GRPO's alone
+}
+
+
+def check_adv_estimator(name: str) -> None:
+  if name not in ADVANTAGE_ESTIMATORS:
+    raise ValueError(f"algorithm.adv_estimator {name!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}")
+
+
+def outcome_advantages(name: str, rewards, group_ids, *, norm_adv_by_std: bool = True) -> np.ndarray:
+  """Advantages [N] of the estimator `name` (one of `ADVANTAGE_ESTIMATORS`)."""
+  check_adv_estimator(name)
+  return ADVANTAGE_ESTIMATORS[name](rewards, group_ids, norm_adv_by_std)
 
 
 def keep_groups(rewards, group_ids, min_std: float = 1e-4) -> np.ndarray:

@@ -64,7 +64,7 @@ class JobContext:
     from zoomer_jax.data import tfds_builders  # noqa: PLC0415
     if kind not in self._builders:
       splits = {"train": list(self._files("train"))}
-      if self.cfg.data.val_files:
+      if kind == "rl" and self.cfg.data.val_files:  # GRPO validates (trainer.test_freq); SFT does not
         splits["validation"] = list(self._files("validation"))
       build = tfds_builders.build_sft_dataset if kind == "sft" else tfds_builders.build_rl_dataset
       if not distributed.is_main_process():  # process 0 writes the files, the others then open them
@@ -84,15 +84,15 @@ class JobContext:
     self._files(split)
     return tfds_builders.rl_source(self._builder("rl"), split)
 
-  def iterator(self, source, *, seed: int, shuffle: bool = True, transform=None):
+  def iterator(self, source, *, seed: int, shuffle: bool = True, transform=None, workers: int = 1):
     """The records forever (reshuffled each epoch) as one global stream (`data.pipeline.RecordStream`): every
     process sees the same order, so step k's global batch is the same records whatever the process count,
     and the saved position (`next_index`) is the same on every process. `next(it)` reads a record on every
     process (GRPO prompts); `it.take(n, rows, ...)` gives each process only its rows, passed through
-    `transform` (SFT: tokenising and reading images) on that process alone."""
+    `transform` (SFT: tokenising and reading images) on that process alone, in `workers` threads."""
     from zoomer_jax.data.pipeline import make_stream  # noqa: PLC0415
     return make_stream(source, seed=seed, shuffle=shuffle, num_epochs=None, transform=transform,
-                       workers=self.cfg.data.get("workers", 4))
+                       workers=workers)
 
   # ------------------------------------------------------------------ loop
   def engine(self, loss_fn, *, total_steps: int, optim, freeze_vision: bool) -> Engine:

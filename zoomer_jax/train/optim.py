@@ -3,8 +3,8 @@
     tx, schedule = make_optimizer(cfg.optim, total_steps=1000, params=params, freeze_vision=True)
 
 `optim` fields (verl / LLaMA-Factory names): lr, lr_scheduler ("constant" | "cosine"), warmup_ratio (or
-warmup_steps), min_lr_ratio, betas, weight_decay, grad_clip (0 = off). Frozen parameters get no update and
-no optimizer moments.
+warmup_steps, when > 0), min_lr_ratio, betas, weight_decay, grad_clip (0 = off); all but lr default to
+`DEFAULTS` (job configs declare every field). Frozen parameters get no update and no optimizer moments.
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ from typing import Any, Mapping
 import jax
 import optax
 
-_KNOWN = {"lr", "lr_scheduler", "warmup_ratio", "warmup_steps", "min_lr_ratio", "betas", "weight_decay",
-          "grad_clip"}
+DEFAULTS = dict(lr_scheduler="constant", warmup_ratio=0.0, warmup_steps=0, min_lr_ratio=0.0, betas=(0.9, 0.999),
+                weight_decay=0.0, grad_clip=0.0)
+_KNOWN = {"lr", *DEFAULTS}
 
 
 def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+  optim = {**DEFAULTS, **optim}
   lr = float(optim["lr"])
-  warmup = int(optim.get("warmup_steps", 0) or round(float(optim.get("warmup_ratio", 0.0)) * total_steps))
-  kind = optim.get("lr_scheduler", "constant")
+  warmup = int(optim["warmup_steps"] or round(float(optim["warmup_ratio"]) * total_steps))
+  kind = optim["lr_scheduler"]
   if kind == "constant":
     decay = optax.constant_schedule(lr)
   elif kind == "cosine":
-    decay = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup), alpha=float(optim.get("min_lr_ratio", 0)))
+    decay = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup), alpha=float(optim["min_lr_ratio"]))
   else:
     raise ValueError(f"lr_scheduler {kind!r} is not one of ['constant', 'cosine']")
   if warmup <= 0:
@@ -61,13 +63,14 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int, params=None,
   unknown = set(optim) - _KNOWN
   if unknown:
     raise KeyError(f"unknown optimizer fields {sorted(unknown)}; known: {sorted(_KNOWN)}")
+  optim = {**DEFAULTS, **optim}
   schedule = make_schedule(optim, total_steps)
-  b1, b2 = optim.get("betas", (0.9, 0.999))
+  b1, b2 = optim["betas"]
   parts = []
-  if float(optim.get("grad_clip", 0.0)) > 0:
+  if float(optim["grad_clip"]) > 0:
     parts.append(optax.clip_by_global_norm(float(optim["grad_clip"])))
   parts.append(optax.adamw(schedule, b1=float(b1), b2=float(b2), eps=1e-8,
-                           weight_decay=float(optim.get("weight_decay", 0.0))))
+                           weight_decay=float(optim["weight_decay"])))
   tx = optax.chain(*parts)
   if freeze_vision:
     if params is None:

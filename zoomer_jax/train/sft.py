@@ -142,13 +142,13 @@ def run_sft(cfg) -> dict:
     raise ValueError(f"{len(source)} training records make no batch of {data.batch_size}")
   total = cfg.train.total_steps or steps_per_epoch * data.num_epochs
   loss = partial(sft_loss, remat=cfg.train.remat, vocab_chunk=cfg.train.logprob_vocab_chunk or None,
-                 token_chunk=cfg.train.get("logprob_token_chunk", 0) or None,
+                 token_chunk=cfg.train.logprob_token_chunk or None,
                  freeze_vision=cfg.train.freeze_vision_tower)
   engine = ctx.engine(loss, total_steps=total, optim=cfg.optim, freeze_vision=cfg.train.freeze_vision_tower)
   tok, mc = ctx.tok, engine.model_config
   encode = partial(encode_record, tok=tok, max_pixels=data.max_pixels, min_pixels=data.min_pixels,
                    merge=mc.vision.spatial_merge_size)
-  it = ctx.iterator(source, seed=data.seed, shuffle=data.shuffle, transform=encode)
+  it = ctx.iterator(source, seed=data.seed, shuffle=data.shuffle, transform=encode, workers=data.workers)
   writer, bar = ctx.start(engine, it, total)
   stats, completed = {}, False
   try:
