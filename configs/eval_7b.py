@@ -48,10 +48,11 @@ def get_config(arg=None):
   cfg.job = "eval"
   cfg.checkpoint = "/ckpt/VideoZoomer-7B"  # an HF Qwen2.5-VL directory with its tokenizer files
   cfg.model = load("qwen25vl_7b").model  # used only when checkpoint is "" (random weights: tiny configs)
+  cfg.impl = load("qwen25vl_7b").impl  # how the model computes (scanned layers, attention kernel)
   cfg.dtype = "bfloat16"
   cfg.seed = 0
   # (data, fsdp, tensor) degrees; -1 fills with the devices left. ICI is within a slice, DCN across slices.
-  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
+  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
   cfg.benchmark = ml_collections.ConfigDict(dict(
       name=name,  # a reader of zoomer_jax.eval.readers.READERS, or "synthetic" (the generated zoom task)
       annotation=annotation,

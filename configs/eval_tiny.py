@@ -19,6 +19,7 @@ def get_config(arg=None):
   cfg = load("eval_7b")
   cfg.checkpoint = ""
   cfg.model = load("qwen25vl_tiny").model
+  cfg.impl = load("qwen25vl_tiny").impl
   cfg.dtype = "float32"
   cfg.benchmark.update(dict(name="synthetic", annotation="", video_root="out/eval_tiny/synthetic", synthetic_n=4,
                             options=dict(open_ended="error")))

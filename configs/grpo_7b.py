@@ -18,6 +18,7 @@ def get_config(arg=None):
   cfg = ml_collections.ConfigDict()
   cfg.job = "grpo"
   cfg.model = load("qwen25vl_7b").model
+  cfg.impl = load("qwen25vl_7b").impl  # how the model computes (scanned layers, attention kernel)
   cfg.init = ml_collections.ConfigDict(dict(
       checkpoint="",  # an HF directory (the SFT cold-start model); "" = random weights (tiny configs only)
       dtype="bfloat16",  # compute dtype (activations and the forward's weights); matmuls accumulate in fp32
@@ -27,7 +28,7 @@ def get_config(arg=None):
   cfg.seed = 0
   cfg.accelerator_type = ""  # e.g. "v5p-64": the TPU slice the cost account (zoomer_jax.cost) sizes for
   # (data, fsdp, tensor) degrees; -1 fills with the devices left. ICI is within a slice, DCN across slices.
-  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
+  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
 
   cfg.data = ml_collections.ConfigDict(dict(
       train_files=(),  # the original's RL JSON / JSONL / YAML (§6.1), or a TFDS dir via tfds_dir

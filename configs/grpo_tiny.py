@@ -9,6 +9,7 @@ from zoomer_jax.config_loader import load
 def get_config(arg=None):
   cfg = load("grpo_7b")
   cfg.model = load("qwen25vl_tiny").model
+  cfg.impl = load("qwen25vl_tiny").impl
   cfg.init.dtype = "float32"
   cfg.workdir = "/tmp/zoomer_jax/grpo_tiny"
   cfg.mesh.ici = (2, -1, 1)

@@ -23,4 +23,19 @@ def get_config(arg=None):
       position_rule="original",
   ))
   cfg.seed = 0  # the random weights of `python -m zoomer_jax forward|infer` without a checkpoint
+  # How the model computes (zoomer_jax.model.options.ModelOptions): stacked layers run by lax.scan (compile time
+  # independent of depth) and flash attention (splash on TPU; blockwise over the KV cache elsewhere).
+  cfg.impl = ml_collections.ConfigDict(dict(scan_layers=True, attention="flash"))
+  # Logical axis -> mesh axes (data, fsdp, tensor), for parameters and activations; the first rule naming an axis
+  # wins, and an axis a mesh dimension does not divide stays replicated. FSDP over the embedding-like widths,
+  # tensor parallelism over heads, MLP width and vocabulary (MaxText's layout).
+  cfg.rules = (
+      ("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
+      ("q_heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
+      ("vision_patch", None), ("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_heads", "tensor"),
+      ("vision_merged", "fsdp"), ("vision_merged_out", "tensor"), ("layers", None),
+      ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_embed", None),
+      ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"), ("activation_mlp", "tensor"),
+      ("activation_vocab", "tensor"), ("cache_batch", ("data", "fsdp")), ("cache_kv_heads", "tensor"),
+  )
   return cfg

@@ -8,6 +8,8 @@ full-attention blocks, GQA, M-RoPE), so every code path of the 7B runs.
 
 import ml_collections
 
+from zoomer_jax.config_loader import load
+
 
 def get_config(arg=None):
   del arg
@@ -24,4 +26,8 @@ def get_config(arg=None):
       bos_token_id=578, eos_token_id=580, pad_token_id=578, position_rule="original",
   ))
   cfg.seed = 0
+  # Unrolled layers and whole-matrix attention: on CPU, slicing stacked weights costs a copy per step, and the
+  # dense path is the reference the tests compare against (ModelOptions).
+  cfg.impl = ml_collections.ConfigDict(dict(scan_layers=False, attention="dot_product"))
+  cfg.rules = load("qwen25vl_7b").rules
   return cfg

@@ -15,11 +15,12 @@ def get_config(arg=None):
   cfg = ml_collections.ConfigDict()
   cfg.job = "sft"
   cfg.model = load("qwen25vl_7b").model
+  cfg.impl = load("qwen25vl_7b").impl  # how the model computes (scanned layers, attention kernel)
   cfg.init = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16", param_dtype="float32"))
   cfg.workdir = "/tmp/zoomer_jax/sft_7b"
   cfg.seed = 0
   cfg.accelerator_type = ""  # e.g. "v5p-64": the TPU slice the cost account (zoomer_jax.cost) sizes for
-  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
+  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
   cfg.data = ml_collections.ConfigDict(dict(
       train_files=(),  # SFT records (§6.2): {"messages": [...], "images": [...]}, JSON / JSONL / YAML
       tfds_dir="",  # where the array_record TFDS copy of the files is built (default: workdir/tfds)

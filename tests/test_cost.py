@@ -112,7 +112,9 @@ def test_vision_forward_flops_match_xla(rng, measure):
   grids = [(1, 10, 12), (2, 8, 8), (1, 16, 30), (1, 6, 22)]
   layout = vision_layout(np.asarray(grids), v)
   pixels = jnp.zeros((sum(math.prod(g) for g in grids), v.patch_dim))
-  xla = _xla_flops(lambda s, px, lay: nnx.merge(graphdef, s).visual(px, lay), state, pixels, layout)
+  one_row = lambda a: a[None]  # the tower takes a batch of rows, each with its images
+  xla = _xla_flops(lambda s, px, lay: nnx.merge(graphdef, s).visual(px, lay), state, pixels[None],
+                   jax.tree.map(one_row, layout))
   padded = F.vision_forward_flops(v, grids, padded=True).total
   exact = F.vision_forward_flops(v, grids, padded=False).total
   measure("xla_over_ours", xla / padded)

@@ -50,7 +50,7 @@ def forward(args) -> dict:
   else:
     cfg = load(args.config, args.override)
     model = zoomer_jax.Qwen25VL(zoomer_jax.ModelConfig.from_config_dict(cfg.model.to_dict()),
-                                dtype=args.dtype, rngs=nnx.Rngs(cfg.seed))
+                                dtype=args.dtype, rngs=nnx.Rngs(cfg.seed), options=_options(cfg))
     source = f"{args.config} (random weights)"
   load_s = time.perf_counter() - t0
   mc = model.config
@@ -96,8 +96,14 @@ def _model_and_tokenizer(args):
     return model, load_tokenizer(args.checkpoint), args.checkpoint
   cfg = load(args.config, args.override)
   model = zoomer_jax.Qwen25VL(zoomer_jax.ModelConfig.from_config_dict(cfg.model.to_dict()), dtype=args.dtype,
-                              rngs=nnx.Rngs(cfg.seed))
+                              rngs=nnx.Rngs(cfg.seed), options=_options(cfg))
   return model, build_tiny_tokenizer(), f"{args.config} (random weights)"
+
+
+def _options(cfg):
+  """A model config's `impl` (scanned layers, attention kernel) and logical-axis `rules`."""
+  from zoomer_jax.model.options import ModelOptions
+  return ModelOptions(scan_layers=cfg.impl.scan_layers, attention=cfg.impl.attention, rules=cfg.rules)
 
 
 def infer(args) -> dict:

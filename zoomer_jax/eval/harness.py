@@ -280,14 +280,17 @@ def _model_and_tokenizer(cfg):
   """The HF checkpoint `cfg.checkpoint` sharded over `cfg.mesh`, or the random model `cfg.model` with the
   built-in tiny tokenizer; returns (model, tokenizer, mesh or None)."""
   import zoomer_jax  # noqa: PLC0415
+  from zoomer_jax.model.options import ModelOptions  # noqa: PLC0415
   from zoomer_jax.text import build_tiny_tokenizer, load_tokenizer  # noqa: PLC0415
+  options = ModelOptions(scan_layers=cfg.impl.scan_layers, attention=cfg.impl.attention, rules=cfg.mesh.rules)
   if cfg.checkpoint:
     from zoomer_jax.parallel.mesh import make_mesh  # noqa: PLC0415
     mesh = make_mesh(tuple(cfg.mesh.ici), tuple(cfg.mesh.dcn))
-    return zoomer_jax.load_hf(cfg.checkpoint, dtype=cfg.dtype, mesh=mesh), load_tokenizer(cfg.checkpoint), mesh
+    model = zoomer_jax.load_hf(cfg.checkpoint, dtype=cfg.dtype, mesh=mesh, options=options)
+    return model, load_tokenizer(cfg.checkpoint), mesh
   from flax import nnx  # noqa: PLC0415
   model = zoomer_jax.Qwen25VL(zoomer_jax.ModelConfig.from_config_dict(cfg.model.to_dict()), dtype=cfg.dtype,
-                              rngs=nnx.Rngs(cfg.seed))
+                              rngs=nnx.Rngs(cfg.seed), options=options)
   tok = build_tiny_tokenizer()
   if tok.vocab_size > model.config.text.vocab_size:
     raise ValueError(f"a random-weight model uses the tiny tokenizer ({tok.vocab_size} ids), which does not fit "

@@ -4,14 +4,12 @@ logical-axis rules its activations are laid out by.
     model = Qwen25VL(cfg, dtype="bfloat16", options=ModelOptions(scan_layers=True, attention="flash"))
 
 Every option keeps the function the same: a scanned model loads, exports and computes what the unrolled one does.
-Job configs carry them as `cfg.impl` (`ModelOptions.from_config`) and the rules table as `cfg.mesh.rules`.
+Job configs carry them as `cfg.impl` and the rules table as `cfg.mesh.rules` (`train.trainer.model_options`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
-
 from zoomer_jax.parallel.rules import DEFAULT_RULES, Rules, check_rules
 
 ATTENTION = ("dot_product", "flash")
@@ -36,12 +34,3 @@ class ModelOptions:
     if self.attention not in ATTENTION:
       raise ValueError(f"attention {self.attention!r} is not one of {list(ATTENTION)}")
     object.__setattr__(self, "rules", check_rules(self.rules))
-
-  @classmethod
-  def from_config(cls, impl: Mapping[str, Any] | None, rules: Rules | None = None) -> "ModelOptions":
-    """From a job config's `impl` section ({scan_layers, attention}) and `mesh.rules`."""
-    impl = dict(impl or {})
-    unknown = set(impl) - {"scan_layers", "attention"}
-    if unknown:
-      raise ValueError(f"unknown impl keys {sorted(unknown)}; known: ['attention', 'scan_layers']")
-    return cls(**impl, rules=DEFAULT_RULES if rules is None else rules)

@@ -313,7 +313,8 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   mask = np.asarray(prep.token_mask)
   n = mask.sum(1)
   last = np.where(n > 0, t - 1 - np.argmax(mask[:, ::-1], axis=1), 0).astype(np.int32)
-  start = np.asarray(next_position, np.int32).reshape(b)
+  from zoomer_jax.parallel.distributed import to_host  # noqa: PLC0415
+  start = np.asarray(to_host(next_position), np.int32).reshape(b)  # rows may be split over processes
   positions = prep.positions + jnp.asarray(start)[None, :, None]
   step_args = _on_model_mesh(model, (prep.ids, positions, prep.token_mask, prep.images, prep.videos, cache,
                                      jnp.asarray(last), n > 0, prev_logits))

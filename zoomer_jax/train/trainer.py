@@ -45,7 +45,7 @@ LossFn = Callable[[Any, TrainBatch], tuple[jax.Array, jax.Array, Mapping[str, ja
 
 def model_options(cfg) -> ModelOptions:
   """How a job's model computes: `cfg.impl` (scanned layers, attention kernel) and the rules `cfg.mesh.rules`."""
-  return ModelOptions.from_config(cfg.impl.to_dict(), cfg.mesh.rules)
+  return ModelOptions(scan_layers=cfg.impl.scan_layers, attention=cfg.impl.attention, rules=cfg.mesh.rules)
 
 
 def build_model(cfg, mesh) -> zoomer_jax.Qwen25VL:
