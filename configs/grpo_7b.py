@@ -48,6 +48,9 @@ def get_config(arg=None):
       max_pixels=100352, min_pixels=25088,
       decode_chunk=64, batch_size=64,  # trajectories decoded together in one device call
       workers=16,  # host threads for frame extraction
+      # The sampler's layout (data, fsdp, tensor degrees as in `mesh`): its weights are resharded into it once
+      # per RL step. () samples with the training layout.
+      mesh=dict(ici=(-1, 1, 1), dcn=(1, 1, 1)),
   ))
   cfg.actor = ml_collections.ConfigDict(dict(
       optim=dict(lr=1e-6, lr_scheduler="constant", warmup_ratio=0.0, warmup_steps=0, min_lr_ratio=0.0,

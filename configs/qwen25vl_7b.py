@@ -34,7 +34,8 @@ def get_config(arg=None):
       ("q_heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
       ("vision_patch", None), ("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_heads", "tensor"),
       ("vision_merged", "fsdp"), ("vision_merged_out", "tensor"), ("layers", None),
-      ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_embed", None),
+      ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_norm_length", None),
+      ("activation_embed", None),
       ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"), ("activation_mlp", "tensor"),
       ("activation_vocab", "tensor"), ("cache_batch", ("data", "fsdp")), ("cache_kv_heads", "tensor"),
   )

@@ -3,7 +3,12 @@
     python -m zoomer_jax train --config=sft_7b --config.init.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct \
         --config.data.train_files='("/data/videozoomer_sft.json",)' --config.workdir=gs://bucket/runs/sft
 
-Loss only on assistant tokens; vision tower frozen; lr 5e-6 with 10% warmup then cosine; one epoch.
+Loss only on assistant tokens; vision tower frozen; lr 5e-6 with 10% warmup then cosine; one epoch; 16 sequences
+per optimizer step, as the original (1 per GPU x 2 accumulation x 8 GPUs).
+
+Sized for a TPU v5p-64 (32 chips; `python -m zoomer_jax compile --config=sft_7b` checks it): FSDP 16 x tensor 2,
+so that the 16 sequences of a step are one micro-batch with a row on every FSDP shard and no chip idles, and the
+tensor axis splits heads, MLP width and vocabulary in two. configs/sft_7b_v6e64.py is the v6e-64 layout.
 """
 
 import ml_collections
@@ -19,13 +24,14 @@ def get_config(arg=None):
   cfg.init = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16", param_dtype="float32"))
   cfg.workdir = "/tmp/zoomer_jax/sft_7b"
   cfg.seed = 0
-  cfg.accelerator_type = ""  # e.g. "v5p-64": the TPU slice the cost account (zoomer_jax.cost) sizes for
-  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
+  cfg.accelerator_type = "v5p-64"  # the TPU slice `compile` and the cost account (zoomer_jax.cost) size for
+  cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 2), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
   cfg.data = ml_collections.ConfigDict(dict(
       train_files=(),  # SFT records (§6.2): {"messages": [...], "images": [...]}, JSON / JSONL / YAML
       tfds_dir="",  # where the array_record TFDS copy of the files is built (default: workdir/tfds)
       batch_size=16,  # sequences per optimizer step (global), split into micro-batches
-      micro_batch_size=1,  # sequences per forward/backward; batch_size / micro_batch_size = grad accumulation
+      micro_batch_size=16,  # sequences per forward/backward (one per batch shard); batch_size / micro_batch_size
+                            # = grad accumulation
       cutoff_len=32768,  # longer sequences are truncated (LLaMA-Factory cutoff_len)
       token_bucket=1024,  # sequence lengths are padded up to a multiple of this (few compiled shapes)
       image_bucket=16,  # and image counts to a multiple of this

@@ -54,3 +54,7 @@ MULTIPROCESS_GRAD_REL = 1e-4
 # Agent rollout log-probs on two processes vs one (same 8-device mesh, the same forced tokens): only the order of
 # cross-process reductions differs (measured 0: bit-identical on 2 x 4 CPU devices).
 MULTIPROCESS_LOGPROB_FP32 = 1e-5
+# zoomer_jax.aot's cost probes (1- and 2-layer programs, extrapolated linearly in depth) vs XLA's cost analysis of
+# the whole program compiled unrolled, relative (FLOPs and bytes accessed). Only fusion decisions at the layer
+# boundaries differ.
+AOT_PROBE_REL = 0.02

@@ -1,4 +1,4 @@
-"""Command line: `python -m zoomer_jax {demo,train,eval,forward,infer} ...`.
+"""Command line: `python -m zoomer_jax {demo,train,eval,compile,forward,infer} ...`.
 
 `demo` is the main job: it builds the synthetic long-video task, trains the tiny model SFT -> GRPO on CPU,
 evaluates it with and without the zoom tool, and writes a table, training curves and trajectory pictures
@@ -178,6 +178,11 @@ def demo(args) -> dict:
   return run_demo(_job_config(args))
 
 
+def compile_(args) -> dict:
+  from zoomer_jax.aot import run  # noqa: PLC0415
+  return run(_job_config(args), args.topology, probes=not args.no_probes, only=tuple(args.only or ()))
+
+
 def _add_job_parser(sub, name: str, help_: str, default: str):
   p = sub.add_parser(name, help=help_, description=f"{help_}. Any config field can be overridden with "
                      "--config.a.b=value (Python literals; strings may be bare).")
@@ -193,6 +198,12 @@ def main(argv=None) -> int:
   _add_job_parser(sub, "eval", "evaluate the agent on a benchmark, with and without the tool", "eval_tiny")
   _add_job_parser(sub, "demo", "the main job: synthetic task, SFT -> GRPO of the tiny model on CPU, evaluation "
                   "with and without the tool, table and pictures under out/demo", "demo")
+  cp = _add_job_parser(sub, "compile", "compile every program of a job config for a TPU topology (no TPU needed: "
+                       "libtpu, the [tpu] extra) and report per-chip memory, FLOPs, time and collectives",
+                       "grpo_7b_v5p64")
+  cp.add_argument("--topology", help="e.g. v5p:4x4x2 or v6e-64 (default: the config's accelerator_type)")
+  cp.add_argument("--no-probes", action="store_true", help="memory and collectives only (skip the cost probes)")
+  cp.add_argument("--only", action="append", metavar="PROGRAM", help="compile only this program (repeatable)")
   fw = sub.add_parser("forward", help="one forward pass on a generated clip")
   fw.add_argument("--checkpoint", help="HF Qwen2.5-VL directory (default: the built-in tiny random model)")
   fw.add_argument("--config", default="qwen25vl_tiny", help="model config when no checkpoint is given")
@@ -215,7 +226,7 @@ def main(argv=None) -> int:
   inf.add_argument("--seed", type=int, default=0)
   inf.add_argument("--out", default="out", help="directory for infer.json ('' to skip)")
   args, rest = parser.parse_known_args(argv)
-  if args.command in ("train", "eval", "demo"):
+  if args.command in ("train", "eval", "demo", "compile"):
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
       parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.a.b=value)")
@@ -229,6 +240,8 @@ def main(argv=None) -> int:
       evaluate(args)
     elif args.command == "demo":
       demo(args)
+    elif args.command == "compile":
+      compile_(args)
     elif args.command == "forward":
       forward(args)
     elif args.command == "infer":

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from zoomer_jax.model.layers import attention_weights
-from zoomer_jax.model.stack import scan
+from zoomer_jax.model.stack import loops_unrolled, scan
 from zoomer_jax.parallel.rules import Rules, logical_to_spec
 
 QUERY_BLOCK = 64  # queries per attention block on CPU: [B, k, 64 * group, S] fp32 scores stay in L2/L3
@@ -107,7 +107,7 @@ def blockwise(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, dtype, precision,
   Equals `dense` up to the order of the sums; rows that read no key get zeros (as `attention_weights`)."""
   b, t, n, h = q_btnh.shape
   kh, s = k_bkhs.shape[1], k_bkhs.shape[3]
-  kb = min(key_block, s)
+  kb = s if loops_unrolled() else min(key_block, s)  # cost probes: one block, the same FLOPs
   n_blocks = -(-s // kb)
   pad = n_blocks * kb - s
   if pad:  # padded slots are invalid keys
@@ -151,10 +151,13 @@ def _splash_kernel(heads: int, t: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415
   blk = min(SPLASH_BLOCK, t)
+  # Separate dq and dkv backward kernels: the fused one keeps a dq partial per key block ([T / blk, heads, T, h],
+  # 3.5 GiB per chip at 32k tokens and 7 heads), where dq's own kernel accumulates in place.
   sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                        block_kv_dkv_compute=blk, use_fused_bwd_kernel=True)
+                        block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk, use_fused_bwd_kernel=False)
   mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  with jax.ensure_compile_time_eval():  # the mask tables are constants, not tracers of the first caller's trace
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_fits(t: int) -> bool:
@@ -189,11 +192,21 @@ def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bo
   return out.transpose(0, 2, 1, 3)
 
 
-def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, flash: bool, rules: Rules,
+def cudnn(q_btnh, k_btkh, v_btkh, token_mask_bt) -> jax.Array:
+  """Causal self-attention (no cache) with cuDNN's fused kernel (`jax.nn.dot_product_attention`), for GPU runs
+  (`ModelOptions.attention="cudnn"`). Rows are right-padded (training batches): each attends within its length."""
+  lengths = token_mask_bt.sum(axis=1).astype(jnp.int32)
+  return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True, query_seq_lengths=lengths,
+                                      key_value_seq_lengths=lengths, implementation="cudnn")
+
+
+def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, kind: str, rules: Rules,
            dtype, precision) -> jax.Array:
   """Dispatch (module docstring): decode steps and "dot_product" take `dense` (query blocks on CPU), cached
-  chunks with "flash" take `blockwise`, uncached "flash" takes `splash` on TPU and `dense` elsewhere."""
+  chunks with "flash" or "cudnn" take `blockwise`, uncached "flash" takes `splash` on TPU and `dense` elsewhere,
+  uncached "cudnn" takes `cudnn` (GPU only)."""
   t = q_btnh.shape[1]
+  flash = kind in ("flash", "cudnn")
   kw = dict(cache_layout=cached, causal_prefix=not cached, dtype=dtype, precision=precision)
 
   def dense_cpu(q, k, v, mask):
@@ -204,6 +217,8 @@ def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, fl
 
   if cached and flash and t > 1:
     return blockwise(q_btnh, k, v, mask, dtype=dtype, precision=precision)
+  if not cached and kind == "cudnn":
+    return cudnn(q_btnh, k, v, token_mask_bt).astype(dtype)
   if not cached and flash and splash_fits(t):  # shorter or ragged chunks are small enough for `dense`
     return jax.lax.platform_dependent(
         q_btnh, k, v, mask, cpu=dense_cpu, default=dense_one,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from zoomer_jax.parallel.rules import DEFAULT_RULES, Rules, check_rules
 
-ATTENTION = ("dot_product", "flash")
+ATTENTION = ("dot_product", "flash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,8 @@ class ModelOptions:
     per layer, as on CPU, where slicing stacked weights costs a copy per step.
   attention: "dot_product" computes whole score matrices (in query blocks on CPU); "flash" uses a kernel that
     never holds them: splash attention on TPU for self-attention without a cache, and everywhere a blockwise
-    online softmax over the KV cache for prefill and extend chunks. The dense path stays the reference.
+    online softmax over the KV cache for prefill and extend chunks. "cudnn" is "flash" with cuDNN's fused kernel
+    for self-attention without a cache (GPU runs; right-padded rows). The dense path stays the reference.
   rules: logical axis name -> mesh axes, for parameters (`axes` metadata) and activations (`constrain`).
   """
 

@@ -15,7 +15,10 @@ from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.stack import remat, scan_modules, stack_modules
 from zoomer_jax.parallel.rules import constrain
 
-BTD = ("activation_batch", "activation_length", "activation_embed")
+# The residual stream between layers. Its length axis has a name of its own so that a rule can shard it over the
+# tensor axis (sequence parallelism: the layer inputs remat keeps are split, an all-reduce becomes a reduce-scatter
+# and an all-gather) while attention and MLP keep the whole sequence and split heads and width.
+BTD = ("activation_batch", "activation_norm_length", "activation_embed")
 
 
 class Embed(nnx.Module):
@@ -62,7 +65,7 @@ class Attention(nnx.Module):
       kv = write_kv(*kv, k_btkh, v_btkh, mask.q_start)
       k_btkh, v_btkh = kv
     out_btnh = attend(q_btnh, k_btkh, v_btkh, mask, token_mask_bt=token_mask_bt, cached=kv is not None,
-                      flash=self.options.attention == "flash", rules=rules, dtype=self.dtype,
+                      kind=self.options.attention, rules=rules, dtype=self.dtype,
                       precision=self.precision)
     return self.o_proj(constrain(out_btnh, heads, rules)), kv
 

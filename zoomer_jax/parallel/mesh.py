@@ -40,7 +40,8 @@ def make_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1),
   if math.prod(shape) != len(devices):
     raise ValueError(f"mesh {dict(zip(axis_names, shape))} needs {math.prod(shape)} devices, have {len(devices)}")
   if n_slices == 1:
-    arranged = mesh_utils.create_device_mesh(shape, devices=devices)
+    # allow_split_physical_axes: e.g. tensor 4 x fsdp 16 on a v6e-64 (8x8) splits a physical axis in two
+    arranged = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
   else:
     arranged = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
   return Mesh(np.asarray(arranged), tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))

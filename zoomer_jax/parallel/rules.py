@@ -36,6 +36,7 @@ DEFAULT_RULES: Rules = (
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
+    ("activation_norm_length", None),  # the residual stream's length (sequence parallelism: "tensor")
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),

@@ -86,6 +86,20 @@ def grpo_micro_loss(model, batch, *, loss_cfg: GRPOLossConfig, remat: str, vocab
                    batch.loss_mask, loss_cfg, sampler_logp=tv.get("sampler_logp"))
 
 
+def grpo_loss_fns(cfg, *, token_chunk: int | None | str = "config"):
+  """(the update's loss `loss(model, batch) -> (sum, denominator, metrics)`, the old/reference log-prob function
+  `logp(model, batch) -> [B, L]`) of the GRPO job of `cfg`. `token_chunk` overrides `actor.logprob_token_chunk`
+  (`zoomer_jax.aot`'s cost probes walk tokens in one block)."""
+  actor, r = cfg.actor, cfg.rollout
+  loss_cfg = GRPOLossConfig(**{k: actor[k] for k in LOSS_KEYS})
+  vocab_chunk = actor.logprob_vocab_chunk or None
+  chunk = (actor.logprob_token_chunk or None) if token_chunk == "config" else token_chunk
+  temperature = r.temperature or 1.0
+  loss = partial(grpo_micro_loss, loss_cfg=loss_cfg, remat=actor.remat, vocab_chunk=vocab_chunk, token_chunk=chunk,
+                 freeze_vision=actor.freeze_vision_tower, temperature=temperature)
+  return loss, partial(_logp_only, vocab_chunk=vocab_chunk, token_chunk=chunk, temperature=temperature)
+
+
 def _logp_only(model, batch, *, vocab_chunk, token_chunk, temperature):
   return sequence_logprobs(model, batch, remat="none", vocab_chunk=vocab_chunk, token_chunk=token_chunk,
                            temperature=temperature, with_entropy=False)[0]
@@ -163,12 +177,22 @@ def rollout_metrics(ro: Rollouts, max_round: int) -> dict:
   return m
 
 
+def rollout_mesh(rollout_cfg):
+  """The mesh the rollout's weights and caches are laid out on (`rollout.mesh`: degrees like `mesh`), or None to
+  sample with the training layout."""
+  if not rollout_cfg.mesh.ici:
+    return None
+  from zoomer_jax.parallel.mesh import make_mesh  # noqa: PLC0415
+  return make_mesh(tuple(rollout_cfg.mesh.ici), tuple(rollout_cfg.mesh.dcn))
+
+
 def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
   """Greedy evaluation with the tool on the validation set (verl's `test_freq`); writes val_{step}.jsonl."""
   from zoomer_jax.eval.harness import evaluate  # noqa: PLC0415
   out = os.path.join(cfg.workdir, "validation", f"val_{step}.jsonl")
-  rep = evaluate(engine.model(), tok, val_tasks, agent_cfg, use_tool=True, batch_size=cfg.rollout.batch_size,
-                 out_jsonl=out, key=jax.random.key(cfg.seed), progress=False)
+  with jax.set_mesh(engine.rollout_mesh or engine.mesh):
+    rep = evaluate(engine.rollout_model(), tok, val_tasks, agent_cfg, use_tool=True,
+                   batch_size=cfg.rollout.batch_size, out_jsonl=out, key=jax.random.key(cfg.seed), progress=False)
   m = {"val/acc": rep.accuracy, "val/format": rep.format, "val/tool_calls": rep.mean_tool_calls,
        "val/frames": rep.mean_frames}
   m.update({f"val/acc/{src}": v["accuracy"] for src, v in rep.per_source.items()})
@@ -183,13 +207,8 @@ def run_grpo(cfg) -> dict:
   check_adv_estimator(cfg.algorithm.adv_estimator)  # before any work
   ctx = JobContext(cfg, kind="grpo")
   actor, r = cfg.actor, cfg.rollout
-  loss_cfg = GRPOLossConfig(**{k: actor[k] for k in LOSS_KEYS})
   reward_cfg = RewardConfig.from_dict(dict(cfg.reward.to_dict(), tool_call_max_frames=r.tool_call_max_frames))
-  vocab_chunk = actor.logprob_vocab_chunk or None
-  token_chunk = actor.logprob_token_chunk or None
-  loss = partial(grpo_micro_loss, loss_cfg=loss_cfg, remat=actor.remat, vocab_chunk=vocab_chunk,
-                 token_chunk=token_chunk,
-                 freeze_vision=actor.freeze_vision_tower, temperature=r.temperature or 1.0)
+  loss, logp_fn = grpo_loss_fns(cfg)
   want = cfg.data.train_batch_size
   if want % actor.ppo_mini_batch_size:
     raise ValueError(f"data.train_batch_size {want} is not a multiple of actor.ppo_mini_batch_size "
@@ -197,7 +216,7 @@ def run_grpo(cfg) -> dict:
   updates_per_step = want // actor.ppo_mini_batch_size * actor.ppo_epochs
   total = cfg.trainer.total_steps
   engine = ctx.engine(loss, total_steps=total * updates_per_step, optim=actor.optim,
-                      freeze_vision=actor.freeze_vision_tower)
+                      freeze_vision=actor.freeze_vision_tower, rollout_mesh=rollout_mesh(r))
   ref_params = None
   if actor.use_kl_loss:  # the frozen reference: the starting weights, in the compute dtype
     ref_params = engine.compute_params()
@@ -207,7 +226,6 @@ def run_grpo(cfg) -> dict:
   it = ctx.iterator(source, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
   writer, bar = ctx.start(engine, it, total)
   agent_cfg = agent_config(r)
-  logp_fn = partial(_logp_only, vocab_chunk=vocab_chunk, token_chunk=token_chunk, temperature=r.temperature or 1.0)
   test_freq = cfg.trainer.test_freq if cfg.data.val_files else 0
   val_source = ctx.rl_source("validation") if test_freq else []
   val_tasks = [task_of(val_source[i]) for i in range(len(val_source))]
@@ -222,8 +240,9 @@ def run_grpo(cfg) -> dict:
     while ctx.job_step < total:
       step = ctx.job_step
       t0 = time.perf_counter()
-      ro = collect(engine.model(), ctx.tok, it, cfg, reward_cfg, agent_cfg,
-                   jax.random.fold_in(jax.random.key(cfg.seed), step), step)
+      with jax.set_mesh(engine.rollout_mesh or engine.mesh):
+        ro = collect(engine.rollout_model(), ctx.tok, it, cfg, reward_cfg, agent_cfg,
+                     jax.random.fold_in(jax.random.key(cfg.seed), step), step)
       t_roll = time.perf_counter() - t0
       examples = [example_of(t, a) for t, a in zip(ro.trajs, ro.advantages)]
       batches = []

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from zoomer_jax.model.layers import precision_for
+from zoomer_jax.model.stack import scan
 from zoomer_jax.model.qwen25vl import Qwen25VL, VisionInput
 
 
@@ -106,11 +107,11 @@ def _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
       hit = new_c & (col_c == tg_c[:, None])
       return None, (m_new, s_c, u_c, zt_c + jnp.sum(jnp.where(hit, z_cv, 0.0), axis=-1))
 
-    return jax.lax.scan(block_step, None, (h_kcd, tg_kc) + stats)[1], None
+    return scan(block_step, None, (h_kcd, tg_kc) + stats)[1], None
 
   zeros = jnp.zeros(tg_kc.shape, jnp.float32)
   init = (jnp.full(tg_kc.shape, -jnp.inf, jnp.float32), zeros, zeros, zeros)
-  (m_kc, s_kc, u_kc, zt_kc), _ = jax.lax.scan(vocab_step, init, jnp.arange(n_chunks))
+  (m_kc, s_kc, u_kc, zt_kc), _ = scan(vocab_step, init, jnp.arange(n_chunks))
   lse_kc = m_kc + jnp.log(s_kc)
   return lse_kc, zt_kc, u_kc / s_kc
 
@@ -161,7 +162,7 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
                                           precision=prec, preferred_element_type=jnp.float32)
       return dw_dc, dh_cd
 
-    dw_dc, dh_new = jax.lax.scan(block_step, jnp.zeros((d, vocab_chunk), jnp.float32),
+    dw_dc, dh_new = scan(block_step, jnp.zeros((d, vocab_chunk), jnp.float32),
                                  (h_kcd, tg_kc, lse_kc, ez_kc, g_lp_kc, g_ent_kc))
     # The overlapping last chunk adds zeros to the columns it shares with the previous one.
     old_dc = jax.lax.dynamic_slice_in_dim(dw_dv, start, vocab_chunk, axis=1).astype(jnp.float32)
@@ -169,7 +170,7 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
     return (dh_kcd + dh_new, dw_dv), None
 
   init = (jnp.zeros((k, c, d), jnp.float32), jnp.zeros_like(w_dv))
-  (dh_kcd, dw_dv), _ = jax.lax.scan(vocab_step, init, jnp.arange(n_chunks))
+  (dh_kcd, dw_dv), _ = scan(vocab_step, init, jnp.arange(n_chunks))
   return dh_kcd.astype(h_kcd.dtype), dw_dv, None, None
 
 

@@ -97,6 +97,16 @@ def sft_loss(model, batch, *, remat: str = "none", vocab_chunk: int | None = Non
   return nll, n, {"tokens": n / jnp.maximum(n, 1.0)}
 
 
+def sft_loss_fn(cfg, *, token_chunk: int | None | str = "config"):
+  """The loss the SFT job of `cfg` differentiates, `loss(model, batch) -> (sum, denominator, metrics)`.
+  `token_chunk` overrides `train.logprob_token_chunk` (`zoomer_jax.aot`'s cost probes walk tokens in one block)."""
+  from functools import partial  # noqa: PLC0415
+  t = cfg.train
+  chunk = (t.logprob_token_chunk or None) if token_chunk == "config" else token_chunk
+  return partial(sft_loss, remat=t.remat, vocab_chunk=t.logprob_vocab_chunk or None, token_chunk=chunk,
+                 freeze_vision=t.freeze_vision_tower)
+
+
 def step_rows(mesh, batch_size: int, micro_batch_size: int) -> list[int]:
   """The rows of an SFT step's global batch this process holds: in each micro-batch of `micro_batch_size`
   consecutive rows, those its devices hold (all of them when a micro-batch's rows are replicated)."""
@@ -141,9 +151,7 @@ def run_sft(cfg) -> dict:
   if steps_per_epoch == 0:
     raise ValueError(f"{len(source)} training records make no batch of {data.batch_size}")
   total = cfg.train.total_steps or steps_per_epoch * data.num_epochs
-  loss = partial(sft_loss, remat=cfg.train.remat, vocab_chunk=cfg.train.logprob_vocab_chunk or None,
-                 token_chunk=cfg.train.logprob_token_chunk or None,
-                 freeze_vision=cfg.train.freeze_vision_tower)
+  loss = sft_loss_fn(cfg)
   engine = ctx.engine(loss, total_steps=total, optim=cfg.optim, freeze_vision=cfg.train.freeze_vision_tower)
   tok, mc = ctx.tok, engine.model_config
   encode = partial(encode_record, tok=tok, max_pixels=data.max_pixels, min_pixels=data.min_pixels,

@@ -73,12 +73,15 @@ class TrainSteps:
   ShapeDtypeStructs (`zoomer_jax.compile`)."""
 
   def __init__(self, graphdef, rest, loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
-               compute_dtype, state_shardings):
+               compute_dtype, state_shardings, rollout_shardings=None):
     self.graphdef, self.rest, self._loss_fn = graphdef, rest, loss_fn
     self.tx, self.schedule, self.compute_dtype = tx, schedule, jnp.dtype(compute_dtype)
     self.grad = jax.jit(self._grad_impl, donate_argnums=(1,))
-    self.apply = jax.jit(self._apply_impl, donate_argnums=(0, 1), out_shardings=(state_shardings, None))
+    # The state is donated (its buffers become the new state's); the accumulator is not: nothing it could become.
+    self.apply = jax.jit(self._apply_impl, donate_argnums=(0,), out_shardings=(state_shardings, None))
     self.evaluate = jax.jit(self._eval_impl, static_argnums=(2,))
+    # The sampler's weights: the compute-dtype copy laid out for the rollout mesh, made once per RL step.
+    self.rollout_weights = jax.jit(lambda p: cast_floats(p, self.compute_dtype), out_shardings=rollout_shardings)
 
   def model(self, params) -> zoomer_jax.Qwen25VL:
     return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype), self.rest)
@@ -120,7 +123,9 @@ class Preempted(Exception):
 
 class Engine:
   def __init__(self, cfg, loss_fn: LossFn, *, total_steps: int, optim: Mapping[str, Any], freeze_vision: bool,
-               save_freq: int, max_to_keep: int):
+               save_freq: int, max_to_keep: int, rollout_mesh=None):
+    """`rollout_mesh`: the mesh the sampler's weights are laid out on (`rollout_model`); None samples with the
+    training layout."""
     self.cfg = cfg
     self.mesh = make_mesh(tuple(cfg.mesh.ici), tuple(cfg.mesh.dcn))
     self.rules = model_options(cfg).rules
@@ -142,8 +147,10 @@ class Engine:
     self._sums = None
     self._sigterm = False
     self.saved_step = None
+    self.rollout_mesh = rollout_mesh
+    rollout_shardings = None if rollout_mesh is None else state_shardings(params, rollout_mesh, self.rules)
     self.steps = TrainSteps(self.graphdef, self.rest, loss_fn, self.tx, self.schedule, self.compute_dtype,
-                            self.shardings)
+                            self.shardings, rollout_shardings)
 
   # ------------------------------------------------------------------ the model at the current params
   def compute_params(self, params=None):
@@ -156,6 +163,14 @@ class Engine:
   def model(self, params=None) -> zoomer_jax.Qwen25VL:
     """An nnx model at `params` (default: the current ones) in the compute dtype; valid until the next `apply`."""
     return nnx.merge(self.graphdef, self.compute_params(params), self.rest)
+
+  def rollout_model(self) -> zoomer_jax.Qwen25VL:
+    """The policy to sample from: the current weights in the compute dtype, resharded into the rollout layout when
+    there is one (one program per call: call it once per RL step); run its rollouts under
+    `jax.set_mesh(self.rollout_mesh)`."""
+    if self.rollout_mesh is None:
+      return self.model()
+    return nnx.merge(self.graphdef, self.steps.rollout_weights(self.state.params), self.rest)
 
   @property
   def step(self) -> int:

@@ -1,0 +1,164 @@
+"""The TPU path stays compiled: the tiny jobs' programs compile for a TPU topology with XLA's TPU compiler (libtpu,
+no TPU), and what `zoomer_jax.aot` reads from them is right.
+
+* every program of grpo_tiny and sft_tiny (scanned layers, flash attention) compiles for v5p:2x2x1 and fits;
+* `python -m zoomer_jax compile` prints its table and a BENCH_JSON line with one entry per program;
+* the cost probes' extrapolation equals the cost of the fully unrolled program at full depth;
+* the HLO reader multiplies a scanned loop's collectives by the trip count and counts splash kernels;
+* a program compiled for TPU on this CPU host takes the TPU paths (`lax.platform_dependent`), not the CPU ones.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import tolerances as tol
+from zoomer_jax.aot import programs as P
+from zoomer_jax.aot.hlo import Hlo
+from zoomer_jax.aot.report import Cost, _cost_of, compile_job, splash_flops
+from zoomer_jax.aot.target import tpu_target
+from zoomer_jax.config_loader import load
+from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.model.stack import unrolled_loops
+
+TOPOLOGY = "v5p:2x2x1"
+TPU_OVERRIDES = ["impl.scan_layers=True", "impl.attention=flash", "mesh.ici=(1,-1,1)"]
+
+
+@pytest.fixture(scope="module")
+def target():
+  return tpu_target(TOPOLOGY)
+
+
+def _cfg(name, overrides=TPU_OVERRIDES):
+  from zoomer_jax.config_loader import apply_overrides
+  cfg = load(name)
+  apply_overrides(cfg, overrides)
+  return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo_tiny", "sft_tiny"])
+def test_tiny_programs_compile_for_tpu_and_fit(target, name, measure):
+  rep = compile_job(_cfg(name), target, probes=False, log=lambda *a: None)
+  want = {"grpo_tiny": {"grpo/old_logp", "grpo/ref_logp", "grpo/update", "grpo/apply", "rollout/reshard",
+                        "rollout/prefill", "rollout/extend", "rollout/decode"},
+          "sft_tiny": {"sft/grad", "sft/apply"}}[name]
+  assert {r.name for r in rep["results"]} == want
+  for r in rep["results"]:
+    measure(f"{r.name}_GiB", r.required / 2**30)
+    assert r.fits and r.memory["total"] > 0 and r.error == ""
+  grads = [r for r in rep["results"] if r.name in ("grpo/update", "sft/grad")]
+  assert all("all-gather" in r.collectives for r in grads)  # FSDP gathers the weights
+
+
+@pytest.mark.slow
+def test_compile_command_prints_table_and_bench_json():
+  cmd = [sys.executable, "-m", "zoomer_jax", "compile", "--config=sft_tiny", f"--topology={TOPOLOGY}", "--no-probes",
+         *[f"--config.{o}" for o in TPU_OVERRIDES]]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "sft/grad" in out.stdout and "fits" in out.stdout
+  line = next(l for l in out.stdout.splitlines() if l.startswith("BENCH_JSON "))
+  rec = json.loads(line[len("BENCH_JSON "):])
+  assert rec["topology"] == TOPOLOGY and rec["chips"] == 4
+  names = [p["name"] for p in rec["programs"]]
+  assert names == ["sft/grad", "sft/apply"]
+  for p in rec["programs"]:
+    assert {"name", "fits", "bytes_per_chip", "hbm_bytes", "flops", "collective_bytes", "estimated_s"} <= set(p)
+    assert p["fits"] and 0 < p["bytes_per_chip"] < p["hbm_bytes"]
+
+
+@pytest.mark.slow
+def test_probe_extrapolation_equals_the_unrolled_program(target, measure):
+  """sft_tiny's gradient step (2 decoder layers, 2 windowed + 2 full vision blocks): the linear extrapolation from
+  the 1/2-layer probes reproduces XLA's cost of the whole program compiled unrolled."""
+  cfg = _cfg("sft_tiny", ["impl.scan_layers=False", "mesh.ici=(1,-1,1)"])
+  mesh, _ = P.meshes(cfg, list(target.devices))
+  full = ModelConfig.from_config_dict(cfg.model.to_dict())
+  assert P.block_counts(full) == (2, 2, 2)
+
+  def grad_cost(mc):
+    with unrolled_loops():
+      prog = P.job_programs(cfg, mesh, model_cfg=mc, token_chunk=None)[0]
+      assert prog.name == "sft/grad"
+      return _cost_of(prog.lower().compile())
+
+  probes = {d: grad_cost(P.reduced(full, *d)) for d in [(1, 1, 0), (2, 1, 0), (1, 2, 0), (1, 0, 1)]}
+  ct = probes[(2, 1, 0)] - probes[(1, 1, 0)]
+  cw = probes[(1, 2, 0)] - probes[(1, 1, 0)]
+  c0 = probes[(1, 1, 0)] - ct - cw
+  cf = probes[(1, 0, 1)] - c0 - ct
+  est = c0 + ct * 2 + cw * 2 + cf * 2
+  whole = grad_cost(full)
+  for field in ("flops", "bytes"):
+    rel = abs(getattr(est, field) / getattr(whole, field) - 1)
+    measure(f"{field}_rel", rel)
+    assert rel <= tol.AOT_PROBE_REL
+
+
+def test_hlo_counts_loop_bodies_by_trip_count(target):
+  """A scan of 6 steps, each all-gathering a [128, 256] bf16 layer over 4 chips, moves 6 x 3/4 of 64 KiB per chip."""
+  mesh = Mesh(np.asarray(target.devices).reshape(4), ("x",))
+  w = jax.ShapeDtypeStruct((6, 128, 256), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec(None, "x")))
+  x = jax.ShapeDtypeStruct((8, 128), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+
+  def f(w, x):
+    def step(x, wl):
+      wl = jax.lax.with_sharding_constraint(wl, NamedSharding(mesh, PartitionSpec()))
+      return jnp.tanh(x @ wl[:, :128]), None
+    return jax.lax.scan(step, x, w)[0]
+
+  hlo = Hlo(jax.jit(f).lower(w, x).compile().as_text())
+  gathers = hlo.collectives(4)["all-gather"]
+  assert gathers["count"] == 6
+  assert gathers["moved"] == pytest.approx(6 * 0.75 * 128 * 256 * 2)
+
+
+def test_splash_kernels_are_counted(target):
+  from zoomer_jax.model import attention
+  mesh = Mesh(np.asarray(target.devices).reshape(4), ("data",))
+  q = jax.ShapeDtypeStruct((4, 1024, 8, 128), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("data")))
+  k = jax.ShapeDtypeStruct((4, 1024, 2, 128), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("data")))
+  m = jax.ShapeDtypeStruct((4, 1024), bool, sharding=NamedSharding(mesh, PartitionSpec("data")))
+  rules = (("activation_batch", "data"),)
+
+  def loss(q, k, v, m):
+    return attention.splash(q, k, v, m, rules=rules).astype(jnp.float32).sum()
+
+  with jax.set_mesh(mesh):
+    fwd = Hlo(jax.jit(lambda *a: attention.splash(*a, rules=rules)).lower(q, k, k, m).compile().as_text())
+    bwd = Hlo(jax.jit(jax.grad(loss)).lower(q, k, k, m).compile().as_text())
+  pairs = 512 * 512 * 3  # two 512-token tiles: the block-causal pairs are 3 of the 4 blocks
+  assert splash_flops(fwd) == 4 * 8 * 128 * pairs  # one row per chip, 8 heads
+  assert splash_flops(bwd) == (4 + 10) * 8 * 128 * pairs  # forward (residuals) + fused backward
+
+
+def test_programs_compiled_for_tpu_take_the_tpu_paths(target):
+  """Tied logits of a decode step: the CPU path keeps the table as the GEMM's row operand behind an optimization
+  barrier; the TPU program (compiled here, on a CPU host) must not, and the CPU program must."""
+  from zoomer_jax.model.qwen25vl import Qwen25VL
+  import hf_oracle as O
+  model = Qwen25VL(ModelConfig.from_hf_dict(O.tiny_hf_config(tie=True)), dtype="float32", rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  h = jnp.zeros((8, 1, model.config.text.hidden_size), jnp.float32)
+  f = jax.jit(lambda s, h: nnx.merge(graphdef, s).logits(h))
+  cpu_text = f.lower(state, h).as_text()
+  mesh = Mesh(np.asarray(target.devices[:1]).reshape(1), ("x",))
+  rep = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), (state, h))
+  tpu_text = f.lower(*abstract).compile().as_text()
+  assert "optimization_barrier" in cpu_text
+  assert "opt-barrier" not in tpu_text and "optimization_barrier" not in tpu_text
+
+
+def test_cost_arithmetic():
+  a, b = Cost(1, 2, 3, 4), Cost(10, 20, 30, 40)
+  assert b - a == Cost(9, 18, 27, 36) and a * 2 == Cost(2, 4, 6, 8) and a + b == Cost(11, 22, 33, 44)

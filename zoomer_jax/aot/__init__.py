@@ -1,0 +1,97 @@
+"""Ahead-of-time compilation of a job's programs for a TPU topology, on a machine without TPUs.
+
+    python -m zoomer_jax compile --config=grpo_7b_v5p64                 # topology from cfg.accelerator_type
+    python -m zoomer_jax compile --config=sft_7b --topology v6e:8x8 --config.mesh.ici='(1,16,4)'
+
+Every program the job runs is lowered and compiled with XLA's TPU compiler (libtpu, the `[tpu]` extra) at the
+config's shapes; the report gives each program's per-chip memory against HBM, FLOPs, bytes, time and collectives
+(`report`, docs/tpu.md), the step's time and MFU, and a `BENCH_JSON {...}` line.
+"""
+
+from __future__ import annotations
+
+import json
+
+from zoomer_jax.aot.report import GiB, compile_job
+from zoomer_jax.aot.target import topology_for, tpu_target
+
+__all__ = ["compile_job", "run", "summary"]
+
+
+def summary(rep: dict) -> dict:
+  """Step totals: the step time (programs x how often a step runs them), MFU over the training programs and the
+  whole step (model FLOPs / (chips x peak bf16 x time)), the collectives' share of the time."""
+  target, results = rep["target"], rep["results"]
+  peak = target.chip.bf16_flops * target.chips
+  groups = {"train": [r for r in results if not r.name.startswith("rollout/")], "step": results}
+  out = {}
+  for name, rs in groups.items():
+    time_s = sum(r.estimated_s * r.per_step for r in rs)
+    coll_s = sum(r.collective_s * r.per_step for r in rs)
+    flops = sum(r.model_flops * r.per_step * target.chips for r in rs)
+    out[name] = dict(time_s=time_s, collective_s=coll_s, model_flops=flops,
+                     mfu=flops / (peak * time_s) if time_s > 0 else 0.0,
+                     collective_share=coll_s / time_s if time_s > 0 else 0.0)
+  return out
+
+
+def _gib(x: float) -> str:
+  return f"{x / GiB:.2f}"
+
+
+def table(rep: dict) -> str:
+  hbm, headroom = rep["hbm"], rep["headroom"]
+  rows = [["program", "x/step", "arg", "out", "alias", "temp", "total GiB", f"of {_gib(hbm)}", "fits",
+           "TFLOP", "GB acc", "xla ms", "kern ms", "coll ms", "est ms", "compile s"]]
+  for r in rep["results"]:
+    m = r.memory
+    c = r.cost
+    rows.append([
+        r.name, f"{r.per_step:g}", *(_gib(m[k]) if m else "-" for k in ("argument", "output", "alias", "temp")),
+        _gib(r.required), f"{r.required / hbm:.0%}", "yes" if r.fits else "NO",
+        f"{c.flops / 1e12:.2f}" if c else "-", f"{c.bytes / 1e9:.1f}" if c else "-",
+        f"{c.xla_s * 1e3:.1f}" if c else "-", f"{r.kernel_s * 1e3:.1f}", f"{r.collective_s * 1e3:.1f}",
+        f"{r.estimated_s * 1e3:.1f}", f"{r.compile_s:.0f}"])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+  line = "-" * len(fmt(rows[0]))
+  out = [line, fmt(rows[0]), line] + [fmt(r) for r in rows[1:]] + [line]
+  out.append(f"per chip; fits = total <= {1 - headroom:.0%} of HBM; FLOPs, bytes and xla ms are XLA's cost analysis "
+             "of depth probes extrapolated to the model (loops counted by trip count); kern = Pallas kernels at "
+             "XLA's rate for their block matmuls; coll = collective bytes moved / ICI receive bandwidth")
+  out.append("\ncollectives per program call (count, GB moved per chip):")
+  for r in rep["results"]:
+    if r.collectives:
+      parts = [f"{k} {v['count']} x, {v['moved'] / 1e9:.2f} GB" for k, v in r.collectives.items()]
+      out.append(f"  {r.name}: " + "; ".join(parts))
+  return "\n".join(out)
+
+
+def bench_json(rep: dict, summ: dict) -> str:
+  entries = [dict(name=r.name, fits=r.fits, bytes_per_chip=r.required, hbm_bytes=rep["hbm"],
+                  flops=r.cost.flops if r.cost else None, bytes_accessed=r.cost.bytes if r.cost else None,
+                  collective_bytes=r.collective_bytes, estimated_s=r.estimated_s if r.cost else None,
+                  kernel_s=r.kernel_s, collective_s=r.collective_s, per_step=r.per_step,
+                  model_flops=r.model_flops, compile_s=round(r.compile_s, 1), error=r.error or None)
+             for r in rep["results"]]
+  cfg = rep["config"]
+  return "BENCH_JSON " + json.dumps(dict(bench="compile", job=cfg.job, topology=rep["target"].name,
+                                         chips=rep["target"].chips, mesh=rep["mesh"], rollout_mesh=rep["rollout_mesh"],
+                                         programs=entries, summary=summ), default=float)
+
+
+def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=print) -> dict:
+  """Compiles `cfg`'s programs for `topology` (default: `cfg.accelerator_type`'s), prints the report, returns it
+  with its summary."""
+  topology = topology_for(topology or cfg.accelerator_type or "")
+  rep = compile_job(cfg, tpu_target(topology), probes=probes, only=only, log=log)
+  summ = summary(rep) if probes else {}
+  log(table(rep))
+  if summ:
+    t, s = summ["train"], summ["step"]
+    log(f"\ntraining programs: {t['time_s']:.1f} s per step, MFU {t['mfu']:.1%}, collectives {t['collective_share']:.1%}"
+        f" of the time")
+    log(f"whole step: {s['time_s']:.1f} s, MFU {s['mfu']:.1%}, collectives {s['collective_share']:.1%}")
+  log(bench_json(rep, summ))
+  rep["summary"] = summ
+  return rep

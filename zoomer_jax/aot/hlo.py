@@ -1,0 +1,180 @@
+"""What a compiled program does, read from its optimized HLO text (`compiled.as_text()`).
+
+    hlo = Hlo(text)
+    hlo.collectives()          # {"all-gather": (count, bytes per chip), ...}, loop bodies times their trip count
+    hlo.kernels("splash_mha")  # [(instruction name, output shapes, multiplicity)] of Pallas kernels
+    hlo.custom_calls("ConcatBitcast")
+
+Loops: a `while` multiplies what its body does by its trip count: the `known_trip_count` of its backend config, or
+the bound its condition compares the induction variable with (`i < N`: a `lax.scan`'s length, or a decode loop's
+token limit, an upper bound when it stops early). Conditionals count their costliest branch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
+               "ragged-all-to-all")
+_SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_HEAD = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$")
+_CALLS = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+
+
+def shape_bytes(text: str) -> list[int]:
+  """Bytes of every array shape in a type string, in order ("(bf16[2,3], f32[4])" -> [12, 16])."""
+  return [DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x) for d, dims in _SHAPE.findall(text)]
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  type: str
+  op: str
+  rest: str
+
+
+class Hlo:
+  def __init__(self, text: str):
+    self.comps: dict[str, list[Instr]] = {}
+    self.entry = None
+    current = None
+    for line in text.splitlines():
+      head = _HEAD.match(line)
+      if head and "=" not in line.split("->")[0].split("(")[0]:
+        current = head.group(1)
+        self.comps[current] = []
+        if line.lstrip().startswith("ENTRY"):
+          self.entry = current
+        continue
+      m = _INSTR.match(line)
+      if m and current is not None:
+        self.comps[current].append(Instr(m.group(1), m.group(2), m.group(3), m.group(4)))
+    if self.entry is None:
+      raise ValueError("no ENTRY computation in the HLO text")
+    self._memo: dict = {}
+
+  def _children(self, ins: Instr) -> list[tuple[list[str], int]]:
+    """(alternative computations, multiplicity) called by one instruction."""
+    if ins.op == "while":
+      trip = _TRIP.search(ins.rest)
+      body = re.search(r"\bbody=%([\w.\-]+)", ins.rest)
+      cond = re.search(r"\bcondition=%([\w.\-]+)", ins.rest)
+      n = int(trip.group(1)) if trip else (self._bound(cond.group(1)) if cond else 1)
+      return [([body.group(1)], n)] + ([([cond.group(1)], n)] if cond else [])
+    branches = _BRANCHES.search(ins.rest)
+    if branches:
+      return [([b.strip().lstrip("%") for b in branches.group(1).split(",") if b.strip()], 1)]
+    if ins.op in ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort", "map", "all-reduce",
+                  "all-reduce-start", "reduce-scatter"):
+      return []  # to_apply is a scalar reduction, not work of its own
+    return [([c], 1) for c in _CALLS.findall(ins.rest)]
+
+  def _bound(self, cond: str) -> int:
+    """N of a loop condition `i < N` (or `i <= N - 1`) on a constant; 1 when the condition has no such bound."""
+    consts = {}
+    for ins in self.comps.get(cond, []):
+      m = re.match(r"constant\((-?\d+)\)", ins.op + "(" + ins.rest) if ins.op == "constant" else None
+      if m and ins.type.startswith(("s32", "s64", "u32")):
+        consts[ins.name] = int(m.group(1))
+    for ins in self.comps.get(cond, []):
+      if ins.op != "compare":
+        continue
+      args = re.findall(r"%([\w.\-]+)", ins.rest.split(")")[0])
+      direction = re.search(r"direction=(\w+)", ins.rest)
+      if len(args) == 2 and args[1] in consts and direction and direction.group(1) in ("LT", "LE"):
+        return consts[args[1]] + (direction.group(1) == "LE")
+    return 1
+
+  def _walk(self, comp: str, visit) -> collections.Counter:
+    """Sum over the instructions reachable from `comp` of visit(instr) -> Counter, with multiplicities."""
+    key = (comp, id(visit))
+    if key in self._memo:
+      return self._memo[key]
+    total = collections.Counter()
+    for ins in self.comps.get(comp, []):
+      total.update(visit(ins))
+      for alts, n in self._children(ins):
+        best = max((self._walk(c, visit) for c in alts), key=lambda c: sum(c.values()), default=collections.Counter())
+        for k, v in best.items():
+          total[k] += v * n
+    self._memo[key] = total
+    return total
+
+  def collectives(self, devices: int) -> dict[str, dict]:
+    """{kind: {"count", "bytes" (the op's payload per chip), "moved" (bytes each chip sends or receives, by the
+    ring algorithm over its group)}} over the whole program."""
+    def visit(ins: Instr):
+      kind = ins.op.removesuffix("-start")
+      if kind not in COLLECTIVES or ins.op.endswith("-done"):
+        return collections.Counter()
+      sizes = shape_bytes(ins.type)
+      if not sizes:
+        return collections.Counter()
+      if kind == "all-gather":
+        payload = sizes[-1]  # the gathered result (a -start op returns (operand, result))
+      elif kind == "collective-permute":
+        payload = sizes[0]
+      else:
+        payload = max(sizes)
+      p = _group_size(ins.rest, devices)
+      factor = {"all-reduce": 2 * (p - 1) / p, "collective-permute": 1.0}.get(kind, (p - 1) / p)
+      return collections.Counter({f"{kind}/count": 1, f"{kind}/bytes": payload, f"{kind}/moved": payload * factor})
+
+    c = self._walk(self.entry, visit)
+    kinds = sorted({k.split("/")[0] for k in c})
+    return {k: {"count": c[f"{k}/count"], "bytes": c[f"{k}/bytes"], "moved": c[f"{k}/moved"]} for k in kinds}
+
+  def kernels(self, prefix: str) -> list[tuple[str, list[int], list[tuple[str, tuple[int, ...]]], int]]:
+    """Pallas kernels (custom calls whose instruction name starts with `prefix`): (name, [], output shapes
+    [(dtype, dims)], multiplicity)."""
+    out = []
+
+    def visit(ins: Instr):
+      if ins.op == "custom-call" and ins.name.startswith(prefix):
+        shapes = [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _SHAPE.findall(ins.type)]
+        out.append((ins.name, [], shapes))
+        return collections.Counter({ins.name: 1})
+      return collections.Counter()
+
+    counts = self._walk(self.entry, visit)
+    seen = {}
+    for name, _, shapes in out:
+      seen[name] = (name, [], shapes, counts[name])
+    return list(seen.values())
+
+  def custom_calls(self, target: str) -> int:
+    """How many custom calls to `target` run (loop bodies times their trip count)."""
+    def visit(ins: Instr):
+      hit = ins.op == "custom-call" and f'custom_call_target="{target}"' in ins.rest
+      return collections.Counter({"n": 1}) if hit else collections.Counter()
+    return self._walk(self.entry, visit)["n"]
+
+
+def _group_size(rest: str, devices: int) -> int:
+  m = _GROUPS_MESH.search(rest)
+  if m:  # replica_groups=mesh['a'=1,'b'=4] {'b'}: the product of the named axes
+    sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+    return int(np.prod([sizes[a] for a in re.findall(r"'(\w+)'", m.group(2))]))
+  m = _GROUPS_IOTA.search(rest)
+  if m:
+    return int(m.group(2))
+  m = _GROUPS_LIST.search(rest)
+  if m:
+    return len([x for x in m.group(1).split(",") if x])
+  if "source_target_pairs" in rest:
+    return 2
+  return devices

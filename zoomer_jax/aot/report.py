@@ -1,0 +1,239 @@
+"""Compile a job's programs for a TPU topology and account for each: memory, FLOPs, time, collectives.
+
+Per program (`programs.job_programs`):
+
+  * memory: XLA's `memory_analysis()` of the compiled program as the job runs it (scanned layers): argument,
+    output, alias and temporary bytes per chip, against the chip's HBM as XLA states it (the "available HBM" of
+    its out-of-memory error, `xla_hbm_bytes`); a program that does not fit reports what it needs;
+  * FLOPs, bytes accessed and XLA's time estimate (`cost_analysis()`): XLA's cost analysis counts a loop's body
+    once whatever its trip count, so a scanned program under-reports by the depth. The figures are instead taken
+    from cost probes: the same program at reduced depth (1 and 2 decoder layers, 1 and 2 windowed vision blocks,
+    1 full-attention block), with every loop unrolled (`model.stack.unrolled_loops`) and log-probs in one token
+    block, then extrapolated linearly to the model's depths (costs are linear in the number of layers). On TPU,
+    XLA prices a `ConcatBitcast` custom call at -1 s; those seconds are given back;
+  * Pallas kernels (splash attention) are custom calls XLA gives no cost: their FLOPs are counted from the kernels
+    the probe runs (causal block pairs) and timed at XLA's own estimated rate for one attention block's matmuls
+    on the chip (`kernel_rate`);
+  * collectives by kind from the optimized HLO (loop bodies times their trip count) with the bytes each chip moves
+    (ring algorithm over the op's group); XLA's estimate leaves them out, so they are timed at the chip's ICI
+    receive bandwidth and added (no overlap assumed: an upper bound).
+
+The program's estimated time = XLA's (probes) + kernels + collectives; a job step is the sum over programs of
+that times how often the step runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from zoomer_jax.aot import programs as P
+from zoomer_jax.aot.hlo import Hlo
+from zoomer_jax.aot.target import Target
+from zoomer_jax.model.stack import unrolled_loops
+
+GiB = 2**30
+SPLASH = "splash_mha"
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\).*available HBM \(([\d.]+)([KMGT]?)\)", re.S)
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclasses.dataclass
+class Cost:
+  flops: float = 0.0
+  bytes: float = 0.0
+  xla_s: float = 0.0
+  kernel_flops: float = 0.0
+
+  def __add__(self, o):
+    return Cost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
+
+  def __sub__(self, o):
+    return Cost(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
+
+  def __mul__(self, k: float):
+    return Cost(*(a * k for a in dataclasses.astuple(self)))
+
+
+@dataclasses.dataclass
+class Result:
+  name: str
+  per_step: float
+  note: str
+  model_flops: float = 0.0  # per call, per chip
+  loop_steps: int = 1
+  fits: bool = False
+  memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/total bytes per chip
+  required: float = 0.0  # bytes per chip (what XLA asked for when it did not fit)
+  compile_s: float = 0.0
+  raw: dict = dataclasses.field(default_factory=dict)  # XLA's cost analysis of the scanned program (loop-once)
+  cost: Cost | None = None  # probe-extrapolated
+  collectives: dict = dataclasses.field(default_factory=dict)
+  kernel_s: float = 0.0
+  collective_s: float = 0.0
+  error: str = ""
+
+  @property
+  def estimated_s(self) -> float:
+    return (self.cost.xla_s if self.cost else 0.0) + self.kernel_s + self.collective_s
+
+  @property
+  def collective_bytes(self) -> float:
+    return float(sum(c["moved"] for c in self.collectives.values()))
+
+
+def xla_hbm_bytes(target: Target) -> float:
+  """The HBM per chip XLA compiles against: read from the error of a program that cannot fit (the chip spec's
+  figure if the message does not say)."""
+  dev = np.asarray(target.devices[:1])
+  mesh = Mesh(dev.reshape(1), ("x",))
+  big = jax.ShapeDtypeStruct((1 << 20, 1 << 16), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+  try:
+    jax.jit(lambda x: jnp.exp(x) + jnp.exp(x).T.sum()).lower(big).compile()
+  except Exception as e:  # noqa: BLE001 (XLA raises its own runtime error type)
+    m = _OOM.search(str(e))
+    if m:
+      return float(m.group(3)) * _UNIT[m.group(4)]
+  return float(target.chip.hbm_bytes)
+
+
+def kernel_rate(target: Target, heads: int, block: int = 512, head_dim: int = 128) -> float:
+  """XLA's estimated FLOP/s for one attention block's two matmuls ([heads, block, h] x [heads, block, h]^T, then
+  the probabilities times values) on one chip: what a Pallas attention kernel's work is timed at."""
+  mesh = Mesh(np.asarray(target.devices[:1]).reshape(1), ("x",))
+  rep = NamedSharding(mesh, PartitionSpec())
+  q = jax.ShapeDtypeStruct((heads, block, head_dim), jnp.bfloat16, sharding=rep)
+
+  def block_attention(q, k, v):
+    s = jnp.einsum("hqd,hkd->hqk", q, k, preferred_element_type=jnp.float32)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("hqk,hkd->hqd", p, v, preferred_element_type=jnp.float32)
+
+  ca = jax.jit(block_attention).lower(q, q, q).compile().cost_analysis()
+  return 4 * heads * block * block * head_dim / float(ca["optimal_seconds"])
+
+
+def splash_flops(hlo: Hlo) -> float:
+  """FLOPs of the splash kernels a program runs: per call 4 (forward) or 10 (fused backward: recomputed scores,
+  dP, dV, dK, dQ) x heads x head_dim x the causal block pairs its tiles visit."""
+  from zoomer_jax.model.attention import SPLASH_BLOCK  # noqa: PLC0415
+  total = 0.0
+  for name, _, shapes, count in hlo.kernels(SPLASH):
+    seqs = [dims for dtype, dims in shapes if dtype in ("bf16", "f32") and len(dims) >= 3]
+    if not seqs:
+      continue
+    q = max(seqs, key=lambda d: int(np.prod(d)))  # the output (forward) or dq (backward): [..., heads, T, h]
+    t, h = q[-2], q[-1]
+    heads = int(np.prod(q[:-2]))
+    backward = "dkv" in name or "dq" in name
+    if backward and len(q) >= 4:  # the fused backward's dq is per kv head: [..., kv, heads, T, h]
+      heads //= q[-4]
+    blk = min(SPLASH_BLOCK, t)
+    nb = -(-t // blk)
+    pairs = blk * blk * nb * (nb + 1) / 2
+    total += count * (10 if backward else 4) * heads * h * pairs
+  return total
+
+
+def _cost_of(compiled) -> Cost:
+  ca = compiled.cost_analysis() or {}
+  hlo = Hlo(compiled.as_text())
+  fix = hlo.custom_calls("ConcatBitcast")  # priced at -1 s each by XLA's TPU cost model
+  return Cost(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)),
+              xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=splash_flops(hlo))
+
+
+def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
+  """Extrapolated costs of every program (module docstring): four probe compiles per program."""
+  from zoomer_jax.model.config import ModelConfig  # noqa: PLC0415
+  full = ModelConfig.from_config_dict(cfg.model.to_dict())
+  t, w, f = P.block_counts(full)
+  probe_cfg = cfg.copy_and_resolve_references()
+  probe_cfg.impl.scan_layers = False
+  variants = {"1,1,0": (1, 1, 0), "2,1,0": (2, 1, 0), "1,2,0": (1, 2, 0)}
+  if f:
+    variants["1,0,1"] = (1, 0, 1)
+  costs: dict[str, dict[str, Cost]] = {}
+  for key, depths in variants.items():
+    t0 = time.perf_counter()
+    with unrolled_loops():
+      progs = P.job_programs(probe_cfg, mesh, model_cfg=P.reduced(full, *depths), token_chunk=None,
+                             rollout_mesh=rollout_mesh)
+      for p in progs:
+        costs.setdefault(p.name, {})[key] = _cost_of(p.lower().compile())
+    log(f"  cost probe (text layers, window blocks, full blocks) = ({key}): {time.perf_counter() - t0:.0f} s")
+  out = {}
+  for name, c in costs.items():
+    ct = c["2,1,0"] - c["1,1,0"]
+    cw = c["1,2,0"] - c["1,1,0"]
+    c0 = c["1,1,0"] - ct - cw
+    cf = (c["1,0,1"] - c0 - ct) if f else Cost()
+    out[name] = c0 + ct * t + cw * w + cf * f
+  return out
+
+
+def compile_program(p: P.Program, hbm: float, headroom: float) -> tuple[Result, Any]:
+  r = Result(p.name, p.per_step, p.note, p.model_flops / len(p.mesh.devices.flat), p.loop_steps)
+  t0 = time.perf_counter()
+  try:
+    compiled = p.lower().compile()
+  except Exception as e:  # noqa: BLE001 (XLA raises its own runtime error type)
+    r.compile_s = time.perf_counter() - t0
+    m = _OOM.search(str(e))
+    if not m:
+      raise
+    r.required = float(m.group(1)) * _UNIT[m.group(2)]
+    r.error = str(e).splitlines()[0][:300]
+    return r, None
+  r.compile_s = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  mem = dict(argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes, alias=ma.alias_size_in_bytes,
+             temp=ma.temp_size_in_bytes, code=ma.generated_code_size_in_bytes)
+  mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
+  r.memory, r.required = mem, mem["total"]
+  r.fits = mem["total"] <= (1 - headroom) * hbm
+  ca = compiled.cost_analysis() or {}
+  r.raw = {k: float(ca[k]) for k in ("flops", "bytes accessed", "optimal_seconds") if k in ca}
+  return r, compiled
+
+
+def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0.1, only=(),
+                log=print) -> dict:
+  """Compiles every program of `cfg` for `target` (see the module docstring); returns the report dict."""
+  mesh, rollout_mesh = P.meshes(cfg, list(target.devices))
+  hbm = xla_hbm_bytes(target)
+  progs = P.job_programs(cfg, mesh, rollout_mesh=rollout_mesh)
+  if only:
+    progs = [p for p in progs if p.name in only]
+  log(f"{cfg.job} on {target.name} ({target.chips} chips, {hbm / GiB:.2f} GiB HBM each as XLA states it); mesh "
+      f"{dict(mesh.shape)}" + (f", rollout mesh {dict(rollout_mesh.shape)}" if rollout_mesh else ""))
+  results = []
+  for p in progs:
+    r, compiled = compile_program(p, hbm, headroom)
+    if compiled is not None:
+      hlo = Hlo(compiled.as_text())
+      r.collectives = hlo.collectives(target.chips)
+      r.collective_s = r.collective_bytes / target.chip.ici_in_bw
+    log(f"  {p.name}: compiled in {r.compile_s:.0f} s, {r.required / GiB:.2f} GiB per chip"
+        + ("" if r.fits else "  (does not fit)"))
+    results.append(r)
+  if probes:
+    costs = probe_costs(cfg, mesh, rollout_mesh, log=log)
+    heads = cfg.model.text.num_attention_heads // max(1, int(mesh.shape.get("tensor", 1)))
+    rate = kernel_rate(target, heads) if any(c.kernel_flops for c in costs.values()) else 0.0
+    for r in results:
+      r.cost = costs.get(r.name)
+      if r.cost is not None:  # a while loop (decode) is costed once per iteration
+        r.cost = r.cost * r.loop_steps
+      if r.cost is not None and rate:
+        r.kernel_s = r.cost.kernel_flops / rate
+  return dict(config=cfg, target=target, hbm=hbm, headroom=headroom, mesh=dict(mesh.shape),
+              rollout_mesh=dict(rollout_mesh.shape) if rollout_mesh else None, results=results)
