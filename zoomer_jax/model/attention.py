@@ -20,8 +20,6 @@ backend, so a program compiled for TPU on a CPU host is the TPU program.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -146,8 +144,9 @@ def blockwise(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, dtype, precision,
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, t: int, interpret: bool):
+  """The kernel for `heads` heads of `t` tokens. Built inside the trace that uses it (not cached: its mask tables
+  become that trace's constants)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415
   blk = min(SPLASH_BLOCK, t)
@@ -156,8 +155,7 @@ def _splash_kernel(heads: int, t: int, interpret: bool):
   sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                         block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk, use_fused_bwd_kernel=False)
   mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
-  with jax.ensure_compile_time_eval():  # the mask tables are constants, not tracers of the first caller's trace
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_fits(t: int) -> bool:

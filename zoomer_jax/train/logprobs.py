@@ -49,8 +49,8 @@ def logits_dtype(model: Qwen25VL) -> jnp.dtype:
 
 
 def _chunk_logits(h_nd, w_dc, temperature, dtype_rounding):
-  """[N, d] x [d, C] -> fp32 [N, C], rounded as model.logits rounds, then divided by the temperature."""
-  z_nc = jax.lax.dot_general(h_nd.astype(w_dc.dtype), w_dc, (((1,), (0,)), ((), ())),
+  """[..., d] x [d, C] -> fp32 [..., C], rounded as model.logits rounds, then divided by the temperature."""
+  z_nc = jax.lax.dot_general(h_nd.astype(w_dc.dtype), w_dc, (((h_nd.ndim - 1,), (0,)), ((), ())),
                              precision=precision_for(w_dc.dtype), preferred_element_type=jnp.float32)
   if dtype_rounding is not None:
     z_nc = z_nc.astype(dtype_rounding).astype(jnp.float32)
@@ -58,22 +58,24 @@ def _chunk_logits(h_nd, w_dc, temperature, dtype_rounding):
 
 
 def _full_rows(h_nd, *, w_dv, tg_n, temperature, with_entropy, dtype_rounding):
-  """Reference path: the whole [N, V] logits at once."""
+  """Reference path: the whole [..., V] logits at once."""
   z_nv = _chunk_logits(h_nd, w_dv, temperature, dtype_rounding)
   logp_nv = jax.nn.log_softmax(z_nv, axis=-1)
-  hit = jnp.arange(z_nv.shape[1])[None, :] == tg_n[:, None]
+  hit = jnp.arange(z_nv.shape[-1]) == tg_n[..., None]
   logp_n = jnp.sum(jnp.where(hit, logp_nv, 0.0), axis=-1)
   ent_n = -jnp.sum(jnp.exp(logp_nv) * logp_nv, axis=-1) if with_entropy else None
   return logp_n, ent_n
 
 
-def _rows_in_blocks(h_nd, tg_n, token_chunk):
-  """[N, d], [N] -> [k, C, d], [k, C], zero-padded to k * C rows (C = N when token_chunk is None)."""
-  n, d = h_nd.shape
-  c = n if token_chunk is None else min(token_chunk, n)
-  k = -(-n // c)
-  pad = k * c - n
-  return jnp.pad(h_nd, ((0, pad), (0, 0))).reshape(k, c, d), jnp.pad(tg_n, (0, pad)).reshape(k, c)
+def _rows_in_blocks(h_btd, tg_bt, token_chunk):
+  """[B, T, d], [B, T] -> [k, B, C, d], [k, B, C]: each row's tokens in k blocks of C (zero-padded; C = T when
+  token_chunk is None). The rows stay an axis of their own, so a block keeps the batch's sharding."""
+  b, t, d = h_btd.shape
+  c = t if token_chunk is None else min(token_chunk, t)
+  k = -(-t // c)
+  pad = k * c - t
+  h = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, k, c, d).transpose(1, 0, 2, 3)
+  return h, jnp.pad(tg_bt, ((0, 0), (0, pad))).reshape(b, k, c).transpose(1, 0, 2)
 
 
 def _vocab_slice(w_dv, i, vocab_chunk):
@@ -99,12 +101,12 @@ def _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
       h_cd, tg_c, m_c, s_c, u_c, zt_c = xs
       z_cv = _chunk_logits(h_cd, w_dc, temperature, dtype_rounding)
       m_new = jnp.maximum(m_c, jnp.max(jnp.where(new_c, z_cv, -jnp.inf), axis=-1))
-      e_cv = jnp.where(new_c, jnp.exp(z_cv - m_new[:, None]), 0.0)
+      e_cv = jnp.where(new_c, jnp.exp(z_cv - m_new[..., None]), 0.0)
       scale_c = jnp.exp(m_c - m_new)
       s_c = s_c * scale_c + jnp.sum(e_cv, axis=-1)
       if with_entropy:
         u_c = u_c * scale_c + jnp.sum(e_cv * z_cv, axis=-1)
-      hit = new_c & (col_c == tg_c[:, None])
+      hit = new_c & (col_c == tg_c[..., None])
       return None, (m_new, s_c, u_c, zt_c + jnp.sum(jnp.where(hit, z_cv, 0.0), axis=-1))
 
     return scan(block_step, None, (h_kcd, tg_kc) + stats)[1], None
@@ -135,11 +137,11 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
   """Recomputes each [C, vocab_chunk] block of logits; dz = g_logp (onehot - p) + g_ent p (E[z] - z).
 
   dw is written chunk by chunk into one [d, V] buffer (accumulated in fp32 over token blocks), dh into one
-  fp32 [k, C, d] buffer: no [d, V]-sized temporaries besides the gradient itself.
+  fp32 [k, B, C, d] buffer: no [d, V]-sized temporaries besides the gradient itself.
   """
   h_kcd, w_dv, tg_kc, temperature, lse_kc, ez_kc = res
   g_lp_kc, g_ent_kc = cts
-  k, c, d = h_kcd.shape
+  d = h_kcd.shape[-1]
   n_chunks = -(-w_dv.shape[1] // vocab_chunk)
 
   def vocab_step(carry, i):
@@ -149,16 +151,17 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
     def block_step(dw_dc, xs):
       h_cd, tg_c, lse_c, ez_c, g_lp_c, g_ent_c = xs
       z_cv = _chunk_logits(h_cd, w_dc, temperature, dtype_rounding)
-      p_cv = jnp.where(new_c, jnp.exp(z_cv - lse_c[:, None]), 0.0)
-      hit = (new_c & (col_c == tg_c[:, None])).astype(jnp.float32)
-      dz_cv = g_lp_c[:, None] * (hit - p_cv)
+      p_cv = jnp.where(new_c, jnp.exp(z_cv - lse_c[..., None]), 0.0)
+      hit = (new_c & (col_c == tg_c[..., None])).astype(jnp.float32)
+      dz_cv = g_lp_c[..., None] * (hit - p_cv)
       if with_entropy:
-        dz_cv = dz_cv + g_ent_c[:, None] * p_cv * (ez_c[:, None] - z_cv)
+        dz_cv = dz_cv + g_ent_c[..., None] * p_cv * (ez_c[..., None] - z_cv)
       dx_cv = (dz_cv / temperature).astype(w_dv.dtype)  # through the rounding cast: identity, as autodiff
       prec = precision_for(w_dv.dtype)
-      dh_cd = jax.lax.dot_general(dx_cv, w_dc, (((1,), (1,)), ((), ())), precision=prec,
+      lead = tuple(range(dx_cv.ndim - 1))  # the block's rows (and tokens)
+      dh_cd = jax.lax.dot_general(dx_cv, w_dc, (((dx_cv.ndim - 1,), (1,)), ((), ())), precision=prec,
                                   preferred_element_type=jnp.float32)
-      dw_dc = dw_dc + jax.lax.dot_general(h_cd.astype(w_dv.dtype), dx_cv, (((0,), (0,)), ((), ())),
+      dw_dc = dw_dc + jax.lax.dot_general(h_cd.astype(w_dv.dtype), dx_cv, ((lead, lead), ((), ())),
                                           precision=prec, preferred_element_type=jnp.float32)
       return dw_dc, dh_cd
 
@@ -169,7 +172,7 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
     dw_dv = jax.lax.dynamic_update_slice_in_dim(dw_dv, (old_dc + dw_dc).astype(dw_dv.dtype), start, axis=1)
     return (dh_kcd + dh_new, dw_dv), None
 
-  init = (jnp.zeros((k, c, d), jnp.float32), jnp.zeros_like(w_dv))
+  init = (jnp.zeros(h_kcd.shape, jnp.float32), jnp.zeros_like(w_dv))
   (dh_kcd, dw_dv), _ = scan(vocab_step, init, jnp.arange(n_chunks))
   return dh_kcd.astype(h_kcd.dtype), dw_dv, None, None
 
@@ -185,7 +188,7 @@ def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, 
   h_btd [B, T, d] hidden states; w_dv [d, V] output projection; targets_bt [B, T] int ids (an id outside
   [0, V) gives -lse). `vocab_chunk=None` is the plain full-logits path (autodiff); otherwise the vocabulary
   is walked in chunks of that width (any width, divisor of V or not) and the backward pass recomputes each
-  chunk. `token_chunk` also walks the B*T tokens in blocks of that many. `dtype_rounding` rounds the
+  chunk. `token_chunk` also walks each row's T tokens in blocks of that many. `dtype_rounding` rounds the
   fp32-accumulated logits to that dtype first (`logits_dtype(model)` reproduces `model.logits`). The
   entropy is None when `with_entropy` is False. Differentiable in h and w.
   """
@@ -199,8 +202,7 @@ def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, 
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
   if isinstance(temperature, (int, float)) and temperature <= 0:
     raise ValueError(f"temperature must be > 0 (score greedy samples at 1.0), got {temperature}")
-  n = b * t
-  h_kcd, tg_kc = _rows_in_blocks(h_btd.reshape(n, d), targets_bt.reshape(n).astype(jnp.int32), token_chunk)
+  h_kcd, tg_kc = _rows_in_blocks(h_btd, targets_bt.astype(jnp.int32), token_chunk)
   if vocab_chunk is None:
     block = functools.partial(_full_rows, w_dv=w_dv, temperature=temperature, with_entropy=with_entropy,
                               dtype_rounding=dtype_rounding)
@@ -211,7 +213,7 @@ def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, 
   else:
     logp_kc, ent_kc = _chunked(h_kcd, w_dv, tg_kc, jnp.asarray(temperature, jnp.float32),
                                min(vocab_chunk, w_dv.shape[1]), with_entropy, dtype_rounding)
-  unblock = lambda a: a.reshape(-1)[:n].reshape(b, t)  # noqa: E731
+  unblock = lambda a: a.transpose(1, 0, 2).reshape(b, -1)[:, :t]  # noqa: E731  ([k, B, C] -> [B, T])
   return unblock(logp_kc), (unblock(ent_kc) if with_entropy else None)
 
 
