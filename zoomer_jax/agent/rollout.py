@@ -250,7 +250,7 @@ def _run(model, decoder, tok, rows, cfg, key, stop, pool, event, script, mine):
   grids = [r.grids[0] for r in rows if not r.done]
   logits, cache, pos = prefill(model, ids, mask, cache_size=size, pixel_values=np.concatenate(pix),
                                image_grid_thw=np.concatenate(grids), token_bucket=cfg.token_bucket,
-                               image_bucket=cfg.image_bucket)
+                               image_bucket=cfg.image_bucket, donate=True)
   temperature = cfg.sampling.temperature or 1.0
 
   while any(not r.done for r in rows):
@@ -275,7 +275,7 @@ def _run(model, decoder, tok, rows, cfg, key, stop, pool, event, script, mine):
         forced[i, :len(part)] = part
       key, sub = jax.random.split(key)
       out = decode(decoder, cache, logits, pos, active, sub, stop, dataclasses.replace(cfg.sampling, max_new_tokens=n),
-                   window, forced)
+                   window, forced, donate=True)  # one cache in memory: each call's output replaces it
       tokens, lps, nums, reasons, last_logits = to_host(
           (out.tokens, out.logprobs, out.num_tokens, out.stop_reason, out.last_logits))
       for i in np.flatnonzero(active):
@@ -316,7 +316,7 @@ def _run(model, decoder, tok, rows, cfg, key, stop, pool, event, script, mine):
     if new_pix:
       vision = dict(pixel_values=np.concatenate(new_pix), image_grid_thw=np.concatenate(new_grids))
     logits, cache, pos = extend(model, cache, cids, cmask, pos, logits, token_bucket=cfg.token_bucket,
-                                image_bucket=cfg.image_bucket, **vision)
+                                image_bucket=cfg.image_bucket, donate=True, **vision)
 
 
 def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok, cfg, pool, event):

@@ -156,6 +156,10 @@ class Hlo:
       seen[name] = (name, [], shapes, counts[name])
     return list(seen.values())
 
+  def count_ops(self, op: str) -> int:
+    """How many instructions of opcode `op` the program holds (each once, whatever loops they are in)."""
+    return sum(1 for instrs in self.comps.values() for ins in instrs if ins.op == op)
+
   def custom_calls(self, target: str) -> int:
     """How many custom calls to `target` run (loop bodies times their trip count)."""
     def visit(ins: Instr):

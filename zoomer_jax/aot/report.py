@@ -42,6 +42,11 @@ from zoomer_jax.model.stack import unrolled_loops
 
 GiB = 2**30
 SPLASH = "splash_mha"
+# Cost probes compile without XLA's windowed einsums: they turn an FSDP all-gather (or reduce-scatter) into a loop
+# of partial matmuls over collective-permutes, whose body cost analysis would count once. Only the probes' cost
+# figures change; the job's programs compile as XLA chooses.
+PROBE_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 _OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\).*available HBM \(([\d.]+)([KMGT]?)\)", re.S)
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -122,30 +127,35 @@ def kernel_rate(target: Target, heads: int, block: int = 512, head_dim: int = 12
 
 
 def splash_flops(hlo: Hlo) -> float:
-  """FLOPs of the splash kernels a program runs: per call 4 (forward) or 10 (fused backward: recomputed scores,
-  dP, dV, dK, dQ) x heads x head_dim x the causal block pairs its tiles visit."""
+  """FLOPs of the splash kernels a program runs, 2 x heads x head_dim x the causal block pairs its tiles visit per
+  matmul: the forward kernel's two (scores, values); the backward's seven, counted at its dq kernel (scores, dP,
+  dQ) whose output [..., heads, T, h] names the query heads, the dkv kernel's four (scores, dP, dV, dK) with it."""
   from zoomer_jax.model.attention import SPLASH_BLOCK  # noqa: PLC0415
   total = 0.0
   for name, _, shapes, count in hlo.kernels(SPLASH):
+    if "dkv" in name:
+      continue
     seqs = [dims for dtype, dims in shapes if dtype in ("bf16", "f32") and len(dims) >= 3]
     if not seqs:
       continue
-    q = max(seqs, key=lambda d: int(np.prod(d)))  # the output (forward) or dq (backward): [..., heads, T, h]
+    q = max(seqs, key=lambda d: int(np.prod(d)))  # the attention output (forward) or dq: [..., heads, T, h]
     t, h = q[-2], q[-1]
     heads = int(np.prod(q[:-2]))
-    backward = "dkv" in name or "dq" in name
-    if backward and len(q) >= 4:  # the fused backward's dq is per kv head: [..., kv, heads, T, h]
-      heads //= q[-4]
     blk = min(SPLASH_BLOCK, t)
     nb = -(-t // blk)
     pairs = blk * blk * nb * (nb + 1) / 2
-    total += count * (10 if backward else 4) * heads * h * pairs
+    total += count * (14 if "dq" in name else 4) * heads * h * pairs
   return total
 
 
-def _cost_of(compiled) -> Cost:
+def _cost_of(compiled, loops: int = 0) -> Cost:
+  """XLA's cost analysis of a probe that runs `loops` while loops of its own (the decode loop, costed per step)."""
   ca = compiled.cost_analysis() or {}
   hlo = Hlo(compiled.as_text())
+  found = hlo.count_ops("while")
+  if found > loops:
+    raise RuntimeError(f"a cost probe has {found} while loops ({loops} expected), whose bodies XLA's cost analysis "
+                       "counts once")
   fix = hlo.custom_calls("ConcatBitcast")  # priced at -1 s each by XLA's TPU cost model
   return Cost(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)),
               xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=splash_flops(hlo))
@@ -168,7 +178,8 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
       progs = P.job_programs(probe_cfg, mesh, model_cfg=P.reduced(full, *depths), token_chunk=None,
                              rollout_mesh=rollout_mesh)
       for p in progs:
-        costs.setdefault(p.name, {})[key] = _cost_of(p.lower().compile())
+        compiled = p.lower().compile(compiler_options=PROBE_OPTIONS)
+        costs.setdefault(p.name, {})[key] = _cost_of(compiled, loops=int(p.loop_steps > 1))
     log(f"  cost probe (text layers, window blocks, full blocks) = ({key}): {time.perf_counter() - t0:.0f} s")
   out = {}
   for name, c in costs.items():

@@ -129,7 +129,8 @@ def _push_bytes(window_bw: jax.Array, token_b: jax.Array, stop: StopCriteria) ->
   """Each sequence's last W bytes after appending its token's bytes (table rows are left-aligned)."""
   w = stop.window
   combined = jnp.concatenate([window_bw, stop.token_bytes[token_b]], axis=1)  # real bytes: [0, W + n)
-  return jax.vmap(lambda row, n: jax.lax.dynamic_slice(row, (n,), (w,)))(combined, stop.token_len[token_b])
+  idx = jnp.arange(w)[None, :] + stop.token_len[token_b][:, None]  # the last W real bytes
+  return jnp.take_along_axis(combined, idx, axis=1)
 
 
 def _has_stop_string(window_bw: jax.Array, stop: StopCriteria) -> jax.Array:
@@ -194,7 +195,7 @@ def decode_weights(model):
 
 def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array, live: jax.Array,
            key: jax.Array, stop: StopCriteria, params: SamplingParams,
-           window: jax.Array | None = None, forced: np.ndarray | None = None) -> DecodeOut:
+           window: jax.Array | None = None, forced: np.ndarray | None = None, *, donate: bool = False) -> DecodeOut:
   """Samples up to `params.max_new_tokens` tokens for every `live` sequence, from `logits_bv` on.
 
   Every sampled token (stop tokens included) is written to the cache, so a stopped sequence can be
@@ -202,7 +203,8 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
   `window` to continue the same turn (a stop string may straddle the two calls); None starts a turn.
   `forced` [B, max_new_tokens] (-1 = sample) replaces sampled tokens by given ones - scripted turns for
   tests and demonstrations; their log-probs are still the model's. `model` may be `decode_weights(model)`
-  (faster on CPU) or the model itself.
+  (faster on CPU) or the model itself. `donate` hands the cache's buffers to the result (the agent does: one cache
+  in memory, not two); the `cache` passed in is then unusable.
   """
   free = cache.size - int(cache.length)
   if params.max_new_tokens > free:
@@ -217,12 +219,12 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
                                 jnp.asarray(live, bool), key, stop, window, jnp.asarray(forced)))
   cache, logits_bv, next_position, live, key, stop, window, forced = args
   graphdef, state = nnx.split(model)
-  return decode_program(graphdef, state, cache, logits_bv, next_position, live, key, stop, params, window, forced)
+  program = decode_program if donate else _decode_keeping_cache
+  return program(graphdef, state, cache, logits_bv, next_position, live, key, stop, params, window, forced)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache",))
-def decode_program(graphdef, state, cache, logits_bv, next_position, live, key, stop, params, window, forced):
-  """The jitted decode loop (`decode`) as a function of the model's state; the cache is donated."""
+def _decode_loop(graphdef, state, cache, logits_bv, next_position, live, key, stop, params, window, forced):
+  """The decode loop (`decode`) as a function of the model's state."""
   TRACES["decode"] += 1
   b, n = logits_bv.shape[0], params.max_new_tokens
 
@@ -264,6 +266,10 @@ def decode_program(graphdef, state, cache, logits_bv, next_position, live, key, 
                    window=out.window)
 
 
+decode_program = jax.jit(_decode_loop, static_argnames=("graphdef", "params"), donate_argnames=("cache",))
+_decode_keeping_cache = jax.jit(_decode_loop, static_argnames=("graphdef", "params"))
+
+
 # Trace counts of the jitted programs (a retrace means a new compilation); tests read them.
 TRACES = {"step": 0, "decode": 0}
 
@@ -284,8 +290,8 @@ def round_up(n: int, bucket: int) -> int:
 
 def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev_logits=None, *,
            pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-           second_per_grid_ts=None, token_bucket: int = 0,
-           image_bucket: int = 0) -> tuple[jax.Array, KVCache, jax.Array]:
+           second_per_grid_ts=None, token_bucket: int = 0, image_bucket: int = 0,
+           donate: bool = False) -> tuple[jax.Array, KVCache, jax.Array]:
   """Appends a chunk [B, T] (rows may be empty; padding anywhere) with its images to the cache.
 
   Row b's tokens get M-RoPE positions counted from `next_position[b]`, laid out exactly as if the chunk
@@ -294,7 +300,7 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
 
   Shape buckets, so that turns of different lengths reuse one compiled program: `token_bucket` pads T up to
   a multiple (padding is masked; it uses cache slots), and `image_bucket` pads every row's images with blank
-  rows to room for a multiple of that many images (`vision_layout.layout_sizes`).
+  rows to room for a multiple of that many images (`vision_layout.layout_sizes`). `donate`: see `decode`.
   """
   from zoomer_jax.model.qwen25vl import prepare_inputs  # noqa: PLC0415 (no import cycle)
   ids = np.asarray(input_ids)
@@ -319,7 +325,7 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   step_args = _on_model_mesh(model, (prep.ids, positions, prep.token_mask, prep.images, prep.videos, cache,
                                      jnp.asarray(last), n > 0, prev_logits))
   graphdef, state = nnx.split(model)
-  logits, cache = step_program(graphdef, state, *step_args[:7])
+  logits, cache = (step_program if donate else _step_keeping_cache)(graphdef, state, *step_args[:7])
   if prev_logits is not None:
     logits = jnp.where(jnp.asarray(step_args[7])[:, None], logits, step_args[8])
   return logits, cache, jnp.asarray(np.where(n > 0, start + np.asarray(prep.next_position), start), jnp.int32)
@@ -329,17 +335,20 @@ def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **kw) -> 
                                                                                      jax.Array]:
   """The prompt into a fresh cache of `cache_size` slots: (last-token logits [B, V], cache, next_position).
 
-  Takes `extend`'s vision and bucket arguments."""
+  Takes `extend`'s vision, bucket and `donate` arguments (a fresh cache can always be donated)."""
   ids = np.asarray(input_ids)
   ids = ids[None] if ids.ndim == 1 else ids
   cache = _on_model_mesh(model, model.init_cache(ids.shape[0], cache_size))
   return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def step_program(graphdef, state, ids, positions, token_mask, images, videos, cache, last_b):
-  """The jitted prefill / extend chunk (`extend`) as a function of the model's state: (logits after each row's
-  token `last_b` [B, V], the cache with the chunk written); the cache is donated."""
+def _step(graphdef, state, ids, positions, token_mask, images, videos, cache, last_b):
+  """A prefill / extend chunk (`extend`) as a function of the model's state: (logits after each row's token
+  `last_b` [B, V], the cache with the chunk written)."""
   TRACES["step"] += 1
   model = nnx.merge(graphdef, state)
   return model.forward(ids, positions, token_mask, images=images, videos=videos, cache=cache, logits_at=last_b)
+
+
+step_program = jax.jit(_step, static_argnames=("graphdef",), donate_argnames=("cache",))
+_step_keeping_cache = jax.jit(_step, static_argnames=("graphdef",))
