@@ -41,14 +41,14 @@ def _gib(x: float) -> str:
 
 def table(rep: dict) -> str:
   hbm, headroom = rep["hbm"], rep["headroom"]
-  rows = [["program", "x/step", "arg", "out", "alias", "temp", "total GiB", f"of {_gib(hbm)}", "fits",
+  rows = [["program", "x/step", "arg", "out", "alias", "temp", "resident", "total GiB", f"of {_gib(hbm)}", "fits",
            "TFLOP", "GB acc", "xla ms", "kern ms", "coll ms", "est ms", "compile s"]]
   for r in rep["results"]:
     m = r.memory
     c = r.cost
     rows.append([
         r.name, f"{r.per_step:g}", *(_gib(m[k]) if m else "-" for k in ("argument", "output", "alias", "temp")),
-        _gib(r.required), f"{r.required / hbm:.0%}", "yes" if r.fits else "NO",
+        _gib(r.resident), _gib(r.required), f"{r.required / hbm:.0%}", "yes" if r.fits else "NO",
         f"{c.flops / 1e12:.2f}" if c else "-", f"{c.bytes / 1e9:.1f}" if c else "-",
         f"{c.xla_s * 1e3:.1f}" if c else "-", f"{r.kernel_s * 1e3:.1f}", f"{r.collective_s * 1e3:.1f}",
         f"{r.estimated_s * 1e3:.1f}", f"{r.compile_s:.0f}"])
@@ -56,7 +56,8 @@ def table(rep: dict) -> str:
   fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
   line = "-" * len(fmt(rows[0]))
   out = [line, fmt(rows[0]), line] + [fmt(r) for r in rows[1:]] + [line]
-  out.append(f"per chip; fits = total <= {1 - headroom:.0%} of HBM; FLOPs, bytes and xla ms are XLA's cost analysis "
+  out.append(f"per chip; total = argument + output - alias + temp + resident (the optimizer state and reference "
+             f"weights the job keeps live beside the program); fits = total <= {1 - headroom:.0%} of HBM; FLOPs, bytes and xla ms are XLA's cost analysis "
              "of depth probes extrapolated to the model (loops counted by trip count); kern = Pallas kernels at "
              "XLA's rate for their block matmuls; coll = collective bytes moved / ICI receive bandwidth")
   out.append("\ncollectives per program call (count, GB moved per chip):")
@@ -64,6 +65,15 @@ def table(rep: dict) -> str:
     if r.collectives:
       parts = [f"{k} {v['count']} x, {v['moved'] / 1e9:.2f} GB" for k, v in r.collectives.items()]
       out.append(f"  {r.name}: " + "; ".join(parts))
+  return "\n".join(out)
+
+
+def check_table(chk: dict) -> str:
+  out = ["\nthe account (zoomer_jax.cost) beside XLA, per chip:"]
+  for name, acc, xla, ratio in chk["flops"]:
+    out.append(f"  {name:16s} FLOPs  account {acc / 1e12:9.2f} T   XLA {xla / 1e12:9.2f} T   XLA / account {ratio:5.2f}")
+  for phase, acc, xla, ratio in chk["memory"]:
+    out.append(f"  {phase:16s} memory account {acc / GiB:8.2f} GiB XLA {xla / GiB:8.2f} GiB XLA / account {ratio:5.2f}")
   return "\n".join(out)
 
 
@@ -77,7 +87,8 @@ def bench_json(rep: dict, summ: dict) -> str:
   cfg = rep["config"]
   return "BENCH_JSON " + json.dumps(dict(bench="compile", job=cfg.job, topology=rep["target"].name,
                                          chips=rep["target"].chips, mesh=rep["mesh"], rollout_mesh=rep["rollout_mesh"],
-                                         programs=entries, summary=summ), default=float)
+                                         programs=entries, summary=summ, account_check=rep.get("account_check")),
+                                    default=float)
 
 
 def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=print) -> dict:
@@ -87,11 +98,15 @@ def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=p
   rep = compile_job(cfg, tpu_target(topology), probes=probes, only=only, log=log)
   summ = summary(rep) if probes else {}
   log(table(rep))
+  if probes:
+    from zoomer_jax.aot.account_check import check  # noqa: PLC0415
+    rep["account_check"] = check(cfg, rep)
+    log(check_table(rep["account_check"]))
   if summ:
     t, s = summ["train"], summ["step"]
     log(f"\ntraining programs: {t['time_s']:.1f} s per step, MFU {t['mfu']:.1%}, collectives {t['collective_share']:.1%}"
         f" of the time")
     log(f"whole step: {s['time_s']:.1f} s, MFU {s['mfu']:.1%}, collectives {s['collective_share']:.1%}")
-  log(bench_json(rep, summ))
   rep["summary"] = summ
+  log(bench_json(rep, summ))
   return rep

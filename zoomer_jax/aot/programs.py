@@ -59,6 +59,7 @@ class Program:
   note: str = ""
   model_flops: float = 0.0  # useful FLOPs of one call (causal attention pairs, real work, no recompute)
   loop_steps: int = 1  # iterations of a while loop XLA's cost analysis counts once (the decode loop's steps)
+  resident: float = 0.0  # bytes per chip the job keeps live while this runs that are not its arguments
   kwargs: dict = dataclasses.field(default_factory=dict)
 
   def lower(self):
@@ -139,6 +140,16 @@ def _scalar(mesh, dtype=jnp.float32):
   return _sds((), dtype, mesh)
 
 
+def chip_bytes(tree) -> float:
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the largest shard: uneven splits pad)."""
+  total = 0.0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    itemsize = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.dtype(x.dtype).itemsize
+    total += float(np.prod(shape, dtype=np.float64)) * itemsize
+  return total
+
+
 def row_flops(mc: ModelConfig, tokens: int, images: int, grid, *, context: int | None = None,
               logit_tokens: int | None = None) -> dict[str, float]:
   """Model FLOPs of one row's forward: `tokens` new tokens over `context` keys (causal), `images` of `grid`."""
@@ -171,9 +182,11 @@ def sft_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config") -> li
   length = batch.ids.shape[1]
   flops = train_flops(mc, d.micro_batch_size, length, SFT_IMAGES, grid, backward=True,
                       freeze_vision=cfg.train.freeze_vision_tower)
+  moments = chip_bytes(state) - chip_bytes(ab.params)
   return [
       Program("sft/grad", steps.grad, (ab.params, acc, batch), micro, mesh,
-              f"{d.micro_batch_size} rows x {length} tokens, {SFT_IMAGES} images {grid} per row", flops),
+              f"{d.micro_batch_size} rows x {length} tokens, {SFT_IMAGES} images {grid} per row", flops,
+              resident=moments),
       Program("sft/apply", steps.apply, (state, acc, _scalar(mesh)), 1, mesh, "AdamW on the accumulated gradient"),
   ]
 
@@ -204,18 +217,27 @@ def grpo_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config", roll
   per_row = f"{rows} rows x {length} tokens, {r.max_total_frames} images {grid} per row"
   fwd = train_flops(mc, rows, length, r.max_total_frames, grid, backward=False, freeze_vision=True)
   upd = train_flops(mc, rows, length, r.max_total_frames, grid, backward=True, freeze_vision=a.freeze_vision_tower)
+  # What stays live beside each program's arguments: the optimizer state, the reference weights.
+  state_b, params_b = chip_bytes(state), chip_bytes(ab.params)
+  moments, ref_b = state_b - params_b, chip_bytes(ref) if a.use_kl_loss else 0.0
   programs = [
-      Program("grpo/old_logp", steps.evaluate, (ab.params, logp_batch, logp_fn), micro, mesh, per_row, fwd),
+      Program("grpo/old_logp", steps.evaluate, (ab.params, logp_batch, logp_fn), micro, mesh, per_row, fwd,
+              resident=moments + ref_b),
   ]
   if a.use_kl_loss:
     programs.append(Program("grpo/ref_logp", steps.evaluate, (ref, logp_batch, logp_fn), micro, mesh,
-                            "the same forward on the bf16 reference weights", fwd))
+                            "the same forward on the bf16 reference weights", fwd, resident=state_b))
   programs += [
-      Program("grpo/update", steps.grad, (ab.params, acc, update_batch), a.ppo_epochs * micro, mesh, per_row, upd),
+      Program("grpo/update", steps.grad, (ab.params, acc, update_batch), a.ppo_epochs * micro, mesh, per_row, upd,
+              resident=moments + ref_b),
       Program("grpo/apply", steps.apply, (state, acc, _scalar(mesh)),
-              a.ppo_epochs * trajectories // (a.ppo_mini_batch_size * r.n), mesh, "AdamW per mini-batch"),
+              a.ppo_epochs * trajectories // (a.ppo_mini_batch_size * r.n), mesh, "AdamW per mini-batch",
+              resident=ref_b),
   ]
-  return programs + rollout_programs(cfg, ab, steps, mc, mesh, rollout_mesh)
+  rollout = rollout_programs(cfg, ab, steps, mc, mesh, rollout_mesh)
+  for p in rollout:
+    p.resident = moments + ref_b if p.name == "rollout/reshard" else state_b + ref_b
+  return programs + rollout
 
 
 def _cache(mc: ModelConfig, mesh: Mesh, rules, rows: int, size: int, dtype, stacked: bool) -> KVCache:

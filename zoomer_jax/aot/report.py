@@ -75,6 +75,7 @@ class Result:
   note: str
   model_flops: float = 0.0  # per call, per chip
   loop_steps: int = 1
+  resident: float = 0.0  # bytes per chip live beside the program (optimizer state, reference weights)
   fits: bool = False
   memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/total bytes per chip
   required: float = 0.0  # bytes per chip (what XLA asked for when it did not fit)
@@ -192,7 +193,7 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
 
 
 def compile_program(p: P.Program, hbm: float, headroom: float) -> tuple[Result, Any]:
-  r = Result(p.name, p.per_step, p.note, p.model_flops / len(p.mesh.devices.flat), p.loop_steps)
+  r = Result(p.name, p.per_step, p.note, p.model_flops / len(p.mesh.devices.flat), p.loop_steps, p.resident)
   t0 = time.perf_counter()
   try:
     compiled = p.lower().compile()
@@ -201,7 +202,7 @@ def compile_program(p: P.Program, hbm: float, headroom: float) -> tuple[Result, 
     m = _OOM.search(str(e))
     if not m:
       raise
-    r.required = float(m.group(1)) * _UNIT[m.group(2)]
+    r.required = float(m.group(1)) * _UNIT[m.group(2)] + r.resident
     r.error = str(e).splitlines()[0][:300]
     return r, None
   r.compile_s = time.perf_counter() - t0
@@ -209,8 +210,8 @@ def compile_program(p: P.Program, hbm: float, headroom: float) -> tuple[Result, 
   mem = dict(argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes, alias=ma.alias_size_in_bytes,
              temp=ma.temp_size_in_bytes, code=ma.generated_code_size_in_bytes)
   mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
-  r.memory, r.required = mem, mem["total"]
-  r.fits = mem["total"] <= (1 - headroom) * hbm
+  r.memory, r.required = mem, mem["total"] + r.resident
+  r.fits = r.required <= (1 - headroom) * hbm
   ca = compiled.cost_analysis() or {}
   r.raw = {k: float(ca[k]) for k in ("flops", "bytes accessed", "optimal_seconds") if k in ca}
   return r, compiled

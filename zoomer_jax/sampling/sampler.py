@@ -215,9 +215,10 @@ def decode(model, cache: KVCache, logits_bv: jax.Array, next_position: jax.Array
   forced = np.full((b, params.max_new_tokens), -1, np.int32) if forced is None else np.asarray(forced, np.int32)
   if forced.shape != (b, params.max_new_tokens):
     raise ValueError(f"forced tokens must have shape {(b, params.max_new_tokens)}, got {forced.shape}")
-  args = _on_model_mesh(model, (cache, jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
-                                jnp.asarray(live, bool), key, stop, window, jnp.asarray(forced)))
-  cache, logits_bv, next_position, live, key, stop, window, forced = args
+  rows = _on_model_rows(model, b, (jnp.asarray(logits_bv, jnp.float32), jnp.asarray(next_position, jnp.int32),
+                                   jnp.asarray(live, bool), window, jnp.asarray(forced)))
+  cache, key, stop = _on_model_mesh(model, (cache, key, stop))
+  logits_bv, next_position, live, window, forced = rows
   graphdef, state = nnx.split(model)
   program = decode_program if donate else _decode_keeping_cache
   return program(graphdef, state, cache, logits_bv, next_position, live, key, stop, params, window, forced)
@@ -283,6 +284,44 @@ def _on_model_mesh(model, args):
   return replicate(args, mesh_of(nnx.state(model, nnx.Param)))
 
 
+def _on_model_rows(model, rows: int, tree, axis: int = 0):
+  """Inputs indexed by the batch's rows (on `axis`), laid out over the model's mesh as the rules lay out
+  "activation_batch" (split over the data axes when they divide the rows): every chip receives only its rows, not
+  the whole batch's tokens and pixels. Unchanged for a model that is not on a mesh."""
+  from zoomer_jax.parallel.distributed import mesh_of, put  # noqa: PLC0415
+  from zoomer_jax.parallel.rules import logical_to_spec  # noqa: PLC0415
+  mesh = mesh_of(nnx.state(model, nnx.Param))
+  if mesh is None:
+    return tree
+  batch = logical_to_spec(("activation_batch",), model.options.rules, mesh, (rows,))[0]
+
+  def sharding(x):
+    spec = [None] * np.ndim(x)
+    spec[axis] = batch
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  return put(tree, jax.tree.map(sharding, tree))
+
+
+def fresh_cache(model, batch: int, size: int) -> KVCache:
+  """An empty cache of `batch` rows x `size` slots, created directly in the layout the rules give it on the
+  model's mesh (rows over the data axes, kv heads over tensor): no chip ever holds the whole cache."""
+  from zoomer_jax.model.kv_cache import K_AXES  # noqa: PLC0415
+  from zoomer_jax.parallel.distributed import mesh_of  # noqa: PLC0415
+  from zoomer_jax.parallel.rules import logical_to_spec  # noqa: PLC0415
+  mesh = mesh_of(nnx.state(model, nnx.Param))
+  if mesh is None:
+    return model.init_cache(batch, size)
+  abstract = jax.eval_shape(lambda: model.init_cache(batch, size))
+  rules = model.options.rules
+  axes = K_AXES if model.options.scan_layers else K_AXES[1:]
+  spec = lambda names, x: jax.sharding.NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape))
+  shardings = abstract.replace(k=jax.tree.map(lambda x: spec(axes, x), abstract.k),
+                               v=jax.tree.map(lambda x: spec(axes, x), abstract.v),
+                               valid=spec(("cache_batch", None), abstract.valid),
+                               length=spec((), abstract.length))
+  return jax.jit(lambda: model.init_cache(batch, size), out_shardings=shardings)()
+
+
 def round_up(n: int, bucket: int) -> int:
   """n rounded up to a multiple of bucket (bucket <= 0: n)."""
   return n if bucket <= 0 else -(-n // bucket) * bucket
@@ -322,8 +361,11 @@ def extend(model, cache: KVCache, input_ids, attention_mask, next_position, prev
   from zoomer_jax.parallel.distributed import to_host  # noqa: PLC0415
   start = np.asarray(to_host(next_position), np.int32).reshape(b)  # rows may be split over processes
   positions = prep.positions + jnp.asarray(start)[None, :, None]
-  step_args = _on_model_mesh(model, (prep.ids, positions, prep.token_mask, prep.images, prep.videos, cache,
-                                     jnp.asarray(last), n > 0, prev_logits))
+  ids, token_mask, images, videos, last_b = _on_model_rows(
+      model, b, (np.asarray(prep.ids), np.asarray(prep.token_mask), prep.images, prep.videos, last))
+  positions = _on_model_rows(model, b, np.asarray(positions), axis=1)
+  step_args = (ids, positions, token_mask, images, videos, _on_model_mesh(model, cache), last_b,
+               *_on_model_mesh(model, (n > 0, prev_logits)))
   graphdef, state = nnx.split(model)
   logits, cache = (step_program if donate else _step_keeping_cache)(graphdef, state, *step_args[:7])
   if prev_logits is not None:
@@ -338,7 +380,7 @@ def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **kw) -> 
   Takes `extend`'s vision, bucket and `donate` arguments (a fresh cache can always be donated)."""
   ids = np.asarray(input_ids)
   ids = ids[None] if ids.ndim == 1 else ids
-  cache = _on_model_mesh(model, model.init_cache(ids.shape[0], cache_size))
+  cache = _on_model_mesh(model, fresh_cache(model, ids.shape[0], cache_size))
   return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **kw)
 
 

@@ -3,7 +3,7 @@
     logp_bt, entropy_bt = sequence_logprobs(model, batch, remat="full", vocab_chunk=16384)
 
 `logp_bt[b, t]` is log p(ids[b, t] | ids[b, :t]) (0 at t = 0), from the same model pieces, positions and
-rounding as the sampler, so the two agree (issue #5). Logits are never materialised over the whole
+rounding as the sampler, so the two agree (tests/test_agent.py). Logits are never materialised over the whole
 vocabulary when `vocab_chunk` is set, and `token_chunk` also walks the tokens in blocks
 (`zoomer_jax.train.logprobs`): at 32k tokens and Qwen's 152k vocabulary that is ~0.8 GiB of scratch, not ~93.
 """

@@ -8,7 +8,7 @@ One RL step:
      `algorithm.rejection_sample`, drop groups whose rewards are all equal and generate more batches until
      `train_batch_size` groups are kept (at most `max_num_gen_batches` generations);
   3. compute old (current-policy) and reference log-probs with teacher-forced forwards at the rollout's 3-D
-     positions (they equal the sampler's, issue #5);
+     positions (they equal the sampler's: tests/test_agent.py);
   4. `ppo_epochs` passes over mini-batches of `ppo_mini_batch_size` prompts (x n trajectories), each one
      optimizer step accumulated over micro-batches of `ppo_micro_batch_size` trajectories; the loss is the
      clipped surrogate (clip_ratio_low / high) + kl_loss_coef * KL(ref) - entropy_coeff * entropy, over model
