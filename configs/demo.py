@@ -71,7 +71,8 @@ NOT_SFT_KNOBS = NOT_KNOBS + ("data.max_pixels", "data.min_pixels", "data.image_b
 NOT_GRPO_KNOBS = NOT_KNOBS + (
     "init.checkpoint", "data.val_files", "rollout.max_pixels", "rollout.min_pixels", "actor.image_bucket",
     "rollout.max_generation_round", "rollout.tool_call_max_frames", "rollout.frames_upbound", "rollout.video_fps",
-    "rollout.max_total_frames", "rollout.system_prompt", "rollout.last_round_hint", "actor.max_token_len")
+    "rollout.max_total_frames", "rollout.system_prompt", "rollout.system_prompt_verbatim", "rollout.last_round_hint",
+    "rollout.hint_separator", "actor.max_token_len")
 
 
 def _drop(cfg, paths):
@@ -104,7 +105,7 @@ def get_config(arg=None):
   # rollouts and the evaluation. The no-tool baseline gets frame_budget = 12 + (2 - 1) * 10 = 22 frames.
   cfg.tool = ml_collections.ConfigDict(dict(
       max_generation_round=2, tool_call_max_frames=10, frames_upbound=12, video_fps=0.5, max_total_frames=22,
-      system_prompt=PROMPT, last_round_hint=True,
+      system_prompt=PROMPT, system_prompt_verbatim=False, last_round_hint=True, hint_separator="\n",
   ))
   cfg.pixels = 56 * 56  # frames are resized to this many pixels (4 vision tokens)
 

@@ -14,8 +14,12 @@ Useful overrides:
   --config.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct     the base model instead of VideoZoomer
   --config.agent.max_generation_round=3 --config.agent.tool_call_max_frames=8
                                                        other tool budgets (the original's README varies these two)
-  --config.agent.system_prompt=system_prompt.txt       the training prompt (default: the eval prompt, which asks
-                                                       for the answer in \\boxed{} inside <answer>, as eval_video.sh)
+  --config.agent.system_prompt=system_prompt.txt       our rewrite of the original's RL training rules (default:
+                                                       its eval variant, which asks for the answer in \\boxed{}
+                                                       inside <answer>, as the original's eval_video.sh)
+  --config.agent.system_prompt=/path/prompt.txt --config.agent.system_prompt_verbatim=True \\
+      --config.agent.hint_separator=''                 a released checkpoint on the exact prompt it was trained
+                                                       with, byte for byte (docs/protocol.md says how to get it)
   --config.benchmark.by_group=True                     also accuracy per duration group / MLVU task
   --config.benchmark.limit=50                          the first 50 questions only
   --config.batch_size=16 --config.mesh.ici='(2,-1,1)' --config.out_dir=gs://bucket/eval --config.dtype=float32
@@ -65,7 +69,8 @@ def get_config(arg=None):
   # ToolConfig fields (zoomer_jax/agent/protocol.py), the original's eval_video.sh values (reference §1.6).
   cfg.agent = ml_collections.ConfigDict(dict(
       max_generation_round=5, tool_call_max_frames=16, frames_upbound=64, video_fps=0.5, max_total_frames=128,
-      system_prompt="system_prompt_boxed.txt", last_round_hint=True,
+      system_prompt="system_prompt_boxed.txt", system_prompt_verbatim=False, last_round_hint=True,
+      hint_separator="\n",
   ))
   # The other AgentConfig fields; decoding is greedy (temperature 0, one sample, §6.3).
   cfg.rollout = ml_collections.ConfigDict(dict(

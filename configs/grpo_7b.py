@@ -44,7 +44,7 @@ def get_config(arg=None):
       response_length=4096,  # new tokens per turn
       # ToolConfig fields (zoomer_jax/agent/protocol.py)
       max_generation_round=5, tool_call_max_frames=16, max_total_frames=128, video_fps=0.5, frames_upbound=64,
-      system_prompt="system_prompt.txt", last_round_hint=True,
+      system_prompt="system_prompt.txt", system_prompt_verbatim=False, last_round_hint=True, hint_separator="\n",
       max_pixels=100352, min_pixels=25088,
       decode_chunk=64, batch_size=64,  # trajectories decoded together in one device call
       workers=16,  # host threads for frame extraction

@@ -50,7 +50,11 @@ class ToolConfig:
   video_fps: float = 0.5  # overview sampling rate before the upbound applies (data.video_fps)
   max_total_frames: int = 128  # all images of a trajectory (limit_mm_per_prompt['image'])
   system_prompt: str = "system_prompt.txt"  # a file in agent/prompts/, or a path
+  # True: the file is the system prompt byte for byte (no stripping, no `{tool_call_max_frames}` filled in), for
+  # a checkpoint trained on another prompt (docs/protocol.md, "Running with the exact training prompt").
+  system_prompt_verbatim: bool = False
   last_round_hint: bool = True
+  hint_separator: str = "\n"  # between an observation's last line and the hint; the original writes none ("")
 
   def __post_init__(self):
     if self.max_generation_round < 1:
@@ -74,16 +78,23 @@ class ToolConfig:
 
 # ---------------------------------------------------------------------------------------------- prompts
 def system_prompt(cfg: ToolConfig = ToolConfig()) -> str:
-  """The system prompt file named by `cfg.system_prompt`, with `{tool_call_max_frames}` filled in."""
+  """The system prompt file named by `cfg.system_prompt`: stripped, with `{tool_call_max_frames}` filled in,
+  or exactly its bytes with `cfg.system_prompt_verbatim`."""
   path = cfg.system_prompt
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(PROMPT_DIR, path)
   try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read().strip()
+    with open(path, "rb") as f:
+      raw = f.read()
   except OSError as e:
     raise FileNotFoundError(f"system prompt file {cfg.system_prompt!r} cannot be read: {e}") from e
-  return text.replace("{tool_call_max_frames}", str(cfg.tool_call_max_frames))
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"system prompt file {path} is not UTF-8 text: {e}") from e
+  if cfg.system_prompt_verbatim:
+    return text
+  return text.strip().replace("{tool_call_max_frames}", str(cfg.tool_call_max_frames))
 
 
 def frame_tags(timestamps: Sequence[float]) -> str:
@@ -143,6 +154,16 @@ class CallError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- parsing
+_WORD_JOINER = "\u2060"
+
+
+def inert(text: str) -> str:
+  """`text` (written by the model, or by anything outside the host's templates) made safe to echo in an
+  observation: a WORD JOINER (U+2060, invisible) after every `<`, so no spelling in it - `<|im_end|>`,
+  `<|image_pad|>`, `<image>`, `<|im_start|>user` - can become a special token, an image slot or a turn."""
+  return text.replace("<", "<" + _WORD_JOINER)
+
+
 def final_answer(text: str) -> str | None:
   """The content of the last complete <answer>...</answer>, stripped; None if there is none."""
   found = _ANSWER.findall(text)
@@ -157,13 +178,13 @@ def find_calls(text: str) -> list[str]:
 def _number(value, name: str) -> float:
   """A finite float from a JSON number or numeric string (the original applied float())."""
   if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-    raise CallError(f'"{name}" must be a number, got {json.dumps(value)[:40]}')
+    raise CallError(f'"{name}" must be a number, got {inert(json.dumps(value)[:40])}')
   try:
     x = float(value)
   except (ValueError, OverflowError):
-    raise CallError(f'"{name}" must be a number, got {json.dumps(value)[:40]}') from None
+    raise CallError(f'"{name}" must be a number, got {inert(json.dumps(value)[:40])}') from None
   if not math.isfinite(x):
-    raise CallError(f'"{name}" must be a finite number, got {str(value)[:40]}')
+    raise CallError(f'"{name}" must be a finite number, got {inert(str(value)[:40])}')
   return x
 
 
@@ -176,7 +197,7 @@ def parse_call(body: str) -> tuple[float, float, float]:
       obj, end = decoder.raw_decode(body, pos)
     except (ValueError, RecursionError) as e:  # includes int literals longer than Python allows
       if not objects:
-        raise CallError(f"the call is not valid JSON: {str(e)[:120]}") from None
+        raise CallError(f"the call is not valid JSON: {inert(str(e)[:120])}") from None
       pos += 1
       continue
     objects.append(obj)
@@ -193,7 +214,7 @@ def parse_call(body: str) -> tuple[float, float, float]:
       raise CallError(f'missing field "{key}"; expected {{"segment": [start, end], "fps": n}}')
   seg = obj["segment"]
   if not isinstance(seg, list) or len(seg) != 2:
-    raise CallError(f'"segment" must be a list of two numbers [start, end], got {json.dumps(seg)[:60]}')
+    raise CallError(f'"segment" must be a list of two numbers [start, end], got {inert(json.dumps(seg)[:60])}')
   start, end = _number(seg[0], "segment[0]"), _number(seg[1], "segment[1]")
   fps = _number(obj["fps"], "fps")
   if start >= end:
@@ -289,7 +310,7 @@ class Episode:
     if call is None:
       raise RuntimeError("no call is waiting for its observation")
     self._pending = None
-    err = ToolError(message, TURN_OPEN + f"<tool_response>\nError: {message}\n</tool_response>\n" + AFTER_ERROR
+    err = ToolError(message, TURN_OPEN + f"<tool_response>\nError: {inert(message)}\n</tool_response>\n" + AFTER_ERROR
                     + self._hint(call.round) + TURN_CLOSE, call.round)
     self.calls.append(err)
     return err
@@ -302,4 +323,4 @@ class Episode:
   def _hint(self, it: int) -> str:
     """The "answer now" line, in the observation that precedes the last round (round max-2 -> max-1)."""
     last = self.cfg.last_round_hint and it == self.cfg.max_generation_round - 2
-    return "\n" + LAST_ROUND_HINT if last else ""
+    return self.cfg.hint_separator + LAST_ROUND_HINT if last else ""

@@ -93,7 +93,8 @@ class Trajectory:
 
 def stop_criteria(tok: Tokenizer) -> StopCriteria:
   return StopCriteria.build([tok.im_end, tok.endoftext], [ZOOM_END], tok.vocab_bytes(),
-                            suppress_ids=[tok.image_pad, tok.video_pad, tok.vision_start, tok.vision_end])
+                            suppress_ids=[tok.image_pad, tok.video_pad, tok.vision_start, tok.vision_end],
+                            vocab_limit=tok.vocab_size)
 
 
 def owned_rows(b: int, process: int | None = None, processes: int | None = None) -> list[int]:

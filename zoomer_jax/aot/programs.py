@@ -325,7 +325,8 @@ def rollout_programs(cfg, ab: Abstract, steps: TrainSteps, mc: ModelConfig, mesh
   rep = lambda shape, dtype: _sds(shape, dtype, rmesh)
   stop = StopCriteria(token_ids=rep((2,), jnp.int32), token_bytes=rep((v, STOP_WINDOW), jnp.uint8),
                       token_len=rep((v,), jnp.int32), strings=rep((1, STOP_WINDOW), jnp.uint8),
-                      string_len=rep((1,), jnp.int32), suppress=rep((4,), jnp.int32))
+                      string_len=rep((1,), jnp.int32), suppress=rep((4,), jnp.int32),
+                      vocab_limit=rep((), jnp.int32))
   params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=max(0, r.top_k),
                           max_new_tokens=r.decode_chunk)
   args = (graphdef, state, cache, jax.ShapeDtypeStruct((rows, v), jnp.float32, sharding=row_sh(None)),

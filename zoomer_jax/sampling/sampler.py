@@ -61,12 +61,17 @@ class StopCriteria:
   strings: jax.Array  # [n_str, W] uint8, left-aligned
   string_len: jax.Array  # [n_str] int32
   suppress: jax.Array  # [n_sup] int32: ids never sampled (e.g. <|image_pad|>, which only the host may write)
+  vocab_limit: jax.Array  # [] int32: ids >= this are outside the tokenizer (padding rows of the model's head)
 
   @classmethod
   def build(cls, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
             vocab_bytes: Sequence[bytes] | None = None, window: int = 32,
-            suppress_ids: Sequence[int] = ()) -> "StopCriteria":
-    """`vocab_bytes[i]` is token i's text as bytes (needed only for stop strings)."""
+            suppress_ids: Sequence[int] = (), vocab_limit: int | None = None) -> "StopCriteria":
+    """`vocab_bytes[i]` is token i's text as bytes (needed only for stop strings). `vocab_limit`: the
+    tokenizer's size (default: `len(vocab_bytes)`, or no limit without them); ids at or past it are never
+    drawn and are outside the log-probs' support (`restrict_vocab`)."""
+    if vocab_limit is None:
+      vocab_limit = len(vocab_bytes) if vocab_bytes is not None else np.iinfo(np.int32).max
     encoded = [s.encode() for s in stop_strings]
     if any(not s or len(s) > window for s in encoded):
       raise ValueError(f"stop strings must be 1..{window} bytes long: {list(stop_strings)}")
@@ -88,11 +93,21 @@ class StopCriteria:
     return cls(token_ids=jnp.asarray(np.asarray(stop_token_ids, np.int32).reshape(-1)),
                token_bytes=jnp.asarray(table), token_len=jnp.asarray(lens), strings=jnp.asarray(strings),
                string_len=jnp.asarray(slens),
-               suppress=jnp.asarray(np.asarray(suppress_ids, np.int32).reshape(-1)))
+               suppress=jnp.asarray(np.asarray(suppress_ids, np.int32).reshape(-1)),
+               vocab_limit=jnp.asarray(vocab_limit, jnp.int32))
 
   @property
   def window(self) -> int:
     return self.token_bytes.shape[1]
+
+
+def restrict_vocab(logits_bv: jax.Array, vocab_limit) -> jax.Array:
+  """Logits [..., V] with the ids at or past `vocab_limit` set to -inf. A checkpoint's head has more rows than
+  its tokenizer has ids (Qwen2.5-VL: 152064 vs 151665); the padding rows are not tokens, so they leave both
+  the sampled distribution and the log-probs' support (the trainer's `sequence_logprobs` takes the same
+  limit)."""
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, logits_bv.ndim - 1)
+  return jnp.where(ids < vocab_limit, logits_bv, -jnp.inf)
 
 
 def sample(logits_bv: jax.Array, key: jax.Array, params: SamplingParams,
@@ -234,9 +249,10 @@ def _decode_loop(graphdef, state, cache, logits_bv, next_position, live, key, st
 
   def body(s: _Loop) -> _Loop:
     key, sub = jax.random.split(s.key)
-    token, logprob = sample(s.logits, sub, params, stop.suppress)
+    logits = restrict_vocab(s.logits, stop.vocab_limit)
+    token, logprob = sample(logits, sub, params, stop.suppress)
     f = forced[:, s.step]
-    logp_all = jax.nn.log_softmax(s.logits / (params.temperature or 1.0), axis=-1)
+    logp_all = jax.nn.log_softmax(logits / (params.temperature or 1.0), axis=-1)
     logprob = jnp.where(f >= 0, jnp.take_along_axis(logp_all, jnp.maximum(f, 0)[:, None], axis=-1)[:, 0], logprob)
     token = jnp.where(f >= 0, f, token)
     token = jnp.where(s.live, token, 0)

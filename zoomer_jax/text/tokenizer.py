@@ -93,14 +93,16 @@ class Tokenizer:
     """Loads `tokenizer.json` (and `tokenizer_config.json` if present) from a checkpoint directory."""
     path = os.fspath(path)
     file = path if path.endswith(".json") and not os.path.isdir(path) else os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f"tokenizer file {file} does not exist")
-    try:
-      backend = tokenizers.Tokenizer.from_file(file)
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON or an unknown format
-      raise ValueError(f"cannot read tokenizer file {file}: {e}") from e
+    directory = os.path.dirname(file)
+    slow = all(os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt"))
+    if not os.path.isfile(file) and not slow:
+      have = [f for f in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(directory, f))]
+      raise FileNotFoundError(
+          f"tokenizer file {file} does not exist" + (f" and {directory} has only {have}: add the missing one of "
+                                                     "vocab.json / merges.txt" if have else "")
+          + "; add the checkpoint's tokenizer.json (or its vocab.json + merges.txt)")
     config = {}
-    config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+    config_file = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(config_file):
       try:
         with open(config_file, encoding="utf-8") as f:
@@ -109,11 +111,17 @@ class Tokenizer:
         raise ValueError(f"cannot read tokenizer config {config_file}: {e}") from e
       if not isinstance(config, dict):
         raise ValueError(f"tokenizer config {config_file} is not a JSON object")
-    jinja = os.path.join(os.path.dirname(file), "chat_template.jinja")
+    jinja = os.path.join(directory, "chat_template.jinja")
     if "chat_template" not in config and os.path.isfile(jinja):
       with open(jinja, encoding="utf-8") as f:
         config["chat_template"] = f.read()
-    return cls(backend, config, source=file)
+    if os.path.isfile(file):
+      try:
+        backend = tokenizers.Tokenizer.from_file(file)
+      except Exception as e:  # tokenizers raises a bare Exception on bad JSON or an unknown format
+        raise ValueError(f"cannot read tokenizer file {file}: {e}") from e
+      return cls(backend, config, source=file)
+    return cls(_from_vocab_merges(directory, config), config, source=os.path.join(directory, "vocab.json"))
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`; added tokens written in it (`<|im_start|>`, ...) become their single ids."""
@@ -143,10 +151,24 @@ class Tokenizer:
   def id_to_token(self, i: int) -> str | None:
     return self.backend.id_to_token(int(i))
 
-  @property
+  @functools.cached_property
   def vocab_size(self) -> int:
-    """Number of token ids, added tokens included (151665 for Qwen2.5-VL, 600 for the tiny one)."""
+    """Number of token ids, added tokens included (151665 for Qwen2.5-VL, 600 for the tiny one).
+
+    Cached: `tokenizers` rebuilds the whole vocabulary to count it, and the agent asks once per token."""
     return self.backend.get_vocab_size(with_added_tokens=True)
+
+  @functools.cached_property
+  def _literal(self) -> tokenizers.Tokenizer:
+    """A copy of the backend that encodes special-token spellings as plain text."""
+    literal = tokenizers.Tokenizer.from_str(self.backend.to_str())
+    literal.encode_special_tokens = True
+    return literal
+
+  def encode_literal(self, text: str) -> list[int]:
+    """Ids of `text` as plain text: `<|im_end|>`, `<|image_pad|>` and every other special token spelled in it
+    become ordinary text tokens, never the special ids (for text the model wrote, echoed back by the host)."""
+    return self._literal.encode(text, add_special_tokens=False).ids
 
   @property
   def chat_template(self) -> str | None:
@@ -215,11 +237,9 @@ def qwen2_tokenizer_config(eos_token: str = "<|im_end|>", model_max_length: int 
   }
 
 
-@functools.lru_cache(maxsize=4)
-def _tiny_tokenizer_json(corpus: str) -> str:
-  """Trains the tiny BPE on `corpus` and returns the tokenizer.json text (cached: a few ms the first time)."""
-  tok = tokenizers.Tokenizer(models.BPE(dropout=None, unk_token=None, continuing_subword_prefix="",
-                                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+def _qwen2_pipeline(model) -> tokenizers.Tokenizer:
+  """A byte-level BPE `model` behind Qwen2's normalizer (NFC), pre-tokenizer and decoder."""
+  tok = tokenizers.Tokenizer(model)
   tok.normalizer = normalizers.NFC()
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -227,6 +247,43 @@ def _tiny_tokenizer_json(corpus: str) -> str:
   ])
   tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
   tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def _from_vocab_merges(directory: str, config: dict) -> tokenizers.Tokenizer:
+  """A Qwen2 tokenizer from the slow files `vocab.json` + `merges.txt`, its added tokens from
+  `tokenizer_config.json`'s `added_tokens_decoder` (as transformers' Qwen2Tokenizer builds it)."""
+  vocab_file, merges_file = (os.path.join(directory, f) for f in ("vocab.json", "merges.txt"))
+  try:
+    model = models.BPE.from_file(vocab_file, merges_file, dropout=None, unk_token=None, fuse_unk=False,
+                                 byte_fallback=False, continuing_subword_prefix="", end_of_word_suffix="")
+  except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+    raise ValueError(f"cannot read {vocab_file} + {merges_file}: {e}") from e
+  tok = _qwen2_pipeline(model)
+  added = config.get("added_tokens_decoder") or {}
+  if not isinstance(added, dict):
+    raise ValueError(f"{directory}/tokenizer_config.json: added_tokens_decoder must map ids to tokens")
+  for key in sorted(added, key=int):
+    entry = added[key]
+    if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+      raise ValueError(f"{directory}/tokenizer_config.json: added_tokens_decoder[{key!r}] has no content")
+    special = bool(entry.get("special", False))
+    token = AddedToken(entry["content"], special=special, normalized=bool(entry.get("normalized", False)),
+                       lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                       single_word=bool(entry.get("single_word", False)))
+    (tok.add_special_tokens if special else tok.add_tokens)([token])
+    if tok.token_to_id(entry["content"]) != int(key):
+      raise ValueError(f"{directory}/tokenizer_config.json: added token {entry['content']!r} should have id {key} "
+                       f"but lands at {tok.token_to_id(entry['content'])} (vocab.json and the added tokens "
+                       "disagree)")
+  return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer_json(corpus: str) -> str:
+  """Trains the tiny BPE on `corpus` and returns the tokenizer.json text (cached: a few ms the first time)."""
+  tok = _qwen2_pipeline(models.BPE(dropout=None, unk_token=None, continuing_subword_prefix="",
+                                   end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
   n_bpe = min(TINY_SPECIAL_IDS.values())
   trainer = trainers.BpeTrainer(vocab_size=n_bpe, min_frequency=1, show_progress=False, special_tokens=[],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -32,10 +32,16 @@ def hidden_states(model, batch: TrainBatch, *, remat: str = "none", freeze_visio
 
 def sequence_logprobs(model, batch: TrainBatch, *, remat: str = "none", vocab_chunk: int | None = None,
                       token_chunk: int | None = None, freeze_vision: bool = False, temperature: float = 1.0,
-                      with_entropy: bool = True) -> tuple[jax.Array, jax.Array | None]:
-  """(log-prob of each token given its prefix [B, L], entropy of that prediction [B, L] or None), fp32."""
+                      with_entropy: bool = True, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """(log-prob of each token given its prefix [B, L], entropy of that prediction [B, L] or None), fp32.
+
+  `vocab_limit` (the tokenizer's size): the distribution is over ids below it, as the sampler draws them
+  (`sampling.restrict_vocab`); the head's padding rows past it are not tokens."""
   h_btd = hidden_states(model, batch, remat=remat, freeze_vision=freeze_vision)
-  logp, ent = token_logprobs(h_btd[:, :-1], head_weight(model), batch.ids[:, 1:], vocab_chunk=vocab_chunk or None,
+  w_dv = head_weight(model)
+  if vocab_limit is not None and vocab_limit < w_dv.shape[1]:
+    w_dv = w_dv[:, :vocab_limit]
+  logp, ent = token_logprobs(h_btd[:, :-1], w_dv, batch.ids[:, 1:], vocab_chunk=vocab_chunk or None,
                              token_chunk=token_chunk or None, temperature=temperature, with_entropy=with_entropy,
                              dtype_rounding=logits_dtype(model))
   pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (1, 0)))

@@ -43,7 +43,9 @@ def agent_config(rollout_cfg, *, greedy: bool = False) -> AgentConfig:
   r = rollout_cfg
   tool = ToolConfig(max_generation_round=r.max_generation_round, tool_call_max_frames=r.tool_call_max_frames,
                     max_total_frames=r.max_total_frames, video_fps=r.video_fps,
-                    frames_upbound=r.frames_upbound, system_prompt=r.system_prompt, last_round_hint=r.last_round_hint)
+                    frames_upbound=r.frames_upbound, system_prompt=r.system_prompt,
+                    system_prompt_verbatim=r.system_prompt_verbatim, last_round_hint=r.last_round_hint,
+                    hint_separator=r.hint_separator)
   sampling = SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=max(0, r.top_k),
                             max_new_tokens=r.response_length)
   return AgentConfig(tool=tool, sampling=sampling, decode_chunk=r.decode_chunk, max_pixels=r.max_pixels,
@@ -78,31 +80,34 @@ def score(trajs: list[Trajectory], reward_cfg: RewardConfig, step: int, answer_t
 
 
 def grpo_micro_loss(model, batch, *, loss_cfg: GRPOLossConfig, remat: str, vocab_chunk, token_chunk,
-                    freeze_vision: bool, temperature: float):
+                    freeze_vision: bool, temperature: float, vocab_limit: int | None = None):
   logp, entropy = sequence_logprobs(model, batch, remat=remat, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-                                    freeze_vision=freeze_vision, temperature=temperature, with_entropy=True)
+                                    freeze_vision=freeze_vision, temperature=temperature, with_entropy=True,
+                                    vocab_limit=vocab_limit)
   tv = batch.token_values
   return grpo_loss(logp, entropy, tv["old_logp"], tv.get("ref_logp"), batch.seq_values["advantage"],
                    batch.loss_mask, loss_cfg, sampler_logp=tv.get("sampler_logp"))
 
 
-def grpo_loss_fns(cfg, *, token_chunk: int | None | str = "config"):
+def grpo_loss_fns(cfg, *, token_chunk: int | None | str = "config", vocab_limit: int | None = None):
   """(the update's loss `loss(model, batch) -> (sum, denominator, metrics)`, the old/reference log-prob function
   `logp(model, batch) -> [B, L]`) of the GRPO job of `cfg`. `token_chunk` overrides `actor.logprob_token_chunk`
-  (`zoomer_jax.aot`'s cost probes walk tokens in one block)."""
+  (`zoomer_jax.aot`'s cost probes walk tokens in one block); `vocab_limit`, the tokenizer's size, restricts the
+  log-probs' support to the ids the sampler may draw."""
   actor, r = cfg.actor, cfg.rollout
   loss_cfg = GRPOLossConfig(**{k: actor[k] for k in LOSS_KEYS})
   vocab_chunk = actor.logprob_vocab_chunk or None
   chunk = (actor.logprob_token_chunk or None) if token_chunk == "config" else token_chunk
   temperature = r.temperature or 1.0
   loss = partial(grpo_micro_loss, loss_cfg=loss_cfg, remat=actor.remat, vocab_chunk=vocab_chunk, token_chunk=chunk,
-                 freeze_vision=actor.freeze_vision_tower, temperature=temperature)
-  return loss, partial(_logp_only, vocab_chunk=vocab_chunk, token_chunk=chunk, temperature=temperature)
+                 freeze_vision=actor.freeze_vision_tower, temperature=temperature, vocab_limit=vocab_limit)
+  return loss, partial(_logp_only, vocab_chunk=vocab_chunk, token_chunk=chunk, temperature=temperature,
+                       vocab_limit=vocab_limit)
 
 
-def _logp_only(model, batch, *, vocab_chunk, token_chunk, temperature):
+def _logp_only(model, batch, *, vocab_chunk, token_chunk, temperature, vocab_limit=None):
   return sequence_logprobs(model, batch, remat="none", vocab_chunk=vocab_chunk, token_chunk=token_chunk,
-                           temperature=temperature, with_entropy=False)[0]
+                           temperature=temperature, with_entropy=False, vocab_limit=vocab_limit)[0]
 
 
 @dataclasses.dataclass
@@ -208,7 +213,7 @@ def run_grpo(cfg) -> dict:
   ctx = JobContext(cfg, kind="grpo")
   actor, r = cfg.actor, cfg.rollout
   reward_cfg = RewardConfig.from_dict(dict(cfg.reward.to_dict(), tool_call_max_frames=r.tool_call_max_frames))
-  loss, logp_fn = grpo_loss_fns(cfg)
+  loss, logp_fn = grpo_loss_fns(cfg, vocab_limit=ctx.tok.vocab_size)
   want = cfg.data.train_batch_size
   if want % actor.ppo_mini_batch_size:
     raise ValueError(f"data.train_batch_size {want} is not a multiple of actor.ppo_mini_batch_size "
