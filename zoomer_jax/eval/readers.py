@@ -250,11 +250,17 @@ def _check_mode(subtitles: str, subtitle_root: str):
                             "benchmark's subtitle files from it)")
 
 
-def _subtitle_block(read: Callable, sub_path: str, *args) -> str | None:
-  try:
-    lines = read(sub_path, *args)
-  except subs.SubtitleError as e:
-    raise RecordError(sub_path, None, None, str(e).removeprefix(f"{sub_path}: ")) from None
+def _subtitle_block(cache: dict, read: Callable, sub_path: str, *args) -> str | None:
+  """The subtitle block of one file (read once per reader call: a video's questions share it)."""
+  if (sub_path, args) not in cache:
+    try:
+      lines = read(sub_path, *args)
+    except subs.SubtitleError as e:
+      lines = RecordError(sub_path, None, None, str(e).removeprefix(f"{sub_path}: "))
+    cache[sub_path, args] = lines
+  lines = cache[sub_path, args]
+  if isinstance(lines, RecordError):
+    raise lines
   return subs.format_subtitles(lines) if lines else None
 
 
@@ -347,7 +353,7 @@ def read_longvideobench(annotation_path: str, video_root: str, *, by_group: bool
   them out.
   """
   _check_mode(subtitles, subtitle_root)
-  out = Read()
+  out, cache = Read(), {}
   for i, r in enumerate(_load_records(annotation_path)):
     with out.record(_rid(annotation_path, i, r, "id")):
       options = _lvb_options(annotation_path, i, r)
@@ -361,7 +367,7 @@ def read_longvideobench(annotation_path: str, video_root: str, *, by_group: bool
       block = None
       if subtitles != "none":
         offset = r.get("starting_timestamp_for_subtitles") or 0.0
-        block = _subtitle_block(subs.read_longvideobench, os.path.join(
+        block = _subtitle_block(cache, subs.read_longvideobench, os.path.join(
             subtitle_root, _text(annotation_path, i, r, "subtitle_path")), float(offset), r.get("duration"))
       out.tasks.append(Task(video=os.path.join(video_root, video), answer=LETTERS[int(choice)],
                             problem=format_problem(_text(annotation_path, i, r, "question"), options, block),
@@ -400,7 +406,7 @@ def read_videomme(annotation_path: str, video_root: str, *, by_group: bool = Fal
   line with its time span, before the question; a video without speech has no file and gets no subtitles.
   """
   _check_mode(subtitles, subtitle_root)
-  out, find, with_subs = Read(), VideoFinder(video_root), 0
+  out, find, cache, with_subs = Read(), VideoFinder(video_root), {}, 0
   for i, r in enumerate(_load_records(annotation_path)):
     with out.record(_rid(annotation_path, i, r, "question_id")):
       options = []
@@ -415,7 +421,7 @@ def read_videomme(annotation_path: str, video_root: str, *, by_group: bool = Fal
       block = None
       srt = os.path.join(subtitle_root, video_id + ".srt")
       if subtitles != "none" and os.path.isfile(srt):
-        block = _subtitle_block(subs.read_srt, srt)
+        block = _subtitle_block(cache, subs.read_srt, srt)
         with_subs += 1
       out.tasks.append(Task(video=find.by_stem(video_id), answer=answer,
                             problem=format_problem(_text(annotation_path, i, r, "question"), options, block),

@@ -18,7 +18,6 @@ sampled frames; the agent samples its frames while it runs, so every line is giv
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 
@@ -44,7 +43,6 @@ def _read_text(path: str) -> str:
     raise SubtitleError(f"{path}: cannot be read: {e}") from e
 
 
-@functools.lru_cache(maxsize=256)
 def read_srt(path: str) -> tuple[tuple[float, float, str], ...]:
   """The cues of a SubRip file in file order; tags and line breaks inside a cue become plain spaces."""
   cues = []
@@ -70,7 +68,6 @@ def _clock(value) -> float:
   return _seconds(*m.groups())
 
 
-@functools.lru_cache(maxsize=256)
 def read_longvideobench(path: str, offset: float = 0.0, duration: float | None = None) -> tuple:
   """LongVideoBench subtitle JSON -> [(start, end, text)] in video time (file time minus `offset`)."""
   try:
