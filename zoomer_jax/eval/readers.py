@@ -12,16 +12,16 @@ frames go, the subtitles when asked for, the question, then one option per line 
 layout in the released data is unknown (§8), so this is ours. "A. text" lines are what the multiple-choice
 judge's fallback regex `([A-Z])\\.` reads (§3.2) when the model repeats an option.
 
-| name            | file (layout)                                          | video path                             | data_source |
-|-----------------|--------------------------------------------------------|----------------------------------------|-------------|
-| mlvu            | dev `MLVU/json/<k>_<task>.json` or that folder;        | dev: root/<file stem>/<video>          | MVLU        |
-|                 | test `test-ground-truth/test_mcq_gt.json`              | test: root/<video>                     |             |
-| longvideobench  | `lvb_val.json`, or `validation-00000-of-00001.parquet` | root/<video_path>                      | lvb         |
-| videomme        | `videomme/test-00000-of-00001.parquet` (or its rows as | root/<videoID>.mp4 / .MP4 / .mkv ...   | VideoMME    |
-|                 | a JSON list / JSON lines)                              |                                        |             |
-| lvbench         | `video_info.meta.jsonl`, or the flat table (one row    | root/<key>.mp4, or video2dataset's     | lvbench     |
-|                 | per question: `lmms-lab/LVBench`'s parquet)            | root/00000/000000000.mp4 (`layouts`)   |             |
-| original        | VideoZoomer RL/eval JSON (§6.1)                        | videos[0] (relative: under root)       | its own     |
+| name          | file (layout)                                       | video path                       | source   |
+|---------------|-----------------------------------------------------|----------------------------------|----------|
+| mlvu          | dev `MLVU/json/<k>_<task>.json` or that folder;     | dev: root/<file stem>/<video>    | MVLU     |
+|               | test `test-ground-truth/test_mcq_gt.json`           | test: root/<video>               |          |
+| longvideobench| `lvb_val.json`, `validation-00000-of-00001.parquet` | root/<video_path>                | lvb      |
+| videomme      | `videomme/test-00000-of-00001.parquet` (or its rows | root/<videoID>.mp4 / .MP4 / .mkv | VideoMME |
+|               | as a JSON list / JSON lines)                        |                                  |          |
+| lvbench       | `video_info.meta.jsonl`, or the flat table (one row | root/<key>.mp4, or video2dataset | lvbench  |
+|               | per question, `lmms-lab/LVBench`'s parquet)         | root/00000/000000000.mp4         |          |
+| original      | VideoZoomer RL/eval JSON (§6.1)                     | videos[0] (relative: under root) | its own  |
 
 The data_source names are the original's reward/metric keys (§3.1), so reports line up with its
 `val/test_score/{data_source}` metrics (MLVU's is spelled "MVLU" there). `by_group=True` appends each
