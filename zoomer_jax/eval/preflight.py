@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 from zoomer_jax.eval.readers import Benchmark, dirty_counts
 
 MAX_LISTED = 50  # missing videos printed in full; the report's JSON lists all
@@ -26,6 +28,8 @@ def summary(bench: Benchmark, max_listed: int = MAX_LISTED) -> str:
   lines += [f"  {d.action} {d.id}: {d.reason}" for d in bench.dirty]
   n_tasks = sum(len(ids) for ids in missing.values())
   lines.append(f"missing videos: {len(missing)} of {len(videos)} ({n_tasks} tasks)")
+  if missing and bench.video_root and not os.path.isdir(bench.video_root):
+    lines.append(f"  (video_root {bench.video_root} is not a folder)")
   for video, ids in list(missing.items())[:max_listed]:
     shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} tasks)" if len(ids) > 5 else "")
     lines.append(f"  {video} (tasks {shown})")
