@@ -4,9 +4,14 @@
         --config.benchmark.annotation=/data/Video-MME/videomme/test-00000-of-00001.parquet \
         --config.benchmark.video_root=/data/Video-MME/data
 
-The variant (`:arg`) picks the benchmark reader and a placeholder layout under /data (override the paths):
-mlvu | longvideobench | videomme | lvbench | original (the default: VideoZoomer's own RL/eval JSON, reference
-§6.1). `zoomer_jax/eval/readers.py` documents each file format and where the videos must be.
+The variant (`:arg`) picks the benchmark and its default paths, the layout its own download writes under
+/data/<repository> (`BENCHMARKS` below; override the paths): mlvu (dev) | mlvu_test | longvideobench | videomme |
+lvbench | original (the default: VideoZoomer's own RL/eval JSON, reference §6.1). docs/eval.md says how to get
+each benchmark; `zoomer_jax/eval/readers.py` documents each file format and where the videos must be.
+
+Check first (no model is loaded): the tasks, the dirty records (resolved or skipped, with ids and reasons) and
+the missing videos; exits 1 when a video is missing:
+    python -m zoomer_jax eval --config=eval_7b:videomme --check
 
 Useful overrides:
   --config.use_tool=False                              the no-tool baseline, same frame budget
@@ -22,6 +27,8 @@ Useful overrides:
                                                        with, byte for byte (docs/protocol.md says how to get it)
   --config.benchmark.by_group=True                     also accuracy per duration group / MLVU task
   --config.benchmark.limit=50                          the first 50 questions only
+  --config.benchmark.options.subtitles=timed           longvideobench / videomme: with subtitles ("w/ subs")
+  --allow-missing-videos                               run without the tasks whose video is missing
   --config.batch_size=16 --config.mesh.ici='(2,-1,1)' --config.out_dir=gs://bucket/eval --config.dtype=float32
 
 Outputs: out_dir/{benchmark}_{tool|no_tool}.jsonl (every trajectory), .json (the report), .txt (the table).
@@ -34,11 +41,24 @@ import ml_collections
 
 from zoomer_jax.config_loader import load
 
-BENCHMARKS = {  # name -> (annotation, video_root, reader options); placeholders under /data
-    "mlvu": ("/data/MLVU/json", "/data/MLVU/video", dict(per_task_dirs=True)),
-    "longvideobench": ("/data/LongVideoBench/lvb_val.json", "/data/LongVideoBench/videos", {}),
-    "videomme": ("/data/Video-MME/videomme/test-00000-of-00001.parquet", "/data/Video-MME/data", {}),
-    "lvbench": ("/data/LVBench/video_info.meta.jsonl", "/data/LVBench/videos", {}),
+# name -> (annotation, video_root, reader options). Each path is where the benchmark's own download puts the
+# file when its dataset repository is downloaded to /data/<repository name> (docs/eval.md gives the commands);
+# override the paths with --config.benchmark.annotation=... --config.benchmark.video_root=...
+BENCHMARKS = {
+    # MLVU dev (HF MLVU/MVLU): json/<k>_<task>.json, videos in video/<k>_<task>/
+    "mlvu": ("/data/MVLU/MLVU/json", "/data/MVLU/MLVU/video", dict(video_layout="auto")),
+    # MLVU test (HF MLVU/MLVU_Test): the multiple-choice ground truth, videos in video/ (one folder)
+    "mlvu_test": ("/data/MLVU_Test/test-ground-truth/test_mcq_gt.json", "/data/MLVU_Test/video",
+                  dict(video_layout="auto")),
+    # LongVideoBench (HF longvideobench/LongVideoBench): videos.tar -> videos/, subtitles.tar -> subtitles/
+    "longvideobench": ("/data/LongVideoBench/lvb_val.json", "/data/LongVideoBench/videos",
+                       dict(subtitles="none", subtitle_root="/data/LongVideoBench/subtitles")),
+    # Video-MME (HF lmms-lab/Video-MME): videos_chunked_*.zip -> data/, subtitle.zip -> subtitle/
+    "videomme": ("/data/Video-MME/videomme/test-00000-of-00001.parquet", "/data/Video-MME/data",
+                 dict(subtitles="none", subtitle_root="/data/Video-MME/subtitle")),
+    # LVBench (github THUDM/LVBench): data/video_info.meta.jsonl; scripts/download.sh (video2dataset), run in
+    # scripts/, writes scripts/videos/00000/000000000.mp4 + .json; a folder of <key>.mp4 works too
+    "lvbench": ("/data/LVBench/data/video_info.meta.jsonl", "/data/LVBench/scripts/videos", {}),
     "original": ("/data/videozoomer/val.json", "", dict(open_ended="error")),
 }
 
@@ -64,7 +84,8 @@ def get_config(arg=None):
       by_group=False,  # data_source/<group> rows: duration group (lvb, VideoMME), task (MLVU), genre (lvbench)
       limit=0,  # evaluate the first `limit` tasks only; 0 = all
       synthetic_n=0,  # videos to generate when name == "synthetic"
-      options=options,  # the reader's own keyword arguments
+      options=options,  # the reader's own keyword arguments (zoomer_jax/eval/readers.py)
+      allow_missing_videos=False,  # True: tasks whose video is missing are left out (listed in the report)
   ))
   # ToolConfig fields (zoomer_jax/agent/protocol.py), the original's eval_video.sh values (reference §1.6).
   cfg.agent = ml_collections.ConfigDict(dict(

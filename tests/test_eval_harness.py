@@ -204,25 +204,34 @@ def test_evaluate_rejects_tasks_without_answers(model):
 
 
 def test_main_runs_the_tiny_config_on_a_benchmark_file(videos, tmp_path, capsys):
-  """`main` wires config, reader, model and harness: the tiny config on an original-format JSON file."""
+  """`main` wires config, reader, model and harness: the tiny config on an original-format JSON file. A missing
+  video stops the run before the model is built, unless allowed: then its task is left out and reported."""
   records = [dict(problem="<image>\nWhich? A. x B. y", solution="A", data_source="mine", videos=[os.path.basename(v)],
                   extra_info=dict(answer_type="multiple_choice"), doc_id=f"d{k}")
              for k, v in enumerate([videos["a"], videos["missing"], videos["b"]])]
+  records.append(dict(records[0], problem="no placeholder", doc_id="d3"))  # a dirty record: skipped, reported
   (tmp_path / "val.json").write_text(json.dumps(records))
   # The test's agent settings (so the compiled programs are reused), the model's turns left to the random weights.
-  cfg = load("eval_tiny", ["benchmark.name=original", f"benchmark.annotation={tmp_path / 'val.json'}",
-                           f"benchmark.video_root={os.path.dirname(videos['a'])}", f"out_dir={tmp_path / 'out'}",
-                           "agent.frames_upbound=4", "agent.tool_call_max_frames=3", "agent.max_total_frames=16",
-                           "rollout.max_new_tokens=24", "batch_size=3", "progress=False"])
-  report = harness.main(cfg)
-  assert report.n == 3 and [e["id"] for e in report.errors] == ["d1"]
+  overrides = ["benchmark.name=original", f"benchmark.annotation={tmp_path / 'val.json'}",
+               f"benchmark.video_root={os.path.dirname(videos['a'])}", f"out_dir={tmp_path / 'out'}",
+               "agent.frames_upbound=4", "agent.tool_call_max_frames=3", "agent.max_total_frames=16",
+               "rollout.max_new_tokens=24", "batch_size=3", "progress=False"]
+  with pytest.raises(FileNotFoundError, match=r"1 videos are missing \(nothing was run.*\n(.*\n)*.*missing.mp4 "
+                                              r"\(tasks d1\)"):
+    harness.main(load("eval_tiny", overrides))
+  report = harness.main(load("eval_tiny", overrides + ["benchmark.allow_missing_videos=True"]))
+  assert report.n == 2 and not report.errors
+  assert report.missing_videos == [dict(video=videos["missing"], ids=["d1"])]
+  assert [(d["id"], d["action"]) for d in report.dirty] == [("d3", "skipped")]
   lines = _read_jsonl(tmp_path / "out" / "original_tool.jsonl")
-  assert [r["id"] for r in lines] == ["d0", "d1", "d2"] and lines[0]["error"] is None
-  assert all(1 <= r["rounds"] <= 3 for r in (lines[0], lines[2]))
+  assert [r["id"] for r in lines] == ["d0", "d2"] and lines[0]["error"] is None
+  assert all(1 <= r["rounds"] <= 3 for r in lines)
   saved = json.loads((tmp_path / "out" / "original_tool.json").read_text())
-  assert saved["n"] == 3 and saved["agent"]["tool_call_max_frames"] == 3 and saved["checkpoint"] == "random weights"
-  assert "overall" in capsys.readouterr().out
-  assert np.isclose(saved["accuracy"], sum(r["acc"] for r in lines) / 3)
+  assert saved["n"] == 2 and saved["agent"]["tool_call_max_frames"] == 3 and saved["checkpoint"] == "random weights"
+  assert saved["missing_videos"][0]["ids"] == ["d1"] and "has no <image> placeholder" in saved["dirty"][0]["reason"]
+  out = capsys.readouterr().out
+  assert "overall" in out and "0 resolved, 1 skipped" in out and "missing video " in out
+  assert np.isclose(saved["accuracy"], sum(r["acc"] for r in lines) / 2)
 
 
 @pytest.mark.slow

@@ -1,14 +1,17 @@
 """Benchmark readers: each fixture (written by hand in the benchmark's own format) gives exactly the Tasks
-written out below by hand; malformed records fail naming the file, the record and the field."""
+written out below by hand; a malformed record is skipped and reported naming the file, the record and the field,
+and a file none of whose records can be read fails the same way. (tests/test_eval_published.py: the published
+layouts, dirty records, subtitles and the pre-flight check.)"""
 
 import copy
 import json
 import os
+import re
 
 import pytest
 
 from zoomer_jax.agent.rollout import Task
-from zoomer_jax.eval.readers import AnnotationError, read_benchmark, split_parenthesised_options
+from zoomer_jax.eval.readers import AnnotationError, load_benchmark, read_benchmark, split_parenthesised_options
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 ROOT = "/videos"
@@ -31,9 +34,10 @@ def test_mlvu_folder_reads_every_multiple_choice_file_and_skips_open_ended():
 
 def test_mlvu_single_file_groups_and_flat_layout():
   tasks = read_benchmark("MLVU", os.path.join(FIX, "mlvu", "json", "4_count.json"), ROOT, by_group=True,
-                         per_task_dirs=False)
+                         video_layout="flat")
   assert [(t.video, t.data_source, t.answer) for t in tasks] == [("/videos/count_12.mp4", "MVLU/count", "C")]
-  with pytest.raises(AnnotationError, match=r"9_summary.json: record 0: field 'candidates': is missing"):
+  with pytest.raises(AnnotationError, match=r"9_summary.json: none of its 1 records can be read: .*9_summary.json: "
+                                            r"record 0: field 'candidates': is missing"):
     read_benchmark("mlvu", os.path.join(FIX, "mlvu", "json", "9_summary.json"), ROOT)
 
 
@@ -119,19 +123,29 @@ def test_original_json():
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+def _skipped_or_error(name, path):
+  """The skipped records' reasons, or the error when no record could be read."""
+  try:
+    bench = load_benchmark(name, path, ROOT)
+  except AnnotationError as e:
+    return f"error: {e}"
+  return "\n".join(f"{d.id}: {d.reason}" for d in bench.skipped)
+
+
 @pytest.mark.parametrize("name, file, message", [
     ("mlvu", "bad/mlvu_answer_not_a_candidate.json",
-     r"mlvu_answer_not_a_candidate.json: record 1: field 'answer': 'The dog' is not one of the candidates"),
+     r"^mlvu_answer_not_a_candidate/1: .*mlvu_answer_not_a_candidate.json: record 1: field 'answer': 'The dog' is "
+     r"not one of the candidates$"),
     ("lvbench", "bad/lvbench_inline_options.jsonl",
-     r"lvbench_inline_options.jsonl: record 0.qa\[1\]: field 'question': expected option lines"),
+     r"^2: .*lvbench_inline_options.jsonl: record 0.qa\[1\]: field 'question': expected option lines"),
     ("videomme", "bad/videomme_missing_answer.json",
-     r"videomme_missing_answer.json: record 1: field 'answer': is missing"),
-    ("longvideobench", "bad/lvb_choice_out_of_range.json",
-     r"lvb_choice_out_of_range.json: record 0: field 'correct_choice': 4 is outside the 4 candidates"),
+     r"^001-2: .*videomme_missing_answer.json: record 1: field 'answer': is missing$"),
+    ("longvideobench", "bad/lvb_choice_out_of_range.json",  # its only record: the file fails
+     r"^error: .*lvb_choice_out_of_range.json: none of its 1 records can be read: .*record 0: field "
+     r"'correct_choice': 4 is outside the 4 options"),
 ])
-def test_bad_fixtures_name_file_record_and_field(name, file, message):
-  with pytest.raises(AnnotationError, match=message):
-    read_benchmark(name, os.path.join(FIX, file), ROOT)
+def test_bad_records_are_skipped_naming_file_record_and_field(name, file, message):
+  assert re.search(message, _skipped_or_error(name, os.path.join(FIX, file)))
 
 
 REQUIRED = {  # benchmark -> (fixture, fields that every record must have)
@@ -143,28 +157,34 @@ REQUIRED = {  # benchmark -> (fixture, fields that every record must have)
 
 
 @pytest.mark.parametrize("name", sorted(REQUIRED))
-def test_each_missing_field_is_named(name, tmp_path):
+def test_each_missing_field_is_named_and_its_record_skipped(name, tmp_path):
   fixture, fields = REQUIRED[name]
   with open(os.path.join(FIX, fixture)) as f:
     records = json.load(f)
+  n = len(read_benchmark(name, os.path.join(FIX, fixture), ROOT, **({"open_ended": "skip"} if name == "original"
+                                                                      else {})))
   for field in fields:
     bad = copy.deepcopy(records)
     del bad[1][field]
     path = tmp_path / f"{name}_{field}.json"
     path.write_text(json.dumps(bad))
-    with pytest.raises(AnnotationError, match=rf"{path.name}: record 1: field '{field}': is missing"):
-      read_benchmark(name, str(path), ROOT)
+    options = {"open_ended": "skip"} if name == "original" else {}
+    bench = load_benchmark(name, str(path), ROOT, **options)
+    assert len(bench.tasks) == n - 1 and len(bench.skipped) == 1, field
+    assert re.search(rf"{path.name}: record 1: field '{field}': is missing$", bench.skipped[0].reason)
 
 
 def test_lvbench_missing_fields_and_wrong_types(tmp_path):
   lines = open(os.path.join(FIX, "lvbench_video_info.meta.jsonl")).read().splitlines()
   rec = json.loads(lines[1])
-  for field, where in [("key", "record 1: field 'key'"), ("qa", "record 1: field 'qa'")]:
+  for field in ("key", "qa"):
     bad = dict(rec)
     del bad[field]
     (tmp_path / "m.jsonl").write_text(lines[0] + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(AnnotationError, match=where + ": is missing"):
-      read_benchmark("lvbench", str(tmp_path / "m.jsonl"), ROOT)
+    bench = load_benchmark("lvbench", str(tmp_path / "m.jsonl"), ROOT)
+    assert [t.id for t in bench.tasks] == ["1", "2"]  # line 0's questions are kept
+    assert [(d.id, d.reason) for d in bench.skipped] == [("m.jsonl#1", f"{tmp_path}/m.jsonl: record 1: field "
+                                                                      f"'{field}': is missing")]
   bad = copy.deepcopy(rec)
   bad["qa"][0]["answer"] = "E"
   (tmp_path / "m.jsonl").write_text(json.dumps(bad) + "\n")
@@ -172,8 +192,9 @@ def test_lvbench_missing_fields_and_wrong_types(tmp_path):
                                             r"letters A-D"):
     read_benchmark("lvbench", str(tmp_path / "m.jsonl"), ROOT)
   (tmp_path / "m.jsonl").write_text(lines[0] + "\n{not json\n")
-  with pytest.raises(AnnotationError, match=r"m.jsonl: record line 2: is not valid JSON"):
-    read_benchmark("lvbench", str(tmp_path / "m.jsonl"), ROOT)
+  bench = load_benchmark("lvbench", str(tmp_path / "m.jsonl"), ROOT)
+  assert len(bench.tasks) == 2 and re.search(r"m.jsonl: record 1: \(line 2\) is not valid JSON",
+                                             bench.skipped[0].reason)
 
 
 def test_wrong_types_empty_files_duplicates_and_unknown_names(tmp_path):
@@ -181,24 +202,28 @@ def test_wrong_types_empty_files_duplicates_and_unknown_names(tmp_path):
   bad = copy.deepcopy(rows)
   bad[2]["options"] = "A. x B. y"
   (tmp_path / "v.json").write_text(json.dumps(bad))
-  with pytest.raises(AnnotationError, match=r"v.json: record 2: field 'options': must be list, got str"):
-    read_benchmark("videomme", str(tmp_path / "v.json"), ROOT)
+  assert re.search(r"601-3: .*v.json: record 2: field 'options': must be list, got str",
+                   _skipped_or_error("videomme", str(tmp_path / "v.json")))
   bad = copy.deepcopy(rows)
   bad[0]["options"][1] = "C. Candles."
   (tmp_path / "v.json").write_text(json.dumps(bad))
-  with pytest.raises(AnnotationError, match=r"record 0: field 'options': option 1 'C. Candles.' does not start"):
-    read_benchmark("videomme", str(tmp_path / "v.json"), ROOT)
+  assert re.search(r"001-1: .*record 0: field 'options': option 1 'C. Candles.' does not start",
+                   _skipped_or_error("videomme", str(tmp_path / "v.json")))
   bad = copy.deepcopy(rows)
   bad[2]["question_id"] = "001-1"
   (tmp_path / "v.json").write_text(json.dumps(bad))
-  with pytest.raises(AnnotationError, match=r"task ids repeat: \['001-1'\]"):
-    read_benchmark("videomme", str(tmp_path / "v.json"), ROOT)
+  bench = load_benchmark("videomme", str(tmp_path / "v.json"), ROOT)
+  assert [t.id for t in bench.tasks] == ["001-1", "001-2"] and bench.tasks[0].answer == "C"  # the first is kept
+  assert [d.id for d in bench.skipped] == ["001-1"] and "is an earlier record's too" in bench.skipped[0].reason
   (tmp_path / "e.json").write_text("[]")
   with pytest.raises(AnnotationError, match=r"e.json: holds no records"):
     read_benchmark("lvb", str(tmp_path / "e.json"), ROOT)
   (tmp_path / "o.json").write_text('{"problem": "x"}')
   with pytest.raises(AnnotationError, match=r"o.json: must hold a list of records, got dict"):
     read_benchmark("original", str(tmp_path / "o.json"), ROOT)
+  (tmp_path / "n.json").write_text("{not json")
+  with pytest.raises(AnnotationError, match=r"n.json: is not valid JSON"):
+    read_benchmark("mlvu", str(tmp_path / "n.json"), ROOT)
   with pytest.raises(FileNotFoundError, match="nope.json"):
     read_benchmark("lvb", str(tmp_path / "nope.json"), ROOT)
   with pytest.raises(ValueError, match=r"unknown benchmark 'mvbench'; known: \['longvideobench', 'lvbench'"):

@@ -8,6 +8,9 @@ evaluates it with and without the zoom tool, and writes a table, training curves
 colour encodes the frame index), with the built-in tiny random model unless `--checkpoint` names an
 HF directory, and prints what went in, what came out and how long it took.
 
+`eval --check` reads a benchmark's annotation files and checks that every task's video is there, without
+loading a model (docs/eval.md).
+
 `infer --video V --question Q` runs the zoom agent on one video: it prints every turn, every zoom (segment,
 fps, frames returned) and the answer, and writes the trajectory to `out/infer.json`. Without `--checkpoint`
 it uses the built-in tiny random model and tokenizer, whose turns are noise: it shows the machinery, not an
@@ -168,9 +171,15 @@ def train(args) -> dict:
                    "expected 'sft' or 'grpo')")
 
 
-def evaluate(args):
-  from zoomer_jax.eval.harness import main as eval_main  # noqa: PLC0415
-  return eval_main(_job_config(args))
+def evaluate(args) -> int:
+  from zoomer_jax.eval import harness  # noqa: PLC0415
+  if args.allow_missing_videos:
+    args.overrides = list(args.overrides) + ["--config.benchmark.allow_missing_videos=True"]
+  cfg = _job_config(args)
+  if args.check:
+    return harness.check(cfg)
+  harness.main(cfg)
+  return 0
 
 
 def demo(args) -> dict:
@@ -195,7 +204,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m zoomer_jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   _add_job_parser(sub, "train", "SFT or GRPO training (the config's `job` field)", "sft_tiny")
-  _add_job_parser(sub, "eval", "evaluate the agent on a benchmark, with and without the tool", "eval_tiny")
+  ev = _add_job_parser(sub, "eval", "evaluate the agent on a benchmark, with and without the tool", "eval_tiny")
+  ev.add_argument("--check", action="store_true", help="read the benchmark and check that every task's video "
+                  "exists, without loading a model: prints the tasks, the dirty records and the missing videos; "
+                  "exit status 1 when a video is missing")
+  ev.add_argument("--allow-missing-videos", action="store_true", help="run without the tasks whose video is "
+                  "missing (they are listed in the report); same as --config.benchmark.allow_missing_videos=True")
   _add_job_parser(sub, "demo", "the main job: synthetic task, SFT -> GRPO of the tiny model on CPU, evaluation "
                   "with and without the tool, table and pictures under out/demo", "demo")
   cp = _add_job_parser(sub, "compile", "compile every program of a job config for a TPU topology (no TPU needed: "
@@ -237,7 +251,7 @@ def main(argv=None) -> int:
     if args.command == "train":
       train(args)
     elif args.command == "eval":
-      evaluate(args)
+      return evaluate(args)
     elif args.command == "demo":
       demo(args)
     elif args.command == "compile":

@@ -147,6 +147,11 @@ class Report:
   wall_s: float = 0.0
   out_jsonl: str | None = None
   records: list = dataclasses.field(default_factory=list, repr=False)  # the JSONL lines (not in to_dict)
+  # What the benchmark's files held besides these tasks (set by `main`): [{id, reason, action}] of dirty
+  # records ("resolved": kept, scored as the benchmark's scorer does; "skipped": left out), and [{video, ids}]
+  # of the tasks left out because their video is missing (`benchmark.allow_missing_videos`).
+  dirty: list = dataclasses.field(default_factory=list)
+  missing_videos: list = dataclasses.field(default_factory=list)
 
   @classmethod
   def from_records(cls, records: Sequence[dict], mode: str, tool: ToolConfig, **extra) -> Report:
@@ -194,6 +199,13 @@ class Report:
     lines.append("finish: " + ", ".join(f"{k} {v}" for k, v in sorted(self.finish_reasons.items())))
     for e in self.errors:
       lines.append(f"error {e['id']}: {e['video']}: {e['error']}")
+    if self.dirty or self.missing_videos:
+      resolved = sum(d["action"] == "resolved" for d in self.dirty)
+      left_out = sum(len(m["ids"]) for m in self.missing_videos)
+      lines.append(f"annotations: {resolved} dirty records resolved, {len(self.dirty) - resolved} skipped; "
+                   f"{left_out} tasks left out for {len(self.missing_videos)} missing videos")
+      lines += [f"{d['action']} {d['id']}: {d['reason']}" for d in self.dirty]
+      lines += [f"missing video {m['video']} (tasks {', '.join(m['ids'])})" for m in self.missing_videos]
     return "\n".join(lines)
 
 
@@ -312,10 +324,11 @@ def agent_config(cfg) -> AgentConfig:
                      sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), **rollout_kw)
 
 
-def benchmark_tasks(cfg, tool: ToolConfig) -> list[Task]:
-  """`cfg.benchmark`'s tasks. The name "synthetic" first generates `synthetic_n` videos of the built-in
-  synthetic zoom task (`data.synthetic`) under `video_root` (kept if already there) and reads their records."""
-  from zoomer_jax.eval.readers import read_benchmark  # noqa: PLC0415
+def benchmark_tasks(cfg, tool: ToolConfig):
+  """`cfg.benchmark` read as a `readers.Benchmark` (its first `limit` tasks when limit > 0). The name
+  "synthetic" first generates `synthetic_n` videos of the built-in synthetic zoom task (`data.synthetic`) under
+  `video_root` (kept if already there) and reads their records."""
+  from zoomer_jax.eval.readers import load_benchmark  # noqa: PLC0415
   b = cfg.benchmark
   name, annotation = b.name, b.annotation
   if name == "synthetic":
@@ -323,15 +336,39 @@ def benchmark_tasks(cfg, tool: ToolConfig) -> list[Task]:
     annotation = synthetic.generate(b.video_root, seed=cfg.seed, n_train=0, n_val=0, n_test=b.synthetic_n,
                                     tool_cfg=tool)["test"]
     name = "original"
-  tasks = read_benchmark(name, annotation, b.video_root, by_group=b.by_group, **b.options.to_dict())
-  return tasks[:b.limit] if b.limit else tasks
+  bench = load_benchmark(name, annotation, b.video_root, by_group=b.by_group, **b.options.to_dict())
+  if b.limit:
+    bench.tasks = bench.tasks[:b.limit]
+  return bench
+
+
+def check(cfg) -> int:
+  """`python -m zoomer_jax eval --check`: reads the benchmark, prints `preflight.summary` (tasks, dirty records,
+  missing videos) without loading a model; returns 1 when a video is missing, else 0."""
+  from zoomer_jax.eval import preflight  # noqa: PLC0415
+  bench = benchmark_tasks(cfg, agent_config(cfg).tool)
+  print(preflight.summary(bench))
+  return 1 if bench.missing_videos() else 0
 
 
 def main(cfg) -> Report:
   """Runs the job of an eval config (`configs/eval_7b.py`, `configs/eval_tiny.py`): prints the table and writes
-  `out_dir/{benchmark}_{mode}.jsonl`, `.json` (the report) and `.txt` (the table); returns the Report."""
+  `out_dir/{benchmark}_{mode}.jsonl`, `.json` (the report) and `.txt` (the table); returns the Report.
+
+  Before the model is loaded, every task's video must exist (FileNotFoundError listing the missing ones), unless
+  `benchmark.allow_missing_videos`: then their tasks are left out and listed in the report."""
+  from zoomer_jax.eval import preflight  # noqa: PLC0415
   agent = agent_config(cfg)
-  tasks = benchmark_tasks(cfg, agent.tool)
+  bench = benchmark_tasks(cfg, agent.tool)
+  missing = bench.missing_videos()
+  if missing and not cfg.benchmark.allow_missing_videos:
+    raise FileNotFoundError(f"{len(missing)} videos are missing (nothing was run; --allow-missing-videos leaves "
+                            f"their tasks out):\n{preflight.summary(bench, max_listed=20)}")
+  tasks = [t for t in bench.tasks if t.video not in missing]
+  if not tasks:
+    raise FileNotFoundError(f"no task of {bench.annotation} has its video under {bench.video_root!r}")
+  if bench.dirty or missing:
+    print(preflight.summary(bench, max_listed=20))
   model, tok, mesh = _model_and_tokenizer(cfg)
   mode = "tool" if cfg.use_tool else "no_tool"
   stem = os.path.join(cfg.out_dir, f"{cfg.benchmark.name}_{mode}")
@@ -342,6 +379,8 @@ def main(cfg) -> Report:
   else:
     with jax.set_mesh(mesh):
       report = evaluate(model, tok, tasks, agent, **kwargs)
+  report.dirty = [dataclasses.asdict(d) for d in bench.dirty]
+  report.missing_videos = preflight.missing_records(bench)
   table = report.to_table()
   with open(stem + ".json", "w", encoding="utf-8") as f:
     json.dump(dict(report.to_dict(), checkpoint=cfg.checkpoint or "random weights",
