@@ -10,8 +10,8 @@ from zoomer_jax.video.meta import VideoError, VideoMeta
 from zoomer_jax.video.preprocess import (budget_size, model_size, patchify, patchify_images, preprocess_frames,
                                          preprocess_video, resize_frame, smart_resize)
 from zoomer_jax.video.reader import VideoReader, read_meta
-from zoomer_jax.video.sampling import plan_runs, sample_overview, sample_zoom, zoom_frame_count
+from zoomer_jax.video.sampling import frame_times, plan_runs, sample_overview, sample_zoom, zoom_frame_count
 
 __all__ = ["VideoError", "VideoMeta", "VideoReader", "budget_size", "model_size", "patchify", "patchify_images",
-           "plan_runs", "preprocess_frames", "preprocess_video", "read_meta", "resize_frame", "sample_overview",
+           "frame_times", "plan_runs", "preprocess_frames", "preprocess_video", "read_meta", "resize_frame", "sample_overview",
            "sample_zoom", "smart_resize", "zoom_frame_count"]
