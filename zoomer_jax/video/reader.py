@@ -6,7 +6,7 @@ trajectory: each new reader indexes the file again. Frame i is the i-th frame in
 come out upright (display rotation applied, as decord and players show portrait phone videos).
 
   backend="auto" (default): PyAV decoding (faster for the overview and zoom clips, bench/bench_video.py); a
-                 decode that fails is retried with OpenCV, and the error names both.
+                 read that fails is retried with OpenCV, and the error names both.
   backend="av":  PyAV only (pyav_source.py); backend="cv2": OpenCV decoding (opencv_source.py), each frame
                  identified by its timestamp against the same index. Both return identical pixels (same
                  FFmpeg conversion to RGB).
@@ -58,6 +58,7 @@ class VideoReader:
     self._backend = backend
     self._sources = [self._source("cv2" if backend == "cv2" else "av")]
     self._lock = threading.Lock()
+    self._last = self._sources[0].name
 
   def _source(self, name: str):
     cls = Cv2Source if name == "cv2" else AvSource
@@ -65,8 +66,8 @@ class VideoReader:
 
   @property
   def backend(self) -> str:
-    """The decoder in use: "av" or "cv2"."""
-    return self._sources[-1].name
+    """The decoder of the last read: "av" or "cv2" (auto: "cv2" after a read PyAV could not do)."""
+    return self._last
 
   def frames(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """uint8 RGB frames [len(indices), H, W, 3], upright, in the order given (repeats allowed)."""
@@ -78,13 +79,16 @@ class VideoReader:
       raise IndexError(f"video {self.meta.path}: frame indices must lie in [0, {n}), got {idx.min()}..{idx.max()}")
     wanted = np.unique(idx)
     try:
-      out = self._read(self._sources[-1], wanted)
+      out = self._read(self._sources[0], wanted)
+      self._last = self._sources[0].name
     except VideoError as first:
-      if self._backend != "auto" or self._sources[-1].name == "cv2":
+      if self._backend != "auto":
         raise
-      try:  # PyAV failed on this file: OpenCV decodes it from now on
-        self._sources.append(self._source("cv2"))
-        out = self._read(self._sources[-1], wanted)
+      try:  # PyAV failed on these frames: OpenCV tries them (the next read starts with PyAV again)
+        if len(self._sources) == 1:
+          self._sources.append(self._source("cv2"))
+        out = self._read(self._sources[1], wanted)
+        self._last = "cv2"
       except VideoError as second:
         raise VideoError(f"{first}; OpenCV also failed: {second}") from None
     k = self.meta.rotation // 90
