@@ -3,7 +3,7 @@
 Frame i is the i-th frame of the time index (timeline.py): frames are matched by pts, so a frame's index is its
 place in presentation order whatever the container (edit lists, MPEG-TS, variable frame rate).
 
-Decoding: per packet, skip_frame is NONREF unless the packet is a wanted frame, so the decoder drops
+Decoding: per packet, skip_frame is NONREF unless the packet is a wanted frame (FFmpeg's own decoders), so it drops
 non-reference frames no one asked for (references are always decoded: every returned frame is exact); once
 every wanted packet is in, the decoder is drained instead of decoding further. A wanted frame that does not
 come out (open GOP, or a seek that lands on a later keyframe, as MPEG-TS seeks do) is retried from an earlier
@@ -52,6 +52,9 @@ class AvSource:
   group_threads = "SLICE"  # decoder threading inside each worker of a split read
   seek_cost = 4  # frames of decoding a seek is worth, reading in one thread
   min_split = 32  # frames of decoding below which a read is not split over workers
+  # FFmpeg's own decoders apply skip_frame to the packet it is set for; wrappers of outside libraries (libdav1d
+  # for AV1) apply it frames later, dropping wanted frames, so those decode every frame.
+  skip_codecs = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9", "mjpeg"})
 
   def __init__(self, path: str, workers: int, timeline: Timeline):
     self.path, self.workers, self.timeline = path, workers, timeline
@@ -129,7 +132,7 @@ class AvSource:
       container.seek(timeline.pts_of(seek), stream=stream, backward=True)
     frame_of = timeline.frame_of
     pending, unsent = set(run.tolist()), set(run.tolist())
-    skip = None
+    skipping, skip = cc.name in self.skip_codecs, None
     lost = False  # a wanted frame was passed over (not decodable from this keyframe)
 
     def take(frames) -> bool:
@@ -153,7 +156,7 @@ class AvSource:
           break
         continue
       i = frame_of(packet.pts)
-      mode = "DEFAULT" if i in unsent else "NONREF"
+      mode = "DEFAULT" if i in unsent or not skipping else "NONREF"
       if mode != skip:
         cc.skip_frame = skip = mode
       unsent.discard(i)
