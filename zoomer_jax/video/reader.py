@@ -1,9 +1,10 @@
 """VideoReader: a video's time index and its frames by index, upright, with PyAV or OpenCV decoding.
 
-Opening a reader builds the file's time index once (timeline.py, PyAV: every frame's true presentation time,
-without decoding); `meta.times` holds it, and the sampling functions choose frames by it. Keep one reader per
-trajectory: each new reader indexes the file again. Frame i is the i-th frame in presentation order; frames
-come out upright (display rotation applied, as decord and players show portrait phone videos).
+Opening a reader builds the file's time index once (timeline.py, docs/video.md; PyAV: every frame's true
+presentation time, without decoding); `meta.times` holds it, and the sampling functions choose frames by it.
+Keep one reader per trajectory: each new reader indexes the file again. Frame i is the i-th frame in
+presentation order; frames come out upright (display rotation applied, as decord and players show portrait
+phone videos).
 
   backend="auto" (default): PyAV decoding (faster for the overview and zoom clips, bench/bench_video.py); a
                  read that fails is retried with OpenCV, and the error names both.

@@ -2,7 +2,7 @@
 
 Times come from `meta.times` (every frame's true presentation time, video/timeline.py), or index / fps for
 metadata without them (synthetic videos). "The frame on screen at t" is the last frame whose time is <= t.
-VideoZoomer's rules (docs/protocol.md), read as times instead of indices / fps:
+VideoZoomer's rules (docs/protocol.md), read as times instead of indices / fps (docs/video.md):
   overview: a frame every max(1, round(native_fps / 0.5)) / native_fps seconds from the first frame; when that
             is over 64 frames, 64 times spread evenly from the first frame's time to the last's; the frame on
             screen at each. On a constant-rate file that starts at 0 these are the original's indices exactly.
