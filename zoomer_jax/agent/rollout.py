@@ -188,6 +188,14 @@ class Videos:
         reader.close()
 
 
+def _overview(task: Task, videos: Videos):
+  return videos.overview(task)
+
+
+def _clip(task: Task, call: P.ZoomCall, videos: Videos):
+  return videos.clip(task, call)
+
+
 def for_model(message: str, path: str) -> str:
   """An error message as the model may see it: the file's path is the host's business."""
   return message.replace(f"video {path}", "the video").replace(path, "the video")
@@ -243,7 +251,7 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
 
 
 def _start(tasks, cfg, tok, system, videos, mine) -> list[_Row]:
-  futures = {i: videos.pool.submit(videos.overview, tasks[i]) for i in sorted(mine)}
+  futures = {i: videos.pool.submit(_overview, tasks[i], videos) for i in sorted(mine)}
   overviews = {i: _outcome(f, (VideoError, OSError), lambda v: (v[0].duration, *v[1:])) for i, f in futures.items()}
   overviews = _shared(overviews, "reading the overview", tasks)
   rows = []
@@ -377,7 +385,7 @@ def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok,
     event("tool_error", i, out)
     r.pending = ("error", out.observation)
   else:
-    r.pending = ("call", out, None if videos is None else videos.pool.submit(videos.clip, r.task, out))
+    r.pending = ("call", out, None if videos is None else videos.pool.submit(_clip, r.task, out, videos))
 
 
 def _observe(rows, tok, event):
