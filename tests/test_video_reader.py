@@ -13,11 +13,8 @@ import pytest
 
 import media
 from zoomer_jax.video import VideoError, VideoReader, read_meta, sample_overview, sample_zoom
-from zoomer_jax.video import reader as reader_module
-
-import av
-from zoomer_jax.video.pyav_source import AvSource  # noqa: E402
-from zoomer_jax.video.timeline import OffGrid, Timeline  # noqa: E402
+from zoomer_jax.video.pyav_source import AvSource
+from zoomer_jax.video.timeline import OffGrid, Timeline
 
 FPS = 30000 / 1001
 SIZE = (96, 160)
