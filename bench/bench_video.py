@@ -1,22 +1,30 @@
 """Frame reading: zoomer_jax.video.VideoReader vs seek-per-frame OpenCV and a plain PyAV reader.
 
-Tasks, on a 10-minute 640x360 30 fps video written at bench time (frame index drawn in the pixels) both as
-MPEG-4 part 2 (OpenCV's mp4v writer, GOP 12) and as H.264 (libx264 veryfast, GOP 250, 3 B-frames):
-  clip:     a 16-frame zoom clip, sample_zoom(meta, s, s + 4, fps=4), s rotating over starts off any keyframe;
-  overview: the 64-frame overview, sample_overview(meta).
+Files written at bench time (frame index drawn in the pixels):
+  mp4v    10 min, 640x360, 30 fps, MPEG-4 part 2 (OpenCV's mp4v writer, GOP 12);
+  h264    10 min, 640x360, 30 fps, H.264 (libx264 veryfast, GOP 250, 3 B-frames);
+  vfr     about 10 min, 640x360, H.264 at a variable frame rate (each frame lasts 1-3 periods of 1/30 s);
+  hour    one hour, 160x96, 15 fps, H.264 in mkv (no sample index: the time index is a demux of every packet).
+Tasks:
+  clip:       a 16-frame zoom clip, sample_zoom(meta, s, s + 4, fps=4), s rotating over starts off any keyframe;
+  overview:   the 64-frame overview, sample_overview(meta);
+  trajectory: what one agent trajectory reads: the overview, then 4 zoom clips, from the path.
 Methods, timed interleaved in one process (median of --repeats), each from a path (opening included):
-  seek_per_frame  OpenCV, CAP_PROP_POS_FRAMES then read() per frame;
-  pyav            PyAV, threads "AUTO": seek to the keyframe before the clip and decode forward (clip), or the
-                  same per frame (overview);
-  ours            VideoReader(path).frames(idx) (backend "auto");
+  seek_per_frame  OpenCV, CAP_PROP_POS_FRAMES then read() per frame (constant-rate files only: on VFR its
+                  frame numbers are not the frames);
+  pyav            PyAV, threads "AUTO", no index: seek to each target time (backward, to the keyframe before)
+                  and decode forward to it, per clip (clip, trajectory's zooms) or per frame (overview);
+  ours            VideoReader(path).frames(idx) (backend "auto"): the time index is built in the timing;
   ours_warm       one VideoReader per file, reused (how the agent calls it: one overview, several zooms);
   ours_cv2        VideoReader(path, backend="cv2").frames(idx).
-Every method's frames are checked against the index in their pixels on the first two repeats. Prints a table of
-medians and ratios (baseline time / ours time; > 1 means ours is faster), then one `BENCH_JSON {...}` line.
+The targets are the frames sample_overview/sample_zoom choose by true time; every method's frames are checked
+against the index in their pixels on the first two repeats. Prints a table of medians and ratios (baseline time
+/ ours time; > 1 means ours is faster), then one `BENCH_JSON {...}` line.
 
   PYTHONPATH=. python bench/bench_video.py                # videos written to a temp dir in /tmp, deleted after
   PYTHONPATH=. python bench/bench_video.py --keep         # ... kept (the path is printed)
   PYTHONPATH=. python bench/bench_video.py --dir /tmp/vz  # videos reused from / written to /tmp/vz, kept
+  PYTHONPATH=. python bench/bench_video.py --files vfr,hour --tasks trajectory
 """
 
 from __future__ import annotations
@@ -43,10 +51,17 @@ import cv2  # noqa: E402
 import media  # noqa: E402
 from zoomer_jax.video import VideoReader, sample_overview, sample_zoom  # noqa: E402
 
-SIZE, FPS, SECONDS = (360, 640), 30, 600
-FILES = {"mp4v": dict(codec="mp4v"), "h264": dict(codec="h264", gop=250)}
-CLIP_STARTS = (101.3, 227.7, 333.1, 412.5, 515.9)  # seconds; none starts on a keyframe of either file
-assert all(int(s * FPS) % 12 and int(s * FPS) % 250 for s in CLIP_STARTS)  # mp4v GOP 12, h264 GOP 250
+FILES = {  # name -> (file name, writer arguments)
+    "mp4v": ("bench_mp4v_640x360_30fps_600s.mp4", dict(n_frames=18000, fps=30, size=(360, 640), codec="mp4v")),
+    "h264": ("bench_h264_640x360_30fps_600s.mp4", dict(n_frames=18000, fps=30, size=(360, 640), codec="h264",
+                                                      gop=250)),
+    "vfr": ("bench_vfr_640x360_9000f.mp4", dict(n_frames=9000, fps=30, size=(360, 640), codec="h264", gop=250,
+                                                vfr=True)),
+    "hour": ("bench_h264_160x96_15fps_3600s.mkv", dict(n_frames=54000, fps=15, size=(96, 160), codec="h264",
+                                                       gop=250)),
+}
+CLIP_STARTS = (0.169, 0.3795, 0.5552, 0.6875, 0.8598)  # fractions of the duration; off the keyframes
+ZOOMS = 4  # clips per trajectory
 
 
 def seek_per_frame(path: str, idx: np.ndarray) -> list[np.ndarray]:
@@ -62,35 +77,42 @@ def seek_per_frame(path: str, idx: np.ndarray) -> list[np.ndarray]:
   return out
 
 
-def pyav(path: str, idx: np.ndarray, contiguous: bool) -> list[np.ndarray]:
-  """Seek to the keyframe before the target (pts-based, backward) and decode forward to it."""
+def pyav(path: str, times: np.ndarray, contiguous: bool) -> list[np.ndarray]:
+  """Plain PyAV without an index: seek to each run's first target time (backward, to the keyframe before) and
+  decode forward, keeping the frame on screen at each target time (times from the container's start)."""
   with av.open(path) as container:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    start = stream.start_time or 0
-    scale = float(stream.time_base * stream.average_rate)
-    got: dict[int, np.ndarray] = {}
-    runs = [idx] if contiguous else [idx[k:k + 1] for k in range(len(idx))]
+    tb = float(stream.time_base)
+    origin = (container.start_time or 0) / 1e6
+    got: list[np.ndarray] = []
+    runs = [times] if contiguous else [times[k:k + 1] for k in range(len(times))]
     for run in runs:
-      want = set(run.tolist())
-      container.seek(start + round(int(run[0]) / scale), stream=stream, backward=True)
+      container.seek(int((run[0] + origin) / tb), stream=stream, backward=True)
+      k, prev = 0, None
       for frame in container.decode(stream):
-        j = round((frame.pts - start) * scale)
-        if j in want and j not in got:
-          got[j] = frame.to_ndarray(format="rgb24")
-        if j >= run[-1]:
+        t = frame.pts * tb - origin
+        while k < len(run) and t > run[k] + 1e-4:  # `prev` was on screen at run[k]
+          got.append(prev.to_ndarray(format="rgb24"))
+          k += 1
+        if k == len(run):
           break
-  return [got[int(i)] for i in idx]
+        prev = frame
+      got += [prev.to_ndarray(format="rgb24") for _ in range(len(run) - k)]  # the end of the file
+  return got
 
 
-def make_videos(directory: str) -> dict[str, str]:
+def make_videos(directory: str, names: list[str]) -> dict[str, str]:
   paths = {}
-  for name, kw in FILES.items():
-    path = os.path.join(directory, f"bench_{name}_{SIZE[1]}x{SIZE[0]}_{FPS}fps_{SECONDS}s.mp4")
+  for name in names:
+    file, kw = FILES[name]
+    path = os.path.join(directory, file)
     if not os.path.exists(path):
       t0 = time.perf_counter()
-      media.write_video(path + ".tmp.mp4", SECONDS * FPS, FPS, SIZE, **kw)
-      os.replace(path + ".tmp.mp4", path)
+      tmp = path + ".tmp" + os.path.splitext(path)[1]
+      kw = dict(kw)
+      media.write_video(tmp, kw.pop("n_frames"), kw.pop("fps"), kw.pop("size"), **kw)
+      os.replace(tmp, path)
       print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
     paths[name] = path
   return paths
@@ -103,12 +125,41 @@ def check(frames, idx, label: str) -> None:
     raise AssertionError(f"{label}: wrong frames (wanted, got) {bad[:5]}")
 
 
+def _targets(task: str, meta, rep: int) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+  """[(frame indices, true times, contiguous)] that the task reads, in order."""
+  clip = lambda k: sample_zoom(meta, CLIP_STARTS[k % 5] * meta.duration, CLIP_STARTS[k % 5] * meta.duration + 4, 4)
+  if task == "clip":
+    return [(*clip(rep), True)]
+  overview = (*sample_overview(meta), False)
+  if task == "overview":
+    return [overview]
+  return [overview] + [(*clip(rep + k), True) for k in range(ZOOMS)]
+
+
+def _methods(name: str, warm) -> dict:
+  def ours(p, parts, backend="auto"):
+    reader = VideoReader(p, backend)  # the time index is built here, inside the timing
+    return [reader.frames(i) for i, _, _ in parts]
+
+  methods = {
+      "seek_per_frame": lambda p, parts: [seek_per_frame(p, i) for i, _, _ in parts],
+      "pyav": lambda p, parts: [pyav(p, t, c) for _, t, c in parts],
+      "ours": ours,
+      "ours_warm": lambda p, parts: [warm.frames(i) for i, _, _ in parts],
+      "ours_cv2": lambda p, parts: ours(p, parts, "cv2"),
+  }
+  if name in ("vfr",):
+    del methods["seek_per_frame"]
+  return methods
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--dir", help="where the videos live (reused if present); default: a temp dir")
   ap.add_argument("--keep", action="store_true", help="keep the videos (default: delete a temp dir)")
-  ap.add_argument("--repeats", type=int, default=15, help="repeats of the clip task (overview: a third)")
-  ap.add_argument("--tasks", default="clip,overview")
+  ap.add_argument("--repeats", type=int, default=15, help="repeats of the clip task (overview, trajectory: a third)")
+  ap.add_argument("--tasks", default="clip,overview,trajectory")
+  ap.add_argument("--files", default=",".join(FILES))
   args = ap.parse_args()
 
   directory = args.dir or tempfile.mkdtemp(prefix="bench_video_", dir="/tmp")
@@ -116,38 +167,35 @@ def main() -> None:
   load_before = os.getloadavg()
   results = {}
   try:
-    paths = make_videos(directory)
+    paths = make_videos(directory, args.files.split(","))
+    for name, path in paths.items():
+      t0 = time.perf_counter()
+      VideoReader(path).close()
+      print(f"{name}: time index in {1e3 * (time.perf_counter() - t0):.0f} ms", flush=True)
     warm = {name: VideoReader(path) for name, path in paths.items()}
     for task in args.tasks.split(","):
       repeats = args.repeats if task == "clip" else max(3, args.repeats // 3)
       for name, path in paths.items():
         meta = warm[name].meta
-        methods = {
-            "seek_per_frame": lambda p, i: seek_per_frame(p, i),
-            "pyav": lambda p, i: pyav(p, i, contiguous=task == "clip"),
-            "ours": lambda p, i: VideoReader(p).frames(i),
-            "ours_warm": lambda p, i, r=warm[name]: r.frames(i),
-            "ours_cv2": lambda p, i: VideoReader(p, backend="cv2").frames(i),
-        }
+        methods = _methods(name, warm[name])
         times = {m: [] for m in methods}
         for rep in range(repeats):
-          if task == "clip":
-            s = CLIP_STARTS[rep % len(CLIP_STARTS)]
-            idx, _ = sample_zoom(meta, s, s + 4, 4)
-          else:
-            idx, _ = sample_overview(meta)
+          parts = _targets(task, meta, rep)
           order = list(methods) if rep % 2 == 0 else list(methods)[::-1]  # interleaved, alternating order
           for m in order:
             t0 = time.perf_counter()
-            frames = methods[m](path, idx)
+            frames = methods[m](path, parts)
             times[m].append(time.perf_counter() - t0)
             if rep < 2:
-              check(frames, idx, f"{task}/{name}/{m}")
+              for (idx, _, _), f in zip(parts, frames):
+                check(f, idx, f"{task}/{name}/{m}")
         med = {m: statistics.median(t) for m, t in times.items()}
+        base = [b for b in ("seek_per_frame", "pyav", "ours_cv2") if b in med]
         results[f"{task}/{name}"] = dict(
-            frames=len(idx), repeats=repeats, median_ms={m: round(v * 1e3, 1) for m, v in med.items()},
-            ratio_vs_ours={b: round(med[b] / med["ours"], 2) for b in ("seek_per_frame", "pyav", "ours_cv2")},
-            ratio_vs_ours_warm={b: round(med[b] / med["ours_warm"], 2) for b in ("seek_per_frame", "pyav")},
+            frames=sum(len(p[0]) for p in parts), repeats=repeats,
+            median_ms={m: round(v * 1e3, 1) for m, v in med.items()},
+            ratio_vs_ours={b: round(med[b] / med["ours"], 2) for b in base},
+            ratio_vs_ours_warm={b: round(med[b] / med["ours_warm"], 2) for b in base if b != "ours_cv2"},
             backend=warm[name].backend)
         print(f"{task}/{name} done", flush=True)
   finally:
@@ -158,16 +206,15 @@ def main() -> None:
   load_after = os.getloadavg()
 
   cols = ("seek_per_frame", "pyav", "ours", "ours_warm", "ours_cv2")
-  print(f"\n{'task/file':16s} " + " ".join(f"{c + ' ms':>17s}" for c in cols)
-        + f" {'seek/ours':>10s} {'pyav/ours':>10s} {'pyav/warm':>10s}")
+  print(f"\n{'task/file':20s} " + " ".join(f"{c + ' ms':>17s}" for c in cols)
+        + f" {'pyav/ours':>10s} {'pyav/warm':>10s}")
   for key, r in results.items():
     ms = r["median_ms"]
-    print(f"{key:16s} " + " ".join(f"{ms[c]:17.1f}" for c in cols)
-          + f" {r['ratio_vs_ours']['seek_per_frame']:10.2f} {r['ratio_vs_ours']['pyav']:10.2f}"
-          + f" {r['ratio_vs_ours_warm']['pyav']:10.2f}")
+    print(f"{key:20s} " + " ".join(f"{ms[c]:17.1f}" if c in ms else f"{'-':>17s}" for c in cols)
+          + f" {r['ratio_vs_ours']['pyav']:10.2f} {r['ratio_vs_ours_warm']['pyav']:10.2f}")
   print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
   print("BENCH_JSON " + json.dumps(dict(
-      bench="video", video=dict(size=list(SIZE), fps=FPS, seconds=SECONDS, files=list(FILES)), results=results,
+      bench="video", files={n: FILES[n][0] for n in args.files.split(",")}, results=results,
       load_before=round(load_before[0], 2), load_after=round(load_after[0], 2), cpus=os.cpu_count(),
       opencv=cv2.__version__, pyav=av.__version__, python=platform.python_version())))
 

@@ -6,6 +6,9 @@ encoder does real motion-compensated work (P/B frames that depend on their refer
 
   write_video(path, n_frames, fps, (h, w), codec="mp4v")         # OpenCV VideoWriter
   write_video(path, n_frames, fps, (h, w), codec="h264", gop=250) # PyAV/libx264, B-frames, long GOP
+  write_rotated(path, n_frames, fps, (h, w), rotation)           # stored turned, display matrix to turn back
+  ffmpeg("-i", src, ..., dst)                                     # imageio-ffmpeg's static binary
+  true_frames(path) -> {index: seconds}                           # decoded start to finish with PyAV
   frame_index(rgb_frame) -> int
 """
 
@@ -133,3 +136,46 @@ def write_torn_mjpeg(path: str, frames: range) -> str:
   with open(path, "wb") as f:
     f.write(data)
   return path
+
+
+def write_rotated(path: str, n_frames: int, fps: float, size: tuple[int, int], rotation: int) -> str:
+  """Index frames that are upright at `size` (h, w) when shown: stored turned by -`rotation` degrees, with a
+  display matrix of `rotation` (as phones write portrait video)."""
+  import av
+  h, w = size
+  with av.open(path, "w") as container:
+    stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+    turned = rotation % 180 == 90
+    stream.width, stream.height, stream.pix_fmt = (h, w, "yuv420p") if turned else (w, h, "yuv420p")
+    stream.set_display_rotation(rotation)
+    for i in range(n_frames):
+      stored = np.ascontiguousarray(np.rot90(draw_frame(i, h, w), -(rotation // 90)))
+      for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  return path
+
+
+def ffmpeg(*args: str) -> None:
+  """Runs imageio-ffmpeg's static ffmpeg (every encoder the tests need), quietly; raises with its stderr."""
+  import subprocess
+
+  import imageio_ffmpeg
+  cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-nostdin", "-y", *args]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr[-2000:]}")
+
+
+def true_frames(path: str) -> dict[int, float]:
+  """Every frame's drawn index -> its presentation time in seconds from the container's start (the clock a
+  player shows), decoded start to finish with PyAV (no seeking), display rotation applied."""
+  import av
+  with av.open(path) as container:
+    start = (container.start_time or 0) / 1e6
+    out = {}
+    for frame in container.decode(video=0):
+      rgb = np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation or 0) // 90)
+      out[frame_index(rgb)] = round(float(frame.time) - start, 6) + 0.0  # no -0.0 from float rounding
+  return out

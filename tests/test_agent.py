@@ -155,3 +155,30 @@ def test_no_recompilation_across_turns_after_warm_up(model, video):
     grown = {k: sampler.TRACES[k] - before[k] for k in before}
   assert sampler.TRACES["step"] > 0 and sampler.TRACES["decode"] > 0  # the counters do count
   assert grown == {"step": 0, "decode": 0}, grown  # the second rollout compiled nothing
+
+
+def test_each_video_is_indexed_once_and_errors_hide_its_path(model, video, tmp_path, monkeypatch):
+  """Overview and every zoom of a rollout share one reader per file (one time-index scan each, however many
+  rows and calls); a clip that cannot be decoded is an error observation that does not show the file's path."""
+  from zoomer_jax.video import reader as reader_module
+  scans = []
+  real = reader_module.read_timeline
+  monkeypatch.setattr(reader_module, "read_timeline", lambda path: scans.append(path) or real(path))
+  torn = media.write_torn_mjpeg(str(tmp_path / "torn_secret_dir_name.avi"), range(25, 35))
+  script = {0: ['<video_zoom>{"segment": [2.5, 3.5], "fps": 4}</video_zoom>',
+                '<video_zoom>{"segment": [5, 7], "fps": 2}</video_zoom>', "<answer>A</answer><|im_end|>"],
+            1: ['<video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>', "<answer>A</answer><|im_end|>"],
+            2: ['<video_zoom>{"segment": [6, 8], "fps": 2}</video_zoom>', "<answer>B</answer><|im_end|>"]}
+  tasks = [Task(torn, "<image>\nQ?", "A", "torn"), Task(video, "<image>\nQ?", "A", "a"),
+           Task(video, "<image>\nQ?", "B", "b")]
+  tok = build_tiny_tokenizer()
+  out = rollout(model, tok, tasks, _config(), jax.random.key(1),
+                script=lambda row, rnd: script[row][rnd] if rnd < len(script[row]) else None)
+  assert sorted(scans) == sorted([torn, video])
+  assert [t.finish_reason for t in out] == ["answer"] * 3
+  bad = out[0].calls[0]
+  assert "torn_secret_dir_name.avi" in bad["error"] and "frames" not in bad  # the log keeps the path
+  text = tok.decode(out[0].ids.tolist())
+  assert "Error:" in text and "torn_secret_dir_name" not in text and str(tmp_path) not in text
+  assert out[0].calls[1].get("frames") == 4, out[0].calls[1]
+  assert all(5 <= t <= 7 for t in out[0].calls[1]["timestamps"])

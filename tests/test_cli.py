@@ -46,3 +46,31 @@ def test_infer_unreadable_video_and_bad_checkpoint_are_clear_errors(tmp_path, ca
   video = media.write_video(str(tmp_path / "v.mp4"), 20, 10.0, (64, 80))
   assert main(["infer", "--video", video, "--question", "Q?", "--checkpoint", str(tmp_path / "nope")]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_frames_shows_what_the_agent_sees(tmp_path, capsys):
+  """`frames` prints true times of the overview and a zoom (a VFR file: not index / fps), writes the contact
+  sheet and the npz of frames as decoded, the same the rollout's reader returns."""
+  import numpy as np
+
+  import media
+  from zoomer_jax.video import VideoReader, sample_overview, sample_zoom
+  video = media.write_video(str(tmp_path / "phone.mp4"), 150, 30.0, (64, 80), "h264", gop=30, vfr=True)
+  npz, sheet = tmp_path / "f.npz", tmp_path / "sheet.png"
+  assert main(["frames", video, "--zoom", "3", "4", "8", "--save-npz", str(npz), "--sheet", str(sheet)]) == 0
+  out = capsys.readouterr().out
+  meta = VideoReader(video).meta
+  ov, ov_ts = sample_overview(meta)
+  zi, zts = sample_zoom(meta, 3, 4, 8)
+  assert f"overview ({len(ov)} frames)" in out and "zoom [3, 4] s at 8 fps" in out
+  assert all(f"#{i}@{t:.2f}s" in out for i, t in zip(zi, zts))
+  data = np.load(npz)
+  assert data["frames"].dtype == np.uint8 and data["frames"].shape == (len(ov) + 8, 64, 80, 3)
+  np.testing.assert_allclose(data["timestamps"], np.r_[ov_ts, zts])
+  assert [media.frame_index(f) for f in data["frames"]] == np.r_[ov, zi].tolist()
+  assert np.all((zts >= 3) & (zts <= 4)) and sheet.stat().st_size > 1000
+  # A call the model could not make is refused with the model's error; a missing file is a clear error.
+  assert main(["frames", video, "--zoom", "0", "4", "8", "--sheet", ""]) == 2
+  assert "exceeds the maximum allowed" in capsys.readouterr().err
+  assert main(["frames", str(tmp_path / "nope.mp4")]) == 2
+  assert "nope.mp4" in capsys.readouterr().err

@@ -13,10 +13,8 @@ import pytest
 
 import media
 from zoomer_jax.video import VideoError, VideoReader, read_meta, sample_overview, sample_zoom
-from zoomer_jax.video import reader as reader_module
-
-import av
-from zoomer_jax.video.pyav_source import AvSource, CfrTimeline, OffGrid, TableTimeline  # noqa: E402
+from zoomer_jax.video.pyav_source import AvSource
+from zoomer_jax.video.timeline import OffGrid, Timeline
 
 FPS = 30000 / 1001
 SIZE = (96, 160)
@@ -120,15 +118,20 @@ def test_threads(videos, backend, rng):
   assert not errors
 
 
-def test_auto_backend(videos, monkeypatch):
+def test_auto_backend_falls_back_to_opencv(videos, monkeypatch):
+  """A PyAV decode failure under "auto" is retried with OpenCV; "av" alone reports it."""
   path, _ = videos["h264_gop250"]
   assert VideoReader(path).backend == "av"
-  monkeypatch.setattr(reader_module, "AvSource", None)  # without PyAV, "auto" is OpenCV
+
+  def broken(self, container, wanted, out):
+    raise VideoError(f"video {self.path}: broken decoder")
+
+  monkeypatch.setattr(AvSource, "read", broken)
   reader = VideoReader(path)
-  assert reader.backend == "cv2"
   assert_frames(reader, [5, 300, 699])
-  with pytest.raises(ImportError, match="PyAV"):
-    VideoReader(path, "av")
+  assert reader.backend == "cv2"
+  with pytest.raises(VideoError, match="broken decoder"):
+    VideoReader(path, "av").frames([5])
 
 
 def test_split_read(videos):
@@ -167,22 +170,22 @@ def test_errors(tmp_path):
 
 
 def test_av_retries_from_an_earlier_keyframe(videos, monkeypatch):
-  """A seek that lands past the wanted frames (as with an open GOP) is retried from the keyframe before."""
+  """A seek that lands past the wanted frames (as with an open GOP or MPEG-TS) is retried from the keyframe
+  before, last from the start of the file."""
   path, _ = videos["h264_gop250"]
   reader = VideoReader(path, "av", workers=1)
-  timeline = reader._source.timeline
-  assert isinstance(timeline, CfrTimeline)
-  calls = []
-  real = timeline.pts_of
+  assert reader.timeline.grid
+  seeks = []
+  real = AvSource._decode
 
-  def late_once(frame):
-    calls.append(frame)
-    return real(frame + 250 if len(calls) == 1 else frame)
+  def late_once(self, c, tl, seek, run, out):
+    seeks.append(seek)
+    return set(run.tolist()) if len(seeks) == 1 else real(self, c, tl, seek, run, out)
 
-  monkeypatch.setattr(timeline, "pts_of", late_once)
+  monkeypatch.setattr(AvSource, "_decode", late_once)
   assert_frames(reader, [300, 310])
-  assert calls == [250, 0]
-  monkeypatch.setattr(AvSource, "_decode", lambda self, c, tl, ts, run, out: set(run.tolist()))
+  assert seeks == [250, 0]
+  monkeypatch.setattr(AvSource, "_decode", lambda self, c, tl, seek, run, out: set(run.tolist()))
   with pytest.raises(VideoError, match="h264_gop250.mp4"):
     reader.frames([300])
 
@@ -195,36 +198,25 @@ def test_variable_frame_rate_and_mkv(tmp_path, suffix, rng):
   for path in (cfr, vfr):
     reader = VideoReader(path)
     assert reader.backend == "av" and reader.meta.n_frames == 300
-    assert isinstance(reader._source.timeline, CfrTimeline if path == cfr and suffix == ".mp4" else TableTimeline)
+    assert reader.timeline.grid == (path == cfr and suffix == ".mp4")
     assert_frames(reader, sample_overview(reader.meta, frames_upbound=7)[0])
     assert_frames(reader, rng.integers(0, 300, 20))
     assert_frames(reader, np.arange(300))
-  # OpenCV reads a VFR file exactly front to back, but maps seeks through the average rate (approximate).
-  assert_frames(VideoReader(vfr, "cv2"), np.arange(120))
+    assert_frames(VideoReader(path, "cv2"), rng.integers(0, 300, 20))  # frames named by their timestamps
 
 
 def test_off_grid_pts_switch_to_a_packet_table(videos, monkeypatch):
   """A file that passes the index check but decodes off the grid is re-indexed from its packets."""
   path, _ = videos["h264_gop30"]
   reader = VideoReader(path, "av")
-  monkeypatch.setattr(reader._source.timeline, "frame_of", lambda pts: (_ for _ in ()).throw(OffGrid("test")))
+  source = reader._sources[0]
+  real = Timeline.frame_of
+
+  def off_grid(self, pts):
+    if self.grid:
+      raise OffGrid("test")
+    return real(self, pts)
+
+  monkeypatch.setattr(Timeline, "frame_of", off_grid)
   assert_frames(reader, [3, 200, 399])
-  assert isinstance(reader._source.timeline, TableTimeline)
-
-
-def test_rotation_metadata_is_not_applied(tmp_path):
-  """Frames come as stored, whatever the display rotation (decord does not rotate; OpenCV would by default)."""
-  path = str(tmp_path / "rotated.mp4")
-  with av.open(path, "w") as container:
-    stream = container.add_stream("libx264", rate=30)
-    stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "yuv420p"
-    stream.set_display_rotation(90)
-    for i in range(40):
-      for packet in stream.encode(av.VideoFrame.from_ndarray(media.draw_frame(i, *SIZE), format="rgb24")):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-  for backend in BACKENDS:
-    reader = VideoReader(path, backend)
-    assert (reader.meta.height, reader.meta.width) == SIZE
-    assert_frames(reader, [0, 17, 39])
+  assert not source.timeline.grid and source.timeline.n == 400

@@ -1,4 +1,4 @@
-"""Command line: `python -m zoomer_jax {demo,train,eval,compile,forward,infer} ...`.
+"""Command line: `python -m zoomer_jax {demo,train,eval,compile,forward,infer,frames} ...`.
 
 `demo` is the main job: it builds the synthetic long-video task, trains the tiny model SFT -> GRPO on CPU,
 evaluates it with and without the zoom tool, and writes a table, training curves and trajectory pictures
@@ -15,6 +15,10 @@ loading a model (docs/eval.md).
 fps, frames returned) and the answer, and writes the trajectory to `out/infer.json`. Without `--checkpoint`
 it uses the built-in tiny random model and tokenizer, whose turns are noise: it shows the machinery, not an
 answer.
+
+`frames VIDEO [--zoom START END FPS] [--save-npz PATH]` shows what the agent sees of a video, through the
+rollout's own code: the time index, the overview and zoom plans (each frame's true time), a contact sheet PNG
+and, with `--save-npz`, the frames as decoded (uint8 RGB, before resizing) with their timestamps.
 """
 
 from __future__ import annotations
@@ -153,6 +157,15 @@ def infer(args) -> dict:
   return report
 
 
+def frames(args) -> dict:
+  from zoomer_jax.agent.inspect_video import show_frames  # noqa: PLC0415
+  from zoomer_jax.agent.protocol import ToolConfig  # noqa: PLC0415
+  from zoomer_jax.agent.rollout import AgentConfig  # noqa: PLC0415
+  cfg = AgentConfig(tool=ToolConfig(video_fps=args.video_fps, frames_upbound=args.frames_upbound,
+                                    tool_call_max_frames=args.tool_call_max_frames), video_backend=args.backend)
+  return show_frames(args.video, tuple(args.zoom) if args.zoom else None, cfg, args.sheet, args.save_npz)
+
+
 def _job_config(args):
   from zoomer_jax.config_loader import load  # noqa: PLC0415
   return load(args.config, args.overrides)
@@ -239,6 +252,16 @@ def main(argv=None) -> int:
   inf.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
   inf.add_argument("--seed", type=int, default=0)
   inf.add_argument("--out", default="out", help="directory for infer.json ('' to skip)")
+  fr = sub.add_parser("frames", help="show the frames the agent sees of a video (overview, a zoom), with true times")
+  fr.add_argument("video")
+  fr.add_argument("--zoom", nargs=3, type=float, metavar=("START", "END", "FPS"),
+                  help="a zoom call, as the model writes it (seconds, frames per second)")
+  fr.add_argument("--save-npz", help="write frames (uint8 [N, H, W, 3] RGB, before resizing) and timestamps here")
+  fr.add_argument("--sheet", default="out/frames.png", help="contact sheet PNG ('' to skip)")
+  fr.add_argument("--backend", default="auto", choices=["auto", "av", "cv2"])
+  fr.add_argument("--video-fps", type=float, default=0.5, help="overview frames per second (before the cap)")
+  fr.add_argument("--frames-upbound", type=int, default=64, help="overview frame cap")
+  fr.add_argument("--tool-call-max-frames", type=int, default=16)
   args, rest = parser.parse_known_args(argv)
   if args.command in ("train", "eval", "demo", "compile"):
     bad = [a for a in rest if not a.startswith("--config.")]
@@ -260,6 +283,8 @@ def main(argv=None) -> int:
       forward(args)
     elif args.command == "infer":
       infer(args)
+    elif args.command == "frames":
+      frames(args)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

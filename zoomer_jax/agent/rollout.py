@@ -7,7 +7,8 @@ One `rollout` call runs a batch of (video, question) tasks to the end:
   2. decoding runs in chunks of `decode_chunk` tokens; a sequence whose turn ends (a stop token, the
      `</video_zoom>` stop string, or the per-turn token limit) stops generating, its turn is parsed by the
      protocol (`agent.protocol.Episode`), and a valid call's clip is cut and preprocessed in the thread pool
-     while the other sequences keep decoding;
+     while the other sequences keep decoding (`Videos`: one reader per file for the whole rollout, so each
+     video's time index is built once; frames are chosen by their true presentation times, video/sampling.py);
   3. when every live sequence has ended its turn, each observation (text and frames) is appended to its own
      sequence's cache in one `extend` - positions continue from where the sequence stopped, nothing is
      prefilled again - and decoding resumes, up to `max_generation_round` turns.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import builtins
 import concurrent.futures as cf
 import dataclasses
+import threading
 import traceback
 from typing import Any, Sequence
 
@@ -142,21 +144,62 @@ def _shared(outcomes: dict[int, dict], what: str, tasks: Sequence[Task]) -> dict
   return outcomes
 
 
-def _overview(task: Task, cfg: AgentConfig):
-  with VideoReader(task.video, backend=cfg.video_backend) as reader:
-    idx, ts = sample_overview(reader.meta, cfg.tool.video_fps, cfg.tool.frames_upbound)
-    frames = reader.frames(idx)
-    meta = reader.meta
-  pixels, grids = preprocess_frames(frames, cfg.max_pixels, cfg.min_pixels)
-  return meta, ts, pixels, grids
+class Videos:
+  """The rollout's videos: one VideoReader per file for the whole rollout, so a file's time index is built once
+  (not per zoom call); `pool` runs the reads. `python -m zoomer_jax frames` shows what these methods return."""
 
+  def __init__(self, cfg: AgentConfig, pool: cf.ThreadPoolExecutor | None = None):
+    self.cfg, self.pool = cfg, pool
+    self._lock = threading.Lock()
+    self._readers: dict[str, list] = {}  # path -> [lock, reader or None]
 
-def _clip(task: Task, call: P.ZoomCall, cfg: AgentConfig):
-  with VideoReader(task.video, backend=cfg.video_backend) as reader:
+  def reader(self, path: str) -> VideoReader:
+    with self._lock:
+      entry = self._readers.setdefault(path, [threading.Lock(), None])
+    with entry[0]:  # rows of the same video wait for one index build
+      if entry[1] is None:
+        entry[1] = VideoReader(path, backend=self.cfg.video_backend)
+      return entry[1]
+
+  def overview_frames(self, task: Task):
+    """(meta, frame indices [n], true times [n] s, uint8 RGB frames [n, H, W, 3] as decoded, upright)."""
+    reader = self.reader(task.video)
+    idx, ts = sample_overview(reader.meta, self.cfg.tool.video_fps, self.cfg.tool.frames_upbound)
+    return reader.meta, idx, ts, reader.frames(idx)
+
+  def clip_frames(self, task: Task, call: P.ZoomCall):
+    """(frame indices [n], true times [n] s, uint8 RGB frames [n, H, W, 3]) of a zoom call's clip."""
+    reader = self.reader(task.video)
     idx, ts = sample_zoom(reader.meta, call.requested[0], call.requested[1], call.fps, max_frames=None)
-    frames = reader.frames(idx)
-  pixels, grids = preprocess_frames(frames, cfg.max_pixels, cfg.min_pixels)
-  return ts, pixels, grids
+    return idx, ts, reader.frames(idx)
+
+  def overview(self, task: Task):
+    meta, _, ts, frames = self.overview_frames(task)
+    pixels, grids = preprocess_frames(frames, self.cfg.max_pixels, self.cfg.min_pixels)
+    return meta, ts, pixels, grids
+
+  def clip(self, task: Task, call: P.ZoomCall):
+    _, ts, frames = self.clip_frames(task, call)
+    pixels, grids = preprocess_frames(frames, self.cfg.max_pixels, self.cfg.min_pixels)
+    return ts, pixels, grids
+
+  def close(self) -> None:
+    for _, reader in self._readers.values():
+      if reader is not None:
+        reader.close()
+
+
+def _overview(task: Task, videos: Videos):
+  return videos.overview(task)
+
+
+def _clip(task: Task, call: P.ZoomCall, videos: Videos):
+  return videos.clip(task, call)
+
+
+def for_model(message: str, path: str) -> str:
+  """An error message as the model may see it: the file's path is the host's business."""
+  return message.replace(f"video {path}", "the video").replace(path, "the video")
 
 
 class _Row:
@@ -198,14 +241,18 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
   system = P.system_prompt(cfg.tool)
   mine = set(owned_rows(len(tasks)))
   with cf.ThreadPoolExecutor(cfg.workers) as pool:
-    rows = _start(tasks, cfg, tok, system, pool, mine)
-    if any(not r.done for r in rows):
-      _run(model, decode_weights(model), tok, rows, cfg, key, stop, pool, event, script, mine)
+    videos = Videos(cfg, pool)
+    try:
+      rows = _start(tasks, cfg, tok, system, videos, mine)
+      if any(not r.done for r in rows):
+        _run(model, decode_weights(model), tok, rows, cfg, key, stop, videos, event, script, mine)
+    finally:
+      videos.close()
   return [_finish(r) for r in rows]
 
 
-def _start(tasks, cfg, tok, system, pool, mine) -> list[_Row]:
-  futures = {i: pool.submit(_overview, tasks[i], cfg) for i in sorted(mine)}
+def _start(tasks, cfg, tok, system, videos, mine) -> list[_Row]:
+  futures = {i: videos.pool.submit(_overview, tasks[i], videos) for i in sorted(mine)}
   overviews = {i: _outcome(f, (VideoError, OSError), lambda v: (v[0].duration, *v[1:])) for i, f in futures.items()}
   overviews = _shared(overviews, "reading the overview", tasks)
   rows = []
@@ -235,7 +282,7 @@ def _cache_size(rows, cfg) -> int:
   return round_up(need, 256)
 
 
-def _run(model, decoder, tok, rows, cfg, key, stop, pool, event, script, mine):
+def _run(model, decoder, tok, rows, cfg, key, stop, videos, event, script, mine):
   """`decoder` is `decode_weights(model)`: decode steps use it, prefill and extend use `model`."""
   b = len(rows)
   size = _cache_size(rows, cfg)
@@ -287,7 +334,7 @@ def _run(model, decoder, tok, rows, cfg, key, stop, pool, event, script, mine):
         r.turn_tokens += int(nums[i])
         if reasons[i] in (STOP_TOKEN, STOP_STRING) or r.turn_tokens >= cfg.sampling.max_new_tokens:
           active[i] = False
-          _end_turn(r, i, last_logits[i], temperature, tok, cfg, pool if i in mine else None, event)
+          _end_turn(r, i, last_logits[i], temperature, tok, videos if i in mine else None, event)
       cache, logits, pos, window = out.cache, out.last_logits, out.next_position, out.window
     _observe(rows, tok, event)
     chunk_rows = [i for i, r in enumerate(rows) if not r.done and len(r.tr.ids) > r.in_cache]
@@ -320,7 +367,7 @@ def _run(model, decoder, tok, rows, cfg, key, stop, pool, event, script, mine):
                                 image_bucket=cfg.image_bucket, donate=True, **vision)
 
 
-def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok, cfg, pool, event):
+def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok, videos, event):
   """Parses the finished turn; a valid call starts its clip extraction in the pool (None: another process owns
   the row, extracts the clip and shares it in `_observe`)."""
   text = r.tr.turn_text()
@@ -339,7 +386,7 @@ def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok,
     event("tool_error", i, out)
     r.pending = ("error", out.observation)
   else:
-    r.pending = ("call", out, None if pool is None else pool.submit(_clip, r.task, out, cfg))
+    r.pending = ("call", out, None if videos is None else videos.pool.submit(_clip, r.task, out, videos))
 
 
 def _observe(rows, tok, event):
@@ -358,7 +405,7 @@ def _observe(rows, tok, event):
     call = pending[1]
     if "error" in clips[i]:
       message = clips[i]["error"]
-      err = r.episode.extraction_failed(message)
+      err = r.episode.extraction_failed(for_model(message, r.task.video))
       r.calls.append(dict(round=call.round, segment=list(call.requested), fps=call.fps, error=message))
       event("tool_error", i, err)
       _append(r, err.observation, ())

@@ -5,28 +5,36 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 
 class VideoError(ValueError):
   """A video that cannot be opened or decoded; the message names the file."""
 
 
 class NoIndex(Exception):
-  """PyAV cannot map this file's frames to indices exactly; VideoReader("auto") then uses OpenCV."""
+  """A file's frames cannot be indexed this way (the caller tries another)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoMeta:
+  """What the agent knows of a video: frames as shown (after display rotation) and their true times."""
   path: str
-  fps: float  # native (average) frame rate
+  fps: float  # average frame rate
   n_frames: int
-  width: int
+  width: int  # upright (display rotation applied)
   height: int
   codec: str = ""
+  # float64 [n_frames]: each frame's presentation time in seconds from the container's start, ascending.
+  # None: constant rate from 0 (index / fps), as synthetic metadata in tests and data generators has it.
+  times: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+  end: float | None = None  # seconds when the last frame stops being shown; None: n_frames / fps
+  rotation: int = 0  # degrees counterclockwise applied to decoded frames
 
   @property
   def duration(self) -> float:
-    """Seconds: n_frames / fps, as the original computes it."""
-    return self.n_frames / self.fps
+    """Seconds: the end of the last frame (n_frames / fps at a constant rate from 0, as the original has it)."""
+    return self.end if self.end is not None else self.n_frames / self.fps
 
 
 def in_parallel(groups: list, work) -> None:

@@ -1,13 +1,16 @@
-"""VideoReader: metadata and frame-accurate uint8 RGB frames by index, with PyAV or OpenCV.
+"""VideoReader: a video's time index and its frames by index, upright, with PyAV or OpenCV decoding.
 
-Frame i is the i-th frame in presentation order, as stored (no display rotation applied): what decord, which
-the original uses, returns.
+Opening a reader builds the file's time index once (timeline.py, docs/video.md; PyAV: every frame's true
+presentation time, without decoding); `meta.times` holds it, and the sampling functions choose frames by it.
+Keep one reader per trajectory: each new reader indexes the file again. Frame i is the i-th frame in
+presentation order; frames come out upright (display rotation applied, as decord and players show portrait
+phone videos).
 
-  backend="auto" (default): PyAV when it is installed and can index the file, else OpenCV. PyAV is faster for
-                 the overview and for zoom clips on both H.264 (long GOP, B-frames) and MPEG-4 part 2
-                 (bench/bench_video.py), and exact on variable-frame-rate files; OpenCV needs nothing beyond
-                 the runtime dependencies. Both return identical pixels (same FFmpeg conversion to RGB).
-  backend="av":  PyAV only (pyav_source.py); backend="cv2": OpenCV only (opencv_source.py).
+  backend="auto" (default): PyAV decoding (faster for the overview and zoom clips, bench/bench_video.py); a
+                 read that fails is retried with OpenCV, and the error names both.
+  backend="av":  PyAV only (pyav_source.py); backend="cv2": OpenCV decoding (opencv_source.py), each frame
+                 identified by its timestamp against the same index. Both return identical pixels (same
+                 FFmpeg conversion to RGB).
 
 Thread safety: a reader holds immutable metadata and one cached open handle taken under a non-blocking lock; a
 call that finds the handle busy opens its own. `frames()` may be called from many threads at once, and a read
@@ -24,11 +27,7 @@ import numpy as np
 
 from zoomer_jax.video.meta import NoIndex, VideoError, VideoMeta
 from zoomer_jax.video.opencv_source import Cv2Source
-
-try:
-  from zoomer_jax.video.pyav_source import AvSource
-except ImportError:  # PyAV is optional
-  AvSource = None
+from zoomer_jax.video.pyav_source import AvSource, read_timeline
 
 BACKENDS = ("auto", "cv2", "av")
 
@@ -39,7 +38,7 @@ def default_workers() -> int:
 
 
 class VideoReader:
-  """`VideoReader(path, backend="auto")`: `.meta`, `.frames(indices) -> uint8 RGB [n, H, W, 3]`."""
+  """`VideoReader(path, backend="auto")`: `.meta` (with true times), `.frames(indices) -> uint8 RGB [n, H, W, 3]`."""
 
   def __init__(self, path: str | os.PathLike, backend: str = "auto", workers: int | None = None):
     path = os.fspath(path)
@@ -47,31 +46,32 @@ class VideoReader:
       raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"video file not found: {path}")
-    if backend == "av" and AvSource is None:
-      raise ImportError("backend='av' needs PyAV (pip install av)")
-    workers = default_workers() if workers is None else max(1, workers)
-    self._source = None
-    if backend != "cv2" and AvSource is not None:
-      try:
-        self._source = AvSource(path, workers)
-      except (NoIndex, VideoError) as e:
-        if backend == "av":
-          raise VideoError(f"video {path}: PyAV cannot read it frame-accurately ({e})") from None
-    if self._source is None:
-      self._source = Cv2Source(path, workers)
+    self._workers = default_workers() if workers is None else max(1, workers)
+    try:
+      timeline = read_timeline(path)
+    except NoIndex as e:
+      raise VideoError(f"video {path} has no frames to index ({e})") from None
+    self.timeline = timeline
+    turned = timeline.rotation in (90, 270)
+    w, h = (timeline.height, timeline.width) if turned else (timeline.width, timeline.height)
+    self.meta = VideoMeta(path, timeline.fps, timeline.n, w, h, timeline.codec, times=timeline.times,
+                          end=timeline.end, rotation=timeline.rotation)
+    self._backend = backend
+    self._sources = [self._source("cv2" if backend == "cv2" else "av")]
     self._lock = threading.Lock()
+    self._last = self._sources[0].name
 
-  @property
-  def meta(self) -> VideoMeta:
-    return self._source.meta
+  def _source(self, name: str):
+    cls = Cv2Source if name == "cv2" else AvSource
+    return cls(self.meta.path, self._workers, self.timeline)
 
   @property
   def backend(self) -> str:
-    """The backend in use: "av" or "cv2"."""
-    return self._source.name
+    """The decoder of the last read: "av" or "cv2" (auto: "cv2" after a read PyAV could not do)."""
+    return self._last
 
   def frames(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-    """uint8 RGB frames [len(indices), H, W, 3] in the order given (repeats allowed)."""
+    """uint8 RGB frames [len(indices), H, W, 3], upright, in the order given (repeats allowed)."""
     idx = np.asarray(indices, np.int64).reshape(-1)
     n, h, w = self.meta.n_frames, self.meta.height, self.meta.width
     if idx.size == 0:
@@ -79,8 +79,24 @@ class VideoReader:
     if idx.min() < 0 or idx.max() >= n:
       raise IndexError(f"video {self.meta.path}: frame indices must lie in [0, {n}), got {idx.min()}..{idx.max()}")
     wanted = np.unique(idx)
+    try:
+      out = self._read(self._sources[0], wanted)
+      self._last = self._sources[0].name
+    except VideoError as first:
+      if self._backend != "auto":
+        raise
+      try:  # PyAV failed on these frames: OpenCV tries them (the next read starts with PyAV again)
+        if len(self._sources) == 1:
+          self._sources.append(self._source("cv2"))
+        out = self._read(self._sources[1], wanted)
+        self._last = "cv2"
+      except VideoError as second:
+        raise VideoError(f"{first}; OpenCV also failed: {second}") from None
+    k = self.meta.rotation // 90
+    return np.stack([np.rot90(out[int(i)], k) if k else out[int(i)] for i in idx])
+
+  def _read(self, src, wanted: np.ndarray) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
-    src = self._source
     if self._lock.acquire(blocking=False):
       try:
         if src.handle is None:
@@ -94,14 +110,15 @@ class VideoReader:
         src.read(handle, wanted, out)
       finally:
         src.close(handle)
-    return np.stack([out[int(i)] for i in idx])
+    return out
 
   def close(self) -> None:
-    """Closes the cached handle (a later `frames()` reopens one)."""
+    """Closes the cached handles (a later `frames()` reopens them)."""
     with self._lock:
-      if self._source.handle is not None:
-        self._source.close(self._source.handle)
-        self._source.handle = None
+      for src in self._sources:
+        if src.handle is not None:
+          src.close(src.handle)
+          src.handle = None
 
   def __enter__(self) -> VideoReader:
     return self
@@ -111,6 +128,6 @@ class VideoReader:
 
 
 def read_meta(path: str | os.PathLike, backend: str = "auto") -> VideoMeta:
-  """Metadata only (fps, frame count, size); raises FileNotFoundError / VideoError naming the path."""
+  """Metadata (fps, frame count, size, true frame times); raises FileNotFoundError / VideoError naming the path."""
   with VideoReader(path, backend) as reader:
     return reader.meta

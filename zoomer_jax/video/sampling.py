@@ -1,10 +1,17 @@
-"""Which frames to read, as pure numpy functions of the video's metadata (no I/O).
+"""Which frames to read, by presentation time, as pure numpy functions of the video's metadata (no I/O).
 
-sample_overview / sample_zoom follow VideoZoomer exactly (videozoomer.md §1.3, §1.6):
-  overview: step max(1, round(native_fps / 0.5)); over 64 frames -> linspace(0, N-1, 64).astype(int).
-  zoom: int(fps * (end - start)) frames at linspace(start_frame, end_frame, n).astype(int), endpoints included,
-        start_frame = int(start * native_fps), end_frame = int(end * native_fps), clamped to [0, N-1], end >= start.
-Timestamps are absolute seconds, index / native_fps.
+Times come from `meta.times` (every frame's true presentation time, video/timeline.py), or index / fps for
+metadata without them (synthetic videos). "The frame on screen at t" is the last frame whose time is <= t.
+VideoZoomer's rules (docs/protocol.md), read as times instead of indices / fps (docs/video.md):
+  overview: a frame every max(1, round(native_fps / 0.5)) / native_fps seconds from the first frame; when that
+            is over 64 frames, 64 times spread evenly from the first frame's time to the last's; the frame on
+            screen at each. On a constant-rate file that starts at 0 these are the original's indices exactly.
+  zoom:     int(fps * (end - start)) frames; the segment is clamped to the video ([0, duration]); the frames
+            on screen at that many times spread evenly from the first frame inside the segment to the last one
+            (endpoints included), so every frame lies inside [start, end] (repeats where the segment holds
+            fewer frames). A segment that holds no frame's start gets the frame on screen at its start
+            (past the end: the last frame), repeated, as the original clamps indices.
+Timestamps returned are the chosen frames' true times.
 
 plan_runs groups the wanted indices into runs that a reader decodes after one seek each.
 """
@@ -18,6 +25,7 @@ import numpy as np
 OVERVIEW_FPS = 0.5  # data.video_fps
 FRAMES_UPBOUND = 64  # data.frames_upbound
 ZOOM_MAX_FRAMES = 16  # rollout.tool_call_max_frames
+TOL = 1e-4  # s: a time this close past a frame's time counts as that frame's (float rounding of i / fps)
 
 
 class HasFrames(Protocol):
@@ -30,16 +38,38 @@ def _check_meta(meta: HasFrames) -> None:
     raise ValueError(f"video needs >= 1 frame and fps > 0, got {meta.n_frames} frames at {meta.fps} fps")
 
 
+def frame_times(meta: HasFrames) -> np.ndarray:
+  """float64 [n_frames]: `meta.times`, or index / fps when the metadata has none."""
+  times = getattr(meta, "times", None)
+  if times is None:
+    return np.arange(meta.n_frames) / meta.fps
+  return np.asarray(times, np.float64)
+
+
+def duration_of(meta: HasFrames) -> float:
+  d = getattr(meta, "duration", None)
+  return float(d) if d is not None else meta.n_frames / meta.fps
+
+
+def on_screen(times: np.ndarray, t) -> np.ndarray:
+  """Indices of the frames on screen at times `t` (the first frame for times before it)."""
+  return np.clip(np.searchsorted(times, np.asarray(t) + TOL, side="right") - 1, 0, len(times) - 1).astype(np.int64)
+
+
 def sample_overview(meta: HasFrames, video_fps: float = OVERVIEW_FPS,
                     frames_upbound: int = FRAMES_UPBOUND) -> tuple[np.ndarray, np.ndarray]:
-  """The first-turn overview: (frame indices int64 [n], timestamps float64 [n] in s)."""
+  """The first-turn overview: (frame indices int64 [n], true times float64 [n] in s)."""
   _check_meta(meta)
-  step = max(1, round(meta.fps / video_fps))
-  idx = np.arange(0, meta.n_frames, step)
-  if frames_upbound > 0 and len(idx) > frames_upbound:
-    idx = np.linspace(0, meta.n_frames - 1, frames_upbound).astype(int)
-  idx = idx.astype(np.int64)
-  return idx, idx / meta.fps
+  times = frame_times(meta)
+  period = max(1, round(meta.fps / video_fps)) / meta.fps
+  t0, t1 = times[0], times[-1]
+  count = int((t1 - t0) / period + TOL) + 1
+  if frames_upbound > 0 and count > frames_upbound:
+    targets = np.linspace(t0, t1, frames_upbound)
+  else:
+    targets = t0 + period * np.arange(count)
+  idx = on_screen(times, targets)
+  return idx, times[idx]
 
 
 def zoom_frame_count(start: float, end: float, fps: float, max_frames: int | None = ZOOM_MAX_FRAMES) -> int:
@@ -52,18 +82,24 @@ def zoom_frame_count(start: float, end: float, fps: float, max_frames: int | Non
 
 def sample_zoom(meta: HasFrames, start: float, end: float, fps: float,
                 max_frames: int | None = ZOOM_MAX_FRAMES) -> tuple[np.ndarray, np.ndarray]:
-  """A `<video_zoom>` clip of [start, end] s at `fps`: (frame indices int64 [n], timestamps float64 [n] in s).
+  """A `<video_zoom>` clip of [start, end] s at `fps`: (frame indices int64 [n], true times float64 [n] in s).
 
-  Segments past the end clamp to the last frame (repeated); n == 0 gives empty arrays; a negative n (start > end)
-  raises numpy's ValueError, all as in the original.
+  n == 0 gives empty arrays; a negative n (start > end) raises numpy's ValueError, as in the original.
   """
   _check_meta(meta)
   n = zoom_frame_count(start, end, fps, max_frames)
-  last = meta.n_frames - 1
-  start_frame = max(0, min(int(start * meta.fps), last))
-  end_frame = max(start_frame, min(int(end * meta.fps), last))
-  idx = np.linspace(start_frame, end_frame, n).astype(int).astype(np.int64)
-  return idx, idx / meta.fps
+  if n <= 0:
+    np.linspace(0, 1, n)  # n < 0: numpy's own error, as the original surfaces it
+    return np.zeros(0, np.int64), np.zeros(0, np.float64)
+  times = frame_times(meta)
+  lo, hi = max(start, 0.0), min(end, duration_of(meta))
+  a = int(np.searchsorted(times, lo - TOL, side="left"))
+  b = int(np.searchsorted(times, hi + TOL, side="right")) - 1
+  if a <= b:
+    idx = np.clip(on_screen(times, np.linspace(times[a], times[b], n)), a, b)
+  else:  # no frame starts inside the segment
+    idx = np.full(n, on_screen(times, lo))
+  return idx, times[idx]
 
 
 def plan_runs(wanted: np.ndarray, keyframes: np.ndarray | None = None, max_gap: int = 64,
