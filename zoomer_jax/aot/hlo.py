@@ -65,7 +65,6 @@ class Hlo:
         self.comps[current].append(Instr(m.group(1), m.group(2), m.group(3), m.group(4)))
     if self.entry is None:
       raise ValueError("no ENTRY computation in the HLO text")
-    self._memo: dict = {}
 
   def _children(self, ins: Instr) -> list[tuple[list[str], int]]:
     """(alternative computations, multiplicity) called by one instruction."""
@@ -99,19 +98,22 @@ class Hlo:
         return consts[args[1]] + (direction.group(1) == "LE")
     return 1
 
-  def _walk(self, comp: str, visit) -> collections.Counter:
-    """Sum over the instructions reachable from `comp` of visit(instr) -> Counter, with multiplicities."""
-    key = (comp, id(visit))
-    if key in self._memo:
-      return self._memo[key]
+  def _walk(self, comp: str, visit, memo: dict | None = None) -> collections.Counter:
+    """Sum over the instructions reachable from `comp` of visit(instr) -> Counter, with multiplicities. The memo
+    lives for one walk: keyed by `id(visit)` across walks, a new closure could reuse a dead one's id and read its
+    counts."""
+    memo = {} if memo is None else memo
+    if comp in memo:
+      return memo[comp]
     total = collections.Counter()
     for ins in self.comps.get(comp, []):
       total.update(visit(ins))
       for alts, n in self._children(ins):
-        best = max((self._walk(c, visit) for c in alts), key=lambda c: sum(c.values()), default=collections.Counter())
+        best = max((self._walk(c, visit, memo) for c in alts), key=lambda c: sum(c.values()),
+                   default=collections.Counter())
         for k, v in best.items():
           total[k] += v * n
-    self._memo[key] = total
+    memo[comp] = total
     return total
 
   def collectives(self, devices: int) -> dict[str, dict]:
