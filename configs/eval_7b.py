@@ -27,7 +27,8 @@ Useful overrides:
                                                        with, byte for byte (docs/protocol.md says how to get it)
   --config.benchmark.by_group=True                     also accuracy per duration group / MLVU task
   --config.benchmark.limit=50                          the first 50 questions only
-  --config.benchmark.options.subtitles=timed           longvideobench / videomme: with subtitles ("w/ subs")
+  --config.benchmark.options.subtitles=interleaved     longvideobench / videomme: with subtitles ("w/ subs"),
+                                                       each after its overview frame (`timed`: one block)
   --allow-missing-videos                               run without the tasks whose video is missing
   --config.batch_size=16 --config.mesh.ici='(2,-1,1)' --config.out_dir=gs://bucket/eval --config.dtype=float32
 

@@ -213,6 +213,14 @@ def test_longvideobench_parquet_and_json_agree_and_timed_subtitles(tmp_path):
   os.remove(f"{base}/subtitles/-0sdz7t-A4g_en.json")
   timed = load_benchmark("lvb", f"{base}/lvb_val.json", f"{base}/videos", subtitles="timed",
                          subtitle_root=f"{base}/subtitles")
+  inter = load_benchmark("lvb", f"{base}/lvb_val.json", f"{base}/videos", subtitles="interleaved",
+                         subtitle_root=f"{base}/subtitles")
+  assert inter.tasks[0].subtitles == ((1.5, 3.0, "hello there"), (62.25, 64.0, "see you"))
+  assert inter.tasks[0].problem == from_json.tasks[0].problem  # the lines go among the frames, not in the text
+  from zoomer_jax.agent.protocol import user_prompt  # noqa: PLC0415
+  shown = user_prompt(inter.tasks[0].problem, [0.0, 30.0, 60.0, 90.0], inter.tasks[0].subtitles)
+  assert shown.startswith("<frame0_time0.00s><image>\nhello there\n<frame1_time30.00s><image>"
+                          "<frame2_time60.00s><image>\nsee you\n<frame3_time90.00s><image>\nWhat is said first?")
   assert [t.id for t in timed.tasks] == ["86CxyhFV9MI_0"]
   assert re.search(r"subtitles/-0sdz7t-A4g_en.json: cannot be read", timed.skipped[0].reason)
   with pytest.raises(FileNotFoundError, match="subtitle_root"):

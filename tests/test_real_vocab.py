@@ -17,39 +17,13 @@ from zoomer_jax import sampling as S
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import stop_criteria
 from zoomer_jax.text.chat import Transcript
-from zoomer_jax.text.tokenizer import (QWEN_ADDED_TOKENS, Tokenizer, _bytes_to_unicode, _qwen2_pipeline,
-                                       build_tiny_tokenizer)
+from zoomer_jax.text.tokenizer import QWEN_ADDED_TOKENS, Tokenizer, build_sized_tokenizer, build_tiny_tokenizer
 from zoomer_jax.train.batch import Example, make_batch
 from zoomer_jax.train.forward import sequence_logprobs
 
-QWEN_REGULAR_IDS = 151643  # Qwen2's byte-level BPE ids; its 22 added tokens follow (151643-151664)
-
 
 def real_size_tokenizer() -> Tokenizer:
-  """A byte-level BPE with Qwen2.5-VL's vocabulary size and added-token ids: the 256 byte symbols, every pair
-  of them, then triples, up to 151,643 regular ids, then Qwen's 22 added tokens at their real ids."""
-  from tokenizers import AddedToken, models  # noqa: PLC0415
-  symbols = [_bytes_to_unicode()[b] for b in range(256)]
-  vocab = {s: i for i, s in enumerate(symbols)}
-  merges = []
-  for a in symbols:
-    for b in symbols:
-      vocab[a + b] = len(vocab)
-      merges.append((a, b))
-  pairs = list(vocab)[256:]
-  for ab in pairs:
-    for c in symbols:
-      if len(vocab) == QWEN_REGULAR_IDS:
-        break
-      vocab[ab + c] = len(vocab)
-      merges.append((ab, c))
-    if len(vocab) == QWEN_REGULAR_IDS:
-      break
-  tok = _qwen2_pipeline(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix=""))
-  for content, special in QWEN_ADDED_TOKENS:
-    token = AddedToken(content, special=special, normalized=False)
-    (tok.add_special_tokens if special else tok.add_tokens)([token])
-  return Tokenizer(tok, source="<real-size>")
+  return build_sized_tokenizer(151665)
 
 
 @pytest.fixture(scope="module")

@@ -102,13 +102,28 @@ def frame_tags(timestamps: Sequence[float]) -> str:
   return "".join(f"<frame{i}_time{float(t):.2f}s>{IMAGE}" for i, t in enumerate(timestamps))
 
 
-def user_prompt(problem: str, timestamps: Sequence[float]) -> str:
+def user_prompt(problem: str, timestamps: Sequence[float], subtitles: Sequence[tuple] = ()) -> str:
   """The first user turn: the `<image>` in `problem` becomes the tagged overview frames.
 
   A problem without `<image>` gets the frames in front of it (the original required the placeholder).
   Only the first `<image>` is replaced; the others are dropped, as they would be images without pixels.
+  `subtitles` ((start, end, text) in seconds, interleaved as LongVideoBench does) go each on its own line after
+  the last frame shown at or before its start (those before the first frame, in front of it).
   """
   frames = frame_tags(timestamps)
+  if subtitles:
+    starts = sorted(subtitles, key=lambda line: line[0])
+    parts, k = [], 0
+    for i, t in enumerate(list(timestamps) + [math.inf]):
+      lines = []
+      while k < len(starts) and starts[k][0] < t:
+        lines.append(inert(" ".join(str(starts[k][2]).split())))
+        k += 1
+      if lines:
+        parts.append(("\n" if parts else "") + "\n".join(lines) + "\n")
+      if i < len(timestamps):
+        parts.append(f"<frame{i}_time{float(t):.2f}s>{IMAGE}")
+    frames = "".join(parts)
   if IMAGE not in problem:
     return frames + "\n" + problem
   head, tail = problem.split(IMAGE, 1)

@@ -58,6 +58,7 @@ class Task:
   answer: str | None = None
   id: str = ""
   data_source: str = ""
+  subtitles: tuple = ()  # (start s, end s, text) lines placed among the overview frames (`P.user_prompt`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +266,7 @@ def _start(tasks, cfg, tok, system, videos, mine) -> list[_Row]:
       continue
     duration, ts, pixels, grids = overviews[i]["value"]
     messages = [{"role": "system", "content": system},
-                {"role": "user", "content": P.user_prompt(task.problem, ts)}]
+                {"role": "user", "content": P.user_prompt(task.problem, ts, task.subtitles)}]
     tr = Transcript.from_messages(tok, messages, image_tokens=_tokens_per_image(grids))
     rows.append(_Row(task, tr, P.Episode(cfg.tool, duration, len(ts)), pixels, grids))
   return rows

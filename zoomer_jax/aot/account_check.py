@@ -62,9 +62,9 @@ def account_flops(cfg, mesh_shape: dict, rollout_shape: dict | None, name: str) 
     rtensor = rshape.get("tensor", 1)
     t = mc.text
     vision = lambda n: float(F.vision_forward_flops(mc.vision, [shapes["grid"]] * n, padded=True).total)
-    if name == "rollout/prefill":
-      row = sum(F.text_forward_flops(t, shapes["prompt"], causal=True, logit_tokens=1).values()) + vision(
-          shapes["overview"])
+    if name == "rollout/prefill":  # an extend into the empty cache: blockwise attention visits every slot too
+      f = F.text_forward_flops(t, shapes["prompt"], shapes["cache"], causal=False, logit_tokens=1)
+      row = sum(f.values()) + vision(shapes["overview"])
     elif name == "rollout/extend":  # blockwise attention visits every slot of the cache
       f = F.text_forward_flops(t, shapes["clip"], shapes["cache"], causal=False, logit_tokens=1)
       row = sum(f.values()) + vision(shapes["clip_frames"])

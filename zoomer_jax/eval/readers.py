@@ -52,7 +52,7 @@ from zoomer_jax.eval import subtitles as subs
 from zoomer_jax.eval.layouts import VideoFinder
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-SUBTITLE_MODES = ("none", "timed")
+SUBTITLE_MODES = ("none", "timed", "interleaved")
 
 
 class AnnotationError(ValueError):
@@ -250,6 +250,16 @@ def _check_mode(subtitles: str, subtitle_root: str):
                             "benchmark's subtitle files from it)")
 
 
+def _subtitle_parts(mode: str, cache: dict, read: Callable, sub_path: str, *args) -> tuple[str | None, tuple]:
+  """(the block for the problem text, the timed lines for the prompt builder) of one subtitle file: "timed" puts a
+  block of "[start-end] text" lines before the question; "interleaved" hands the lines to the agent, which puts
+  each one after the overview frame shown when it starts (`agent.protocol.user_prompt`)."""
+  block = _subtitle_block(cache, read, sub_path, *args)
+  if mode == "interleaved":
+    return None, (cache[sub_path, args] or ()) if block is not None else ()
+  return block, ()
+
+
 def _subtitle_block(cache: dict, read: Callable, sub_path: str, *args) -> str | None:
   """The subtitle block of one file (read once per reader call: a video's questions share it)."""
   if (sub_path, args) not in cache:
@@ -364,12 +374,12 @@ def read_longvideobench(annotation_path: str, video_root: str, *, by_group: bool
         video = _text(annotation_path, i, r, "video_path")
       else:
         video = _text(annotation_path, i, r, "video_id") + ".mp4"
-      block = None
+      block, timed = None, ()
       if subtitles != "none":
         offset = r.get("starting_timestamp_for_subtitles") or 0.0
-        block = _subtitle_block(cache, subs.read_longvideobench, os.path.join(
+        block, timed = _subtitle_parts(subtitles, cache, subs.read_longvideobench, os.path.join(
             subtitle_root, _text(annotation_path, i, r, "subtitle_path")), float(offset), r.get("duration"))
-      out.tasks.append(Task(video=os.path.join(video_root, video), answer=LETTERS[int(choice)],
+      out.tasks.append(Task(video=os.path.join(video_root, video), answer=LETTERS[int(choice)], subtitles=timed,
                             problem=format_problem(_text(annotation_path, i, r, "question"), options, block),
                             id=str(_field(annotation_path, i, r, "id", (str, int))),
                             data_source=_source("lvb", r.get("duration_group"), by_group)))
@@ -418,12 +428,12 @@ def read_videomme(annotation_path: str, video_root: str, *, by_group: bool = Fal
         options.append(m.group(2))
       answer = _letter(annotation_path, i, "answer", _field(annotation_path, i, r, "answer", str), len(options))
       video_id = _text(annotation_path, i, r, "videoID")
-      block = None
+      block, timed = None, ()
       srt = os.path.join(subtitle_root, video_id + ".srt")
       if subtitles != "none" and os.path.isfile(srt):
-        block = _subtitle_block(cache, subs.read_srt, srt)
+        block, timed = _subtitle_parts(subtitles, cache, subs.read_srt, srt)
         with_subs += 1
-      out.tasks.append(Task(video=find.by_stem(video_id), answer=answer,
+      out.tasks.append(Task(video=find.by_stem(video_id), answer=answer, subtitles=timed,
                             problem=format_problem(_text(annotation_path, i, r, "question"), options, block),
                             id=str(_field(annotation_path, i, r, "question_id", (str, int))),
                             data_source=_source("VideoMME", r.get("duration"), by_group)))

@@ -310,6 +310,33 @@ def build_tiny_tokenizer(corpus: str | None = None) -> Tokenizer:
   return Tokenizer(backend, qwen2_tokenizer_config(model_max_length=32768), source="<tiny>")
 
 
+def build_sized_tokenizer(vocab_size: int = 151665) -> Tokenizer:
+  """A Qwen2-shaped byte-level BPE of `vocab_size` ids (Qwen2.5-VL's 151,665 by default), built locally: the 256
+  byte symbols, every pair of them, then triples, then Qwen's 22 added tokens last, at Qwen's ids when the size
+  is the real one. For tests and benchmarks of what the real vocabulary's size costs (no download)."""
+  regular = vocab_size - len(QWEN_ADDED_TOKENS)
+  if not 256 <= regular <= 256 + 256**2 + 256**3:
+    raise ValueError(f"vocab_size {vocab_size} must leave 256 to {256 + 256**2 + 256**3} regular ids beside the "
+                     f"{len(QWEN_ADDED_TOKENS)} added tokens")
+  symbols = [_bytes_to_unicode()[b] for b in range(256)]
+  vocab = {c: i for i, c in enumerate(symbols)}
+  merges = []
+
+  def grow(prefixes):
+    for a in prefixes:
+      for c in symbols:
+        if len(vocab) == regular:
+          return
+        vocab[a + c] = len(vocab)
+        merges.append((a, c))
+  grow(symbols)
+  grow([t for t in vocab if len(t) == 2])
+  tok = _qwen2_pipeline(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix=""))
+  for content, special in QWEN_ADDED_TOKENS:
+    (tok.add_special_tokens if special else tok.add_tokens)([AddedToken(content, special=special, normalized=False)])
+  return Tokenizer(tok, qwen2_tokenizer_config(), source=f"<sized {vocab_size}>")
+
+
 def _bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible map from the 256 byte values to printable unicode characters (byte-level BPE)."""
   keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
