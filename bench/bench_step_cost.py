@@ -1,8 +1,9 @@
 """What a training step costs: the analytic account of `zoomer_jax.cost`, and a measured MFU on an accelerator.
 
 For each config: parameter counts, FLOPs by phase and tower (model and hardware), per-chip memory by item for
-the update and rollout phases, expected step time and MFU; then the same totals for the code as it is today
-(`zoomer_jax.cost.as_implemented`). Ends with one `BENCH_JSON {...}` line.
+the update and rollout phases, expected step time and MFU; then the same totals for the naive baseline the
+TPU work started from (`zoomer_jax.cost.as_implemented`). `python -m zoomer_jax compile` checks the account
+against XLA's compiled programs (docs/tpu.md). Ends with one `BENCH_JSON {...}` line.
 
 On a TPU or GPU it also times a jitted forward + backward of the first `--layers` decoder layers of the 7B
 text model (with its embeddings and lm_head) at `--seq` tokens and prints the measured MFU beside the one
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     print(f"\nexpected step {acc.step_time:.0f} s, model {acc.model_flops / 1e18:.2f} EFLOP, "
           f"hardware {acc.hardware_flops / 1e18:.2f} EFLOP, MFU {acc.mfu:.1%} "
           f"(update phase {acc.mfu_of(('policy update (fwd+bwd)',)):.1%})")
-    print(f"as the code is today (dense attention, no vision remat, bf16 moments, sampling in the training "
+    print(f"the naive baseline (dense attention, no vision remat, bf16 moments, sampling in the training "
           f"layout): step {today.step_time:.0f} s, MFU {today.mfu:.1%}, per-chip "
           + ", ".join(f"{k} {t.total / GiB:.0f} GiB ({'fits' if today.fits()[k] else 'does NOT fit'})"
                       for k, t in today.memory.items()))

@@ -295,7 +295,7 @@ def test_pod_configs_load_and_fit(name, chip, chips):
   acc = account(job)
   fits = acc.fits()
   assert set(fits) == {"update", "rollout"} and all(fits.values()), {k: m.total for k, m in acc.memory.items()}
-  # Not vacuous: the code as it is today (dense attention, no vision remat) would not fit.
+  # Not vacuous: the naive baseline (dense attention, no vision remat) would not fit.
   trainer, rollout = as_implemented()
   assert not account(job, trainer=trainer, rollout=rollout).fits()["update"]
 

@@ -74,6 +74,9 @@ def check_table(chk: dict) -> str:
     out.append(f"  {name:16s} FLOPs  account {acc / 1e12:9.2f} T   XLA {xla / 1e12:9.2f} T   XLA / account {ratio:5.2f}")
   for phase, acc, xla, ratio in chk["memory"]:
     out.append(f"  {phase:16s} memory account {acc / GiB:8.2f} GiB XLA {xla / GiB:8.2f} GiB XLA / account {ratio:5.2f}")
+  if "estimate" in chk:
+    e = chk["estimate"]
+    out.append(f"  the account's own estimate of the whole step: {e['step_s']:.1f} s, MFU {e['mfu']:.1%}")
   return "\n".join(out)
 
 

@@ -89,7 +89,9 @@ def check(cfg, rep: dict) -> dict:
       xla = r.cost.flops + r.cost.kernel_flops
       out["flops"].append((r.name, acc, xla, xla / acc))
   job = job_from_config(cfg, accelerator_of(rep["target"].name))
-  memory = account(job).memory
+  acc_all = account(job)
+  memory = acc_all.memory
+  out["estimate"] = dict(step_s=acc_all.step_time, mfu=acc_all.mfu)
   phases = {"update": [n for n in ("sft/grad", "grpo/update") if n in results],
             "rollout": [n for n in results if n.startswith("rollout/")]}
   for phase, names in phases.items():

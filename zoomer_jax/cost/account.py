@@ -496,9 +496,10 @@ def account(job: Job, traj: Trajectory = Trajectory(), trainer: Trainer = Traine
 
 
 def as_implemented() -> tuple[Trainer, Rollout]:
-  """(Trainer, Rollout) describing the code as it is today rather than the assumptions of the 7B configs:
-  dense attention (model/text.py, model/vision.py), no remat of the vision blocks (train/forward.py), bf16
-  Adam moments and a bf16 gradient accumulator (train/optim.py, train/trainer.py keep the params' dtype),
-  and sampling with the training shards (train/grpo.py passes engine.model() to the agent)."""
+  """(Trainer, Rollout) of the naive baseline the TPU work started from, kept as the account's point of
+  comparison: dense attention, no remat of the vision blocks, bf16 Adam moments and gradient accumulator, and
+  sampling with the training shards. The code now runs flash/splash attention (`impl.attention`), remats every
+  layer and block, and samples from resharded weights (`rollout.mesh`); `python -m zoomer_jax compile` checks
+  the account's default assumptions against the compiled programs."""
   return (Trainer(state=M.TrainerState(grad_accum_bytes=2, moment_bytes=2), attention="dense", remat_vision=False),
           Rollout(layout="training"))
