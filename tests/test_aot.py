@@ -168,3 +168,22 @@ def test_programs_compiled_for_tpu_take_the_tpu_paths(target):
 def test_cost_arithmetic():
   a, b = Cost(1, 2, 3, 4), Cost(10, 20, 30, 40)
   assert b - a == Cost(9, 18, 27, 36) and a * 2 == Cost(2, 4, 6, 8) and a + b == Cost(11, 22, 33, 44)
+
+
+@pytest.mark.slow
+def test_a_probe_in_the_configs_token_blocks_costs_what_one_block_does(target, measure):
+  """The fallback of a probe whose log-probs in one token block outgrow HBM: the same program in the config's
+  token blocks (unrolled) gives XLA the same FLOPs (the blocks partition the tokens)."""
+  cfg = _cfg("sft_tiny", ["impl.scan_layers=False", "mesh.ici=(1,-1,1)", "train.logprob_token_chunk=32"])
+  mesh, _ = P.meshes(cfg, list(target.devices))
+  mc = P.reduced(ModelConfig.from_config_dict(cfg.model.to_dict()), 1, 1, 0)
+
+  def grad_cost(token_chunk):
+    with unrolled_loops():
+      prog = P.job_programs(cfg, mesh, model_cfg=mc, token_chunk=token_chunk)[0]
+      return _cost_of(prog.lower().compile(compiler_options=PROBE_OPTIONS))
+
+  one, blocks = grad_cost(None), grad_cost("config")
+  rel = abs(blocks.flops / one.flops - 1)
+  measure("flops_rel", rel)
+  assert rel <= tol.AOT_PROBE_REL

@@ -176,10 +176,22 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
   for key, depths in variants.items():
     t0 = time.perf_counter()
     with unrolled_loops():
-      progs = P.job_programs(probe_cfg, mesh, model_cfg=P.reduced(full, *depths), token_chunk=None,
-                             rollout_mesh=rollout_mesh)
+      model_cfg = P.reduced(full, *depths)
+      progs = P.job_programs(probe_cfg, mesh, model_cfg=model_cfg, token_chunk=None, rollout_mesh=rollout_mesh)
+      blocked = None
       for p in progs:
-        compiled = p.lower().compile(compiler_options=PROBE_OPTIONS)
+        try:
+          compiled = p.lower().compile(compiler_options=PROBE_OPTIONS)
+        except Exception as e:  # noqa: BLE001 (XLA raises its own runtime error type)
+          if not _OOM.search(str(e)):
+            raise
+          # The log-probs in one token block can outgrow HBM where the program's own blocks fit (v6e): the
+          # program's token blocks, unrolled here, cost the same FLOPs.
+          log(f"  probe {p.name} ({key}) does not fit in one token block; compiling it in the config's blocks")
+          if blocked is None:
+            blocked = {q.name: q for q in P.job_programs(probe_cfg, mesh, model_cfg=model_cfg,
+                                                         rollout_mesh=rollout_mesh)}
+          compiled = blocked[p.name].lower().compile(compiler_options=PROBE_OPTIONS)
         costs.setdefault(p.name, {})[key] = _cost_of(compiled, loops=int(p.loop_steps > 1))
     log(f"  cost probe (text layers, window blocks, full blocks) = ({key}): {time.perf_counter() - t0:.0f} s")
   out = {}
