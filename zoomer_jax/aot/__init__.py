@@ -31,7 +31,8 @@ def summary(rep: dict) -> dict:
     flops = sum(r.model_flops * r.per_step * target.chips for r in rs)
     out[name] = dict(time_s=time_s, collective_s=coll_s, model_flops=flops,
                      mfu=flops / (peak * time_s) if time_s > 0 else 0.0,
-                     collective_share=coll_s / time_s if time_s > 0 else 0.0)
+                     collective_share=coll_s / time_s if time_s > 0 else 0.0,
+                     missing=[r.name for r in rs if r.cost is None])  # no estimate: the figures leave them out
   return out
 
 
@@ -110,6 +111,9 @@ def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=p
     log(f"\ntraining programs: {t['time_s']:.1f} s per step, MFU {t['mfu']:.1%}, collectives {t['collective_share']:.1%}"
         f" of the time")
     log(f"whole step: {s['time_s']:.1f} s, MFU {s['mfu']:.1%}, collectives {s['collective_share']:.1%}")
+    for part in ("train", "step"):
+      if summ[part]["missing"]:
+        log(f"NOTE: the {part} figures are incomplete: no cost estimate for {summ[part]['missing']}")
   rep["summary"] = summ
   log(bench_json(rep, summ))
   return rep

@@ -162,8 +162,9 @@ def _cost_of(compiled, loops: int = 0) -> Cost:
               xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=splash_flops(hlo))
 
 
-def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
-  """Extrapolated costs of every program (module docstring): four probe compiles per program."""
+def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, Cost]:
+  """Extrapolated costs of every program (or those named in `only`; module docstring): four probe compiles per
+  program. A program whose probe does not fit HBM even in the config's token blocks gets no cost (reported)."""
   from zoomer_jax.model.config import ModelConfig  # noqa: PLC0415
   full = ModelConfig.from_config_dict(cfg.model.to_dict())
   t, w, f = P.block_counts(full)
@@ -173,6 +174,7 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
   if f:
     variants["1,0,1"] = (1, 0, 1)
   costs: dict[str, dict[str, Cost]] = {}
+  failed: dict[str, str] = {}
   for key, depths in variants.items():
     t0 = time.perf_counter()
     with unrolled_loops():
@@ -180,6 +182,8 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
       progs = P.job_programs(probe_cfg, mesh, model_cfg=model_cfg, token_chunk=None, rollout_mesh=rollout_mesh)
       blocked = None
       for p in progs:
+        if (only and p.name not in only) or p.name in failed:
+          continue
         try:
           compiled = p.lower().compile(compiler_options=PROBE_OPTIONS)
         except Exception as e:  # noqa: BLE001 (XLA raises its own runtime error type)
@@ -191,11 +195,21 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print) -> dict[str, Cost]:
           if blocked is None:
             blocked = {q.name: q for q in P.job_programs(probe_cfg, mesh, model_cfg=model_cfg,
                                                          rollout_mesh=rollout_mesh)}
-          compiled = blocked[p.name].lower().compile(compiler_options=PROBE_OPTIONS)
+          try:
+            compiled = blocked[p.name].lower().compile(compiler_options=PROBE_OPTIONS)
+          except Exception as e2:  # noqa: BLE001
+            m = _OOM.search(str(e2))
+            if not m:
+              raise
+            failed[p.name] = f"its {key} probe needs {m.group(1)}{m.group(2)} of temporaries"
+            log(f"  probe {p.name} ({key}) does not fit HBM ({failed[p.name]}): no cost for {p.name}")
+            continue
         costs.setdefault(p.name, {})[key] = _cost_of(compiled, loops=int(p.loop_steps > 1))
     log(f"  cost probe (text layers, window blocks, full blocks) = ({key}): {time.perf_counter() - t0:.0f} s")
   out = {}
   for name, c in costs.items():
+    if name in failed:
+      continue
     ct = c["2,1,0"] - c["1,1,0"]
     cw = c["1,2,0"] - c["1,1,0"]
     c0 = c["1,1,0"] - ct - cw
@@ -250,7 +264,7 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
         + ("" if r.fits else "  (does not fit)"))
     results.append(r)
   if probes:
-    costs = probe_costs(cfg, mesh, rollout_mesh, log=log)
+    costs = probe_costs(cfg, mesh, rollout_mesh, log=log, only=only)
     heads = cfg.model.text.num_attention_heads // max(1, int(mesh.shape.get("tensor", 1)))
     rate = kernel_rate(target, heads) if any(c.kernel_flops for c in costs.values()) else 0.0
     for r in results:
