@@ -6,7 +6,7 @@
 
 The variant (`:arg`) picks the benchmark and its default paths, the layout its own download writes under
 /data/<repository> (`BENCHMARKS` below; override the paths): mlvu (dev) | mlvu_test | longvideobench | videomme |
-lvbench | original (the default: VideoZoomer's own RL/eval JSON, reference §6.1). docs/eval.md says how to get
+lvbench | original (the default: VideoZoomer's own RL/eval JSON, `data/records.py`). docs/eval.md says how to get
 each benchmark; `zoomer_jax/eval/readers.py` documents each file format and where the videos must be.
 
 Check first (no model is loaded): the tasks, the dirty records (resolved or skipped, with ids and reasons) and
@@ -88,13 +88,13 @@ def get_config(arg=None):
       options=options,  # the reader's own keyword arguments (zoomer_jax/eval/readers.py)
       allow_missing_videos=False,  # True: tasks whose video is missing are left out (listed in the report)
   ))
-  # ToolConfig fields (zoomer_jax/agent/protocol.py), the original's eval_video.sh values (reference §1.6).
+  # ToolConfig fields (zoomer_jax/agent/protocol.py), the original's eval_video.sh values (docs/protocol.md).
   cfg.agent = ml_collections.ConfigDict(dict(
       max_generation_round=5, tool_call_max_frames=16, frames_upbound=64, video_fps=0.5, max_total_frames=128,
       system_prompt="system_prompt_boxed.txt", system_prompt_verbatim=False, last_round_hint=True,
       hint_separator="\n",
   ))
-  # The other AgentConfig fields; decoding is greedy (temperature 0, one sample, §6.3).
+  # The other AgentConfig fields; decoding is greedy (temperature 0, one sample).
   cfg.rollout = ml_collections.ConfigDict(dict(
       max_new_tokens=4096,  # per assistant turn (data.max_response_length)
       decode_chunk=64, max_pixels=100352, min_pixels=25088, cache_size=0, token_bucket=64, image_bucket=8,

@@ -1,4 +1,4 @@
-"""GRPO of Qwen2.5-VL-7B with the zoom tool: the released VideoZoomer recipe (reference §4), verl's names.
+"""GRPO of Qwen2.5-VL-7B with the zoom tool: the released VideoZoomer recipe (docs/training.md), verl's names.
 
     python -m zoomer_jax train --config=grpo_7b --config.init.checkpoint=/ckpt/videozoomer-sft \
         --config.data.train_files='("/data/train.json",)' --config.workdir=gs://bucket/runs/grpo
@@ -31,7 +31,7 @@ def get_config(arg=None):
   cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
 
   cfg.data = ml_collections.ConfigDict(dict(
-      train_files=(),  # the original's RL JSON / JSONL / YAML (§6.1), or a TFDS dir via tfds_dir
+      train_files=(),  # the original's RL JSON / JSONL / YAML (data/records.py), or a TFDS dir via tfds_dir
       val_files=(),
       tfds_dir="",  # where the array_record TFDS copy of the files is built (default: workdir/tfds)
       train_batch_size=128,  # prompts per RL step (data.train_batch_size)

@@ -29,7 +29,7 @@ def get_config(arg=None):
   #  * embed 3584, vision 1280 and merger 5120 widths all divide by 32, so every large matrix shards evenly.
   cfg.mesh.ici = (1, 32, 1)
   cfg.mesh.dcn = (1, 1, 1)
-  # Batch: the released recipe (reference §4): 128 prompts x 16 = 2048 trajectories per RL step, mini-batches
+  # Batch: the released recipe (docs/training.md): 128 prompts x 16 = 2048 trajectories per RL step, mini-batches
   # of 32 prompts (512 trajectories) = 4 optimizer steps.
   cfg.data.train_batch_size = 128
   cfg.rollout.n = 16

@@ -35,7 +35,7 @@ def get_config(arg=None):
   # Sequence parallelism: the residual stream between layers (what remat keeps, 28 x 32k x 3584 bf16 = 6.1 GiB
   # per row) is split over the tensor axis too.
   cfg.mesh.rules = (("activation_norm_length", "tensor"),) + tuple(cfg.mesh.rules)
-  # Batch: the released recipe (reference §4): 128 prompts x 16 = 2048 trajectories per RL step, mini-batches
+  # Batch: the released recipe (docs/training.md): 128 prompts x 16 = 2048 trajectories per RL step, mini-batches
   # of 32 prompts (512 trajectories) = 4 optimizer steps.
   cfg.data.train_batch_size = 128
   cfg.rollout.n = 16

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL-3B-Instruct architecture (reference §1.2): the 7B with a smaller, tied decoder."""
+"""Qwen2.5-VL-3B-Instruct architecture (the hub's config.json): the 7B with a smaller, tied decoder."""
 
 import importlib.util
 import os

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL-7B-Instruct architecture (the hub config.json; reference §1.1).
+"""Qwen2.5-VL-7B-Instruct architecture (the hub config.json).
 
     cfg = zoomer_jax.configs.load("configs/qwen25vl_7b.py")
     model_cfg = zoomer_jax.ModelConfig.from_config_dict(cfg.model)

@@ -1,4 +1,4 @@
-"""The built-in tiny Qwen2.5-VL (reference §9, with a 600-token vocabulary): random weights, CPU-sized.
+"""The built-in tiny Qwen2.5-VL (a 600-token vocabulary): random weights, CPU-sized.
 
 Its vocabulary is that of `zoomer_jax.text.build_tiny_tokenizer()` (a byte-level BPE with the Qwen specials).
 

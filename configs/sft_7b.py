@@ -1,4 +1,4 @@
-"""SFT cold start of Qwen2.5-VL-7B on tool-using trajectories: the original's LLaMA-Factory recipe (§6.2).
+"""SFT cold start of Qwen2.5-VL-7B on tool-using trajectories: the original's LLaMA-Factory recipe (docs/training.md).
 
     python -m zoomer_jax train --config=sft_7b --config.init.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct \
         --config.data.train_files='("/data/videozoomer_sft.json",)' --config.workdir=gs://bucket/runs/sft
@@ -27,7 +27,7 @@ def get_config(arg=None):
   cfg.accelerator_type = "v5p-64"  # the TPU slice `compile` and the cost account (zoomer_jax.cost) size for
   cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 2), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
   cfg.data = ml_collections.ConfigDict(dict(
-      train_files=(),  # SFT records (§6.2): {"messages": [...], "images": [...]}, JSON / JSONL / YAML
+      train_files=(),  # SFT records (docs/training.md): {"messages": [...], "images": [...]}, JSON / JSONL / YAML
       tfds_dir="",  # where the array_record TFDS copy of the files is built (default: workdir/tfds)
       batch_size=16,  # sequences per optimizer step (global), split into micro-batches
       micro_batch_size=16,  # sequences per forward/backward (one per batch shard); batch_size / micro_batch_size

@@ -23,7 +23,7 @@ TAG = re.compile(r"<frame(\d+)_time(\d+\.\d\d)s><image>")
 
 
 def format_reward(turns: list[str], max_frames: int) -> int:
-  """The original's binary format rule (reference §3.4), written from its description."""
+  """The original's binary format rule (docs/training.md, Rewards), written from its description."""
   for t in turns[:-1]:
     t = t.strip()
     if not re.match(r"^<think>.*</think>.*<video_zoom>.*</video_zoom>", t, re.S):

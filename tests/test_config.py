@@ -20,7 +20,7 @@ def _n_params(cfg: ModelConfig) -> int:
 
 @pytest.mark.parametrize("name, count", [("qwen25vl_7b", 8_292_166_656), ("qwen25vl_3b", 3_754_622_976)])
 def test_presets_have_the_released_parameter_counts(name, count):
-  """Counts from instantiating transformers' model on the meta device (reference §1)."""
+  """Counts from instantiating transformers' model on the meta device."""
   cfg = ModelConfig.from_config_dict(load(name).model.to_dict())
   assert _n_params(cfg) == count
 

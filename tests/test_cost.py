@@ -71,7 +71,7 @@ def test_param_counts_equal_the_nnx_model(rng, tie, trial):
 
 
 def test_param_counts_of_the_released_models():
-  # Reference qwen25vl.md §1.1 / §1.2 (transformers' meta-device count of the hub configs).
+  # transformers' meta-device count of the hub configs.
   p7 = param_counts(ModelConfig.from_config_dict(load("qwen25vl_7b").model.to_dict()))
   assert (p7.total, p7.text, p7.vision) == (8_292_166_656, 7_615_616_512, 676_550_144)
   p3 = param_counts(ModelConfig.from_config_dict(load("qwen25vl_3b").model.to_dict()))

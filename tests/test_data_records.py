@@ -1,4 +1,4 @@
-"""Record formats (reference §6): parsing, validation errors, .json/.jsonl/.yaml loading, TFDS round trips."""
+"""Record formats (docs/training.md): parsing, validation errors, .json/.jsonl/.yaml loading, TFDS round trips."""
 
 import json
 import math

@@ -44,7 +44,7 @@ def test_sft_layout_is_the_rollout_layout(tok, rng):
   msgs, imgs = conversation(rng)
   ex = encode_conversation(tok, msgs, imgs, **PIX)
   n_pad = [int(g.prod()) // 4 for g in ex.image_grid_thw]
-  # Written out by hand: the template for the prompt, then the agent's turn rule (reference §1.4): the model's
+  # Written out by hand: the template for the prompt, then the agent's turn rule (docs/protocol.md): the model's
   # turn closed by <|im_end|> with no newline, the observation as a user turn, the next assistant turn.
   text = (render_text(msgs[:2]) + msgs[2]["content"] + "<|im_end|>" + "<|im_start|>user\n" + msgs[3]["content"]
           + "<|im_end|>\n<|im_start|>assistant\n" + msgs[4]["content"] + "<|im_end|>")

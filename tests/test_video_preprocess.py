@@ -76,7 +76,7 @@ def test_patchify_images_matches_hf(rng, hw):
 
 
 def reference_video_rows(frames):
-  """Reference §5.3 in float: pad T to even, reshape (gt, 2, C, gh/2, 2, 14, gw/2, 2, 14), transpose, flatten."""
+  """Qwen2.5-VL's patchify (transformers' image processor) in float: pad T to even, reshape (gt, 2, C, gh/2, 2, 14, gw/2, 2, 14), transpose, flatten."""
   x = (frames.astype(np.float32) / 255.0 - pp.CLIP_MEAN) / pp.CLIP_STD
   if len(x) % 2:
     x = np.concatenate([x, x[-1:]])

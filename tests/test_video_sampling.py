@@ -24,7 +24,7 @@ def meta(n, fps):
 
 
 def original_overview(total_frame_num, avg_fps_native, video_fps=0.5, frames_upbound=64):
-  """The overview rule as videozoomer.md §1.6 states it, written independently of ours."""
+  """The overview rule as docs/video.md states it, written independently of ours."""
   avg_fps = max(1, round(avg_fps_native / video_fps))
   frame_idx = [i for i in range(0, total_frame_num, avg_fps)]
   frame_time = [i / avg_fps_native for i in frame_idx]
@@ -44,7 +44,7 @@ def exact_overview(n, fps, video_fps=0.5, frames_upbound=64):
 
 
 def original_zoom(total_frame_num, video_fps, start_time, end_time, fps, max_frames=16):
-  """The zoom-clip rule as videozoomer.md §1.3 states it, written independently of ours."""
+  """The zoom-clip rule as docs/video.md states it, written independently of ours."""
   extract_frame_num = int(fps * (end_time - start_time))
   if extract_frame_num > max_frames:
     raise ValueError(f"Number of frames extracted ({extract_frame_num}) exceeds the maximum allowed ({max_frames}).")

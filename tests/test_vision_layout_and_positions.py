@@ -20,7 +20,7 @@ def _cu(lengths):
 
 
 def test_worked_window_examples():
-  """Reference §2.4: grid (1,10,12) and (2,8,8)."""
+  """Window order, grid (1,10,12) and (2,8,8)."""
   idx, lengths = window_index(np.array([[1, 10, 12]]), 2, 4)
   assert idx.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 18, 19, 20, 21, 4, 5, 10, 11, 16, 17, 22, 23,
                           24, 25, 26, 27, 28, 29]
@@ -30,7 +30,7 @@ def test_worked_window_examples():
 
 
 def test_frame_segments_example():
-  """Reference §2.5: grids (2,8,8),(1,4,6) -> full-attention boundaries [0,64,128,152]."""
+  """Full-attention boundaries, grids (2,8,8),(1,4,6) -> full-attention boundaries [0,64,128,152]."""
   layout = vision_layout(np.array([[2, 8, 8], [1, 4, 6]]), VISION)
   assert _cu(layout.frames.valid.sum(-1)) == [0, 64, 128, 152]
 
@@ -75,7 +75,7 @@ def _ids(*parts):
 
 
 def test_worked_position_examples():
-  """Reference §3.3: a (3,8,12) video at cur=15 with step 2; an image (1,4,4) at 4."""
+  """transformers' get_rope_index by hand, a (3,8,12) video at cur=15 with step 2; an image (1,4,4) at 4."""
   # text 0..3, image at 4 (next text 6), text 6..14 (9 tokens), so the video starts at cur=15.
   ids = _ids(("text", 4), ("image", 4), ("text", 9), ("video", 72), ("text", 2))
   pos, delta = rope_index(ids, _cfg("original"), image_grid_thw=[[1, 4, 4]], video_grid_thw=[[3, 8, 12]])

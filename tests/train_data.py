@@ -35,7 +35,7 @@ def write_sft_records(out_dir: str, n: int, seed: int = 0) -> str:
 
 
 def write_rl_records(out_dir: str, n: int) -> str:
-  """n multiple-choice questions about short index-pattern videos, as the original's RL JSON (§6.1)."""
+  """n multiple-choice questions about short index-pattern videos, as the original's RL JSON (data/records.py)."""
   import media
   os.makedirs(out_dir, exist_ok=True)
   records = []

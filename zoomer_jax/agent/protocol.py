@@ -9,7 +9,7 @@ takes each assistant turn's text and answers with exactly one of
   * `ToolError` - a malformed call: its `observation` says what was wrong, and generation resumes.
 
 Texts use `<image>` where one frame goes (the chat renderer expands it to the vision tokens). The
-observation texts reproduce the original's (reference `videozoomer.md` §1.4-1.5) with its two bugs
+observation texts reproduce the original's (docs/protocol.md, "What is the same") with its two bugs
 fixed; `docs/protocol.md` lists every deviation.
 """
 
@@ -42,7 +42,7 @@ TURN_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
 
 @dataclasses.dataclass(frozen=True)
 class ToolConfig:
-  """Budgets and prompt choice. Names follow the original's config keys (reference §1.6)."""
+  """Budgets and prompt choice. Names follow the original's config keys (docs/protocol.md)."""
 
   max_generation_round: int = 5  # assistant turns per trajectory, the answer round included
   tool_call_max_frames: int = 16  # frames one call may return

@@ -199,14 +199,14 @@ class Trajectory:
 
   prompt_text_tokens  400: agent/prompts/system_prompt.txt is 1192 bytes (~270 Qwen tokens) + a
                       multiple-choice question (~100) + chat-template tokens.
-  overview_frames     64: data.frames_upbound (reference videozoomer.md §1.6; videos > 128 s get 64).
+  overview_frames     64: data.frames_upbound (docs/video.md; videos > 128 s get 64).
   zoom_calls          2: expected tool calls (an assumption; at most max_generation_round - 1 = 4).
   frames_per_call     16: rollout.tool_call_max_frames, the most a call may ask for.
   frame_size          720x1280 source frames -> 224x420 after the 100352-pixel budget -> 16x30 patches,
                       120 LLM tokens per frame (a 4:3 source gives 20x26 patches, 130 tokens).
   text_tokens_per_frame 12: the `<frame{i}_time{t:.2f}s>` tag plus vision start/end (agent/rollout.py
                       allows the same 12 per frame when sizing its cache).
-  observation_text_tokens 64: the tool-response wrapper and instruction text of one call (§1.4).
+  observation_text_tokens 64: the tool-response wrapper and instruction text of one call (docs/protocol.md).
   gen_tokens_per_turn 512: expected generated tokens per assistant turn (an assumption; the cap is
                       rollout.response_length = 4096).
   """

@@ -1,6 +1,6 @@
 """Cold-start SFT trajectories for the synthetic zoom task, written programmatically instead of distilled.
 
-Each RL record of `data.synthetic` becomes one conversation in the SFT format of the original (reference §6.2):
+Each RL record of `data.synthetic` becomes one conversation in the SFT format of the original (docs/training.md, SFT):
 
   {"messages": [system, user, assistant, user (tool response), assistant, ...], "images": [png, ...],
    "id": doc_id, "kind": "direct" | "reflection"}

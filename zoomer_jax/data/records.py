@@ -1,4 +1,4 @@
-"""The two record formats of VideoZoomer (reference §6) and their loaders: RL/eval questions and SFT chats.
+"""The two record formats of VideoZoomer (docs/training.md) and their loaders: RL/eval questions and SFT chats.
 
 RL / eval record (verl's `data.train_files` / `data.val_files`, the original's `multimodal_dataset.py`):
 

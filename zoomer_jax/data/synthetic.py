@@ -27,7 +27,7 @@ their first and last frames.
 
   generate(out_dir, seed=0, n_train=256, n_val=32, n_test=64) -> {"train": json, "validation": ..., "test": ...}
 
-writes `videos/*.mp4` (OpenCV mp4v) and one JSON list per split in VideoZoomer's RL format (reference §6.1).
+writes `videos/*.mp4` (OpenCV mp4v) and one JSON list per split in VideoZoomer's RL format (`data/records.py`).
 The `SyntheticZoom` TFDS builder (array_record; reading needs no TensorFlow) stores the same records with
 `tfds_builders.RLRecords`' features and example generator.
 """
@@ -343,7 +343,7 @@ def video_name(split: str, index: int, plan: Plan, p: VideoParams) -> str:
 
 def make_record(plan: Plan, p: VideoParams, tool: ToolConfig, video: str, *, seed: int, split: str,
                 index: int) -> dict:
-  """The RL record (reference §6.1) of one planned video stored at `video`."""
+  """The RL record (`data/records.py`) of one planned video stored at `video`."""
   names = [CLASS_NAMES[c] for c in plan.options]
   (s, e), zfps = plan.zoom
 

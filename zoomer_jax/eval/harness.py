@@ -4,7 +4,7 @@
     report = evaluate(model, tok, tasks, AgentConfig(), batch_size=8, out_jsonl="out/eval/videomme_tool.jsonl")
     print(report.to_table())
 
-Decoding is greedy (temperature 0), one sample per question, as the original's validation (reference §6.3);
+Decoding is greedy (temperature 0), one sample per question, as the original's validation;
 whatever `agent_cfg.sampling.temperature` says is replaced by 0. `evaluate(..., temperature=T, samples=k)`
 instead draws k trajectories per question at temperature T (the mode is then named e.g. "tool@T1x4"): its
 accuracy is the mean over all k x n trajectories (avg@k), the expected reward of the sampling policy that RL
@@ -12,7 +12,7 @@ trains, each JSONL line carrying its `sample` index.
 
 Two modes:
 
-  * `use_tool=True`: the zoom agent (reference §5) with `agent_cfg.tool`'s budgets.
+  * `use_tool=True`: the zoom agent (`agent/rollout.py`) with `agent_cfg.tool`'s budgets.
   * `use_tool=False`: the no-tool baseline, given the frame budget of the tool run. A tool run sees its overview
     (at most `frames_upbound` frames) plus at most `tool_call_max_frames` per call in each of its first
     `max_generation_round - 1` rounds (the last round never runs the tool), all capped by `max_total_frames`:
@@ -27,12 +27,12 @@ Two modes:
     most 120 frames) is not reproduced: ours keeps the frames-as-images input of the tool run, so the two runs
     differ only in the tool.
 
-Scoring (reference §3): `acc` is `train.rewards.judge_multi_choice` on the assistant turns against the answer
-letter, `format` is `format_reward(turns, tool_call_max_frames).score`, and `score = acc + format` (the
-original's validation weights, §3.5). Accuracy is the mean `acc`, per data_source and overall. A sample whose
+Scoring (docs/training.md, Rewards): `acc` is `train.rewards.judge_multi_choice` on the assistant turns
+against the answer letter, `format` is `format_reward(turns, tool_call_max_frames).score`, and `score = acc + format` (the
+original's validation weights). Accuracy is the mean `acc`, per data_source and overall. A sample whose
 video cannot be read (or whose batch fails on it) counts as wrong, is listed under `errors`, and the run goes on.
 
-JSONL (one line per task, in task order; the original's dump fields of §6.3 under the same names where they
+JSONL (one line per task, in task order; the original's dump fields under the same names where they
 exist): id, data_source, video, mode, ground_truth, prediction, acc, format, score, finish_reason, rounds,
 frames (all images shown), zoom_frames, tool_calls (zooms executed), tool_errors, requested_tool_calls
 (format_reward's count), calls (the tool log), turns, input (the prompt), output (everything after it: turns

@@ -8,9 +8,9 @@
 
 Every reader gives the same problem text (`format_problem`): the `<image>` placeholder where the overview
 frames go, the subtitles when asked for, the question, then one option per line as "A. text". The original's
-`problem` field (reference §6.1) is "the question with a literal <image> placeholder, plus options"; its exact
-layout in the released data is unknown (§8), so this is ours. "A. text" lines are what the multiple-choice
-judge's fallback regex `([A-Z])\\.` reads (§3.2) when the model repeats an option.
+`problem` field (`data/records.py`) is "the question with a literal <image> placeholder, plus options"; its exact
+layout in the released data is unknown, so this is ours. "A. text" lines are what the multiple-choice
+judge's fallback regex `([A-Z])\\.` reads when the model repeats an option.
 
 | name          | file (layout)                                       | video path                       | source   |
 |---------------|-----------------------------------------------------|----------------------------------|----------|
@@ -21,9 +21,9 @@ judge's fallback regex `([A-Z])\\.` reads (§3.2) when the model repeats an opti
 |               | as a JSON list / JSON lines)                        |                                  |          |
 | lvbench       | `video_info.meta.jsonl`, or the flat table (one row | root/<key>.mp4, or video2dataset | lvbench  |
 |               | per question, `lmms-lab/LVBench`'s parquet)         | root/00000/000000000.mp4         |          |
-| original      | VideoZoomer RL/eval JSON (§6.1)                     | videos[0] (relative: under root) | its own  |
+| original      | VideoZoomer RL/eval JSON (data/records.py)         | videos[0] (relative: under root) | its own  |
 
-The data_source names are the original's reward/metric keys (§3.1), so reports line up with its
+The data_source names are the original's reward/metric keys, so reports line up with its
 `val/test_score/{data_source}` metrics (MLVU's is spelled "MVLU" there). `by_group=True` appends each
 benchmark's usual breakdown, e.g. "VideoMME/long", "lvb/600", "MVLU/plotQA".
 
@@ -230,9 +230,14 @@ def _letter(path: str, index, field: str, letter: str, n_options: int) -> str:
   return letter
 
 
+def _optional(record, name: str):
+  """An optional field of a published record (a JSON object or a parquet row): its value, or None."""
+  return record[name] if isinstance(record, dict) and name in record else None
+
+
 def _rid(path: str, index, record, key: str | None, fallback: str | None = None) -> str:
   """The record's id field if it has one, else `fallback`, else "<file name>#<index>"."""
-  value = record.get(key) if key and isinstance(record, dict) else None
+  value = _optional(record, key) if key else None
   if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
     return str(value)
   return fallback or f"{os.path.basename(path)}#{index}"
@@ -321,7 +326,7 @@ def read_mlvu(annotation_path: str, video_root: str, *, by_group: bool = False, 
         video = _text(path, i, r, "video")
         layouts = [os.path.join(stem, video), video] if per_task else [video, os.path.join(stem, video)]
         letter = _mlvu_answer(out, rid, path, i, r)
-        group = r.get("question_type") or stem
+        group = _optional(r, "question_type") or stem
         out.tasks.append(Task(video=find.first(layouts if video_layout == "auto" else layouts[:1]),
                               problem=format_problem(_text(path, i, r, "question"), r["candidates"]), answer=letter,
                               id=rid, data_source=_source("MVLU", group, by_group)))
@@ -376,19 +381,19 @@ def read_longvideobench(annotation_path: str, video_root: str, *, by_group: bool
         video = _text(annotation_path, i, r, "video_id") + ".mp4"
       block, timed = None, ()
       if subtitles != "none":
-        offset = r.get("starting_timestamp_for_subtitles") or 0.0
+        offset = _optional(r, "starting_timestamp_for_subtitles") or 0.0
         block, timed = _subtitle_parts(subtitles, cache, subs.read_longvideobench, os.path.join(
-            subtitle_root, _text(annotation_path, i, r, "subtitle_path")), float(offset), r.get("duration"))
+            subtitle_root, _text(annotation_path, i, r, "subtitle_path")), float(offset), _optional(r, "duration"))
       out.tasks.append(Task(video=os.path.join(video_root, video), answer=LETTERS[int(choice)], subtitles=timed,
                             problem=format_problem(_text(annotation_path, i, r, "question"), options, block),
                             id=str(_field(annotation_path, i, r, "id", (str, int))),
-                            data_source=_source("lvb", r.get("duration_group"), by_group)))
+                            data_source=_source("lvb", _optional(r, "duration_group"), by_group)))
   return out
 
 
 def _lvb_options(path: str, i: int, r) -> list[str]:
   if isinstance(r, dict) and "candidates" not in r and "option0" in r:
-    options = [r.get(f"option{k}") for k in range(len(LETTERS))]
+    options = [_optional(r, f"option{k}") for k in range(len(LETTERS))]
     return _check_options(path, i, "option0..option4", [o for o in options if o is not None and o != "N/A"])
   return _options(path, i, r, "candidates")
 
@@ -436,7 +441,7 @@ def read_videomme(annotation_path: str, video_root: str, *, by_group: bool = Fal
       out.tasks.append(Task(video=find.by_stem(video_id), answer=answer, subtitles=timed,
                             problem=format_problem(_text(annotation_path, i, r, "question"), options, block),
                             id=str(_field(annotation_path, i, r, "question_id", (str, int))),
-                            data_source=_source("VideoMME", r.get("duration"), by_group)))
+                            data_source=_source("VideoMME", _optional(r, "duration"), by_group)))
   if subtitles != "none" and out.tasks and not with_subs:
     raise AnnotationError(subtitle_root, None, None, "holds no <videoID>.srt of any video in "
                           f"{annotation_path}; subtitle_root should be Video-MME's unzipped subtitle/ folder")
@@ -501,7 +506,7 @@ def _lvbench_question(out: Read, find: VideoFinder, path: str, where, qa, video:
     except ValueError as e:
       raise RecordError(path, where, "question", str(e)) from None
     answer = _letter(path, where, "answer", _field(path, where, qa, "answer", str), len(options))
-    rel = video.get("video_path")
+    rel = _optional(video, "video_path")
     if isinstance(rel, str) and rel.strip() and find.exists(rel):
       file = os.path.join(find.root, rel)
     else:
@@ -510,13 +515,13 @@ def _lvbench_question(out: Read, find: VideoFinder, path: str, where, qa, video:
         file = find.youtube(key) or file
     out.tasks.append(Task(video=file, problem=format_problem(question, options), answer=answer,
                           id=str(_field(path, where, qa, "uid", (str, int))),
-                          data_source=_source("lvbench", video.get("type"), by_group)))
+                          data_source=_source("lvbench", _optional(video, "type"), by_group)))
 
 
 # ---------------------------------------------------------------------------------------------- original
 def read_original(annotation_path: str, video_root: str = "", *, by_group: bool = False,
                   open_ended: str = "error") -> Read:
-  """The original's RL/eval records (reference §6.1, `multimodal_dataset.py`), a JSON list (or JSON lines):
+  """The original's RL/eval records (`data/records.py`; its `multimodal_dataset.py`), a JSON list (or JSON lines):
 
     problem      the question with a literal "<image>" where the video goes, options included; used as is
     solution     the ground truth, e.g. "B"
@@ -535,7 +540,7 @@ def read_original(annotation_path: str, video_root: str = "", *, by_group: bool 
   for i, r in enumerate(_load_records(annotation_path)):
     with out.record(_rid(annotation_path, i, r, "doc_id", str(i))):
       info = _field(annotation_path, i, r, "extra_info", dict)
-      kind = info.get("answer_type")
+      kind = _optional(info, "answer_type")
       if kind is None:
         raise RecordError(annotation_path, i, "extra_info.answer_type", "is missing")
       if kind != "multiple_choice":
@@ -552,7 +557,7 @@ def read_original(annotation_path: str, video_root: str = "", *, by_group: bool 
       videos = _field(annotation_path, i, r, "videos", list)
       if len(videos) != 1 or not isinstance(videos[0], str):
         raise RecordError(annotation_path, i, "videos", f"must hold exactly one path, got {str(videos)[:80]}")
-      doc_id = r.get("doc_id")
+      doc_id = _optional(r, "doc_id")
       out.tasks.append(Task(video=os.path.join(video_root, videos[0]), problem=problem, answer=solution,
                             id=str(i if doc_id is None else doc_id), data_source=source))
   return out

@@ -3,7 +3,8 @@
 Hub checkpoints (and transformers 4.x `save_pretrained`) keep the text fields at the top level
 ("flat"); transformers 5.x nests them under `text_config`. Both are accepted: a text field is read
 from `text_config` when present, else from the top level. Required sizes are never taken from class
-defaults, because transformers' class defaults do not match any released model (reference §1, §8.17).
+defaults, because transformers' class defaults do not match any released model (the hub's config.json
+files are the truth).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 
-# How the temporal index and the text position after a vision block are computed (reference §3.3).
+# How the temporal index and the text position after a vision block are computed (transformers' `get_rope_index`).
 #   original : floor(t * tokens_per_second * second_per_grid) in float; next text at max(block) + 1.
 #              Qwen's own code, transformers 4.49-4.51 and vLLM. The default.
 #   hf_4.52  : second_per_grid truncated to int first; next text at max(block) + 1 (transformers 4.52-5.2).

@@ -1,14 +1,14 @@
 """Chat rendering straight to token ids, and the token-in/token-out `Transcript` of a multi-turn rollout.
 
-`render_messages` gives the ids that Qwen2-VL's chat template (`tokenizer.CHAT_TEMPLATE`, reference qwen25vl.md
-§6) followed by the processor's pad expansion gives: every `<|image_pad|>` becomes `image_tokens[k]` pads (the
+`render_messages` gives the ids that Qwen2-VL's chat template (`tokenizer.CHAT_TEMPLATE`, the hub's
+template) followed by the processor's pad expansion gives: every `<|image_pad|>` becomes `image_tokens[k]` pads (the
 k-th image's `t*h*w // 4`), every `<|video_pad|>` `video_tokens[k]` pads. An image is an `{"type": "image"}`
 item of list content, an `<image>` placeholder in string content (VideoZoomer's convention), or a
 `<|image_pad|>` written in the text.
 
 A `Transcript` starts from a rendered prompt and only ever appends: model tokens as they are, host text
 (observations) tokenised on its own. Earlier ids never change, so a KV cache and log-probs stay valid.
-The observation rule of the original (reference videozoomer.md §1.2, §1.4):
+The observation rule of the original (docs/protocol.md):
 
     ... generated turn <|im_end|>          <- appended by `close_turn` unless the turn ends with it (mask 1)
     <|im_start|>user\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n   <- `append_observation` (mask 0)

@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                            r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-# The Qwen2 added tokens in hub order (reference qwen25vl.md §4), with their `special` flag: the tool-call and
+# The Qwen2 added tokens in hub order (Qwen2.5-VL's tokenizer_config.json), with their `special` flag: the tool-call and
 # fill-in-the-middle tokens are added but not special, so `decode(skip_special_tokens=True)` keeps them.
 QWEN_ADDED_TOKENS = (
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
@@ -45,7 +45,7 @@ TINY_SPECIAL_IDS = {
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-# Qwen2-VL's chat format (reference qwen25vl.md §6), written for this project. A default system turn when the
+# Qwen2-VL's chat format (its hub chat_template), written for this project. A default system turn when the
 # first message is not `system`; `<|im_start|>{role}\n{content}<|im_end|>\n` per message; string content
 # verbatim; list content concatenated without separators (image -> vision_start image_pad vision_end, video
 # -> vision_start video_pad vision_end, text -> its text); `<|im_start|>assistant\n` as the generation prompt.

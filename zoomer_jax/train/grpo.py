@@ -1,4 +1,4 @@
-"""GRPO over multi-turn zoom-tool rollouts (reference §4, verl's recipe and names).
+"""GRPO over multi-turn zoom-tool rollouts (docs/training.md; verl's recipe and names).
 
 One RL step:
   1. take `data.train_batch_size` prompts; run `rollout.n` trajectories of each with the agent (the sampler

@@ -1,7 +1,7 @@
 """GRPO: group advantages (GRPO or RLOO), dynamic sampling, and the clipped policy loss with KL and entropy terms.
 
 Semantics and names follow verl (`core_algos.py`, `dp_actor.py`) as VideoZoomer's fork uses them
-(reference §4): advantages per prompt group with the unbiased std, an asymmetric clip (`clip_ratio_low`,
+(docs/training.md, GRPO): advantages per prompt group with the unbiased std, an asymmetric clip (`clip_ratio_low`,
 `clip_ratio_high`) without dual-clip, a `low_var_kl` loss term against the reference policy and an entropy
 bonus, all masked by the response mask and aggregated with one `loss_agg_mode`.
 
@@ -240,7 +240,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
 # ---------------------------------------------------------------------------------------- GRPO loss
 @dataclasses.dataclass(frozen=True)
 class GRPOLossConfig:
-  """The actor's loss settings under verl's names; defaults are VideoZoomer's (reference §4)."""
+  """The actor's loss settings under verl's names; defaults are VideoZoomer's (docs/training.md, GRPO)."""
 
   clip_ratio_low: float = 0.2
   clip_ratio_high: float = 0.27

@@ -1,4 +1,4 @@
-"""The GRPO reward: answer accuracy, tool-call format, and the tool-use term (reference `videozoomer.md` §3).
+"""The GRPO reward: answer accuracy, tool-call format, and the tool-use term (docs/training.md, Rewards).
 
 A trajectory is scored from its assistant turns (`Trajectory.turns`: each turn's text with special tokens
 removed, as the original's reward manager decodes them):
@@ -9,7 +9,7 @@ removed, as the original's reward manager decodes them):
     exact match (`judge_open_ended`), standing in for the original's GPT-4o judge.
   * `format` (0/1): every non-final turn a well-formed zoom call, the final turn a well-formed answer
     (`format_reward`).
-  * `tool_term`: minus the "penalty" of §3.6 (a negative penalty is a bonus), applied to trajectories that used
+  * `tool_term`: minus the "penalty" of the original's tool_call_extra_reward.py (a negative penalty is a bonus), applied to trajectories that used
     the tool, of the chosen kind (correct / incorrect / all), while the batch's tool-use rate is at most
     `target_tool_call_rate`.
 
@@ -162,7 +162,7 @@ def judge_multi_choice(turns: Sequence[str], ground_truth: str, letter_pattern: 
   or the last `\boxed{...}` in it does, or the last match of `letter_pattern` in it does ("B. xxx" -> "B").
 
   No `<answer>` tag: as in the original, the candidate is then the whole joined text (up to a stray
-  `</answer>`), so "B." anywhere in the reasoning still counts (reference §1.5).
+  `</answer>`), so "B." anywhere in the reasoning still counts (docs/training.md, Rewards).
   """
   gt = _ground_truth(ground_truth)
   candidate = _answer_span(_joined(turns))
@@ -249,7 +249,7 @@ def _tool_turn_frames(turn: str, max_frames: int) -> int | None:
 
 
 def format_reward(turns: Sequence[str], tool_call_max_frames: int = 16) -> FormatResult:
-  """Binary format score of a trajectory (the original's `toolcall_format.format_reward`, reference §3.4).
+  """Binary format score of a trajectory (the original's `toolcall_format.format_reward`, docs/training.md, Rewards).
 
   Single turn: the stripped turn is a direct answer (`_direct_answer_ok`); `tool_call_count` is 1 if it
   holds a call (a call made in the last round), else 0.
@@ -260,7 +260,7 @@ def format_reward(turns: Sequence[str], tool_call_max_frames: int = 16) -> Forma
   No turns at all (a video that failed to load): score 0, no calls.
 
   Deviation: the original does not strip the final turn of a multi-turn trajectory (leading whitespace, or
-  trailing whitespace beyond one newline, failed it); here every turn is stripped, as §3.4 states.
+  trailing whitespace beyond one newline, failed it); here every turn is stripped, as docs/training.md states.
   """
   if isinstance(turns, str):
     raise TypeError("turns must be a sequence of assistant turn strings, got one str")
@@ -294,7 +294,7 @@ def judge(turns: Sequence[str], ground_truth, answer_type: str, letter_pattern: 
 
 
 def _tool_term(cfg: RewardConfig, acc: float, fmt: FormatResult, used: bool, rate: float, step: int) -> float:
-  """Minus the §3.6 penalty when the gate is open, else 0 (subtracted term by term, as the original)."""
+  """Minus the original's tool penalty when the gate is open, else 0 (subtracted term by term, as the original)."""
   if not used or rate > cfg.target_tool_call_rate:
     return 0.0
   mode = cfg.penalize_mode

@@ -2,7 +2,7 @@
 
     python -m zoomer_jax train --config=sft_tiny --config.data.train_files='("sft.json",)'
 
-A record (`{"messages": [...], "images": [...]}`, reference §6.2) is laid out token for token as the agent
+A record (`{"messages": [...], "images": [...]}`, docs/training.md, SFT) is laid out token for token as the agent
 lays out a rollout (`zoomer_jax.text.Transcript`): the system and first user turn through the chat template,
 each assistant message as model tokens closed by `<|im_end|>` (loss mask 1), each later user or tool message
 as the tool-observation turn (mask 0). So SFT teaches exactly the context the sampler sees.

@@ -1,6 +1,6 @@
 """Frames -> Qwen2.5-VL pixel rows: VideoZoomer's pixel budget, smart_resize, CLIP normalisation, patchify.
 
-The original (videozoomer.md §1.3, §7) resizes each frame twice: PIL LANCZOS down to the per-frame budget
+The original resizes each frame twice: PIL LANCZOS down to the per-frame budget
 (`budget_size`: at most `max_pixels` = 100352, aspect kept, sizes truncated with int()), then the HF image
 processor's PIL BICUBIC to multiples of 28 (`smart_resize` with the checkpoint's image bounds). We do the same
 two steps, with the same sizes, in OpenCV, deliberately:
