@@ -35,7 +35,7 @@ from zoomer_jax.cost.account import Rollout as RolloutAssumptions
 from zoomer_jax.cost.account import _mean_decode_context
 from zoomer_jax.cost.workload import Trajectory, frame_grid, job_from_config
 from zoomer_jax.model.config import ModelConfig
-from zoomer_jax.model.kv_cache import K_AXES, KVCache
+from zoomer_jax.model.kv_cache import KVCache, cache_shardings
 from zoomer_jax.model.qwen25vl import VisionInput, resolve_dtype
 from zoomer_jax.model.vision_layout import layout_sizes, padded_layout
 from zoomer_jax.parallel.mesh import make_mesh
@@ -241,19 +241,8 @@ def grpo_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config", roll
 
 
 def _cache(mc: ModelConfig, mesh: Mesh, rules, rows: int, size: int, dtype, stacked: bool) -> KVCache:
-  t = mc.text
-  kh, h, n = t.num_key_value_heads, t.head_dim, t.num_hidden_layers
-  spec = lambda axes, shape: logical_to_spec(axes, rules, mesh, shape)
-  k_shape, v_shape = (rows, kh, h, size), (rows, kh, size, h)
-  if stacked:
-    k_shape, v_shape = (n,) + k_shape, (n,) + v_shape
-    k, v = _sds(k_shape, dtype, mesh, spec(K_AXES, k_shape)), _sds(v_shape, dtype, mesh, spec(K_AXES, v_shape))
-  else:  # one array per layer
-    k = tuple(_sds(k_shape, dtype, mesh, spec(K_AXES[1:], k_shape)) for _ in range(n))
-    v = tuple(_sds(v_shape, dtype, mesh, spec(K_AXES[1:], v_shape)) for _ in range(n))
-  return KVCache(k=k, v=v,
-                 valid=_sds((rows, size), bool, mesh, spec(("cache_batch", None), (rows, size))),
-                 length=_scalar(mesh, jnp.int32))
+  abstract = jax.eval_shape(lambda: KVCache.init(mc.text, rows, size, dtype, stacked=stacked))
+  return _abstract(abstract, cache_shardings(abstract, mesh, rules))
 
 
 def rollout_shapes(cfg, mc: ModelConfig) -> dict:
@@ -302,7 +291,8 @@ def rollout_programs(cfg, ab: Abstract, steps: TrainSteps, mc: ModelConfig, mesh
   def chunk_args(t: int, images: int, fresh: bool):
     cache = _cache(mc, rmesh, ab.rules, rows, shapes["cache"], ab.compute_dtype, stacked)
     ids = jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=row_sh(None))
-    pos = jax.ShapeDtypeStruct((3, rows, t), jnp.int32, sharding=NamedSharding(rmesh, PartitionSpec(None, batch_spec[0], None)))
+    pos = jax.ShapeDtypeStruct((3, rows, t), jnp.int32,
+                               sharding=NamedSharding(rmesh, PartitionSpec(None, batch_spec[0], None)))
     mask = jax.ShapeDtypeStruct((rows, t), bool, sharding=row_sh(None))
     vision = _vision(mc, rows, images, shapes["grid"], rmesh, AgentConfig.image_bucket, split)
     last = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sh())

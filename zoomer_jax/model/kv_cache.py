@@ -18,6 +18,19 @@ from zoomer_jax.model.config import TextConfig
 K_AXES = ("layers", "cache_batch", "cache_kv_heads", None, None)  # logical axes of a stacked key array
 
 
+def cache_shardings(cache: "KVCache", mesh, rules) -> "KVCache":
+  """NamedShardings of a (possibly abstract) cache laid out by the logical rules on `mesh`: rows over the data
+  axes, kv heads over tensor, the layers' stack unsplit. The one layout the sampler creates caches in and the
+  compiled rollout programs take."""
+  from jax.sharding import NamedSharding  # noqa: PLC0415
+  from zoomer_jax.parallel.rules import logical_to_spec  # noqa: PLC0415 (rules imports the model package)
+  spec = lambda names, x: NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape))
+  axes = K_AXES if not isinstance(cache.k, (tuple, list)) else K_AXES[1:]
+  return cache.replace(k=jax.tree.map(lambda x: spec(axes, x), cache.k),
+                       v=jax.tree.map(lambda x: spec(axes, x), cache.v),
+                       valid=spec(("cache_batch", None), cache.valid), length=spec((), cache.length))
+
+
 @struct.dataclass
 class KVCache:
   """Keys are stored transposed, [B, kv_heads, head_dim, S], and values as [B, kv_heads, S, head_dim]: the two

@@ -319,22 +319,14 @@ def _on_model_rows(model, rows: int, tree, axis: int = 0):
 
 
 def fresh_cache(model, batch: int, size: int) -> KVCache:
-  """An empty cache of `batch` rows x `size` slots, created directly in the layout the rules give it on the
-  model's mesh (rows over the data axes, kv heads over tensor): no chip ever holds the whole cache."""
-  from zoomer_jax.model.kv_cache import K_AXES  # noqa: PLC0415
+  """An empty cache of `batch` rows x `size` slots, created directly in its layout on the model's mesh
+  (`kv_cache.cache_shardings`): no chip ever holds the whole cache."""
+  from zoomer_jax.model.kv_cache import cache_shardings  # noqa: PLC0415
   from zoomer_jax.parallel.distributed import mesh_of  # noqa: PLC0415
-  from zoomer_jax.parallel.rules import logical_to_spec  # noqa: PLC0415
   mesh = mesh_of(nnx.state(model, nnx.Param))
   if mesh is None:
     return model.init_cache(batch, size)
-  abstract = jax.eval_shape(lambda: model.init_cache(batch, size))
-  rules = model.options.rules
-  axes = K_AXES if model.options.scan_layers else K_AXES[1:]
-  spec = lambda names, x: jax.sharding.NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape))
-  shardings = abstract.replace(k=jax.tree.map(lambda x: spec(axes, x), abstract.k),
-                               v=jax.tree.map(lambda x: spec(axes, x), abstract.v),
-                               valid=spec(("cache_batch", None), abstract.valid),
-                               length=spec((), abstract.length))
+  shardings = cache_shardings(jax.eval_shape(lambda: model.init_cache(batch, size)), mesh, model.options.rules)
   return jax.jit(lambda: model.init_cache(batch, size), out_shardings=shardings)()
 
 
@@ -396,7 +388,7 @@ def prefill(model, input_ids, attention_mask=None, *, cache_size: int, **kw) -> 
   Takes `extend`'s vision, bucket and `donate` arguments (a fresh cache can always be donated)."""
   ids = np.asarray(input_ids)
   ids = ids[None] if ids.ndim == 1 else ids
-  cache = _on_model_mesh(model, fresh_cache(model, ids.shape[0], cache_size))
+  cache = fresh_cache(model, ids.shape[0], cache_size)
   return extend(model, cache, ids, attention_mask, np.zeros(ids.shape[0], np.int32), **kw)
 
 

@@ -155,20 +155,8 @@ class Tokenizer:
   def vocab_size(self) -> int:
     """Number of token ids, added tokens included (151665 for Qwen2.5-VL, 600 for the tiny one).
 
-    Cached: `tokenizers` rebuilds the whole vocabulary to count it, and the agent asks once per token."""
+    Counted once: the agent checks every generated token against it."""
     return self.backend.get_vocab_size(with_added_tokens=True)
-
-  @functools.cached_property
-  def _literal(self) -> tokenizers.Tokenizer:
-    """A copy of the backend that encodes special-token spellings as plain text."""
-    literal = tokenizers.Tokenizer.from_str(self.backend.to_str())
-    literal.encode_special_tokens = True
-    return literal
-
-  def encode_literal(self, text: str) -> list[int]:
-    """Ids of `text` as plain text: `<|im_end|>`, `<|image_pad|>` and every other special token spelled in it
-    become ordinary text tokens, never the special ids (for text the model wrote, echoed back by the host)."""
-    return self._literal.encode(text, add_special_tokens=False).ids
 
   @property
   def chat_template(self) -> str | None:

@@ -9,9 +9,9 @@ removed, as the original's reward manager decodes them):
     exact match (`judge_open_ended`), standing in for the original's GPT-4o judge.
   * `format` (0/1): every non-final turn a well-formed zoom call, the final turn a well-formed answer
     (`format_reward`).
-  * `tool_term`: minus the "penalty" of the original's tool_call_extra_reward.py (a negative penalty is a bonus), applied to trajectories that used
-    the tool, of the chosen kind (correct / incorrect / all), while the batch's tool-use rate is at most
-    `target_tool_call_rate`.
+  * `tool_term`: minus the "penalty" of the original's `tool_call_extra_reward.py` (a negative penalty is a
+    bonus), applied to trajectories that used the tool, of the chosen kind (correct / incorrect / all), while
+    the batch's tool-use rate is at most `target_tool_call_rate`.
 
 Everything follows the original's code (`openr1.py`, `toolcall_format.py`, `tool_call_extra_reward.py`,
 `ray_trainer.py`); the few deviations are marked "Deviation:" where they occur.
@@ -249,7 +249,7 @@ def _tool_turn_frames(turn: str, max_frames: int) -> int | None:
 
 
 def format_reward(turns: Sequence[str], tool_call_max_frames: int = 16) -> FormatResult:
-  """Binary format score of a trajectory (the original's `toolcall_format.format_reward`, docs/training.md, Rewards).
+  """Binary format score of a trajectory (the original's `toolcall_format.format_reward`; docs/training.md).
 
   Single turn: the stripped turn is a direct answer (`_direct_answer_ok`); `tool_call_count` is 1 if it
   holds a call (a call made in the last round), else 0.
