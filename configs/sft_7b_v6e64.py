@@ -20,4 +20,5 @@ def get_config(arg=None):
   cfg.mesh.ici = (1, 16, 4)
   # Sequence parallelism: the residual stream between layers is split over the tensor axis too (grpo_7b_v6e64).
   cfg.mesh.rules = (("activation_norm_length", "tensor"),) + tuple(cfg.mesh.rules)
+  cfg.train.remat = "full"  # a 32 GB chip cannot keep every matmul output of a 32k-token row (sft_7b's save_dots)
   return cfg

@@ -139,6 +139,9 @@ def test_splash_kernels_are_counted(target):
   pairs = 512 * 512 * 3  # two 512-token tiles: the block-causal pairs are 3 of the 4 blocks
   assert splash_flops(fwd) == 4 * 8 * 128 * pairs  # one row per chip, 8 heads
   assert splash_flops(bwd) == (4 + 14) * 8 * 128 * pairs  # forward (residuals) + dq and dkv kernels
+  # The account's hardware FLOPs of a blockwise attention backward are the kernels' own ratio.
+  from zoomer_jax.cost.flops import FLASH_BACKWARD_OVER_FORWARD
+  assert (splash_flops(bwd) - splash_flops(fwd)) / splash_flops(fwd) == FLASH_BACKWARD_OVER_FORWARD
   # Walks of other kinds first (as `_cost_of` does) must not leave counts that a later walk reads: a memo keyed
   # by the visitor's id once served the kernels' walk a dead visitor's (empty) counts.
   for _ in range(3):

@@ -228,6 +228,7 @@ def _train_forward(job: Job, tr: Trainer, tc: TrajectoryCounts) -> tuple[dict, d
   hw_text = F.text_forward_flops(t, padded, causal=tr.attention == "flash")
   hw = dict(vision=_vision(job, tc.grid, tc.images, True), text=_sum(hw_text))
   pieces = dict(text_layers=hw_text["dense"] + hw_text["attention"], text_attention=hw_text["attention"],
+                text_down_proj=padded * F.text_down_proj_flops_per_token(t),
                 lm_head=hw_text["lm_head"], vision_blocks=_vision_blocks(job, tc.grid, tc.images, True),
                 padded_tokens=padded)
   return model, hw, pieces
@@ -235,13 +236,17 @@ def _train_forward(job: Job, tr: Trainer, tc: TrajectoryCounts) -> tuple[dict, d
 
 def _update_flops(job: Job, tr: Trainer, tc: TrajectoryCounts) -> tuple[dict, dict]:
   """Forward + backward of one trajectory. The backward costs 2x the forward for every part gradients flow
-  through; a frozen vision tower only runs forward. Remat adds a recompute (hardware FLOPs only)."""
+  through (a blockwise attention kernel's backward more: `flops.FLASH_BACKWARD_OVER_FORWARD`); a frozen vision
+  tower only runs forward. Remat adds a recompute (hardware FLOPs only) of what the backward reads: a full
+  remat recomputes a layer but its down projection."""
   fm, fh, pieces = _train_forward(job, tr, tc)
   vmul = 1 if job.freeze_vision else 3
   model = dict(vision=vmul * fm["vision"], text=3 * fm["text"])
   hw = dict(vision=vmul * fh["vision"], text=3 * fh["text"])
+  if tr.attention == "flash":
+    hw["text"] += (F.FLASH_BACKWARD_OVER_FORWARD - 2) * pieces["text_attention"]
   if job.remat == "full":
-    hw["text"] += pieces["text_layers"]
+    hw["text"] += pieces["text_layers"] - pieces["text_down_proj"]
   elif job.remat == "save_dots":
     hw["text"] += pieces["text_attention"]
   if job.vocab_chunk:  # the chunked log-prob scan body is checkpointed: logits are recomputed

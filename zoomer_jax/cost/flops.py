@@ -5,7 +5,9 @@ norms, rotary, softmax, SiLU/GELU, residual adds, bias adds, the embedding gathe
 scatter -- element-wise work that is O(tokens x width) against the matmuls' O(tokens x width^2); on the
 tiny test configs it is ~1-3% of what XLA's cost analysis reports, at 7B well under 1%.
 
-A backward pass costs 2x its forward (the input and the weight gradient), which callers apply.
+A backward pass costs 2x its forward (the input and the weight gradient), which callers apply -- except the
+attention of a blockwise kernel: splash attention's backward runs a dq kernel (scores, dP, dq: 3 matmuls) and a
+dk/dv kernel (scores, dP, dv, dk: 4), 7 matmuls against the forward's 2 (`FLASH_BACKWARD_OVER_FORWARD`).
 
 Attention comes in two counts:
   * `causal=True`: the pairs a query really attends to (keys at or before it) -- the model FLOPs;
@@ -24,6 +26,9 @@ from typing import Iterable, Sequence
 from zoomer_jax.model.config import TextConfig, VisionConfig
 
 
+FLASH_BACKWARD_OVER_FORWARD = 3.5
+
+
 # ------------------------------------------------------------------ text decoder
 def text_matmul_flops_per_token(t: TextConfig) -> dict[str, int]:
   """Forward dense-layer FLOPs of one token through all decoder layers, by projection (no lm_head)."""
@@ -31,6 +36,12 @@ def text_matmul_flops_per_token(t: TextConfig) -> dict[str, int]:
   q, kv = t.num_attention_heads * h, t.num_key_value_heads * h
   per_layer = dict(q_proj=2 * d * q, kv_proj=2 * 2 * d * kv, o_proj=2 * q * d, mlp=2 * 3 * d * t.intermediate_size)
   return {k: n_layers * v for k, v in per_layer.items()}
+
+
+def text_down_proj_flops_per_token(t: TextConfig) -> int:
+  """Forward FLOPs of the MLP's down projection in all layers: its output only joins the residual stream that a
+  rematerialised layer keeps, so the remat recompute skips it."""
+  return t.num_hidden_layers * 2 * t.intermediate_size * t.hidden_size
 
 
 def lm_head_flops_per_token(t: TextConfig) -> int:
