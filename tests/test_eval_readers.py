@@ -90,6 +90,17 @@ def test_videomme_json_rows_and_parquet(tmp_path):
   assert [t.data_source for t in grouped] == ["VideoMME/short", "VideoMME/short", "VideoMME/long"]
 
 
+def test_videomme_nested_results_template_is_refused_with_the_file_to_read(tmp_path):
+  nested = [{"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+             "questions": [{"question_id": "001-1", "task_type": "Counting Problem", "question": "How many?",
+                            "options": ["A. 1", "B. 2", "C. 3", "D. 4"], "answer": "C"}]}]
+  path = tmp_path / "output_test_template.json"
+  path.write_text(json.dumps(nested))
+  with pytest.raises(AnnotationError, match=r"output_test_template.json: record 0: field 'questions': .*nested "
+                                            r"results template.*test-00000-of-00001.parquet"):
+    read_benchmark("videomme", str(path), ROOT)
+
+
 def test_lvbench():
   tasks = read_benchmark("lvbench", os.path.join(FIX, "lvbench_video_info.meta.jsonl"), ROOT)
   assert tasks == [

@@ -422,7 +422,14 @@ def read_videomme(annotation_path: str, video_root: str, *, by_group: bool = Fal
   """
   _check_mode(subtitles, subtitle_root)
   out, find, cache, with_subs = Read(), VideoFinder(video_root), {}, 0
-  for i, r in enumerate(_load_records(annotation_path)):
+  records = _load_records(annotation_path)
+  if records and isinstance(records[0], dict) and "questions" in records[0] and "videoID" not in records[0]:
+    # The official repository's results template nests questions under a video number and has no YouTube id,
+    # which the downloaded videos are named by.
+    raise AnnotationError(annotation_path, 0, "questions", "is Video-MME's nested results template (videos by "
+                          "number, no videoID): read the annotation rows instead (videomme/test-00000-of-00001"
+                          ".parquet, or those rows as JSON)")
+  for i, r in enumerate(records):
     with out.record(_rid(annotation_path, i, r, "question_id")):
       options = []
       for k, o in enumerate(_options(annotation_path, i, r, "options")):
