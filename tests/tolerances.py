@@ -59,3 +59,6 @@ MULTIPROCESS_LOGPROB_FP32 = 1e-5
 # the whole program compiled unrolled, relative (FLOPs and bytes accessed). Only fusion decisions at the layer
 # boundaries differ.
 AOT_PROBE_REL = 0.02
+# Ragged paged attention (plain JAX, an online softmax over pages) vs the dense cache's attention and vs jax's
+# reference of the TPU kernel, on the same keys and values, fp32; only the order of the sums differs.
+PAGED_ATTENTION_FP32 = 1e-5

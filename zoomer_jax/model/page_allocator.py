@@ -1,0 +1,177 @@
+"""Host-side bookkeeping of the paged KV cache: which pool pages each sequence owns (`model/paged.py` holds the
+pages themselves).
+
+    alloc = PageAllocator(num_pages=64, page_size=16, pages_per_seq=8)
+    alloc.new("prompt"); alloc.append("prompt", 21)         # pages for 21 tokens
+    alloc.fork("prompt", "s0"); alloc.fork("prompt", "s1")  # n samples point at the prompt's pages
+    alloc.free("prompt")
+    batch = alloc.step([("s0", 3), ("s1", 1)], max_seqs=8, max_tokens=16)   # a RaggedBatch for the device
+
+A page is shared by reference count. Full pages are never written again, so sharing them is free; the last,
+partly filled page of a forked sequence is copied on write: the first append to it moves the sequence to a fresh
+page, and the step's `RaggedBatch` names the copy (`copy_src -> copy_dst`) for the device to make before writing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from zoomer_jax.model.paged import RaggedBatch
+
+
+class PagePoolExhausted(RuntimeError):
+  """The pool has fewer free pages than an append needs."""
+
+
+class PageAllocator:
+  """Free list and reference counts over `num_pages` pages of `page_size` tokens; sequences by any hashable id,
+  each at most `pages_per_seq` pages (the width of the kernel's page table)."""
+
+  def __init__(self, num_pages: int, page_size: int, pages_per_seq: int):
+    if min(num_pages, page_size, pages_per_seq) <= 0:
+      raise ValueError(f"num_pages ({num_pages}), page_size ({page_size}) and pages_per_seq ({pages_per_seq}) "
+                       "must be positive")
+    self.num_pages, self.page_size, self.pages_per_seq = num_pages, page_size, pages_per_seq
+    self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() hands out low pages first
+    self._refs = np.zeros(num_pages, np.int32)
+    self._pages: dict[Hashable, list[int]] = {}
+    self._lengths: dict[Hashable, int] = {}
+
+  # --- queries -----------------------------------------------------------------------------------------------
+  @property
+  def free_pages(self) -> int:
+    return len(self._free)
+
+  def pages(self, seq: Hashable) -> list[int]:
+    return list(self._pages[self._known(seq)])
+
+  def length(self, seq: Hashable) -> int:
+    return self._lengths[self._known(seq)]
+
+  def refcount(self, page: int) -> int:
+    return int(self._refs[page])
+
+  def __contains__(self, seq: Hashable) -> bool:
+    return seq in self._pages
+
+  def _known(self, seq):
+    if seq not in self._pages:
+      known = ", ".join(sorted(map(repr, self._pages))[:8]) + (", ..." if len(self._pages) > 8 else "")
+      raise KeyError(f"unknown sequence {seq!r} (known: {known or 'none'})")
+    return seq
+
+  # --- changes -----------------------------------------------------------------------------------------------
+  def new(self, seq: Hashable) -> None:
+    """An empty sequence (no pages until its first append)."""
+    if seq in self._pages:
+      raise ValueError(f"sequence {seq!r} exists already")
+    self._pages[seq], self._lengths[seq] = [], 0
+
+  def fork(self, src: Hashable, dst: Hashable) -> None:
+    """`dst` starts as `src`: the same pages (shared, reference counted) and length."""
+    self._known(src)
+    self.new(dst)
+    self._pages[dst], self._lengths[dst] = list(self._pages[src]), self._lengths[src]
+    for p in self._pages[dst]:
+      self._refs[p] += 1
+
+  def free(self, seq: Hashable) -> None:
+    """Drops the sequence; its pages no other sequence holds return to the free list."""
+    for p in reversed(self._pages.pop(self._known(seq))):
+      self._refs[p] -= 1
+      if self._refs[p] == 0:
+        self._free.append(p)
+    del self._lengths[seq]
+
+  def _need(self, seq, n: int, refs: dict) -> tuple[int, bool]:
+    """(pages to take from the free list, whether the last page is copied) for `n` more tokens; `refs` overrides
+    reference counts (a step's earlier copies). Raises when the sequence would outgrow its page table."""
+    if n < 0:
+      raise ValueError(f"cannot append {n} tokens to sequence {seq!r}")
+    pages, length, ps = self._pages[seq], self._lengths[seq], self.page_size
+    total = -(-(length + n) // ps)
+    if total > self.pages_per_seq:
+      raise ValueError(f"sequence {seq!r} would hold {length + n} tokens, {total} pages; a sequence has at most "
+                       f"pages_per_seq={self.pages_per_seq} ({self.pages_per_seq * ps} tokens)")
+    cow = n > 0 and length % ps != 0 and refs.get(pages[-1], self._refs[pages[-1]]) > 1
+    return total - len(pages) + int(cow), cow
+
+  def append(self, seq: Hashable, n: int) -> tuple[int, int] | None:
+    """Room for `n` more tokens of `seq` (its length grows by n). Returns the copy (src page, dst page) the device
+    must make first when the partly filled last page was shared, else None. Nothing changes when it raises."""
+    need, cow = self._need(self._known(seq), n, {})
+    if need > len(self._free):
+      raise PagePoolExhausted(f"page pool exhausted: sequence {seq!r} asked for {need} pages ({n} tokens after "
+                              f"{self._lengths[seq]}), {len(self._free)} of {self.num_pages} free")
+    pages = self._pages[seq]
+    copy = None
+    if cow:
+      src, dst = pages[-1], self._free.pop()
+      self._refs[src] -= 1
+      self._refs[dst] = 1
+      pages[-1] = dst
+      copy = (src, dst)
+    for _ in range(need - int(cow)):
+      p = self._free.pop()
+      self._refs[p] = 1
+      pages.append(p)
+    self._lengths[seq] += n
+    return copy
+
+  def step(self, appends: Sequence[tuple[Hashable, int]], *, max_seqs: int, max_tokens: int) -> RaggedBatch:
+    """Appends `n` tokens to each `(seq, n)` and describes the step for the device: the tokens of the listed
+    sequences, in order, flattened into `max_tokens` rows and `max_seqs` sequences (fixed sizes, so that every
+    step of a bucket runs one compiled program). Checks the sizes before appending anything."""
+    seqs = [s for s, _ in appends]
+    if len(set(seqs)) != len(seqs):
+      raise ValueError(f"a sequence appears twice in one step: {seqs}")
+    q_lens = [n for _, n in appends]
+    if len(appends) > max_seqs or sum(q_lens) > max_tokens:
+      raise ValueError(f"{len(appends)} sequences with {sum(q_lens)} tokens do not fit a step of max_seqs="
+                       f"{max_seqs}, max_tokens={max_tokens}")
+    if any(n < 1 for n in q_lens):
+      raise ValueError(f"every sequence of a step adds at least one token: {list(appends)}")
+    for s in seqs:
+      self._known(s)
+    self._check_step_fits(appends)
+    copies = [self.append(s, n) for s, n in appends]
+    return self._batch(seqs, q_lens, [c for c in copies if c], max_seqs)
+
+  def _check_step_fits(self, appends) -> None:
+    """Raises before any append when the step as a whole needs more pages than are free (a copy on write lowers
+    the shared page's count, so a later sequence of the step may write that page in place)."""
+    refs, need = {}, 0
+    for s, n in appends:
+      k, cow = self._need(s, n, refs)
+      if cow:
+        last = self._pages[s][-1]
+        refs[last] = refs.get(last, int(self._refs[last])) - 1
+      need += k
+    if need > len(self._free):
+      raise PagePoolExhausted(f"page pool exhausted: the step's {len(appends)} sequences asked for {need} pages, "
+                              f"{len(self._free)} of {self.num_pages} free")
+
+  def _batch(self, seqs, q_lens, copies, max_seqs) -> RaggedBatch:
+    table = np.zeros((max_seqs, self.pages_per_seq), np.int32)  # unused entries name page 0, a valid page
+    kv_lens = np.zeros(max_seqs, np.int32)
+    for i, s in enumerate(seqs):
+      table[i, :len(self._pages[s])] = self._pages[s]
+      kv_lens[i] = self._lengths[s]
+    cu = np.zeros(max_seqs + 1, np.int32)
+    cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
+    cu[len(q_lens) + 1:] = cu[len(q_lens)]
+    src = np.zeros(max_seqs, np.int32)
+    dst = np.full(max_seqs, self.num_pages, np.int32)  # out of range: dropped by `copy_pages`
+    for i, (a, b) in enumerate(copies):
+      src[i], dst[i] = a, b
+    return RaggedBatch(page_indices=table, kv_lens=kv_lens, cu_q_lens=cu,
+                       num_seqs=np.array([len(seqs)], np.int32), copy_src=src, copy_dst=dst)
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+  """The power of two >= max(n, minimum): step sizes (tokens, sequences) a run compiles a handful of programs for."""
+  if n < 0:
+    raise ValueError(f"cannot bucket a negative size {n}")
+  return max(minimum, 1 << max(0, n - 1).bit_length())

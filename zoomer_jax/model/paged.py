@@ -1,0 +1,172 @@
+"""The paged KV cache on the device: one pool of fixed-size pages that every sequence's keys and values live in,
+and ragged steps that mix decode rows and prefill/extend chunks (layout and host side in docs/paged_kv.md).
+
+    pool = PagePool.init(cfg, num_pages, page_size, dtype)   # kv [L, P, page_size, 2 * kv_heads, head_dim]
+    batch = allocator.step([(seq, n_new), ...], max_seqs=S, max_tokens=T)   # `page_allocator.PageAllocator`
+    kv = copy_pages(pool.kv, batch)                           # copies on write, before any write
+    kv_l = write(kv[l], k_tkh, v_tkh, batch)                  # layer l's new keys/values, rotated already
+    out_tnh = ragged_attention(q_tnh, kv_l, batch)            # [T, heads, head_dim]
+
+A page holds `page_size` tokens of every kv head, keys and values interleaved on the head axis (key of head i at
+2i, value at 2i + 1): the layout of the TPU kernel (`jax.experimental.pallas.ops.tpu.ragged_paged_attention`),
+which fetches one page of both with one copy. A step's tokens are flattened into one axis of T rows: sequence i
+owns rows `cu_q_lens[i]:cu_q_lens[i + 1]` and holds `kv_lens[i]` tokens once they are written, so its row r sits
+at position `kv_lens[i] - q_len + r` and reads keys 0 ... that position. Rows past `cu_q_lens[num_seqs]` and
+sequences past `num_seqs` are padding (fixed T and S per bucket): they write nothing and read zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from zoomer_jax.model.config import TextConfig
+from zoomer_jax.model.layers import precision_for
+from zoomer_jax.model.stack import scan
+
+KEYS_PER_BLOCK = 512  # the plain-JAX path's online-softmax step: keys per block (whole pages)
+# The kernel's tile: jax's untuned default on v5 and later (`get_tuned_block_sizes`), which cannot be looked up
+# here because it reads the host's device, a CPU when a TPU program is compiled on a CPU host.
+KERNEL_KV_PAGES_PER_BLOCK = 128
+KERNEL_QUERIES_PER_BLOCK = 32
+
+
+@struct.dataclass
+class PagePool:
+  """Every layer's pages, stacked: kv [layers, num_pages, page_size, 2 * kv_heads, head_dim]."""
+
+  kv: jax.Array
+
+  @classmethod
+  def init(cls, cfg: TextConfig, num_pages: int, page_size: int, dtype) -> "PagePool":
+    shape = (cfg.num_hidden_layers, num_pages, page_size, 2 * cfg.num_key_value_heads, cfg.head_dim)
+    return cls(kv=jnp.zeros(shape, dtype))
+
+  @property
+  def num_pages(self) -> int:
+    return self.kv.shape[1]
+
+  @property
+  def page_size(self) -> int:
+    return self.kv.shape[2]
+
+
+@struct.dataclass
+class RaggedBatch:
+  """One step's metadata, in the kernel's conventions (S = max_seqs, the bucketed number of sequences)."""
+
+  page_indices: jax.Array  # int32 [S, pages_per_seq]: sequence i's pages in order (unused entries 0)
+  kv_lens: jax.Array  # int32 [S]: tokens of sequence i after this step's writes
+  cu_q_lens: jax.Array  # int32 [S + 1]: sequence i's new tokens are rows cu_q_lens[i]:cu_q_lens[i + 1]
+  num_seqs: jax.Array  # int32 [1]: sequences in the step; the rest are padding
+  copy_src: jax.Array  # int32 [S]: copies on write, page copy_src[j] -> copy_dst[j] ...
+  copy_dst: jax.Array  # int32 [S]: ... where copy_dst[j] < num_pages (padding names num_pages)
+
+
+def token_layout(batch: RaggedBatch, t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sequence [T], position in its sequence [T], real [T] bool) of each of the step's T rows."""
+  rows = jnp.arange(t, dtype=jnp.int32)
+  s = batch.kv_lens.shape[0]
+  seq = jnp.minimum(jnp.searchsorted(batch.cu_q_lens[1:], rows, side="right"), s - 1).astype(jnp.int32)
+  q_len = batch.cu_q_lens[seq + 1] - batch.cu_q_lens[seq]
+  pos = batch.kv_lens[seq] - q_len + rows - batch.cu_q_lens[seq]
+  real = rows < batch.cu_q_lens[batch.num_seqs[0]]
+  return seq, pos, real
+
+
+def copy_pages(kv: jax.Array, batch: RaggedBatch) -> jax.Array:
+  """kv [L, P, page_size, 2k, h] with the step's copies on write made (every layer)."""
+  return kv.at[:, batch.copy_dst].set(kv[:, batch.copy_src], mode="drop")
+
+
+def write(kv: jax.Array, k_tkh: jax.Array, v_tkh: jax.Array, batch: RaggedBatch) -> jax.Array:
+  """One layer's pages [P, page_size, 2k, h] with the step's new keys and values [T, k, h] written at each row's
+  page and offset (padding rows are dropped)."""
+  p, ps, kk, h = kv.shape
+  t = k_tkh.shape[0]
+  if k_tkh.shape != (t, kk // 2, h) or v_tkh.shape != k_tkh.shape:
+    raise ValueError(f"keys {k_tkh.shape} and values {v_tkh.shape} must both be [T, {kk // 2}, {h}] for pages "
+                     f"{kv.shape}")
+  seq, pos, real = token_layout(batch, t)
+  page = batch.page_indices[seq, jnp.clip(pos // ps, 0, batch.page_indices.shape[1] - 1)]
+  slot = jnp.where(real, page * ps + pos % ps, p * ps)  # out of range: dropped
+  kv_t2kh = jnp.stack([k_tkh, v_tkh], axis=2).reshape(t, kk, h).astype(kv.dtype)  # K at 2i, V at 2i + 1
+  return kv.reshape(p * ps, kk, h).at[slot].set(kv_t2kh, mode="drop").reshape(kv.shape)
+
+
+def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float,
+                         keys_per_block: int = KEYS_PER_BLOCK, precision=None) -> jax.Array:
+  """Causal GQA attention of a ragged step in plain JAX: q [T, n, h], one layer's pages [P, page_size, 2k, h] ->
+  [T, n, h]. An online softmax over blocks of each row's pages (whole pages, `keys_per_block` keys); each row
+  gathers its own sequence's block, so scores never exceed [T, k, n / k, block]."""
+  t, n, h = q_tnh.shape
+  _, ps, kk, _ = kv.shape
+  kh = kk // 2
+  if n % kh or q_tnh.shape[2] != kv.shape[3]:
+    raise ValueError(f"queries {q_tnh.shape} do not fit pages {kv.shape} (heads a multiple of {kh}, head_dim "
+                     f"{kv.shape[3]})")
+  g = n // kh
+  precision = precision_for(q_tnh.dtype) if precision is None else precision
+  seq, pos, real = token_layout(batch, t)
+  bp = max(1, min(keys_per_block // ps, batch.page_indices.shape[1]))  # pages per block
+  n_blocks = -(-batch.page_indices.shape[1] // bp)
+  table = jnp.pad(batch.page_indices, ((0, 0), (0, n_blocks * bp - batch.page_indices.shape[1])))[seq]  # [T, .]
+  q_tkgh = q_tnh.reshape(t, kh, g, h)
+
+  def step(carry, j):
+    m, l, acc = carry
+    pages = jax.lax.dynamic_slice_in_dim(table, j * bp, bp, axis=1)  # [T, bp]
+    blk = kv[pages].reshape(t, bp * ps, kh, 2, h)
+    scores = jnp.einsum("tkgh,tskh->tkgs", q_tkgh, blk[..., 0, :], precision=precision,
+                        preferred_element_type=jnp.float32) * sm_scale
+    key_pos = j * bp * ps + jnp.arange(bp * ps)
+    allowed = ((key_pos[None, :] <= pos[:, None]) & real[:, None])[:, None, None, :]  # [T, 1, 1, s]
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    m_new = jnp.maximum(m, scores.max(-1))
+    safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.where(allowed, jnp.exp(scores - safe[..., None]), 0.0)
+    scale = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
+    pv = jnp.einsum("tkgs,tskh->tkgh", p.astype(q_tnh.dtype), blk[..., 1, :], precision=precision,
+                    preferred_element_type=jnp.float32)
+    return (m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv), None
+
+  init = (jnp.full((t, kh, g), -jnp.inf, jnp.float32), jnp.zeros((t, kh, g), jnp.float32),
+          jnp.zeros((t, kh, g, h), jnp.float32))
+  (_, l, acc), _ = scan(step, init, jnp.arange(n_blocks))
+  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # padding rows read nothing
+  return out.reshape(t, n, h).astype(q_tnh.dtype)
+
+
+def ragged_attention_tpu(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float) -> jax.Array:
+  """The same contract through the Pallas TPU kernel (`ragged_paged_attention`); padding rows are zeroed, which
+  the kernel leaves unwritten."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention  # noqa: PLC0415
+  t = q_tnh.shape[0]
+  out = ragged_paged_attention(
+      q_tnh, kv, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale,
+      num_kv_pages_per_block=min(KERNEL_KV_PAGES_PER_BLOCK, batch.page_indices.shape[1]),
+      num_queries_per_block=min(KERNEL_QUERIES_PER_BLOCK, t))
+  return jnp.where(token_layout(batch, t)[2][:, None, None], out, 0).astype(q_tnh.dtype)
+
+
+def kernel_fits(kv: jax.Array) -> bool:
+  """Whether the kernel tiles pages [P, page_size, 2k, h]: head_dim a multiple of 128 (one lane tile), and the 2k
+  interleaved heads whole sublane tiles of the dtype's packing (1, 2, 4 or a multiple of 8 of them)."""
+  packing = 4 // jnp.dtype(kv.dtype).itemsize
+  kk, h = kv.shape[-2], kv.shape[-1]
+  return h % 128 == 0 and kk % packing == 0 and (kk // packing in (1, 2, 4, 8) or kk // packing % 8 == 0)
+
+
+def ragged_attention(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch) -> jax.Array:
+  """q [T, n, h] over one layer's pages [P, page_size, 2k, h] -> [T, n, h], scale head_dim**-0.5 (Qwen2.5-VL's
+  text attention: no window, no soft cap). The compiled program's platform picks the path (never the host's
+  backend): the Pallas kernel on TPU when it tiles the pages (`kernel_fits`), the plain-JAX online softmax
+  elsewhere."""
+  scale = q_tnh.shape[-1] ** -0.5
+  if not kernel_fits(kv):  # every branch is traced, so a shape the kernel refuses must not reach it
+    return ragged_attention_xla(q_tnh, kv, batch, sm_scale=scale)
+  return jax.lax.platform_dependent(
+      q_tnh, kv, batch,
+      tpu=lambda q, kv, b: ragged_attention_tpu(q, kv, b, sm_scale=scale),
+      default=lambda q, kv, b: ragged_attention_xla(q, kv, b, sm_scale=scale))
