@@ -352,7 +352,7 @@ def test_kernel_compiles_for_tpu_and_the_tpu_program_takes_it(topology, measure)
 
 
 def test_shapes_the_kernel_cannot_tile_take_the_jax_path_on_tpu():
-  """head_dim 64 (the tiny test models'): the TPU program holds no kernel call, and still compiles."""
+  """head_dim 64 (not a lane tile): the TPU program holds no kernel call, and still compiles."""
   target = tpu_target("v5p:2x2x1")
   q, kv, k, v, batch = _abstract(target)
   small = lambda a, n: jax.ShapeDtypeStruct(a.shape[:-1] + (n,), a.dtype, sharding=a.sharding)
