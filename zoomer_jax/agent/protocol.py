@@ -37,7 +37,8 @@ CONTINUE = ("continue your reasoning process inside <think> and </think> and the
             "inside <answer> and </answer>")
 AFTER_ERROR = ("Please analyze the error information obtained from the function tool and adjust your response. "
                "Continue your reasoning process inside <think> and </think>.")
-LAST_ROUND_HINT = "Do not call <video_zoom> in this round, give a final answer based on information above."
+_HINT = "Do not call {tags} in this round, give a final answer based on information above."
+LAST_ROUND_HINT = _HINT.format(tags=T.ZOOM.open)  # the original's, with the zoom alone
 # The observation is a user turn that follows the assistant's <|im_end|> directly (no newline), as the
 # original's rollout builds it, and opens the next assistant turn.
 TURN_OPEN = "<|im_start|>user\n"
@@ -109,10 +110,7 @@ def system_prompt(cfg: ToolConfig = ToolConfig()) -> str:
 
 def last_round_hint(cfg: ToolConfig) -> str:
   """The last-round hint ("Do not call <video_zoom> in this round, ...") naming every enabled tool."""
-  if tuple(cfg.tools) == T.DEFAULT:
-    return LAST_ROUND_HINT
-  tags = " or ".join(t.open for t in T.enabled(cfg.tools))
-  return LAST_ROUND_HINT.replace("<video_zoom>", tags)
+  return _HINT.format(tags=" or ".join(t.open for t in T.enabled(cfg.tools)))
 
 
 def user_prompt(problem: str, timestamps: Sequence[float], subtitles: Sequence[tuple] = ()) -> str:
