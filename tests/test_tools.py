@@ -228,3 +228,49 @@ def test_a_scripted_rollout_crops_zooms_and_logs_each_tool(model, video):
   finally:
     videos.close()
   assert idx.tolist() == [128] and _band_bits(frames[0], 0, 40, 64, 80)[7] == 1
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+def test_fuzzed_two_tool_episodes_never_raise_and_keep_every_budget(measure):
+  """Random turns mixing zoom and crop calls (valid, malformed, cut off, several per turn) through whole
+  episodes with random budgets: each outcome is one of the three, and rounds and frames stay in budget."""
+  from hypothesis import HealthCheck, given, settings
+  from hypothesis import strategies as st
+  num = st.one_of(st.floats(-2, 30, allow_nan=False), st.sampled_from(["NaN", "1e999", '"x"', "true", "null"]))
+  crop = st.builds(lambda t, b: '<crop>{"time": %s, "box": [%s]}</crop>' % (t, ", ".join(map(str, b))),
+                   num, st.lists(st.one_of(st.floats(-0.2, 1.2, allow_nan=False), num), min_size=0, max_size=5))
+  zoom = st.builds(lambda s, d, f: '<video_zoom>{"segment": [%s, %s], "fps": %s}</video_zoom>' % (s, s + d, f),
+                   st.floats(-5, 30, allow_nan=False), st.floats(0.1, 12), st.floats(0.2, 4))
+  xs, ys = st.lists(st.floats(0, 1), min_size=2, max_size=2), st.lists(st.floats(0, 1), min_size=2, max_size=2)
+  good_crop = st.builds(lambda t, x, y: '<crop>{"time": %r, "box": [%r, %r, %r, %r]}</crop>'
+                        % (t, min(x), min(y), max(x), max(y)), st.floats(0, 20), xs, ys)
+  piece = st.one_of(crop, zoom, st.text(max_size=12), st.sampled_from(["<crop>", "</crop>", "<answer>A</answer>"]))
+  turns = st.one_of(good_crop, crop, zoom, st.lists(piece, max_size=4).map("".join))
+  counts = {"calls": 0, "crops": 0, "errors": 0, "finals": 0}
+
+  @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+  @given(texts=st.lists(turns, min_size=1, max_size=6), rounds=st.integers(1, 6), extra=st.integers(0, 20))
+  def episode(texts, rounds, extra):
+    cfg = P.ToolConfig(tools=BOTH, max_generation_round=rounds, frames_upbound=4, max_total_frames=4 + extra)
+    ep = P.Episode(cfg, 20.0, 4)
+    for text in texts:
+      if ep.done:
+        break
+      out = ep.step(text)
+      if isinstance(out, P.Final):
+        counts["finals"] += 1
+      elif isinstance(out, P.ToolError):
+        counts["errors"] += 1
+        assert out.message and "<image>" not in out.observation
+      else:
+        counts["calls"] += 1
+        counts["crops"] += isinstance(out, P.CropCall)
+        assert 1 <= out.n_frames <= ep.frames_left
+        obs = ep.observation([0.0] * out.n_frames)
+        assert obs.count("<image>") == out.n_frames
+      assert ep.round <= rounds and ep.frames_used <= cfg.max_total_frames
+
+  episode()
+  for k, v in counts.items():
+    measure(f"fuzz_{k}", v)
+  assert counts["crops"] > 20 and min(counts["calls"] - counts["crops"], counts["errors"], counts["finals"]) > 20, counts

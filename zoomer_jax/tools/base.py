@@ -125,15 +125,6 @@ class Tool:
         raise CallError(f'missing field "{key}"; expected {self.shape}')
     return obj
 
-  def loose_json(self, body: str) -> dict | None:
-    """The body as one JSON object by the format reward's rule (the whole body one JSON value, surrounding
-    whitespace allowed), or None."""
-    try:
-      obj = json.loads(body)
-    except (ValueError, RecursionError):
-      return None
-    return obj if isinstance(obj, dict) else None
-
   # -------------------------------------------------------------------------------------------- the seam
   def parse(self, body: str, cfg, duration: float, round: int) -> Any:  # noqa: A002 (the protocol's word)
     """A valid call (with `n_frames` and `round`) from the text between the tags; raises CallError.
