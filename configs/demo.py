@@ -72,7 +72,7 @@ NOT_GRPO_KNOBS = NOT_KNOBS + (
     "init.checkpoint", "data.val_files", "rollout.max_pixels", "rollout.min_pixels", "actor.image_bucket",
     "rollout.max_generation_round", "rollout.tool_call_max_frames", "rollout.frames_upbound", "rollout.video_fps",
     "rollout.max_total_frames", "rollout.system_prompt", "rollout.system_prompt_verbatim", "rollout.last_round_hint",
-    "rollout.hint_separator", "actor.max_token_len")
+    "rollout.hint_separator", "rollout.tools", "actor.max_token_len")
 
 
 def _drop(cfg, paths):
@@ -106,6 +106,7 @@ def get_config(arg=None):
   cfg.tool = ml_collections.ConfigDict(dict(
       max_generation_round=2, tool_call_max_frames=10, frames_upbound=12, video_fps=0.5, max_total_frames=22,
       system_prompt=PROMPT, system_prompt_verbatim=False, last_round_hint=True, hint_separator="\n",
+      tools=("zoom",),  # the demo's task is temporal: its data and prompt teach the zoom
   ))
   cfg.pixels = 56 * 56  # frames are resized to this many pixels (4 vision tokens)
 

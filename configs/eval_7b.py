@@ -93,6 +93,7 @@ def get_config(arg=None):
       max_generation_round=5, tool_call_max_frames=16, frames_upbound=64, video_fps=0.5, max_total_frames=128,
       system_prompt="system_prompt_boxed.txt", system_prompt_verbatim=False, last_round_hint=True,
       hint_separator="\n",
+      tools=("zoom",),  # the enabled tools (zoomer_jax/tools): ("zoom", "crop") adds the spatial crop
   ))
   # The other AgentConfig fields; decoding is greedy (temperature 0, one sample).
   cfg.rollout = ml_collections.ConfigDict(dict(

@@ -45,6 +45,7 @@ def get_config(arg=None):
       # ToolConfig fields (zoomer_jax/agent/protocol.py)
       max_generation_round=5, tool_call_max_frames=16, max_total_frames=128, video_fps=0.5, frames_upbound=64,
       system_prompt="system_prompt.txt", system_prompt_verbatim=False, last_round_hint=True, hint_separator="\n",
+      tools=("zoom",),  # the enabled tools (zoomer_jax/tools): ("zoom", "crop") adds the spatial crop
       max_pixels=100352, min_pixels=25088,
       decode_chunk=64, batch_size=64,  # trajectories decoded together in one device call
       workers=16,  # host threads for frame extraction
@@ -77,7 +78,8 @@ def get_config(arg=None):
       rejection_sample=True,  # dynamic sampling: drop groups whose rewards are all equal, keep generating
       max_num_gen_batches=256,
   ))
-  # RewardConfig fields (zoomer_jax/train/rewards.py, which documents each); tool_call_max_frames is the rollout's.
+  # RewardConfig fields (zoomer_jax/agent/rewards.py, which documents each); tool_call_max_frames and tools are
+  # the rollout's.
   cfg.reward = ml_collections.ConfigDict(dict(
       acc_reward_weight=0.9, format_reward_weight=0.1,
       tool_call_penalty=0.0, target_tool_call_rate=1.0,  # the authors' internal run: -0.5 and 0.5

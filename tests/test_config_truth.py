@@ -566,13 +566,13 @@ def whole_consumers():
   from zoomer_jax.data.synthetic import VideoParams
   from zoomer_jax.model.config import ModelConfig, TextConfig, VisionConfig
   from zoomer_jax.train.optim import _KNOWN as OPTIM_KEYS
-  from zoomer_jax.train.rewards import RewardConfig
+  from zoomer_jax.agent.rewards import RewardConfig
   return {
       ("model",): lambda c, p: _fields(ModelConfig),
       ("model", "text"): lambda c, p: _fields(TextConfig),
       ("model", "vision"): lambda c, p: _fields(VisionConfig),
       ("optim",): lambda c, p: set(OPTIM_KEYS),  # sft's optim, grpo's actor.optim
-      ("reward",): lambda c, p: _fields(RewardConfig, ["tool_call_max_frames"]),  # grpo passes the rollout's
+      ("reward",): lambda c, p: _fields(RewardConfig, ["tool_call_max_frames", "tools"]),  # grpo passes the rollout's
       ("agent",): lambda c, p: _fields(ToolConfig),  # eval_*
       ("tool",): lambda c, p: _fields(ToolConfig),  # demo
       ("rollout",): lambda c, p: _fields(AgentConfig, ["tool", "sampling"]) | {"max_new_tokens"},  # eval_*

@@ -9,7 +9,7 @@ from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.train.grpo_loss import GRPOLossConfig
 from zoomer_jax.train.grpo import LOSS_KEYS
 from zoomer_jax.train.optim import _KNOWN as OPTIM_KEYS
-from zoomer_jax.train.rewards import RewardConfig
+from zoomer_jax.agent.rewards import RewardConfig
 
 NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
 

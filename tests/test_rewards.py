@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from zoomer_jax.train import rewards as R
+from zoomer_jax.agent import rewards as R
 
 T = "<think>look</think>"
 ANS_A = f"{T}<answer>A</answer>"

@@ -10,13 +10,13 @@ PNG, and with `save_npz` an npz of `frames` uint8 [N, H, W, 3] RGB (as decoded, 
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import AgentConfig, Task, Videos
+from zoomer_jax.tools import ZOOM
 
 
 def _plan(label: str, idx: np.ndarray, ts: np.ndarray) -> str:
@@ -65,7 +65,7 @@ def show_frames(video: str, zoom: tuple[float, float, float] | None = None, cfg:
     if zoom is not None:
       start, end, fps = zoom
       episode = P.Episode(cfg.tool, meta.duration, len(ts))
-      call = episode.step(f'<video_zoom>{json.dumps({"segment": [start, end], "fps": fps})}</video_zoom>')
+      call = episode.step(ZOOM.call_text({"segment": [start, end], "fps": fps}))
       if not isinstance(call, P.ZoomCall):
         raise ValueError(f"the zoom call is refused, as the model would be told: {call.message}")
       zidx, zts, zframes = videos.clip_frames(task, call)

@@ -1,12 +1,16 @@
-"""The `<video_zoom>` tool protocol: prompts, parsing a model turn, budgets, and the observation turn.
+"""The tool protocol: prompts, parsing a model turn, budgets, and the observation turn.
 
 Everything here is pure text and arithmetic (no video I/O, no model), so it can be fuzzed: an `Episode`
 takes each assistant turn's text and answers with exactly one of
 
   * `Final`     - the trajectory ends (an answer, no call, or a call in the last round);
-  * `ZoomCall`  - a valid call: the host cuts `n_frames` frames out of `segment` and calls
-                  `Episode.observation(timestamps)` for the text to append;
+  * a call      - a valid call of an enabled tool (`ToolConfig.tools`; `ZoomCall`, `CropCall`): the host runs it
+                  (`tools.by_name(call.tool).run`, `n_frames` frames) and calls `Episode.observation(timestamps)`
+                  for the text to append;
   * `ToolError` - a malformed call: its `observation` says what was wrong, and generation resumes.
+
+What a call means is the tool's business (`zoomer_jax.tools`); rounds, the frame budget and the turn around
+every observation are the protocol's.
 
 Texts use `<image>` where one frame goes (the chat renderer expands it to the vision tokens). The
 observation texts reproduce the original's (docs/protocol.md, "What is the same") with its two bugs
@@ -16,24 +20,25 @@ fixed; `docs/protocol.md` lists every deviation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 from typing import Sequence, Union
 
-PROMPT_DIR = os.path.join(os.path.dirname(__file__), "prompts")
-IMAGE = "<image>"  # one frame's place in a text; expanded to <|vision_start|><|image_pad|>*n<|vision_end|>
+from zoomer_jax import tools as T
+from zoomer_jax.tools import IMAGE, CallError, CropCall, ZoomCall, frame_tags, inert  # noqa: F401 (re-exported)
+from zoomer_jax.tools.zoom import FRAMES_HEADER, parse_call  # noqa: F401 (re-exported)
 
-_CALL = re.compile(r"<video_zoom>(.*?)</video_zoom>", re.DOTALL)
+PROMPT_DIR = os.path.join(os.path.dirname(__file__), "prompts")
+
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
-FRAMES_HEADER = "The frames of the video clip are shown below:\n"
 CONTINUE = ("continue your reasoning process inside <think> and </think> and then write your final answer "
             "inside <answer> and </answer>")
 AFTER_ERROR = ("Please analyze the error information obtained from the function tool and adjust your response. "
                "Continue your reasoning process inside <think> and </think>.")
-LAST_ROUND_HINT = "Do not call <video_zoom> in this round, give a final answer based on information above."
+_HINT = "Do not call {tags} in this round, give a final answer based on information above."
+LAST_ROUND_HINT = _HINT.format(tags=T.ZOOM.open)  # the original's, with the zoom alone
 # The observation is a user turn that follows the assistant's <|im_end|> directly (no newline), as the
 # original's rollout builds it, and opens the next assistant turn.
 TURN_OPEN = "<|im_start|>user\n"
@@ -55,8 +60,11 @@ class ToolConfig:
   system_prompt_verbatim: bool = False
   last_round_hint: bool = True
   hint_separator: str = "\n"  # between an observation's last line and the hint; the original writes none ("")
+  tools: tuple[str, ...] = T.DEFAULT  # the enabled tools by name (zoomer_jax.tools.REGISTRY)
 
   def __post_init__(self):
+    object.__setattr__(self, "tools", tuple(self.tools))  # a config's list, hashable
+    T.enabled(self.tools)  # names checked here, where the config is read
     if self.max_generation_round < 1:
       raise ValueError(f"max_generation_round must be >= 1, got {self.max_generation_round}")
     if self.tool_call_max_frames < 1:
@@ -79,7 +87,8 @@ class ToolConfig:
 # ---------------------------------------------------------------------------------------------- prompts
 def system_prompt(cfg: ToolConfig = ToolConfig()) -> str:
   """The system prompt file named by `cfg.system_prompt`: stripped, with `{tool_call_max_frames}` filled in,
-  or exactly its bytes with `cfg.system_prompt_verbatim`."""
+  or exactly its bytes with `cfg.system_prompt_verbatim`; then each enabled tool's own text (`Tool.prompt`; the
+  files describe the zoom, so a zoom-only prompt is the file alone), a blank line before each."""
   path = cfg.system_prompt
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(PROMPT_DIR, path)
@@ -92,14 +101,16 @@ def system_prompt(cfg: ToolConfig = ToolConfig()) -> str:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
     raise ValueError(f"system prompt file {path} is not UTF-8 text: {e}") from e
-  if cfg.system_prompt_verbatim:
-    return text
-  return text.strip().replace("{tool_call_max_frames}", str(cfg.tool_call_max_frames))
+  if not cfg.system_prompt_verbatim:
+    text = text.strip().replace("{tool_call_max_frames}", str(cfg.tool_call_max_frames))
+  # A tool is offered only where a call can run: one round (the no-tool baseline) never runs one.
+  extra = [t.prompt(cfg) for t in T.enabled(cfg.tools)] if cfg.max_generation_round > 1 else []
+  return "\n\n".join([text] + [e for e in extra if e])
 
 
-def frame_tags(timestamps: Sequence[float]) -> str:
-  """`<frame{i}_time{t:.2f}s><image>` for each frame, i from 0."""
-  return "".join(f"<frame{i}_time{float(t):.2f}s>{IMAGE}" for i, t in enumerate(timestamps))
+def last_round_hint(cfg: ToolConfig) -> str:
+  """The last-round hint ("Do not call <video_zoom> in this round, ...") naming every enabled tool."""
+  return _HINT.format(tags=" or ".join(t.open for t in T.enabled(cfg.tools)))
 
 
 def user_prompt(problem: str, timestamps: Sequence[float], subtitles: Sequence[tuple] = ()) -> str:
@@ -141,43 +152,17 @@ class Final:
 
 
 @dataclasses.dataclass(frozen=True)
-class ZoomCall:
-  """A valid call. `segment` is the request clamped to [0, duration]; `n_frames = int(fps*(end-start))` of
-  the request (the original's count, kept when the segment is clamped). Frames are cut with the
-  requested segment, whose frame indices the video sampler clamps exactly as the original does."""
-
-  requested: tuple[float, float]
-  segment: tuple[float, float]
-  fps: float
-  n_frames: int
-  clamped: bool
-  round: int
-
-
-@dataclasses.dataclass(frozen=True)
 class ToolError:
   message: str
   observation: str
   round: int
+  tool: str | None = None  # the tool whose call failed; None when the turn named several
 
 
-Outcome = Union[Final, ZoomCall, ToolError]
-
-
-class CallError(ValueError):
-  """A tool call that cannot be executed; the message goes into the error observation."""
+Outcome = Union[Final, ZoomCall, CropCall, ToolError]
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-_WORD_JOINER = "\u2060"
-
-
-def inert(text: str) -> str:
-  """`text` (written by the model, or by anything outside the host's templates) made safe to echo in an
-  observation: a WORD JOINER (U+2060, invisible) after every `<`, so no spelling in it - `<|im_end|>`,
-  `<|image_pad|>`, `<image>`, `<|im_start|>user` - can become a special token, an image slot or a turn."""
-  return text.replace("<", "<" + _WORD_JOINER)
-
 
 def final_answer(text: str) -> str | None:
   """The content of the last complete <answer>...</answer>, stripped; None if there is none."""
@@ -185,58 +170,20 @@ def final_answer(text: str) -> str | None:
   return found[-1].strip() if found else None
 
 
-def find_calls(text: str) -> list[str]:
-  """The bodies of the complete <video_zoom>...</video_zoom> pairs in `text`."""
-  return _CALL.findall(text)
+def find_calls(text: str, tools: Sequence[str] = T.DEFAULT) -> list[str]:
+  """The bodies of the complete call pairs of the tools named (default: <video_zoom>...</video_zoom>) in
+  `text`, in the order they appear."""
+  return [body for _, body, _ in _calls(text, T.enabled(tools))]
 
 
-def _number(value, name: str) -> float:
-  """A finite float from a JSON number or numeric string (the original applied float())."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-    raise CallError(f'"{name}" must be a number, got {inert(json.dumps(value)[:40])}')
-  try:
-    x = float(value)
-  except (ValueError, OverflowError):
-    raise CallError(f'"{name}" must be a number, got {inert(json.dumps(value)[:40])}') from None
-  if not math.isfinite(x):
-    raise CallError(f'"{name}" must be a finite number, got {inert(str(value)[:40])}')
-  return x
+def _calls(text: str, tools) -> list[tuple[int, str, T.Tool]]:
+  return sorted(((at, body, tool) for tool in tools for at, body in tool.find(text)), key=lambda c: c[0])
 
 
-def parse_call(body: str) -> tuple[float, float, float]:
-  """(start, end, fps) from the text between the tags; raises CallError saying what is wrong."""
-  decoder = json.JSONDecoder()
-  objects, pos = [], 0
-  while (pos := body.find("{", pos)) != -1:
-    try:
-      obj, end = decoder.raw_decode(body, pos)
-    except (ValueError, RecursionError) as e:  # includes int literals longer than Python allows
-      if not objects:
-        raise CallError(f"the call is not valid JSON: {inert(str(e)[:120])}") from None
-      pos += 1
-      continue
-    objects.append(obj)
-    pos = end
-  if not objects:
-    raise CallError('no JSON object inside <video_zoom>; expected {"segment": [start, end], "fps": n}')
-  if len(objects) > 1:
-    raise CallError(f"{len(objects)} JSON objects inside <video_zoom>; give exactly one call per turn")
-  obj = objects[0]
-  if not isinstance(obj, dict):
-    raise CallError('the call must be a JSON object {"segment": [start, end], "fps": n}')
-  for key in ("segment", "fps"):
-    if key not in obj:
-      raise CallError(f'missing field "{key}"; expected {{"segment": [start, end], "fps": n}}')
-  seg = obj["segment"]
-  if not isinstance(seg, list) or len(seg) != 2:
-    raise CallError(f'"segment" must be a list of two numbers [start, end], got {inert(json.dumps(seg)[:60])}')
-  start, end = _number(seg[0], "segment[0]"), _number(seg[1], "segment[1]")
-  fps = _number(obj["fps"], "fps")
-  if start >= end:
-    raise CallError(f"segment start {start:g} must be before its end {end:g}")
-  if fps <= 0:
-    raise CallError(f'"fps" must be positive, got {fps:g}')
-  return start, end, fps
+def _too_many(found) -> str:
+  tags = list(dict.fromkeys(tool.open for _, _, tool in found))
+  what = f"{tags[0]} calls" if len(tags) == 1 else f"tool calls ({', '.join(tags)})"
+  return f"{len(found)} {what} in one turn; make one call and wait for its frames"
 
 
 # ---------------------------------------------------------------------------------------------- episode
@@ -249,12 +196,13 @@ class Episode:
     if overview_frames > cfg.max_total_frames:
       raise ValueError(f"{overview_frames} overview frames exceed max_total_frames={cfg.max_total_frames}")
     self.cfg = cfg
+    self.tools = T.enabled(cfg.tools)
     self.duration = float(duration)
     self.round = 0  # assistant turns seen so far
     self.frames_used = int(overview_frames)
-    self.calls: list[ZoomCall | ToolError] = []
+    self.calls: list = []  # the calls and ToolErrors so far
     self.done = False
-    self._pending: ZoomCall | None = None
+    self._pending = None
 
   @property
   def frames_left(self) -> int:
@@ -268,41 +216,34 @@ class Episode:
       raise RuntimeError("the previous call's observation was not taken; call observation() first")
     it = self.round
     self.round += 1
-    bodies = find_calls(text)
-    if not bodies:
+    found = _calls(text, self.tools)
+    if not found:
       self.done = True
       answer = final_answer(text)
       return Final(answer, "answer" if answer is not None else "no_call")
     if it >= self.cfg.max_generation_round - 1:
       self.done = True  # the original ends here too: the last round never runs the tool
       return Final(final_answer(text), "round_limit")
+    names = {tool.name for _, _, tool in found}
     try:
-      if len(bodies) > 1:
-        raise CallError(f"{len(bodies)} <video_zoom> calls in one turn; make one call and wait for its frames")
-      start, end, fps = parse_call(bodies[0])
-      n = int(fps * (end - start)) if fps * (end - start) < 2**31 else 2**31
-      if n > self.cfg.tool_call_max_frames:
-        raise CallError(f"Number of frames extracted ({n}) exceeds the maximum allowed "
-                        f"({self.cfg.tool_call_max_frames}); lower fps to at most "
-                        f"{self.cfg.tool_call_max_frames / (end - start):.3g} or shorten the segment")
-      if n < 1:
-        raise CallError(f"fps {fps:g} over {end - start:g} s gives no frame (fps x duration must be >= 1)")
+      if len(found) > 1:
+        raise CallError(_too_many(found))
+      _, body, tool = found[0]
+      call = tool.parse(body, self.cfg, self.duration, it)
+      n = call.n_frames
       if n > self.frames_left:
         raise CallError(f"frame budget spent: {self.frames_left} of {self.cfg.max_total_frames} frames left, "
                         f"the call asks for {n}" if self.frames_left else
                         f"frame budget spent: all {self.cfg.max_total_frames} frames have been shown")
     except CallError as e:
-      err = ToolError(str(e), self._error_observation(str(e), it), it)
+      err = ToolError(str(e), self._error_observation(str(e), it), it, names.pop() if len(names) == 1 else None)
       self.calls.append(err)
       return err
-    # Clamped as the original clamps frame indices: a segment past the end yields the last frame.
-    seg = (min(max(start, 0.0), self.duration), min(max(end, 0.0), self.duration))
-    call = ZoomCall((start, end), seg, fps, n, seg != (start, end), it)
     self._pending = call
     return call
 
   def observation(self, timestamps: Sequence[float]) -> str:
-    """The text to append after a `ZoomCall`'s frames were extracted (one `<image>` per timestamp)."""
+    """The text to append after a call's frames were extracted (one `<image>` per timestamp)."""
     call = self._pending
     if call is None:
       raise RuntimeError("no call is waiting for its observation")
@@ -311,22 +252,18 @@ class Episode:
     self._pending = None
     self.frames_used += len(timestamps)
     self.calls.append(call)
-    note = ""
-    if call.clamped:
-      note = (f"Note: the requested segment [{call.requested[0]:g}, {call.requested[1]:g}] s extends beyond "
-              f"the video (0 to {self.duration:.2f} s); it was clamped to [{call.segment[0]:.2f}, "
-              f"{call.segment[1]:.2f}] s.\n")
-    body = f"<tool_response>\n{note}{FRAMES_HEADER}{frame_tags(timestamps)}\n</tool_response>\n{CONTINUE}"
+    shown = T.by_name(call.tool).observation(call, timestamps, self.duration)
+    body = f"<tool_response>\n{shown}\n</tool_response>\n{CONTINUE}"
     return TURN_OPEN + body + self._hint(call.round) + TURN_CLOSE
 
   def extraction_failed(self, message: str) -> ToolError:
-    """The host could not cut the clip (e.g. a decode error): an error observation, no frames used."""
+    """The host could not run the call (e.g. a decode error): an error observation, no frames used."""
     call = self._pending
     if call is None:
       raise RuntimeError("no call is waiting for its observation")
     self._pending = None
     err = ToolError(message, TURN_OPEN + f"<tool_response>\nError: {inert(message)}\n</tool_response>\n" + AFTER_ERROR
-                    + self._hint(call.round) + TURN_CLOSE, call.round)
+                    + self._hint(call.round) + TURN_CLOSE, call.round, call.tool)
     self.calls.append(err)
     return err
 
@@ -338,4 +275,4 @@ class Episode:
   def _hint(self, it: int) -> str:
     """The "answer now" line, in the observation that precedes the last round (round max-2 -> max-1)."""
     last = self.cfg.last_round_hint and it == self.cfg.max_generation_round - 2
-    return self.cfg.hint_separator + LAST_ROUND_HINT if last else ""
+    return self.cfg.hint_separator + last_round_hint(self.cfg) if last else ""

@@ -1,12 +1,13 @@
-"""The multi-turn VideoZoomer agent: a batch of trajectories that each pause on their own zoom calls.
+"""The multi-turn VideoZoomer agent: a batch of trajectories that each pause on their own tool calls.
 
 One `rollout` call runs a batch of (video, question) tasks to the end:
 
   1. the overview frames of every video are read and preprocessed in a thread pool, the prompts rendered to
      token ids (`text.chat.Transcript`) and prefilled into one KV cache;
-  2. decoding runs in chunks of `decode_chunk` tokens; a sequence whose turn ends (a stop token, the
-     `</video_zoom>` stop string, or the per-turn token limit) stops generating, its turn is parsed by the
-     protocol (`agent.protocol.Episode`), and a valid call's clip is cut and preprocessed in the thread pool
+  2. decoding runs in chunks of `decode_chunk` tokens; a sequence whose turn ends (a stop token, an enabled
+     tool's closing tag such as `</video_zoom>`, or the per-turn token limit) stops generating, its turn is parsed
+     by the protocol (`agent.protocol.Episode`), and a valid call is run by its tool (`zoomer_jax.tools`: a zoom
+     cuts a clip, a crop a region of one frame) and preprocessed in the thread pool
      while the other sequences keep decoding (`Videos`: one reader per file for the whole rollout, so each
      video's time index is built once; frames are chosen by their true presentation times, video/sampling.py);
   3. when every live sequence has ended its turn, each observation (text and frames) is appended to its own
@@ -39,6 +40,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from zoomer_jax import tools as T
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.parallel.distributed import mesh_of, replicate, share_by_key, to_host
 from zoomer_jax.sampling import STOP_STRING, STOP_TOKEN, SamplingParams, StopCriteria, decode, extend
@@ -46,9 +48,7 @@ from zoomer_jax.sampling import decode_weights, prefill
 from zoomer_jax.sampling.sampler import round_up
 from zoomer_jax.text.chat import Transcript
 from zoomer_jax.text.tokenizer import Tokenizer
-from zoomer_jax.video import VideoError, VideoReader, preprocess_frames, sample_overview, sample_zoom
-
-ZOOM_END = "</video_zoom>"
+from zoomer_jax.video import VideoError, VideoReader, preprocess_frames, sample_overview
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Trajectory:
   ids: np.ndarray  # int32 [L]
   response_mask: np.ndarray  # int32 [L]: 1 on model tokens
   logprobs: np.ndarray  # float32 [L]: the sampler's log-prob where response_mask is 1, else 0
-  pixel_values: np.ndarray  # float32 [P, 1176]: all images, overview then zooms
+  pixel_values: np.ndarray  # float32 [P, 1176]: all images, overview then each call's
   image_grid_thw: np.ndarray  # int64 [n_images, 3]
   calls: list[dict]
   answer: str | None
@@ -94,8 +94,9 @@ class Trajectory:
     return len(self.image_grid_thw)
 
 
-def stop_criteria(tok: Tokenizer) -> StopCriteria:
-  return StopCriteria.build([tok.im_end, tok.endoftext], [ZOOM_END], tok.vocab_bytes(),
+def stop_criteria(tok: Tokenizer, tools: Sequence[str] = T.DEFAULT) -> StopCriteria:
+  """A turn ends on <|im_end|>, <|endoftext|> or the closing tag of an enabled tool (the call is then complete)."""
+  return StopCriteria.build([tok.im_end, tok.endoftext], [t.close for t in T.enabled(tools)], tok.vocab_bytes(),
                             suppress_ids=[tok.image_pad, tok.video_pad, tok.vision_start, tok.vision_end],
                             vocab_limit=tok.vocab_size)
 
@@ -147,7 +148,7 @@ def _shared(outcomes: dict[int, dict], what: str, tasks: Sequence[Task]) -> dict
 
 class Videos:
   """The rollout's videos: one VideoReader per file for the whole rollout, so a file's time index is built once
-  (not per zoom call); `pool` runs the reads. `python -m zoomer_jax frames` shows what these methods return."""
+  (not per tool call); `pool` runs the reads. `python -m zoomer_jax frames` shows what these methods return."""
 
   def __init__(self, cfg: AgentConfig, pool: cf.ThreadPoolExecutor | None = None):
     self.cfg, self.pool = cfg, pool
@@ -168,18 +169,17 @@ class Videos:
     idx, ts = sample_overview(reader.meta, self.cfg.tool.video_fps, self.cfg.tool.frames_upbound)
     return reader.meta, idx, ts, reader.frames(idx)
 
-  def clip_frames(self, task: Task, call: P.ZoomCall):
-    """(frame indices [n], true times [n] s, uint8 RGB frames [n, H, W, 3]) of a zoom call's clip."""
-    reader = self.reader(task.video)
-    idx, ts = sample_zoom(reader.meta, call.requested[0], call.requested[1], call.fps, max_frames=None)
-    return idx, ts, reader.frames(idx)
+  def clip_frames(self, task: Task, call):
+    """(frame indices [n], true times [n] s, uint8 RGB frames [n, H, W, 3]) a tool call shows."""
+    shown = T.by_name(call.tool).run(call, self.reader(task.video))
+    return shown.indices, shown.times, shown.frames
 
   def overview(self, task: Task):
     meta, _, ts, frames = self.overview_frames(task)
     pixels, grids = preprocess_frames(frames, self.cfg.max_pixels, self.cfg.min_pixels)
     return meta, ts, pixels, grids
 
-  def clip(self, task: Task, call: P.ZoomCall):
+  def clip(self, task: Task, call):
     _, ts, frames = self.clip_frames(task, call)
     pixels, grids = preprocess_frames(frames, self.cfg.max_pixels, self.cfg.min_pixels)
     return ts, pixels, grids
@@ -194,7 +194,7 @@ def _overview(task: Task, videos: Videos):
   return videos.overview(task)
 
 
-def _clip(task: Task, call: P.ZoomCall, videos: Videos):
+def _clip(task: Task, call, videos: Videos):
   return videos.clip(task, call)
 
 
@@ -215,7 +215,7 @@ class _Row:
     self.calls: list[dict] = []
     self.turns: list[str] = []
     self.answer, self.reason = None, None
-    self.pending: Any = None  # a ZoomCall being extracted: (call, future)
+    self.pending: Any = None  # a tool call being run: (call, future)
     self.new_images: tuple[np.ndarray, np.ndarray] | None = None
 
   @property
@@ -229,14 +229,15 @@ def _tokens_per_image(grids: np.ndarray) -> list[int]:
 
 def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = AgentConfig(),
             key: jax.Array | None = None, on_event=None, script=None) -> list[Trajectory]:
-  """Runs every task to its end. `on_event(kind, row, info)` (optional) sees each turn, zoom and answer.
+  """Runs every task to its end. `on_event(kind, row, info)` (optional) sees each turn ("turn"), tool call
+  (kind: the tool's name, e.g. "zoom"; info: its log record), tool error ("tool_error") and end ("final").
 
   `script(row, round) -> str | None` (optional) dictates a turn's text instead of sampling it (tests and
   demonstrations): its tokens are forced, their log-probs are still the model's.
   """
   key = jax.random.key(0) if key is None else key
   event = on_event or (lambda *a: None)
-  stop = stop_criteria(tok)
+  stop = stop_criteria(tok, cfg.tool.tools)
   if jax.process_count() > 1:  # the stop tables as global arrays once, not at every decode call
     stop = replicate(stop, mesh_of(nnx.state(model, nnx.Param)))
   system = P.system_prompt(cfg.tool)
@@ -277,7 +278,8 @@ def _cache_size(rows, cfg) -> int:
     return cfg.cache_size
   longest = max(len(r.tr.ids) for r in rows)
   per_frame = max((max(_tokens_per_image(r.grids[0]), default=0) for r in rows), default=0) + 12
-  observation = cfg.tool.tool_call_max_frames * per_frame + 160
+  tools = T.enabled(cfg.tool.tools)
+  observation = max(t.observation_tokens(cfg.tool, per_frame, cfg.max_pixels) for t in tools) + 160
   need = longest + cfg.token_bucket + cfg.tool.max_generation_round * (
       cfg.sampling.max_new_tokens + cfg.decode_chunk + observation + cfg.token_bucket)
   return round_up(need, 256)
@@ -383,7 +385,7 @@ def _end_turn(r: _Row, i: int, last_logits: np.ndarray, temperature: float, tok,
     z = last_logits / temperature
     r.logprobs.append(float(z[tok.im_end] - (z.max() + np.log(np.exp(z - z.max()).sum()))))
   if isinstance(out, P.ToolError):
-    r.calls.append(dict(round=out.round, error=out.message))
+    r.calls.append(dict(round=out.round, tool=out.tool, error=out.message))  # tool None: the turn named several
     event("tool_error", i, out)
     r.pending = ("error", out.observation)
   else:
@@ -395,7 +397,7 @@ def _observe(rows, tok, event):
   text (and frames) to the transcript. Every process calls it at the same point of each round."""
   clips = {i: _outcome(r.pending[2], (VideoError, ValueError, OSError)) for i, r in enumerate(rows)
            if r.pending is not None and r.pending[0] == "call" and r.pending[2] is not None}
-  clips = _shared(clips, "cutting the zoom clip", [r.task for r in rows])
+  clips = _shared(clips, "running the tool call", [r.task for r in rows])
   for i, r in enumerate(rows):
     if r.pending is None:
       continue
@@ -404,18 +406,18 @@ def _observe(rows, tok, event):
       _append(r, pending[1], ())
       continue
     call = pending[1]
+    tool = T.by_name(call.tool)
     if "error" in clips[i]:
       message = clips[i]["error"]
       err = r.episode.extraction_failed(for_model(message, r.task.video))
-      r.calls.append(dict(round=call.round, segment=list(call.requested), fps=call.fps, error=message))
+      r.calls.append(tool.log(call, error=message))
       event("tool_error", i, err)
       _append(r, err.observation, ())
       continue
     ts, pixels, grids = clips[i]["value"]
     obs = r.episode.observation(ts)
-    r.calls.append(dict(round=call.round, segment=list(call.requested), clamped=list(call.segment), fps=call.fps,
-                        frames=len(ts), timestamps=[round(float(t), 3) for t in ts]))
-    event("zoom", i, r.calls[-1])
+    r.calls.append(tool.log(call, ts))
+    event(tool.name, i, r.calls[-1])
     r.new_images = (pixels, grids)
     _append(r, obs, _tokens_per_image(grids))
 

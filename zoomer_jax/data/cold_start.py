@@ -8,8 +8,8 @@ Each RL record of `data.synthetic` becomes one conversation in the SFT format of
 rendered with exactly the texts the agent sees at rollout time: `system_prompt(tool_cfg)`, `user_prompt(problem,
 overview timestamps)`, and each tool response is `Episode.observation(timestamps)` without the chat-turn tokens
 around it (the SFT renderer adds `<|im_start|>user\\n ... <|im_end|>\\n` itself). Each `<image>` follows its
-`<frame{i}_time{t}s>` tag; the PNGs are the frames `VideoReader` decodes at the indices `sample_overview` and
-`sample_zoom` give, as in `agent.rollout`. Every turn goes through a fresh `Episode`, so a call the protocol would
+`<frame{i}_time{t}s>` tag; the PNGs are the frames `VideoReader` decodes at the indices `sample_overview` gives
+and those the zoom tool shows (`tools.ZOOM`: its call text and its frames), as in `agent.rollout`. Every turn goes through a fresh `Episode`, so a call the protocol would
 reject cannot be written.
 
 Kinds (think texts short and templated, every number read off the timestamp tags):
@@ -33,7 +33,8 @@ import numpy as np
 
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.data.synthetic import LETTERS, write_if_changed, cue_zoom, hits, zoom_fps
-from zoomer_jax.video import VideoReader, sample_overview, sample_zoom
+from zoomer_jax.tools import ZOOM
+from zoomer_jax.video import VideoReader, sample_overview
 
 _NEEDED = ("cue_frames", "answer_frames", "options", "n_frames")
 KINDS = ("direct", "reflection", "sparse")
@@ -43,10 +44,6 @@ def _times(ts) -> str:
   """'34.00s, 36.00s and 38.00s' (the tags' format)."""
   words = [f"{float(t):.2f}s" for t in ts]
   return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-
-
-def _call(segment: tuple[float, float], fps: float) -> str:
-  return "<video_zoom>" + json.dumps({"segment": list(segment), "fps": fps}) + "</video_zoom>"
 
 
 def _png(frame_rgb: np.ndarray, path: str) -> str:
@@ -81,31 +78,30 @@ class _Writer:
     self.images: list[str] = []
     self.episode: P.Episode | None = None
 
-  def _save(self, idx: np.ndarray, prefix: str) -> None:
-    frames = self.reader.frames(idx)
+  def _save(self, frames: np.ndarray, prefix: str) -> None:
     self.images += [_png(f, os.path.join(self.image_dir, f"{prefix}_{k:02d}.png")) for k, f in enumerate(frames)]
 
   def overview(self, problem: str) -> tuple[np.ndarray, np.ndarray]:
     meta = self.reader.meta
     idx, ts = sample_overview(meta, self.cfg.video_fps, self.cfg.frames_upbound)
     self.messages.append({"role": "user", "content": P.user_prompt(problem, ts)})
-    self._save(idx, "overview")
+    self._save(self.reader.frames(idx), "overview")
     self.episode = P.Episode(self.cfg, meta.duration, len(ts))
     return idx, ts
 
   def zoom(self, think: str, segment: tuple[float, float], fps: float) -> tuple[np.ndarray, np.ndarray]:
     """An assistant turn with one call, and its tool response; returns the clip's (indices, timestamps)."""
-    text = f"<think>{think}</think>\n{_call(segment, fps)}"
+    text = f"<think>{think}</think>\n{ZOOM.call_text({'segment': list(segment), 'fps': fps})}"
     out = self.episode.step(text)
     if not isinstance(out, P.ZoomCall):
       raise ValueError(f"{self.where}: the protocol rejects the zoom turn {text!r}: {out}")
-    idx, ts = sample_zoom(self.reader.meta, out.requested[0], out.requested[1], out.fps, max_frames=None)
-    obs = self.episode.observation(ts)
+    shown = ZOOM.run(out, self.reader)
+    obs = self.episode.observation(shown.times)
     assert obs.startswith(P.TURN_OPEN) and obs.endswith(P.TURN_CLOSE), obs
     self.messages += [{"role": "assistant", "content": text},
                       {"role": "user", "content": obs[len(P.TURN_OPEN):-len(P.TURN_CLOSE)]}]
-    self._save(idx, f"zoom{len(self.episode.calls)}")
-    return idx, ts
+    self._save(shown.frames, f"zoom{len(self.episode.calls)}")
+    return shown.indices, shown.times
 
   def answer(self, think: str, letter: str) -> None:
     text = f"<think>{think}</think>\n<answer>{letter}</answer>"

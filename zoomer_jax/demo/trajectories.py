@@ -1,12 +1,13 @@
-"""A picture of a few evaluated trajectories: the overview the model saw, where it zoomed, what the zoom showed.
+"""A picture of a few evaluated trajectories: the overview the model saw, where it looked again, what it was shown.
 
     draw_trajectories(report.records, "out/demo/trajectories.png", n=4, title="...")
 
 For each trajectory (an `eval.harness` JSONL record of the synthetic task), three rows:
   * the overview strip (the frames of the first turn, each with its timestamp tag);
   * a timeline of the whole video: the overview frames (ticks), the yellow-border span and the flash (ground
-    truth), and each zoom the model asked for (blue bar);
-  * the zoomed frames with their timestamps; frames inside the flash's window are framed in green.
+    truth), and the span of each tool call the model made (a zoom's segment: blue bar; a crop's time: a tick);
+  * the frames of the last call that showed any, as its tool shows them (`Tool.run`), with their timestamps;
+    frames inside the flash's window are framed in green.
 The row title gives the model's answer against the truth. Frames are re-read from the videos.
 """
 
@@ -17,7 +18,8 @@ import os
 
 import numpy as np
 
-from zoomer_jax.video import VideoReader, sample_overview, sample_zoom
+from zoomer_jax import tools as T
+from zoomer_jax.video import VideoReader, sample_overview
 
 GAP = 4  # pixels between frames in a strip
 
@@ -33,11 +35,6 @@ def _strip(frames: list[np.ndarray], marks: list[bool] | None = None) -> np.ndar
       out[:2, x:x + w] = out[-2:, x:x + w] = (0, 200, 0)
       out[:, x:x + 2] = out[:, x + w - 2:x + w] = (0, 200, 0)
   return out
-
-
-def _read(video: str, idx) -> list[np.ndarray]:
-  with VideoReader(video) as reader:
-    return list(reader.frames(np.asarray(idx, np.int64)))
 
 
 def _extra(record: dict, rl_records: dict) -> dict:
@@ -99,7 +96,7 @@ def _draw_one(fig, grid, row: int, rec: dict, info: dict, tool) -> None:
     ax.text(k * w + (w - GAP) / 2, ov[0].shape[0] + 2, f"{t:.2f}s", ha="center", va="top", fontsize=7)
   ax.set_axis_off()
   ax.set_title(f"{rec['id']}: answer {rec['prediction']!r}{name(rec['prediction'])} vs truth {truth}{name(truth)}"
-               f" -> {verdict}   ({rec['rounds']} rounds, {rec['tool_calls']} zooms, {rec['frames']} frames)   "
+               f" -> {verdict}   ({rec['rounds']} rounds, {rec['tool_calls']} tool calls, {rec['frames']} frames)   "
                "overview (green: frames that show the yellow border)", fontsize=9, loc="left")
   tl = fig.add_subplot(grid[row + 1])
   tl.set_xlim(0, meta.duration)
@@ -110,27 +107,31 @@ def _draw_one(fig, grid, row: int, rec: dict, info: dict, tool) -> None:
     tl.axvspan(cue[0], cue[1], color="gold", alpha=0.5, label="yellow border")
   if win:
     tl.axvspan(win[0], win[1] + 1 / meta.fps, color="red", alpha=0.9, label="flash (answer)")
-  zooms = [c for c in rec["calls"] if "segment" in c]
-  for c in zooms:
-    s, e = c["segment"]
-    tl.plot([s, e], [0.5, 0.5], color="tab:blue", lw=6, solid_capstyle="butt",
-            label="model's zoom" if c is zooms[0] else None)
+  calls = [(c, *found) for c in rec["calls"] if (found := T.logged_call(c)) is not None]
+  labelled = set()
+  for _, tool, call in calls:
+    s, e = tool.span(call)
+    label = None if tool.name in labelled else f"model's {tool.name}"
+    labelled.add(tool.name)
+    tl.plot([s, e], [0.5, 0.5], color="tab:blue", lw=6, solid_capstyle="butt", marker="|" if s == e else None,
+            markersize=14, label=label)
   tl.legend(loc="upper right", fontsize=7, ncol=3, framealpha=0.8)
   tl.set_xlabel("time (s)", fontsize=8)
   tl.tick_params(labelsize=7)
   zx = fig.add_subplot(grid[row + 2])
   zx.set_axis_off()
-  ok = [c for c in zooms if c.get("frames")]
+  ok = [(tool, call) for c, tool, call in calls if c.get("frames")]
   if not ok:
-    zx.text(0.0, 0.5, "no zoom frames" + (f" (tool error: {rec['calls'][0].get('error')})" if rec["calls"] else ""),
+    zx.text(0.0, 0.5, "no tool frames" + (f" (tool error: {rec['calls'][0].get('error')})" if rec["calls"] else ""),
             fontsize=9, transform=zx.transAxes)
     return
-  c = ok[-1]
-  idx, ts = sample_zoom(meta, c["segment"][0], c["segment"][1], c["fps"], max_frames=None)
-  frames = _read(rec["video"], idx)
+  tool, call = ok[-1]
+  with VideoReader(rec["video"]) as reader:
+    shown = tool.run(call, reader)
+  frames, idx, ts = list(shown.frames), shown.indices, shown.times
   marks = [bool(a_frames) and a_frames[0] <= i <= a_frames[1] for i in idx]
   zx.imshow(_strip(frames, marks))
   w = frames[0].shape[1] + GAP
   for k, t in enumerate(ts):
     zx.text(k * w + (w - GAP) / 2, frames[0].shape[0] + 2, f"{t:.2f}s", ha="center", va="top", fontsize=7)
-  zx.set_title(f"zoom {c['segment']} at {c['fps']:g} fps (green: frames inside the flash)", fontsize=9, loc="left")
+  zx.set_title(f"{tool.describe(call)} (green: frames inside the flash)", fontsize=9, loc="left")

@@ -12,7 +12,7 @@ trains, each JSONL line carrying its `sample` index.
 
 Two modes:
 
-  * `use_tool=True`: the zoom agent (`agent/rollout.py`) with `agent_cfg.tool`'s budgets.
+  * `use_tool=True`: the agent (`agent/rollout.py`) with `agent_cfg.tool`'s tools and budgets.
   * `use_tool=False`: the no-tool baseline, given the frame budget of the tool run. A tool run sees its overview
     (at most `frames_upbound` frames) plus at most `tool_call_max_frames` per call in each of its first
     `max_generation_round - 1` rounds (the last round never runs the tool), all capped by `max_total_frames`:
@@ -21,23 +21,24 @@ Two modes:
     over the whole video (`linspace(0, N-1, budget)`, every frame for a video with fewer), whatever the video's
     length; the tool run's 0.5 fps overview holds fewer for videos under 2 x frames_upbound seconds, so the
     baseline never sees fewer frames than the tool run could have. It answers in one round under a system
-    prompt without the tool (`agent/prompts/system_prompt_notool.txt`); a `<video_zoom>` it writes anyway is
+    prompt without the tool (`agent/prompts/system_prompt_notool.txt`); a tool call it writes anyway is
     never executed (the trajectory ends, finish reason "round_limit"). This is `no_tool_config`. The original's
     own baseline (`eval_video_notool.sh`: "You are a helpful assistant.", native video input at 0.2 fps, at
     most 120 frames) is not reproduced: ours keeps the frames-as-images input of the tool run, so the two runs
     differ only in the tool.
 
-Scoring (docs/training.md, Rewards): `acc` is `train.rewards.judge_multi_choice` on the assistant turns
-against the answer letter, `format` is `format_reward(turns, tool_call_max_frames).score`, and `score = acc + format` (the
-original's validation weights). Accuracy is the mean `acc`, per data_source and overall. A sample whose
-video cannot be read (or whose batch fails on it) counts as wrong, is listed under `errors`, and the run goes on.
+Scoring (docs/training.md, Rewards): `acc` is `agent.rewards.judge_multi_choice` on the assistant turns
+against the answer letter, `format` is `format_reward(turns, tool_call_max_frames, tools).score`, and
+`score = acc + format` (the original's validation weights). Accuracy is the mean `acc`, per data_source and
+overall. A sample whose video cannot be read (or whose batch fails on it) counts as wrong, is listed under
+`errors`, and the run goes on.
 
 JSONL (one line per task, in task order; the original's dump fields under the same names where they
 exist): id, data_source, video, mode, ground_truth, prediction, acc, format, score, finish_reason, rounds,
-frames (all images shown), zoom_frames, tool_calls (zooms executed), tool_errors, requested_tool_calls
-(format_reward's count), calls (the tool log), turns, input (the prompt), output (everything after it: turns
-and observations), prompt_len, response_len (tokens), error. In `input`/`output` each image's vision tokens
-are written as one `<image>`.
+frames (all images shown), zoom_frames (the images tool calls showed), tool_calls (calls executed),
+tool_errors, requested_tool_calls (format_reward's count), calls (the tool log), turns, input (the prompt),
+output (everything after it: turns and observations), prompt_len, response_len (tokens), error. In
+`input`/`output` each image's vision tokens are written as one `<image>`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from tqdm.auto import tqdm
 
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
-from zoomer_jax.train.rewards import format_reward, judge_multi_choice
+from zoomer_jax.agent.rewards import format_reward, judge_multi_choice
 from zoomer_jax.video import VideoError
 
 NO_TOOL_PROMPT = "system_prompt_notool.txt"  # in agent/prompts/
@@ -96,14 +97,14 @@ def _error_record(task: Task, mode: str, message: str, reason: str) -> dict:
               output="", prompt_len=0, response_len=0, error=message)
 
 
-def score_trajectory(traj: Trajectory, tok, mode: str, tool_call_max_frames: int) -> dict:
+def score_trajectory(traj: Trajectory, tok, mode: str, tool: ToolConfig) -> dict:
   """One JSONL record (see the module docstring) of a finished trajectory."""
   task = traj.task
   if traj.finish_reason == "video_error":
     message = traj.calls[0].get("error", "video error") if traj.calls else "video error"
     return _error_record(task, mode, message, "video_error")
   acc = judge_multi_choice(traj.turns, task.answer)
-  fmt = format_reward(traj.turns, tool_call_max_frames)
+  fmt = format_reward(traj.turns, tool.tool_call_max_frames, tool.tools)
   generated = np.flatnonzero(traj.response_mask)
   prompt_len = int(generated[0]) if generated.size else len(traj.ids)
   zooms = [c for c in traj.calls if "frames" in c]
@@ -135,8 +136,8 @@ class Report:
   accuracy: float
   per_source: dict  # data_source -> {n, correct, accuracy, errors}
   format: float  # mean format score
-  mean_tool_calls: float  # executed zooms per trajectory
-  tool_use_rate: float  # fraction of trajectories with at least one executed zoom
+  mean_tool_calls: float  # executed tool calls per trajectory
+  tool_use_rate: float  # fraction of trajectories with at least one executed tool call
   mean_tool_errors: float
   mean_frames: float  # images shown per trajectory (overview and zooms)
   rounds: dict  # assistant turns -> {count, accuracy}
@@ -270,7 +271,7 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
         if isinstance(traj, str):
           rec = _error_record(task, mode, traj, "error")
         else:
-          rec = score_trajectory(traj, tok, mode, agent_cfg.tool.tool_call_max_frames)
+          rec = score_trajectory(traj, tok, mode, agent_cfg.tool)
         if temperature > 0:
           rec["sample"] = (start + k) % samples
         records.append(rec)

@@ -2,7 +2,8 @@
 
 One RL step:
   1. take `data.train_batch_size` prompts; run `rollout.n` trajectories of each with the agent (the sampler
-     pauses on `</video_zoom>`, the host cuts the clip, the cache is extended, decoding resumes);
+     pauses on a tool's closing tag such as `</video_zoom>`, the host runs the call, the cache is extended,
+     decoding resumes);
   2. score them (0.9 accuracy + 0.1 format, optional tool bonus) and turn rewards into advantages within each
      prompt's group (`algorithm.adv_estimator`: GRPO's normalisation, or RLOO's leave-one-out baseline); with
      `algorithm.rejection_sample`, drop groups whose rewards are all equal and generate more batches until
@@ -27,13 +28,14 @@ from functools import partial
 import jax
 import numpy as np
 
+from zoomer_jax.agent import rewards
 from zoomer_jax.agent.protocol import ToolConfig
+from zoomer_jax.agent.rewards import RewardConfig, score_batch
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
 from zoomer_jax.sampling.sampler import SamplingParams
 from zoomer_jax.train.batch import Example, make_batch
 from zoomer_jax.train.forward import sequence_logprobs
 from zoomer_jax.train.grpo_loss import GRPOLossConfig, check_adv_estimator, grpo_loss, keep_groups, outcome_advantages
-from zoomer_jax.train.rewards import RewardConfig, score_batch
 
 LOSS_KEYS = ("clip_ratio_low", "clip_ratio_high", "loss_agg_mode", "use_kl_loss", "kl_loss_coef", "kl_loss_type",
              "entropy_coeff", "tis_cap")
@@ -45,7 +47,7 @@ def agent_config(rollout_cfg, *, greedy: bool = False) -> AgentConfig:
                     max_total_frames=r.max_total_frames, video_fps=r.video_fps,
                     frames_upbound=r.frames_upbound, system_prompt=r.system_prompt,
                     system_prompt_verbatim=r.system_prompt_verbatim, last_round_hint=r.last_round_hint,
-                    hint_separator=r.hint_separator)
+                    hint_separator=r.hint_separator, tools=r.tools)
   sampling = SamplingParams(temperature=0.0 if greedy else r.temperature, top_p=r.top_p, top_k=max(0, r.top_k),
                             max_new_tokens=r.response_length)
   return AgentConfig(tool=tool, sampling=sampling, decode_chunk=r.decode_chunk, max_pixels=r.max_pixels,
@@ -70,8 +72,8 @@ def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_s
 
 
 def used_tool(t: Trajectory) -> bool:
-  """Whether the trajectory received zoom frames (the original's 'successful tool call')."""
-  return any(c.get("frames", 0) > 0 for c in t.calls)
+  """Whether the trajectory received a tool's frames (the original's 'successful tool call')."""
+  return rewards.used_tool(t.calls)
 
 
 def score(trajs: list[Trajectory], reward_cfg: RewardConfig, step: int, answer_types: list[str]) -> list[dict]:
@@ -212,7 +214,8 @@ def run_grpo(cfg) -> dict:
   check_adv_estimator(cfg.algorithm.adv_estimator)  # before any work
   ctx = JobContext(cfg, kind="grpo")
   actor, r = cfg.actor, cfg.rollout
-  reward_cfg = RewardConfig.from_dict(dict(cfg.reward.to_dict(), tool_call_max_frames=r.tool_call_max_frames))
+  reward_cfg = RewardConfig.from_dict(dict(cfg.reward.to_dict(), tool_call_max_frames=r.tool_call_max_frames,
+                                            tools=r.tools))
   loss, logp_fn = grpo_loss_fns(cfg, vocab_limit=ctx.tok.vocab_size)
   want = cfg.data.train_batch_size
   if want % actor.ppo_mini_batch_size:

@@ -7,33 +7,33 @@ removed, as the original's reward manager decodes them):
 
   * `acc` (0/1): multiple choice by the original's rule (`judge_multi_choice`); open-ended by a normalised
     exact match (`judge_open_ended`), standing in for the original's GPT-4o judge.
-  * `format` (0/1): every non-final turn a well-formed zoom call, the final turn a well-formed answer
-    (`format_reward`).
+  * `format` (0/1): every non-final turn a well-formed call of an enabled tool (the zoom by default; each tool
+    judges its own call, `Tool.requested_frames`), the final turn a well-formed answer (`format_reward`).
   * `tool_term`: minus the "penalty" of the original's `tool_call_extra_reward.py` (a negative penalty is a
     bonus), applied to trajectories that used the tool, of the chosen kind (correct / incorrect / all), while
     the batch's tool-use rate is at most `target_tool_call_rate`.
 
 Everything follows the original's code (`openr1.py`, `toolcall_format.py`, `tool_call_extra_reward.py`,
-`ray_trainer.py`); the few deviations are marked "Deviation:" where they occur.
+`ray_trainer.py`); the few deviations are marked "Deviation:" where they occur. Training (`train.grpo`) and
+evaluation (`eval.harness`) both score with this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import re
 import string
 import unicodedata
 from typing import Mapping, Sequence
 
+from zoomer_jax import tools as T
+
 ANSWER_TYPES = ("multiple_choice", "open_ended")
 PENALIZE_MODES = ("correct", "incorrect", "all", "none")
 
-_CALL_BODY = re.compile(r"<video_zoom>(.*?)</video_zoom>", re.DOTALL)
-_HAS_CALL = re.compile(r"<video_zoom>.*</video_zoom>", re.DOTALL)
 _DIRECT_ANSWER = re.compile(r"<think>.*</think>.*<answer>.*</answer>", re.DOTALL)  # the whole (stripped) turn
-_TOOL_TURN = re.compile(r"<think>.*</think>.*<video_zoom>.*</video_zoom>", re.DOTALL)  # a prefix of the turn
 _BOXED = r"\boxed{"
 
 
@@ -52,9 +52,10 @@ class RewardConfig:
     `anneal_steps` trainer steps (`penalty_at`).
   tool_call_max_frames: the per-call frame limit of the format check; keep it equal to
     `ToolConfig.tool_call_max_frames` (the original passed the rollout's value in).
+  tools: the enabled tools, whose calls the format check accepts; keep it equal to `ToolConfig.tools`.
   count_failed_calls: ours, not verl's. True (the original): a trajectory "used the tool", for the mode gate
-    and for `forced_tool_call`, when any non-final turn holds a `<video_zoom>` call, even one that failed.
-    False: only when zoom frames actually arrived (`used_tool`).
+    and for `forced_tool_call`, when any non-final turn holds a tool call, even one that failed.
+    False: only when a tool's frames actually arrived (`used_tool`).
   """
 
   acc_reward_weight: float = 0.9
@@ -73,8 +74,11 @@ class RewardConfig:
   anneal_steps: int = 0
   tool_call_max_frames: int = 16
   count_failed_calls: bool = True
+  tools: tuple[str, ...] = T.DEFAULT
 
   def __post_init__(self):
+    object.__setattr__(self, "tools", tuple(self.tools))
+    T.enabled(self.tools)
     if self.penalize_mode not in PENALIZE_MODES:
       raise ValueError(f"penalize_mode must be one of {PENALIZE_MODES}, got {self.penalize_mode!r}")
     for name in ("acc_reward_weight", "format_reward_weight", "tool_call_penalty", "target_tool_call_rate",
@@ -210,45 +214,39 @@ def judge_open_ended(turns: Sequence[str], ground_truth: str | Sequence[str]) ->
 @dataclasses.dataclass(frozen=True)
 class FormatResult:
   score: float  # 0.0 or 1.0
-  tool_call_count: int  # turns holding a <video_zoom> call, counted as the original counts them
-  requested_frames: int  # sum of int(fps*(end-start)) over the well-formed calls
+  tool_call_count: int  # turns holding a tool call, counted as the original counts them
+  requested_frames: int  # sum of the frames the well-formed calls ask for (a zoom: int(fps*(end-start)))
 
 
-def _direct_answer_ok(turn: str) -> bool:
-  """<think>...</think>...<answer>...</answer> as the whole turn, one answer pair, no <video_zoom>."""
+def _direct_answer_ok(turn: str, tools) -> bool:
+  """<think>...</think>...<answer>...</answer> as the whole turn, one answer pair, no tool's opening tag."""
   return (_DIRECT_ANSWER.fullmatch(turn) is not None and turn.count("<answer>") == 1
-          and turn.count("</answer>") == 1 and "<video_zoom>" not in turn)
+          and turn.count("</answer>") == 1 and not any(t.open in turn for t in tools))
 
 
-def _call_frames(turn: str) -> int | None:
-  """int(fps*(end-start)) of the turn's call, or None if its JSON does not parse or lacks the fields.
+@functools.cache
+def _tool_turn(tool: T.Tool) -> re.Pattern:
+  """<think>...</think>...<tag>...</tag>, matched as a prefix of the turn."""
+  return re.compile(f"<think>.*</think>.*{re.escape(tool.open)}.*{re.escape(tool.close)}", re.DOTALL)
 
-  The original's rule, which is looser than the environment's (`agent.protocol.parse_call`): the whole body
-  must be one JSON value (surrounding whitespace allowed), values go through float() (so "2" and true pass),
-  and a reversed segment or fps 0 gives a count <= 0, which passes the frame limit."""
-  bodies = _CALL_BODY.findall(turn)
-  if not bodies:
+
+def _tool_turn_frames(turn: str, max_frames: int, tools) -> int | None:
+  """The frame count of a well-formed tool turn, None if the turn is not one: exactly one enabled tool's tags
+  appear, the turn starts <think>...</think>...<tag>...</tag>, has one call pair, no answer tags, and the tool
+  accepts its (last) call by the original's looser rule (`Tool.requested_frames`) with at most max_frames."""
+  named = [t for t in tools if t.open in turn]
+  if len(named) != 1 or "<answer>" in turn or "</answer>" in turn:
     return None
-  try:
-    obj = json.loads(bodies[-1])
-    n = int(float(obj["fps"]) * (float(obj["segment"][1]) - float(obj["segment"][0])))
-  except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError):
-    return None
-  return n
-
-
-def _tool_turn_frames(turn: str, max_frames: int) -> int | None:
-  """The frame count of a well-formed tool turn, None if the turn is not one: it starts
-  <think>...</think>...<video_zoom>...</video_zoom>, has one call pair, no answer tags, a parsable call and
-  int(fps*(end-start)) <= max_frames."""
-  n = _call_frames(turn)
-  ok = (n is not None and n <= max_frames and _TOOL_TURN.match(turn) is not None
-        and turn.count("<video_zoom>") == 1 and turn.count("</video_zoom>") == 1
-        and "<answer>" not in turn and "</answer>" not in turn)
+  tool = named[0]
+  bodies = tool.find(turn)
+  n = tool.requested_frames(bodies[-1][1]) if bodies else None
+  ok = (n is not None and n <= max_frames and _tool_turn(tool).match(turn) is not None
+        and turn.count(tool.open) == 1 and turn.count(tool.close) == 1)
   return n if ok else None
 
 
-def format_reward(turns: Sequence[str], tool_call_max_frames: int = 16) -> FormatResult:
+def format_reward(turns: Sequence[str], tool_call_max_frames: int = 16,
+                  tools: Sequence[str] = T.DEFAULT) -> FormatResult:
   """Binary format score of a trajectory (the original's `toolcall_format.format_reward`; docs/training.md).
 
   Single turn: the stripped turn is a direct answer (`_direct_answer_ok`); `tool_call_count` is 1 if it
@@ -258,32 +256,41 @@ def format_reward(turns: Sequence[str], tool_call_max_frames: int = 16) -> Forma
   first malformed one: `tool_call_count` counts the calls among the turns examined (the malformed one
   included), `requested_frames` sums the counts of the well-formed ones before it.
   No turns at all (a video that failed to load): score 0, no calls.
+  `tools` names the enabled tools (default: the zoom); a call of a tool not enabled is no call.
 
   Deviation: the original does not strip the final turn of a multi-turn trajectory (leading whitespace, or
   trailing whitespace beyond one newline, failed it); here every turn is stripped, as docs/training.md states.
   """
   if isinstance(turns, str):
     raise TypeError("turns must be a sequence of assistant turn strings, got one str")
+  tools = T.enabled(tools)
   turns = [t.strip() for t in turns]
+  has_call = lambda turn: any(t.has_call(turn) for t in tools)
   if not turns:
     return FormatResult(0.0, 0, 0)
   if len(turns) == 1:
-    calls = 1 if _HAS_CALL.search(turns[0]) else 0
-    return FormatResult(1.0 if _direct_answer_ok(turns[0]) else 0.0, calls, 0)
+    calls = 1 if has_call(turns[0]) else 0
+    return FormatResult(1.0 if _direct_answer_ok(turns[0], tools) else 0.0, calls, 0)
   calls, frames, tools_ok = 0, 0, True
   for turn in turns[:-1]:
-    if _HAS_CALL.search(turn):
+    if has_call(turn):
       calls += 1
-    n = _tool_turn_frames(turn, tool_call_max_frames)
+    n = _tool_turn_frames(turn, tool_call_max_frames, tools)
     if n is None:
       tools_ok = False
       break
     frames += n
-  ok = tools_ok and _direct_answer_ok(turns[-1])
+  ok = tools_ok and _direct_answer_ok(turns[-1], tools)
   return FormatResult(1.0 if ok else 0.0, calls, frames)
 
 
 # ---------------------------------------------------------------------------------------------- score
+def used_tool(calls: Sequence[dict]) -> bool:
+  """Whether a trajectory's call records (`Tool.log`) show frames that arrived (the original's 'successful tool
+  call')."""
+  return any(c.get("frames", 0) > 0 for c in calls)
+
+
 def judge(turns: Sequence[str], ground_truth, answer_type: str, letter_pattern: str = r"([A-Z])\.") -> float:
   """Accuracy (0/1) by answer type: "multiple_choice" or "open_ended"."""
   if answer_type == "multiple_choice":
@@ -320,8 +327,8 @@ def score_trajectory(turns: Sequence[str], ground_truth, answer_type: str, cfg: 
                      success_tool_call_rate: float, used_tool: bool, step: int = 0) -> dict:
   """The training reward of one trajectory.
 
-  success_tool_call_rate: the fraction of the batch that received zoom frames (gates the tool term).
-  used_tool: whether this trajectory received zoom frames (see `RewardConfig.count_failed_calls`).
+  success_tool_call_rate: the fraction of the batch that received a tool's frames (gates the tool term).
+  used_tool: whether this trajectory received a tool's frames (`used_tool`; see `RewardConfig.count_failed_calls`).
   step: the trainer step, for the annealed penalty.
   Returns {score, acc, format, tool_term, tool_call_count, requested_frames}; `acc` and `format` are the
   unweighted 0/1 values. With `forced_tool_call` and no tool use the score and tool_term are 0 (the original
@@ -329,7 +336,7 @@ def score_trajectory(turns: Sequence[str], ground_truth, answer_type: str, cfg: 
   """
   rate = _check_rate(success_tool_call_rate, "success_tool_call_rate")
   acc = judge(turns, ground_truth, answer_type, cfg.letter_pattern)
-  fmt = format_reward(turns, cfg.tool_call_max_frames)
+  fmt = format_reward(turns, cfg.tool_call_max_frames, cfg.tools)
   used = fmt.tool_call_count > 0 if cfg.count_failed_calls else bool(used_tool)
   out = dict(acc=acc, format=fmt.score, tool_call_count=fmt.tool_call_count, requested_frames=fmt.requested_frames)
   if cfg.forced_tool_call and not used:
@@ -343,7 +350,7 @@ def score_batch(trajectories_turns: Sequence[Sequence[str]], ground_truths: Sequ
                 used_tool: Sequence[bool], cfg: RewardConfig, step: int = 0,
                 gate_rate: float | None = None) -> list[dict]:
   """Scores a generation batch. Each dict is `score_trajectory`'s plus `success_tool_call_rate`, this batch's
-  fraction of trajectories that received zoom frames.
+  fraction of trajectories that received a tool's frames.
 
   gate_rate: the rate that gates the tool term; None uses this batch's own rate. The original gated a batch
   with the rate measured on the previous training step's batches (0.0 before the first); pass that here to
@@ -371,7 +378,7 @@ def score_batch(trajectories_turns: Sequence[Sequence[str]], ground_truths: Sequ
 
 def validation_score(turns: Sequence[str], ground_truth, answer_type: str, cfg: RewardConfig = RewardConfig()) -> dict:
   """The original's validation reward: acc + format (both weights 1.0), no tool term, no forced tool use.
-  Only `cfg.letter_pattern` and `cfg.tool_call_max_frames` are used. The reported accuracy is `acc`."""
+  Only `cfg.letter_pattern`, `cfg.tool_call_max_frames` and `cfg.tools` are used. The reported accuracy is `acc`."""
   val = dataclasses.replace(cfg, acc_reward_weight=1.0, format_reward_weight=1.0, penalize_mode="none",
                             forced_tool_call=False, float_penalty=False)
   return score_trajectory(turns, ground_truth, answer_type, val, success_tool_call_rate=0.0, used_tool=False)
