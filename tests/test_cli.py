@@ -1,4 +1,4 @@
-"""The main job from README: `python -m zoomer_jax forward` on the built-in tiny model."""
+"""The `forward` command (README: one forward pass of the built-in tiny model; the main job is `demo`)."""
 
 import json
 import subprocess
