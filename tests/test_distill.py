@@ -28,6 +28,7 @@ from zoomer_jax.data import load_records
 from zoomer_jax.data import synthetic as S
 from zoomer_jax.data.distill import run_distill
 from zoomer_jax.data.jsonl_log import LogError, read_log
+from zoomer_jax.data.reflect import run_reflect
 from zoomer_jax.video import VideoReader, read_meta, sample_overview, sample_zoom
 
 TOOL = dict(max_generation_round=3, tool_call_max_frames=8, frames_upbound=16, video_fps=0.5, max_total_frames=40)
@@ -74,6 +75,7 @@ class Expert:
     self.lock = threading.Lock()
     self.times = []  # (task index, when) of each request
     self.down = set()  # task indices answered 503
+    self.reflections = {}  # task index -> the text of its reflection request
     self.reflect = {}  # task index -> (step, continuation) for reflection requests
     self.problems = []  # what the expert found wrong in a request (asserted empty by the tests)
 
@@ -152,6 +154,7 @@ class Expert:
       return 400, {}, "unknown task"
     with self.lock:
       self.requests[i] += 1
+      self.reflections[i] = text
     step, cont = self.reflect.get(i, (0, None))
     rec = self.records[i]
     if cont is None:
@@ -349,3 +352,48 @@ def test_read_log_cuts_a_torn_tail_and_refuses_a_broken_middle(tmp_path):
   p.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
   with pytest.raises(LogError, match="line 2 is not a JSON object"):
     read_log(str(p))
+
+
+def test_reflect_corrects_the_tiny_models_failures_and_verifies_them(synth, tmp_path):
+  _, train, records = synth
+  expert = Expert(records, P.ToolConfig(**TOOL))
+  expert.reflect = {1: (5, None)}  # task 1: a step the model never took
+  out = tmp_path / "reflect"
+  ids = [r["doc_id"] for r in records]
+  with Server(expert) as server:
+    cfg = load("reflect:tiny")
+    cfg.out_dir, cfg.progress = str(out), False
+    cfg.data.train_files, cfg.data.limit = (train,), 3
+    cfg.agent.update(TOOL)
+    cfg.rollout.update(dict(max_new_tokens=12, decode_chunk=12))
+    cfg.expert.update(dict(base_url=server.url, model="scripted-expert", backoff_s=0.01, concurrency=2))
+    s1 = run_reflect(cfg)
+    asked = dict(expert.requests)
+    s2 = run_reflect(cfg)  # everything is done: nothing is run or asked again
+  assert not expert.problems, expert.problems
+  assert expert.requests == asked and s2["finished_this_run"] == 0
+  assert len(read_log(str(out / "rollouts.jsonl"))) == 3
+  attempts = {a["task_id"]: a for a in read_log(str(out / "attempts.jsonl"))}
+  # The random model fails every task; task 0 is corrected (zoom, then the right answer), task 1's reply names
+  # a step the model never took, task 2's expert zooms and then answers wrongly.
+  assert s1["attempts"] == 3 and all(a["model_answer"] != records[i]["solution"] for i, a in
+                                     enumerate(attempts[k] for k in ids[:3]))
+  assert attempts[ids[0]]["status"] == "accepted", attempts[ids[0]]["reason"]
+  assert attempts[ids[1]]["reason"] == "bad_reflection" and "<step> must be" in attempts[ids[1]]["error"]
+  assert attempts[ids[2]]["reason"] == "wrong_answer"
+  for i in (0, 2):  # the request showed the model's trajectory, not the answer
+    text = expert.reflections[i]
+    assert "[step 0: the agent]" in text and "The correct answer" not in text
+  (rec,) = load_records(str(out / "records.jsonl"), kind="sft")
+  (raw,) = read_log(str(out / "records.jsonl"))
+  assert raw["kind"] == "reflection" and raw["reflection"]["step"] == 0 and not raw["reflection"]["answer_revealed"]
+  roles = [m["role"] for m in rec.messages]
+  assert roles == ["system", "user", "assistant", "user", "assistant"]
+  assert rec.messages[2]["content"].startswith("<think>I should look at the cue.")  # the correction, as turn 0
+  r = records[0]
+  (s, e), fps = r["extra_info"]["zoom"]["segment"], r["extra_info"]["zoom"]["fps"]
+  with VideoReader(r["videos"][0]) as reader:
+    ov, _ = sample_overview(reader.meta, TOOL["video_fps"], TOOL["frames_upbound"])
+    frames = list(reader.frames(ov)) + list(reader.frames(sample_zoom(reader.meta, s, e, fps)[0]))
+  assert len(rec.images) == len(frames)
+  assert all(np.array_equal(cv2.imread(p)[..., ::-1], f) for p, f in zip(rec.images, frames))  # the tool's frames

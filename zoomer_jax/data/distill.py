@@ -171,12 +171,15 @@ class Outputs:
     self.latest[attempt["key"]] = attempt
 
   def totals(self) -> dict:
+    """Counts over the latest attempt of every key: statuses ("accepted", "rejected", "skipped": nothing to do),
+    the reasons of those not accepted, token usage."""
     rows = list(self.latest.values())
-    reasons = collections.Counter(a["reason"] for a in rows if a["status"] == "rejected")
-    accepted = sum(a["status"] == "accepted" for a in rows)
+    status = collections.Counter(a["status"] for a in rows)
+    reasons = collections.Counter(a["reason"] for a in rows if a["status"] != "accepted")
     tokens = {k: sum(a["usage"][k] for a in rows) for k in ("prompt_tokens", "completion_tokens")}
-    return dict(attempts=len(rows), accepted=accepted, rejected=len(rows) - accepted,
-                accept_rate=accepted / len(rows) if rows else 0.0, reasons=dict(sorted(reasons.items())), **tokens)
+    return dict(attempts=len(rows), accepted=status["accepted"], rejected=status["rejected"],
+                skipped=status["skipped"], accept_rate=status["accepted"] / len(rows) if rows else 0.0,
+                reasons=dict(sorted(reasons.items())), **tokens)
 
   def close(self) -> None:
     for log in (self.attempts, self.records, self.metrics):
