@@ -28,6 +28,7 @@ from zoomer_jax.data import load_records
 from zoomer_jax.data import synthetic as S
 from zoomer_jax.data.distill import run_distill
 from zoomer_jax.data.jsonl_log import LogError, read_log
+from zoomer_jax.data.mixture import MixedSource
 from zoomer_jax.data.reflect import run_reflect
 from zoomer_jax.video import VideoReader, read_meta, sample_overview, sample_zoom
 
@@ -397,3 +398,50 @@ def test_reflect_corrects_the_tiny_models_failures_and_verifies_them(synth, tmp_
     frames = list(reader.frames(ov)) + list(reader.frames(sample_zoom(reader.meta, s, e, fps)[0]))
   assert len(rec.images) == len(frames)
   assert all(np.array_equal(cv2.imread(p)[..., ::-1], f) for p, f in zip(rec.images, frames))  # the tool's frames
+
+
+def test_mixed_source_holds_the_ratio_in_every_stretch():
+  ex, re_ = [("e", k) for k in range(30)], [("r", k) for k in range(7)]
+  src = MixedSource(ex, re_, ratio=0.25, seed=1)
+  assert src.m == 10 and len(src) == 40
+  items = [src[i] for i in range(len(src))]
+  assert sorted(x for x in items if x[0] == "e") == ex  # every exemplar once
+  refl = [x for x in items if x[0] == "r"]
+  assert len(refl) == 10 and max(collections.Counter(refl).values()) - min(collections.Counter(refl).values()) <= 1
+  flags = np.array([x[0] == "r" for x in items])
+  for length in range(1, 41):  # every prefix holds its share, to one record
+    assert abs(flags[:length].sum() - 0.25 * length) <= 1
+  assert MixedSource(ex, [], 0.0).m == 0
+  with pytest.raises(ValueError, match=r"reflection_ratio must be in \[0, 1\)"):
+    MixedSource(ex, re_, 1.0)
+  with pytest.raises(ValueError, match="there are none"):
+    MixedSource(ex, [], 0.5)
+  with pytest.raises(IndexError, match="outside the mixture's 40 records"):
+    src[40]
+
+
+def _sft_file(path, prefix: str, n: int) -> str:
+  with open(path, "w") as f:
+    for k in range(n):
+      f.write(json.dumps({"id": f"{prefix}{k}", "messages": [{"role": "user", "content": "q"},
+                                                             {"role": "assistant", "content": f"a{k}"}]}) + "\n")
+  return str(path)
+
+
+def test_the_sft_pipeline_mixes_reflections_at_the_ratio(tmp_path):
+  from zoomer_jax.train.jobs import JobContext
+  cfg = load("sft_tiny")
+  cfg.workdir = str(tmp_path / "work")
+  cfg.data.train_files = (_sft_file(tmp_path / "ex.jsonl", "ex", 45),)
+  cfg.data.reflection_files = (_sft_file(tmp_path / "re.jsonl", "re", 4),)
+  cfg.data.reflection_ratio = 0.1
+  ctx = JobContext(cfg, kind="sft")
+  source = ctx.sft_source("train")
+  assert len(source) == 50
+  stream = ctx.iterator(source, seed=3)
+  ids = [next(stream).id for _ in range(100)]  # two shuffled epochs
+  for epoch in (ids[:50], ids[50:]):
+    assert sum(i.startswith("re") for i in epoch) == 5 and len({i for i in epoch if i.startswith("ex")}) == 45
+  cfg.data.reflection_ratio = 0.0
+  with pytest.raises(ValueError, match="go together"):
+    JobContext(cfg, kind="sft").sft_source("train")
