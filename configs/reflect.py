@@ -10,8 +10,9 @@ runs). Every field of configs/distill.py applies (expert, agent, accept, data, o
 fields are configs/eval_7b.py's.
 """
 
-from zoomer_jax.config_loader import load
 import ml_collections
+
+from zoomer_jax.config_loader import load
 
 
 def get_config(arg=None):

@@ -10,7 +10,6 @@ import base64
 import collections
 import http.server
 import json
-import os
 import re
 import threading
 import time
@@ -85,7 +84,8 @@ class Expert:
     gt, info = rec["solution"], rec["extra_info"]
     wrong = "ABCD"[("ABCD".index(gt) + 1) % 4]
     (s, e), fps = info["zoom"]["segment"], info["zoom"]["fps"]
-    zoom = f'<think>The border is on; I look closer.</think>\n<video_zoom>{{"segment": [{s}, {e}], "fps": {fps}}}</video_zoom>'
+    zoom = (f'<think>The border is on; I look closer.</think>\n'
+            f'<video_zoom>{{"segment": [{s}, {e}], "fps": {fps}}}</video_zoom>')
     answer = f"<think>The object is option {gt}.</think>\n<answer>{gt}</answer>"
     kind = PLAN.get(i, "zoom")
     if kind == "down" and i in self.down:
@@ -160,7 +160,8 @@ class Expert:
     rec = self.records[i]
     if cont is None:
       (s, e), fps = rec["extra_info"]["zoom"]["segment"], rec["extra_info"]["zoom"]["fps"]
-      cont = f'<think>I should look at the cue.</think>\n<video_zoom>{{"segment": [{s}, {e}], "fps": {fps}}}</video_zoom>'
+      cont = (f'<think>I should look at the cue.</think>\n'
+              f'<video_zoom>{{"segment": [{s}, {e}], "fps": {fps}}}</video_zoom>')
     out = f"<analysis>The agent never looked at the cue closely.</analysis>\n<step>{step}</step>\n" \
           f"<continuation>{cont}</continuation>"
     return 200, {}, dict(choices=[dict(message=dict(role="assistant", content=out), finish_reason="stop")],
@@ -171,8 +172,6 @@ class Server:
   """A ThreadingHTTPServer on 127.0.0.1, port 0, serving `expert` at /v1/chat/completions."""
 
   def __init__(self, expert: Expert):
-    outer = self
-
     class Handler(http.server.BaseHTTPRequestHandler):
       def log_message(self, *args):
         pass
