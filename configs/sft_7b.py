@@ -28,6 +28,9 @@ def get_config(arg=None):
   cfg.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 2), dcn=(1, 1, 1), rules=load("qwen25vl_7b").rules))
   cfg.data = ml_collections.ConfigDict(dict(
       train_files=(),  # SFT records (docs/training.md): {"messages": [...], "images": [...]}, JSON / JSONL / YAML
+      # Reflection records (`python -m zoomer_jax reflect`, docs/distill.md) mixed into train_files' so that they
+      # are this fraction of the training records (zoomer_jax/data/mixture.py); both or neither.
+      reflection_files=(), reflection_ratio=0.0,
       tfds_dir="",  # where the array_record TFDS copy of the files is built (default: workdir/tfds)
       batch_size=16,  # sequences per optimizer step (global), split into micro-batches
       micro_batch_size=16,  # sequences per forward/backward (one per batch shard); batch_size / micro_batch_size

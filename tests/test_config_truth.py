@@ -45,8 +45,11 @@ SEEDS = {
     "eval": [("zoomer_jax/eval/harness.py", "main", "cfg")],
     "demo": [("zoomer_jax/demo/pipeline.py", "run_demo", "cfg")],
     "model": [("zoomer_jax/__main__.py", "forward", "cfg"), ("zoomer_jax/__main__.py", "_model_and_tokenizer", "cfg")],
+    "distill": [("zoomer_jax/data/distill.py", "run_distill", "cfg")],
+    "reflect": [("zoomer_jax/data/reflect.py", "run_reflect", "cfg")],
 }
-KIND_OF_PREFIX = {"sft_": "sft", "grpo_": "grpo", "eval_": "eval", "demo": "demo", "qwen25vl_": "model"}
+KIND_OF_PREFIX = {"sft_": "sft", "grpo_": "grpo", "eval_": "eval", "demo": "demo", "qwen25vl_": "model",
+                  "distill": "distill", "reflect": "reflect"}
 CLI_READS = {("job",)}  # `python -m zoomer_jax train` picks the job by `cfg.job` (asserted below)
 
 # The only undeclared reads: (file, key) -> why.

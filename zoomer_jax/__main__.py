@@ -1,4 +1,4 @@
-"""Command line: `python -m zoomer_jax {demo,train,eval,compile,forward,infer,frames} ...`.
+"""Command line: `python -m zoomer_jax {demo,train,eval,distill,reflect,compile,forward,infer,frames} ...`.
 
 `demo` is the main job: it builds the synthetic long-video task, trains the tiny model SFT -> GRPO on CPU,
 evaluates it with and without the zoom tool, and writes a table, training curves and trajectory pictures
@@ -7,6 +7,10 @@ evaluates it with and without the zoom tool, and writes a table, training curves
 `forward` runs one forward pass of Qwen2.5-VL on a clip generated on the spot (a moving square whose
 colour encodes the frame index), with the built-in tiny random model unless `--checkpoint` names an
 HF directory, and prints what went in, what came out and how long it took.
+
+`distill` runs the agent with an expert model behind an OpenAI-compatible chat-completions API and keeps the
+trajectories the judge accepts as SFT records; `reflect` has the expert correct a checkpoint's failed trajectories
+(docs/distill.md).
 
 `eval --check` reads a benchmark's annotation files and checks that every task's video is there, without
 loading a model (docs/eval.md).
@@ -200,6 +204,16 @@ def demo(args) -> dict:
   return run_demo(_job_config(args))
 
 
+def distill(args) -> dict:
+  from zoomer_jax.data.distill import run_distill  # noqa: PLC0415
+  return run_distill(_job_config(args))
+
+
+def reflect(args) -> dict:
+  from zoomer_jax.data.reflect import run_reflect  # noqa: PLC0415
+  return run_reflect(_job_config(args))
+
+
 def compile_(args) -> dict:
   from zoomer_jax.aot import run  # noqa: PLC0415
   return run(_job_config(args), args.topology, probes=not args.no_probes, only=tuple(args.only or ()))
@@ -225,6 +239,10 @@ def main(argv=None) -> int:
                   "missing (they are listed in the report); same as --config.benchmark.allow_missing_videos=True")
   _add_job_parser(sub, "demo", "the main job: synthetic task, SFT -> GRPO of the tiny model on CPU, evaluation "
                   "with and without the tool, table and pictures under out/demo", "demo")
+  _add_job_parser(sub, "distill", "run the zoom agent with an expert model behind an OpenAI-compatible API and "
+                  "keep the judged-correct trajectories as SFT records (docs/distill.md)", "distill")
+  _add_job_parser(sub, "reflect", "run a checkpoint on training tasks, have the expert correct its failed "
+                  "trajectories, verify the corrections and keep them as reflection SFT records", "reflect")
   cp = _add_job_parser(sub, "compile", "compile every program of a job config for a TPU topology (no TPU needed: "
                        "libtpu, the [tpu] extra) and report per-chip memory, FLOPs, time and collectives",
                        "grpo_7b_v5p64")
@@ -263,7 +281,7 @@ def main(argv=None) -> int:
   fr.add_argument("--frames-upbound", type=int, default=64, help="overview frame cap")
   fr.add_argument("--tool-call-max-frames", type=int, default=16)
   args, rest = parser.parse_known_args(argv)
-  if args.command in ("train", "eval", "demo", "compile"):
+  if args.command in ("train", "eval", "demo", "compile", "distill", "reflect"):
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
       parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.a.b=value)")
@@ -279,6 +297,10 @@ def main(argv=None) -> int:
       demo(args)
     elif args.command == "compile":
       compile_(args)
+    elif args.command == "distill":
+      distill(args)
+    elif args.command == "reflect":
+      reflect(args)
     elif args.command == "forward":
       forward(args)
     elif args.command == "infer":

@@ -64,6 +64,8 @@ class JobContext:
     from zoomer_jax.data import tfds_builders  # noqa: PLC0415
     if kind not in self._builders:
       splits = {"train": list(self._files("train"))}
+      if kind == "sft" and self.cfg.data.reflection_files:  # mixed in by `sft_source`
+        splits["reflection"] = list(self.cfg.data.reflection_files)
       if kind == "rl" and self.cfg.data.val_files:  # GRPO validates (trainer.test_freq); SFT does not
         splits["validation"] = list(self._files("validation"))
       build = tfds_builders.build_sft_dataset if kind == "sft" else tfds_builders.build_rl_dataset
@@ -75,9 +77,20 @@ class JobContext:
     return self._builders[kind]
 
   def sft_source(self, split: str):
+    """The split's SFT records; for "train" with `data.reflection_files`, those files' records mixed in at
+    `data.reflection_ratio` (`data.mixture.MixedSource`: the exemplars once each, reflections that fraction)."""
     from zoomer_jax.data import tfds_builders  # noqa: PLC0415
+    from zoomer_jax.data.mixture import MixedSource  # noqa: PLC0415
     self._files(split)
-    return tfds_builders.sft_source(self._builder("sft"), split)
+    data = self.cfg.data
+    if split == "train" and bool(data.reflection_files) != (data.reflection_ratio > 0):
+      raise ValueError(f"data.reflection_files ({len(data.reflection_files)} files) and data.reflection_ratio "
+                       f"({data.reflection_ratio}) go together: give both or neither")
+    source = tfds_builders.sft_source(self._builder("sft"), split)
+    if split != "train" or not data.reflection_files:
+      return source
+    return MixedSource(source, tfds_builders.sft_source(self._builder("sft"), "reflection"),
+                       data.reflection_ratio, seed=data.seed)
 
   def rl_source(self, split: str):
     from zoomer_jax.data import tfds_builders  # noqa: PLC0415
