@@ -8,11 +8,7 @@ Retry-After then 500, 503 for good). It counts requests per task, so resume is c
 
 import base64
 import collections
-import http.server
 import json
-import re
-import threading
-import time
 
 import cv2
 import numpy as np
@@ -29,29 +25,14 @@ from zoomer_jax.data.distill import run_distill
 from zoomer_jax.data.jsonl_log import LogError, read_log
 from zoomer_jax.data.mixture import MixedSource
 from zoomer_jax.data.reflect import run_reflect
-from zoomer_jax.video import VideoReader, read_meta, sample_overview, sample_zoom
+from zoomer_jax.demo.scripted_expert import ExpertServer as Server, ScriptedExpert, message_text, tag_times
+from zoomer_jax.video import VideoReader, sample_overview, sample_zoom
 
 TOOL = dict(max_generation_round=3, tool_call_max_frames=8, frames_upbound=16, video_fps=0.5, max_total_frames=40)
-TAG = re.compile(r"<frame(\d+)_time(\d+\.\d\d)s>")
 PLAN = {0: "zoom", 1: "direct", 2: "wrong", 3: "bad_json", 4: "no_answer", 5: "rounds", 6: "http400",
         7: "flaky", 8: "down"}
 ACCEPTED = {0, 1, 7, 8}
 REASONS = {2: "wrong_answer", 3: "tool_error", 4: "no_answer", 5: "round_limit", 6: "http_400"}
-
-
-def _text(content) -> tuple[str, list[str]]:
-  """A message's text with <image> where each image part was, and the image URLs."""
-  if isinstance(content, str):
-    return content, []
-  text, urls = "", []
-  for part in content:
-    if part["type"] == "text":
-      text += part["text"]
-    else:
-      assert part["type"] == "image_url"
-      text += P.IMAGE
-      urls.append(part["image_url"]["url"])
-  return text, urls
 
 
 def _decode(url: str) -> np.ndarray:
@@ -61,32 +42,19 @@ def _decode(url: str) -> np.ndarray:
   return img
 
 
-class Expert:
-  """The scripted expert's state: the tasks it knows, its plan, what it was asked."""
+class Expert(ScriptedExpert):
+  """The package's scripted expert, answering each task as PLAN says; `down`: task indices answered 503 for
+  good, `reflect`: task index -> (step, continuation or None for the package's correction)."""
 
   def __init__(self, records, tool: P.ToolConfig, key: str = ""):
-    self.records, self.tool, self.key = records, tool, key
-    self.by_prompt = {}
-    for i, r in enumerate(records):
-      _, ts = sample_overview(read_meta(r["videos"][0]), tool.video_fps, tool.frames_upbound)
-      self.by_prompt[P.user_prompt(r["problem"], ts)] = i
-    assert len(self.by_prompt) == len(records), "two tasks with the same first turn"
-    self.requests = collections.Counter()  # task index -> requests
-    self.lock = threading.Lock()
-    self.times = []  # (task index, when) of each request
-    self.down = set()  # task indices answered 503
-    self.reflections = {}  # task index -> the text of its reflection request
-    self.reflect = {}  # task index -> (step, continuation) for reflection requests
-    self.problems = []  # what the expert found wrong in a request (asserted empty by the tests)
+    super().__init__(records, tool, key)
+    self.down = set()
+    self.reflect = {}
 
   def turn(self, i: int, r: int, chat: list) -> str | tuple:
     rec = self.records[i]
-    gt, info = rec["solution"], rec["extra_info"]
-    wrong = "ABCD"[("ABCD".index(gt) + 1) % 4]
-    (s, e), fps = info["zoom"]["segment"], info["zoom"]["fps"]
-    zoom = (f'<think>The border is on; I look closer.</think>\n'
-            f'<video_zoom>{{"segment": [{s}, {e}], "fps": {fps}}}</video_zoom>')
-    answer = f"<think>The object is option {gt}.</think>\n<answer>{gt}</answer>"
+    wrong = "ABCD"[("ABCD".index(rec["solution"]) + 1) % 4]
+    _decode(message_text(chat[1]["content"])[1][0])
     kind = PLAN.get(i, "zoom")
     if kind == "down" and i in self.down:
       return (503, {}, "overloaded")
@@ -96,12 +64,14 @@ class Expert:
       if kind == "flaky" and self.requests[i] == 2:
         return (500, {}, "oops")
       if r == 0:
-        return zoom + "\nand then I will answer <answer>Z</answer>"  # cut after the call, as our sampler stops
-      text, urls = _text(chat[-1]["content"])
-      times = [float(t) for _, t in TAG.findall(text)]
+        return super().turn(i, r, chat) + "\nand then I will answer <answer>Z</answer>"  # cut after the call
+      text, urls = message_text(chat[-1]["content"])
+      (s, e) = rec["extra_info"]["zoom"]["segment"]
+      times = tag_times(text)
       if not (times and len(urls) == len(times) and all(s <= t <= e + 1e-6 for t in times)):
         self.problems.append(f"task {i}: zoom observation {text[:200]!r} with {len(urls)} images")
-      return answer
+      return super().turn(i, r, chat)
+    answer = f"<think>The object is option {rec['solution']}.</think>\n<answer>{rec['solution']}</answer>"
     if kind == "direct":
       return answer
     if kind == "wrong":
@@ -109,104 +79,21 @@ class Expert:
     if kind == "bad_json":
       if r == 0:
         return '<think>Zoom.</think>\n<video_zoom>{"segment": [1, }</video_zoom>'
-      if "ERROR occurs" not in _text(chat[-1]["content"])[0]:
+      if "ERROR occurs" not in message_text(chat[-1]["content"])[0]:
         self.problems.append(f"task {i}: no error observation after a broken call")
       return answer
     if kind == "no_answer":
       return "<think>I cannot tell.</think>"
     if kind == "rounds":
-      return zoom
+      return self.dense_zoom(i)
     if kind == "http400":
       return (400, {}, "bad request: image too large")
     raise AssertionError(kind)
 
-  def reply(self, body: dict) -> tuple[int, dict, dict | str]:
-    chat = body["messages"]
-    system = chat[0]["content"]
-    if system.startswith("You review"):  # a reflection request
-      return self.reflection(chat)
-    if system != P.system_prompt(self.tool):
-      self.problems.append(f"system prompt differs: {system[:80]!r}")
-    first, urls = _text(chat[1]["content"])
-    i = self.by_prompt.get(first)
-    if i is None:
-      self.problems.append(f"unknown first turn {first[:120]!r}")
-      return 400, {}, "unknown task"
-    if len(urls) != len(TAG.findall(first)):
-      self.problems.append(f"task {i}: {len(urls)} images for {len(TAG.findall(first))} frame tags")
-    _decode(urls[0])
-    with self.lock:
-      self.requests[i] += 1
-      self.times.append((i, time.monotonic()))
-    r = sum(m["role"] == "assistant" for m in chat)
-    out = self.turn(i, r, chat)
-    if isinstance(out, tuple):
-      return out
-    return 200, {}, dict(id="x", object="chat.completion", model=body["model"],
-                         choices=[dict(index=0, message=dict(role="assistant", content=out), finish_reason="stop")],
-                         usage=dict(prompt_tokens=100 + 10 * len(chat), completion_tokens=len(out) // 4,
-                                    total_tokens=0))
-
-  def reflection(self, chat) -> tuple[int, dict, dict]:
-    text, _ = _text(chat[1]["content"])
-    i = next((k for p, k in self.by_prompt.items() if p in text), None)
-    if i is None:
-      self.problems.append(f"reflection request without the task's first turn: {text[:200]!r}")
-      return 400, {}, "unknown task"
-    with self.lock:
-      self.requests[i] += 1
-      self.reflections[i] = text
-    step, cont = self.reflect.get(i, (0, None))
-    rec = self.records[i]
-    if cont is None:
-      (s, e), fps = rec["extra_info"]["zoom"]["segment"], rec["extra_info"]["zoom"]["fps"]
-      cont = (f'<think>I should look at the cue.</think>\n'
-              f'<video_zoom>{{"segment": [{s}, {e}], "fps": {fps}}}</video_zoom>')
-    out = f"<analysis>The agent never looked at the cue closely.</analysis>\n<step>{step}</step>\n" \
-          f"<continuation>{cont}</continuation>"
-    return 200, {}, dict(choices=[dict(message=dict(role="assistant", content=out), finish_reason="stop")],
-                         usage=dict(prompt_tokens=500, completion_tokens=40))
-
-
-class Server:
-  """A ThreadingHTTPServer on 127.0.0.1, port 0, serving `expert` at /v1/chat/completions."""
-
-  def __init__(self, expert: Expert):
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def log_message(self, *args):
-        pass
-
-      def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path != "/v1/chat/completions":
-          code, headers, out = 404, {}, "not found"
-        elif expert.key and self.headers.get("Authorization") != f"Bearer {expert.key}":
-          code, headers, out = 401, {}, "bad key"
-        else:
-          code, headers, out = expert.reply(body)
-        data = (json.dumps(out) if isinstance(out, dict) else out).encode()
-        self.send_response(code)
-        for k, v in headers.items():
-          self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-  @property
-  def url(self) -> str:
-    return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.httpd.shutdown()
-    self.httpd.server_close()
-    self.thread.join()
+  def correction(self, i: int, text: str) -> tuple[str, int, str]:
+    analysis, step, cont = super().correction(i, text)
+    step, forced = self.reflect.get(i, (step, None))
+    return analysis, step, forced or cont
 
 
 @pytest.fixture(scope="module")
@@ -379,6 +266,7 @@ def test_reflect_corrects_the_tiny_models_failures_and_verifies_them(synth, tmp_
   assert s1["attempts"] == 3 and all(a["model_answer"] != records[i]["solution"] for i, a in
                                      enumerate(attempts[k] for k in ids[:3]))
   assert attempts[ids[0]]["status"] == "accepted", attempts[ids[0]]["reason"]
+  assert "without having seen the object" in attempts[ids[0]]["reflection"]["analysis"]
   assert attempts[ids[1]]["reason"] == "bad_reflection" and "<step> must be" in attempts[ids[1]]["error"]
   assert attempts[ids[2]]["reason"] == "wrong_answer"
   for i in (0, 2):  # the request showed the model's trajectory, not the answer
@@ -389,7 +277,7 @@ def test_reflect_corrects_the_tiny_models_failures_and_verifies_them(synth, tmp_
   assert raw["kind"] == "reflection" and raw["reflection"]["step"] == 0 and not raw["reflection"]["answer_revealed"]
   roles = [m["role"] for m in rec.messages]
   assert roles == ["system", "user", "assistant", "user", "assistant"]
-  assert rec.messages[2]["content"].startswith("<think>I should look at the cue.")  # the correction, as turn 0
+  assert rec.messages[2]["content"] == expert.dense_zoom(0)  # the correction, as turn 0
   r = records[0]
   (s, e), fps = r["extra_info"]["zoom"]["segment"], r["extra_info"]["zoom"]["fps"]
   with VideoReader(r["videos"][0]) as reader:

@@ -4,6 +4,7 @@
     ckpt.save(step, state, extra={"data": iterator_state})      # returns once arrays are on the host
     target = abstract_on_mesh(state, new_mesh)                   # ShapeDtypeStructs with the new shardings
     state, extra = ckpt.restore(target=target)                   # latest step, laid out on new_mesh
+    params, step = ckpt.restore_params(abstract_on_mesh(params, mesh))   # the params alone: no optimizer needed
 
 Restoring onto another mesh is only a matter of the target's shardings: every process reads just the
 slices its devices hold. Typed PRNG keys are stored as their raw `key_data` and re-wrapped on restore.
@@ -196,8 +197,28 @@ class Checkpointer:
     state = out[STATE] if target is None else _wrap_keys(out[STATE], target)
     return state, (out[EXTRA] or {})
 
-  def _check_target(self, step: int, target) -> None:
-    """Raises CheckpointError naming the key if `target` differs from what `step` stored."""
+  def restore_params(self, params_target, step: int | None = None) -> tuple[Any, int]:
+    """(params, step): the `params` field of the `TrainState` saved at `step` (default: the latest) in
+    `params_target`'s structure and layout, read alone (an Orbax partial restore), so a model can be exported
+    without building the optimizer whose state the checkpoint also holds."""
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    steps = self.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in {self.directory}; "
+                              f"steps there: {steps}")
+    step = steps[-1] if step is None else step
+    target = {"params": params_target}
+    self._check_target(step, target, partial=True)
+    path = os.path.join(self.directory, str(step), STATE)
+    args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(path, args=args)["params"], step
+
+  def _check_target(self, step: int, target, partial: bool = False) -> None:
+    """Raises CheckpointError naming the key if `target` differs from what `step` stored (with `partial`, the
+    checkpoint may hold more keys than the target)."""
     meta = self._manager.item_metadata(step)[STATE]
     meta = getattr(meta, "tree", meta)
     saved = {_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
@@ -207,7 +228,7 @@ class Checkpointer:
     if missing:
       raise CheckpointError(f"{where} has no {missing[:5]} ({len(missing)} missing of {len(wanted)} target keys)")
     unused = [k for k in saved if k not in wanted]
-    if unused:
+    if unused and not partial:
       raise CheckpointError(f"{where} holds {unused[:5]} that the target lacks ({len(unused)} keys)")
     for k, t in wanted.items():
       m = saved[k]

@@ -66,6 +66,20 @@ def cast_floats(tree, dtype):
   return jax.tree.map(one, tree)
 
 
+def trained_model(cfg) -> tuple[zoomer_jax.Qwen25VL, int]:
+  """(model, step): the params of the latest checkpoint in `cfg.workdir` in the model `cfg` trains, in its
+  compute dtype; only the params are read and no optimizer is built (exporting a finished job)."""
+  mesh = make_mesh(tuple(cfg.mesh.ici), tuple(cfg.mesh.dcn))
+  model = build_model(cfg, mesh)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # The checkpoint holds master weights in `init.param_dtype` (see Engine); the model computes in its own dtype.
+  param_dtype = jnp.dtype(cfg.init.param_dtype or model.dtype)
+  stored = jax.eval_shape(lambda p: cast_floats(p, param_dtype), params)
+  with Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=None) as ckpt:
+    params, step = ckpt.restore_params(abstract_on_mesh(stored, mesh, model_options(cfg).rules))
+  return nnx.merge(graphdef, cast_floats(params, model.dtype), rest), step
+
+
 class TrainSteps:
   """A training job's jitted programs as pure functions of arrays: `grad` (one micro-batch's gradient, added to
   the accumulator), `apply` (the optimizer step), `evaluate` (a function of the model, no gradient: old and
