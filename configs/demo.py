@@ -3,6 +3,8 @@
     python -m zoomer_jax demo                                  # the whole run (out/demo)
     python -m zoomer_jax demo --config=demo:quick              # a few-minute smoke run of every stage (out/demo_quick)
     python -m zoomer_jax demo --config.stages=data,sft,eval --config.sft.train.total_steps=300   # SFT alone
+    python -m zoomer_jax demo --config=demo:reflect            # also the reflect stage and its SFT+R model
+    python -m zoomer_jax demo --config=demo:quick_reflect      # the quick run with the reflect stage
 
 Every stage keeps its outputs under `out_dir` and a rerun reuses them (the data, the SFT and GRPO checkpoints);
 delete the folder, or a stage's subfolder, to redo it. `stages` picks which stages run (e.g. "data,sft,eval").
@@ -67,7 +69,8 @@ PROMPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 # demo's own (seed, out_dir, tool, pixels, the data it writes), and those only the command line and the cost
 # account read (job, accelerator_type, actor.max_token_len), which never see these sub-configs.
 NOT_KNOBS = ("job", "accelerator_type", "seed", "workdir", "data.train_files")
-NOT_SFT_KNOBS = NOT_KNOBS + ("data.max_pixels", "data.min_pixels", "data.image_bucket")
+NOT_SFT_KNOBS = NOT_KNOBS + ("data.max_pixels", "data.min_pixels", "data.image_bucket", "data.reflection_files",
+                              "data.reflection_ratio")  # the reflect stage's job mixes them in (`reflect` below)
 NOT_GRPO_KNOBS = NOT_KNOBS + (
     "init.checkpoint", "data.val_files", "rollout.max_pixels", "rollout.min_pixels", "actor.image_bucket",
     "rollout.max_generation_round", "rollout.tool_call_max_frames", "rollout.frames_upbound", "rollout.video_fps",
@@ -138,14 +141,29 @@ def get_config(arg=None):
   _drop(grpo, NOT_GRPO_KNOBS)
   cfg.grpo = grpo
 
+  # The reflect stage (in `stages` only with the reflect variants): the SFT model runs the training tasks, the
+  # scripted expert (zoomer_jax/demo/scripted_expert.py) corrects its failures, and SFT+R trains on them.
+  cfg.reflect = ml_collections.ConfigDict(dict(
+      limit=256,  # the first `limit` training tasks (0: all)
+      samples=1,  # trajectories of the SFT model per task
+      temperature=1.0,  # its sampling: the failures a sampled policy makes, as GRPO's rollouts would
+      ratio=0.25,  # the reflection records' share of SFT+R's data (data.reflection_ratio)
+      sft_steps=200,  # SFT+R's steps, from the SFT model
+  ))
+
   cfg.eval = ml_collections.ConfigDict(dict(
       batch_size=32, max_new_tokens=192, decode_chunk=64, workers=2,
       samples=2, temperature=1.0,  # the tool run also sampled twice per video at GRPO's rollout temperature
       trajectories=4,  # test trajectories drawn in trajectories.png
   ))
 
-  if arg == "quick":  # every stage at toy size: a smoke test, not a result
-    cfg.out_dir = "out/demo_quick"
+  if arg not in (None, "", "quick", "reflect", "quick_reflect"):
+    raise ValueError(f"unknown variant {arg!r} of demo; known: 'quick', 'reflect', 'quick_reflect'")
+  if arg in ("reflect", "quick_reflect"):
+    cfg.out_dir = "out/demo_reflect"
+    cfg.stages = "data,sft,reflect,grpo,eval"
+  if arg in ("quick", "quick_reflect"):  # every stage at toy size: a smoke test, not a result
+    cfg.out_dir = "out/demo_quick" if arg == "quick" else "out/demo_quick_reflect"
     cfg.data.update(dict(n_train=8, n_val=0, n_test=4, n_sft=8, n_sft_no_tool=4))
     cfg.data.video.update(dict(min_seconds=60.0, max_seconds=80.0))
     cfg.model.text.update(dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
@@ -161,6 +179,5 @@ def get_config(arg=None):
     cfg.grpo.algorithm.max_num_gen_batches = 1
     cfg.grpo.trainer.update(dict(total_steps=1, save_freq=1))
     cfg.eval.update(dict(batch_size=4, max_new_tokens=16, decode_chunk=16, trajectories=2, samples=2))
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of demo; known: 'quick'")
+    cfg.reflect.update(dict(limit=0, sft_steps=1))
   return cfg

@@ -38,11 +38,58 @@ def test_sft_direct_steps_must_leave_steps_for_the_mix(tmp_path):
 
 def test_table_rows_and_numbers():
   r = dict(n=4, accuracy=0.75, format=1.0, mean_tool_calls=1.0, tool_use_rate=1.0, mean_frames=27.5,
-           rounds={"2": {"count": 4, "accuracy": 0.75}})
-  text = pipeline.table({"sft": {"tool": r, "no_tool": dict(r, accuracy=0.25)}})
+           rounds={"2": {"count": 4, "accuracy": 0.75}}, calls_per_answer=1.5)
+  text = pipeline.table({"grpo": {"tool": r}, "sft": {"tool": r, "no_tool": dict(r, accuracy=0.25)},
+                         "sft_r": {"tool": dict(r, calls_per_answer=None)}})
   rows = text.splitlines()[2:]
-  assert [row.split()[:2] for row in rows] == [["SFT", "tool"], ["SFT", "no_tool"]]
+  assert [row.split()[:2] for row in rows] == [["SFT", "tool"], ["SFT", "no_tool"], ["SFT+R", "tool"],
+                                               ["GRPO", "tool"]]
   assert rows[0].split()[3] == "75.0" and rows[1].split()[3] == "25.0" and rows[0].split()[-1] == "2:4"
+  assert "zooms/ans" in text.splitlines()[0] and rows[0].split()[6] == "1.50" and rows[2].split()[6] == "-"
+
+
+def test_reflect_variants_add_the_stage_and_nothing_else():
+  default, quick = load("demo"), load("demo:quick")
+  assert "reflect" not in pipeline._stages(default) and "reflect" not in pipeline._stages(quick)
+  for name, base in (("demo:reflect", default), ("demo:quick_reflect", quick)):
+    cfg = load(name)
+    assert pipeline._stages(cfg) == ["data", "sft", "reflect", "grpo", "eval"]
+    cfg.stages, cfg.out_dir = base.stages, base.out_dir
+    assert cfg.to_dict() == base.to_dict(), name
+  with pytest.raises(ValueError, match="quick_reflect"):
+    load("demo:nope")
+
+
+def test_scripted_expert_corrects_the_first_mistake(tmp_path):
+  """The reflection's step and continuation for each kind of failure, read off the request's text."""
+  from zoomer_jax.agent import protocol as P
+  from zoomer_jax.data import synthetic as S
+  from zoomer_jax.demo.scripted_expert import ScriptedExpert
+  tool = pipeline.tool_config(load("demo"))
+  paths = S.generate(str(tmp_path), seed=0, n_train=1, n_val=0, n_test=0, tool_cfg=tool, height=56, width=56,
+                     min_seconds=661 / 6, max_seconds=661 / 6)
+  (rec,) = json.loads(open(paths["train"]).read())
+  expert = ScriptedExpert([rec], tool)
+  (s, e), fps = rec["extra_info"]["zoom"]["segment"], rec["extra_info"]["zoom"]["fps"]
+  a0, a1 = rec["extra_info"]["answer_window"]
+  first = next(iter(expert.by_prompt))
+  flash = f"<frame0_time{(a0 + a1) / 2:.2f}s>{P.IMAGE}"
+  miss = f"<frame0_time{s:.2f}s>{P.IMAGE}"
+  zoom = f'<think>z</think>\n<video_zoom>{{"segment": [{s}, {e}], "fps": {fps / 2}}}</video_zoom>'
+  wrong = "<think>w</think>\n<answer>Z</answer>"
+
+  def ask(*steps):
+    text = f"The agent's instructions:\nx\n\nWhat it saw and wrote:\n\n[the question]\n{first}\n"
+    for k, (turn, obs) in enumerate(steps):
+      text += f"\n[step {k}: the agent]\n{turn}\n" + (f"\n[the tool]\n{obs}\n" if obs is not None else "")
+    return expert.correction(0, text + "\nReply with <analysis>, <step> and <continuation> as instructed.")
+  # A zoom whose frames miss the flash is redone densely at its step; a wrong answer after seeing it is named.
+  assert ask((zoom, miss), (wrong, None))[1:] == (0, expert.dense_zoom(0))
+  _, step, cont = ask((zoom, flash), (wrong, None))
+  assert step == 1 and cont == expert.answer(0, [float(f"{(a0 + a1) / 2:.2f}")])
+  assert f"<answer>{rec['solution']}</answer>" in cont
+  assert ask((wrong, None))[1:] == (0, expert.dense_zoom(0))  # answered without zooming
+  assert f'"fps": {fps}' in expert.dense_zoom(0) and expert.problems == []
 
 
 def test_smooth_is_a_trailing_mean():
@@ -107,6 +154,34 @@ def test_quick_demo_end_to_end(tmp_path):
   again = pipeline.run_demo(load("demo:quick", [f"out_dir={out}", "stages=data,sft,grpo"]))
   assert again["times_s"]["sft"] < report["times_s"]["sft"]
   assert [json.loads(x)["step"] for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()] == sft_steps
+
+
+@pytest.mark.slow
+def test_quick_reflect_stage(tmp_path):
+  """The reflect stage at toy size: reflection records from the SFT model's failures, SFT+R trained from the SFT
+  model on the mix with them, and its rows (with tool calls per answer) in the report."""
+  from zoomer_jax.data.jsonl_log import read_log
+  cfg = load("demo:quick_reflect", [f"out_dir={tmp_path / 'demo'}", "stages=data,sft,reflect,eval",
+                                    "eval.samples=0", "data.n_train=4", "data.n_sft=4", "data.n_sft_no_tool=0"])
+  report = pipeline.run_demo(cfg)
+  out = tmp_path / "demo"
+  paths = pipeline.data_paths(str(out))
+  reflections = read_log(paths["reflections"])
+  assert report["reflect"]["accepted"] == len(reflections) >= 1
+  assert all(r["kind"] == "reflection" and r["reflection"]["step"] >= 0 for r in reflections)
+  sft_r = json.loads((out / "sft_r" / "config.json").read_text())
+  assert sft_r["init"]["checkpoint"] == str(out / "sft" / "hf")
+  assert sft_r["data"]["reflection_files"] == [paths["reflections"]]
+  assert sft_r["data"]["reflection_ratio"] == cfg.reflect.ratio > 0
+  assert json.loads((out / "sft_r" / "hf" / "demo_step.json").read_text())["step"] == cfg.reflect.sft_steps
+  assert set(report["times_s"]) >= {"reflect", "sft_r", "eval_sft", "eval_sft_r"}
+  rows = [line.split() for line in report["table"].splitlines()[2:]]
+  assert [r[:2] for r in rows] == [["SFT", "tool"], ["SFT", "no_tool"], ["SFT+R", "tool"], ["SFT+R", "no_tool"]]
+  for name in ("sft", "sft_r"):
+    tool = report["results"][name]["tool"]
+    lines = [json.loads(x) for x in (out / "eval" / f"{name}_tool.jsonl").read_text().splitlines()]
+    answered = [x["tool_calls"] for x in lines if x["finish_reason"] == "answer"]
+    assert tool["calls_per_answer"] == (pytest.approx(np.mean(answered)) if answered else None)
 
 
 def test_fixed_options_with_four_classes():

@@ -112,6 +112,23 @@ def test_restore_onto_other_mesh(trained, saved, ici):
   assert dict(jax.tree.leaves(state)[0].sharding.mesh.shape) == dict(mesh.shape)
 
 
+def test_restore_params_reads_the_params_alone(trained, saved):
+  """What an export needs: the params on any mesh, without an optimizer (or its state) to build a target from."""
+  mesh = make_mesh((1, 2, 4))
+  target = abstract_on_mesh(trained.params, mesh)
+  with Checkpointer(saved[0]) as ckpt:
+    params, step = ckpt.restore_params(target)
+    assert step == 2 and isinstance(params, nnx.State)
+    assert_bit_exact(params, trained.params)
+    assert assert_sharded_as(params, target) > 10
+    good = target["lm_head"]["kernel"].value
+    target["lm_head"]["kernel"].value = jax.ShapeDtypeStruct((128, 7), good.dtype, sharding=good.sharding)
+    with pytest.raises(zoomer_jax.CheckpointError, match=r"'params\.lm_head\.kernel\.value' has shape \[128, 600\]"):
+      ckpt.restore_params(target)
+    with pytest.raises(FileNotFoundError, match=r"step 9 .*steps there: \[2\]"):
+      ckpt.restore_params(target, step=9)
+
+
 def test_bf16_params_stay_bf16(trained, tmp_path):
   to_bf16 = lambda x: np.asarray(x).astype(jnp.bfloat16) if x.dtype == jnp.float32 else x  # on the host: no compile
   trained = trained.replace(params=jax.tree.map(to_bf16, trained.params),
