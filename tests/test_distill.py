@@ -1,9 +1,10 @@
 """`distill` and `reflect` end to end against a scripted expert served over HTTP on loopback.
 
-The expert knows the synthetic task's truth: it finds the task from the first user turn (which must be exactly
-the rollout's text, frame tags and question, with one image part per tag) and answers as the test planned for it
-(zooms then answers, answers wrongly, writes a broken call, never answers, keeps zooming, HTTP 400, 429 with
-Retry-After then 500, 503 for good). It counts requests per task, so resume is checked by what it was asked.
+The expert is the package's (zoomer_jax/demo/scripted_expert.py) with a plan per task. It knows the synthetic
+task's truth, finds the task from the first user turn (which must be exactly the rollout's text, frame tags and
+question, with one image part per tag) and answers as the test planned for it (zooms then answers, answers
+wrongly, writes a broken call, never answers, keeps zooming, HTTP 400, 429 with Retry-After then 500, 503 for
+good). It counts requests per task, so resume is checked by what it was asked.
 """
 
 import base64
