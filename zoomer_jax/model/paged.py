@@ -64,6 +64,24 @@ class RaggedBatch:
   copy_dst: jax.Array  # int32 [S]: ... where copy_dst[j] < num_pages (padding names num_pages)
 
 
+@struct.dataclass
+class PagedCache:
+  """The decoder's cache kind for a ragged step (`TextDecoder` takes it where it takes a `KVCache`): the pool's
+  pages [layers, P, page_size, 2k, h] and the step's metadata. The forward's tokens are the step's T rows as one
+  batch row ([1, T]); the step's copies on write are made before any layer writes."""
+
+  kv: jax.Array
+  batch: RaggedBatch
+
+
+@struct.dataclass
+class PagedLayer:
+  """One layer's pages [P, page_size, 2k, h] and the step's metadata, as a decoder layer's `kv` argument."""
+
+  pages: jax.Array
+  batch: RaggedBatch
+
+
 def token_layout(batch: RaggedBatch, t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sequence [T], position in its sequence [T], real [T] bool) of each of the step's T rows."""
   rows = jnp.arange(t, dtype=jnp.int32)
