@@ -92,3 +92,61 @@ def test_trajectories_equal_the_lockstep_engines(model, tok, video, tmp_path, me
     _same(a, b, measure, f"{a.task.id}_logprob_diff")
   per_row = lambda ev: {i: [(k, str(x)) for k, j, x in ev if j == i] for i in range(len(tasks))}
   assert per_row(ev_a) == per_row(ev_b)
+
+
+GROUP_SCRIPT = {
+    0: ['<video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>', "<answer>A</answer><|im_end|>"],
+    2: ['<think>look</think><video_zoom>{"segment": [6, 7], "fps": 3}</video_zoom>'],  # then greedy
+    3: ["<answer>B</answer><|im_end|>"],
+    4: ['<video_zoom>{"segment": [0, 20], "fps": 0.5}</video_zoom>', '<video_zoom>{"segment": [1, 2], "fps": 1}'],
+}  # rows 1 and 5 greedy throughout
+
+
+def test_a_groups_prompt_is_prefilled_once_with_the_results_of_unshared_runs(model, tok, video, measure):
+  """Two GRPO groups of three (tasks repeated, as `train.grpo` repeats them): shared, each prompt is prefilled
+  once and its pages forked; the trajectories equal unshared runs and the lockstep engine. At most four
+  trajectories in flight, so the second group waits for the first to free pages."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "g0")] * 3 + \
+      [Task(video, "<image>\nIs there a square? A. yes B. no", "A", "g1")] * 3
+  cfg = _config(max_generation_round=3)
+  runs = {}
+  for name, engine in (("shared", EngineConfig(page_size=8, max_running=4)),
+                       ("unshared", EngineConfig(page_size=8, share_prompts=False))):
+    stats = EngineStats()
+    runs[name] = (continuous_rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT),
+                                     engine=engine, stats=stats), stats)
+  want = rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT))
+  prompt = [int(np.argmax(t.response_mask)) for t in want]  # the prompt ends at the first model token
+  assert runs["shared"][1].prefill_tokens == prompt[0] + prompt[3]
+  assert runs["unshared"][1].prefill_tokens == sum(prompt)
+  assert [len(t.calls) for t in want] == [1, 0, 1, 0, 1, 0]
+  for k, (a, b, c) in enumerate(zip(want, runs["shared"][0], runs["unshared"][0])):
+    _same(a, b, measure, f"row{k}_shared_vs_lockstep")
+    _same(b, c, measure, f"row{k}_shared_vs_unshared")
+
+
+def test_no_compilation_after_warm_up(model, tok, video):
+  """Every step's shape is bucketed: a long rollout compiles one program per distinct shape, a handful for many
+  steps, and a second rollout with other turn lengths, zooms and frame counts compiles only the shapes the first
+  did not meet (which steps coincide depends on when clips arrive, so a few may be new)."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue"), Task(video, "<image>\nWhere?")] * 2
+  first = {0: ['<think>a</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>',
+               '<think>b</think><video_zoom>{"segment": [5, 8], "fps": 1}</video_zoom>'],
+           1: ['<think>x</think><video_zoom>{"segment": [0, 1], "fps": 4}</video_zoom>'],
+           2: ['<video_zoom>{"segment": [3, 9], "fps": 2}</video_zoom>']}
+  second = {0: ['<think>other words here</think><video_zoom>{"segment": [10, 11.5], "fps": 2}</video_zoom>',
+                '<think>z</think><video_zoom>{"segment": [3, 6], "fps": 1.5}</video_zoom>'],
+            1: ['<video_zoom>{"segment": [4, 5], "fps": 3}</video_zoom>'],
+            3: ['<video_zoom>{"segment": [6, 7], "fps": 2}</video_zoom>']}
+  cfg = _config(max_generation_round=3)
+  engine = EngineConfig(page_size=8, step_tokens=64)
+  seen, grown = set(), []
+  R.ragged_program.clear_cache()  # programs of earlier tests would hide the first rollout's compiles
+  for script in (first, second):
+    before, stats = R.compiled_programs(), EngineStats()
+    continuous_rollout(model, tok, tasks, cfg, jax.random.key(1), script=_script(script), engine=engine, stats=stats)
+    grown.append((R.compiled_programs() - before, len(stats.shapes - seen), stats.steps))
+    seen |= stats.shapes
+  (c1, new1, steps1), (c2, new2, steps2) = grown
+  assert c1 == new1 and c2 == new2, grown  # one program per shape, nothing else recompiles
+  assert steps1 >= 100 and len(seen) <= 10, grown

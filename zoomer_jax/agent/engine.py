@@ -63,9 +63,10 @@ class EngineStats:
   extend_tokens: int = 0  # observation chunks (with the turn's last token)
   decode_tokens: int = 0  # one-token rows
   device_rows: int = 0  # the steps' bucketed rows, padding included
+  shapes: set = dataclasses.field(default_factory=set)  # distinct step shapes: each is one compiled program
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "shapes": len(self.shapes)}
 
 
 class _Seq:
@@ -252,6 +253,7 @@ class _Engine:
     inp = R.build_step(self.model.config, self.alloc, chunks, self.stop.window)
     self.stats.steps += 1
     self.stats.device_rows += inp.ids.shape[0]
+    self.stats.shapes.add(R.step_shape(inp, self.kv))
     self.kv, out = R.ragged_step(self.model, self.kv, inp, key, self.stop, self.cfg.sampling,
                                  end_token=self.tok.im_end)
     out = jax.device_get(out)

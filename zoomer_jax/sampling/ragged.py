@@ -130,6 +130,13 @@ def build_step(cfg: ModelConfig, alloc: PageAllocator, chunks: Sequence[Chunk], 
                    forced=forced)
 
 
+def step_shape(inp: StepInput, kv) -> tuple:
+  """What a step's compiled program depends on: rows, sequences/slots, the page table, the vision input's padded
+  patches (0 without images) and the pool."""
+  patches = 0 if inp.images is None else inp.images.pixels.shape[1]
+  return inp.ids.shape[0], inp.slot_rows.shape[0], inp.batch.page_indices.shape[1], patches, tuple(kv.shape)
+
+
 def _ragged_step(graphdef, state, kv, inp: StepInput, key, stop: StopCriteria, params: SamplingParams,
                  end_token: int):
   """The step as a function of the model's state: (pages with the step written, `StepOut`)."""
