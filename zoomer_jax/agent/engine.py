@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _append, _cache_size, _clip, _finish
@@ -147,6 +148,7 @@ class _Engine:
     self.model, self.tok, self.rows, self.cfg, self.engine = model, tok, rows, cfg, engine
     self.videos, self.event, self.script, self.stats = videos, event, script, stats
     self.stop = stop_criteria(tok)
+    self.split = nnx.split(model)
     self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
     self.running = engine.max_running or sum(map(len, self.waiting))
     largest = max(map(len, self.waiting))
@@ -254,7 +256,7 @@ class _Engine:
     self.stats.steps += 1
     self.stats.device_rows += inp.ids.shape[0]
     self.stats.shapes.add(R.step_shape(inp, self.kv))
-    self.kv, out = R.ragged_step(self.model, self.kv, inp, key, self.stop, self.cfg.sampling,
+    self.kv, out = R.ragged_step(self.split, self.kv, inp, key, self.stop, self.cfg.sampling,
                                  end_token=self.tok.im_end)
     out = jax.device_get(out)
     for f in feeds:

@@ -65,8 +65,8 @@ class Attention(nnx.Module):
     k_btkh = constrain(k_btkh, heads[:2] + ("activation_kv_heads", None), rules)
     v_btkh = constrain(v_btkh, heads[:2] + ("activation_kv_heads", None), rules)
     if isinstance(kv, PagedLayer):  # each row reads its own sequence's pages (`paged.ragged_attention`)
-      pages = write_pages(kv.pages, k_btkh[0], v_btkh[0], kv.batch)
-      out_btnh = ragged_attention(q_btnh[0], pages, kv.batch)[None]
+      pages = write_pages(kv.pages, k_btkh[0], v_btkh[0], kv.batch, kv.layer)
+      out_btnh = ragged_attention(q_btnh[0], pages, kv.batch, kv.layer)[None]
       return self.o_proj(constrain(out_btnh, heads, rules)), kv.replace(pages=pages)
     if kv is not None:  # written in place, then this layer's every slot is read
       kv = write_kv(*kv, k_btkh, v_btkh, mask.q_start)
@@ -162,8 +162,8 @@ class TextDecoder(nnx.Module):
     kv = copy_pages(cache.kv, batch)
     if self.options.scan_layers:
       x_btd, kv = scan_modules(run, self.layers, x_btd, kv)
-    else:
+    else:  # each layer reads and writes its part of the whole pool, in place
       for i, layer in enumerate(self.layers):
-        x_btd, pages = run(layer, x_btd, kv[i])
-        kv = kv.at[i].set(pages)
+        x_btd, kv = layer(x_btd, cos_bth, sin_bth, None, None, PagedLayer(kv, batch, i))
+        kv = kv.pages
     return self.norm(x_btd), cache.replace(kv=kv)

@@ -167,8 +167,9 @@ ragged_program = jax.jit(_ragged_step, static_argnames=("graphdef", "params", "e
 
 def ragged_step(model, kv: jax.Array, inp: StepInput, key: jax.Array, stop: StopCriteria, params: SamplingParams,
                 end_token: int) -> tuple[jax.Array, StepOut]:
-  """Runs one step (module docstring); `kv` [L, P, page_size, 2k, h] is donated and replaced."""
-  graphdef, state = nnx.split(model)
+  """Runs one step (module docstring); `kv` [L, P, page_size, 2k, h] is donated and replaced. `model` may be
+  `nnx.split(model)`, made once per rollout (splitting walks every module, a cost per step otherwise)."""
+  graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
   return ragged_program(graphdef, state, kv, inp, key, stop, params, end_token)
 
 
