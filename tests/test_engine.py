@@ -10,7 +10,7 @@ from flax import nnx
 import media
 import tolerances as tol
 from zoomer_jax.agent import protocol as P
-from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout, rollout_with
+from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout
 from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
 from zoomer_jax.config_loader import load
 from zoomer_jax.model.config import ModelConfig
@@ -150,3 +150,17 @@ def test_no_compilation_after_warm_up(model, tok, video):
   (c1, new1, steps1), (c2, new2, steps2) = grown
   assert c1 == new1 and c2 == new2, grown  # one program per shape, nothing else recompiles
   assert steps1 >= 100 and len(seen) <= 10, grown
+
+
+def test_grpo_generates_with_the_configured_engine(model, tok, video):
+  """`rollout.engine` picks the engine GRPO generates with: the continuous one gives the lockstep one's greedy
+  trajectories (whose batches are padded to batch_size); an unknown name is refused."""
+  from zoomer_jax.train import grpo
+  tasks = [Task(video, "<image>\nWhat colour?", "A", "a")] * 2 + [Task(video, "<image>\nWhere?", "B", "b")]
+  cfg = _config(max_generation_round=2, max_new_tokens=16)
+  want = grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2)
+  got = grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "continuous", EngineConfig(page_size=8))
+  for a, b in zip(want, got):
+    _same(a, b)
+  with pytest.raises(ValueError, match="rollout.engine 'paged' is not one of"):
+    grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "paged")

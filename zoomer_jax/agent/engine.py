@@ -112,17 +112,6 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
   return [_finish(r) for r in rows]
 
 
-def rollout_with(name: str, model, tok: Tokenizer, tasks, cfg: AgentConfig, key, engine: EngineConfig = EngineConfig(),
-                 **kw) -> list[Trajectory]:
-  """The engine a config names (`rollout.engine`): "lockstep" (`agent.rollout.rollout`) or "continuous"."""
-  from zoomer_jax.agent.rollout import rollout  # noqa: PLC0415
-  if name == "lockstep":
-    return rollout(model, tok, tasks, cfg, key, **kw)
-  if name == "continuous":
-    return continuous_rollout(model, tok, tasks, cfg, key, engine=engine, **kw)
-  raise ValueError(f"rollout engine {name!r} is not one of {list(ENGINES)}")
-
-
 def groups(tasks: list[Task], rows, share: bool) -> list[list[int]]:
   """Consecutive tasks whose prompts are the same (ids and overview pixels), as lists of row indices; finished
   rows (a video error) are left out."""
