@@ -139,3 +139,23 @@ def test_the_steps_sampler_draws_what_greedy_decoding_draws(model, rng, measure)
   assert diff <= tol.LOGPROB_FP32
   logp_end = [float(l[580] - l.max() - np.log(np.exp(l - l.max()).sum())) for l in (la, la, lb)]
   assert float(np.abs(np.asarray(out.end_logprob[:3]) - logp_end).max()) <= tol.LOGPROB_FP32
+
+
+@pytest.mark.parametrize("rows_per_tile", [1, 3, 64])
+def test_query_tiles_of_any_size_give_the_same_attention(rng, rows_per_tile, measure):
+  """The plain-JAX path cuts rows into tiles of one sequence; decode rows, chunks longer than a tile and padding
+  rows give what the default tiling gives, whatever the tile size."""
+  from zoomer_jax.model import paged
+  alloc = PageAllocator(num_pages=32, page_size=4, pages_per_seq=8)
+  kv = jnp.asarray(rng.normal(size=(32, 4, 4, 16)).astype(np.float32))
+  for s, n in (("a", 9), ("b", 1), ("c", 20)):
+    alloc.new(s)
+    alloc.append(s, n)
+  batch = alloc.step([("a", 1), ("c", 7), ("b", 5)], max_seqs=8, max_tokens=16)
+  q = jnp.asarray(rng.normal(size=(16, 4, 16)).astype(np.float32))
+  want = paged.ragged_attention_xla(q, kv, batch, sm_scale=0.25, keys_per_block=8)
+  got = paged.ragged_attention_xla(q, kv, batch, sm_scale=0.25, keys_per_block=8, rows_per_tile=rows_per_tile)
+  assert float(jnp.abs(want[13:]).max()) == 0.0  # padding rows read nothing
+  diff = float(jnp.abs(want - got).max())
+  measure("tiles_vs_default", diff)
+  assert diff <= tol.PAGED_ATTENTION_FP32
