@@ -154,6 +154,8 @@ class _Engine:
   def run(self, key: jax.Array) -> None:
     while self.live or self.waiting:
       self._admit()
+      if not self.ready and not any(s.clip is not None for s in self.live.values()):
+        raise RuntimeError(f"no sequence can run and none waits for a clip: live {sorted(self.live)}")
       self._collect(block=not self.ready)
       if not self.ready:
         continue
