@@ -7,9 +7,9 @@ objects out, greedy trajectories token for token equal. What differs is the loop
 
   * every engine step is one ragged device step (`sampling/ragged.py`): the decode rows of the running sequences
     together with whole prefill and extend chunks of new or resumed ones, up to `step_tokens` tokens;
-  * a sequence that ends a turn with a zoom call leaves the running set while its clip is cut in the thread pool
-    (`rollout.Videos`); the others keep decoding. It comes back with the observation (text and image pads)
-    appended to its own pages at the positions that follow its own;
+  * a sequence that ends a turn with a tool call leaves the running set while the call runs in the thread pool
+    (`rollout.Videos`: a zoom cuts a clip, a crop a region of one frame); the others keep decoding. It comes back
+    with the observation (text and image pads) appended to its own pages at the positions that follow its own;
   * a finished sequence frees its pages at once, and a waiting task is admitted (`max_running` at a time);
   * the n samples of a GRPO prompt (consecutive tasks with the same video and question) prefill the prompt once:
     one sequence is prefilled, its n slots draw n first tokens from the same logits, and the n samples fork its
@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from zoomer_jax import tools as T
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _append, _cache_size, _clip, _finish
 from zoomer_jax.agent.rollout import _outcome, _start, _tokens_per_image, for_model, stop_criteria
@@ -136,7 +137,7 @@ class _Engine:
                stats: EngineStats):
     self.model, self.tok, self.rows, self.cfg, self.engine = model, tok, rows, cfg, engine
     self.videos, self.event, self.script, self.stats = videos, event, script, stats
-    self.stop = stop_criteria(tok)
+    self.stop = stop_criteria(tok, cfg.tool.tools)
     self.split = nnx.split(model)
     self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
     self.running = engine.max_running or sum(map(len, self.waiting))
@@ -290,10 +291,10 @@ class _Engine:
       r.logprobs.append(0.0)
       s.end_at = len(r.logprobs) - 1
     if isinstance(out, P.ToolError):
-      r.calls.append(dict(round=out.round, error=out.message))
+      r.calls.append(dict(round=out.round, tool=out.tool, error=out.message))  # tool None: the turn named several
       self.event("tool_error", i, out)
       self._observe(s, out.observation, None)
-    else:
+    else:  # a tool call: its frames are cut in the pool while the other sequences run
       s.clip = (out, self.videos.pool.submit(_clip, r.task, out, self.videos))
 
   def _collect(self, block: bool) -> None:
@@ -307,19 +308,19 @@ class _Engine:
       call, _ = s.clip
       s.clip = None
       r = s.row
+      tool = T.by_name(call.tool)
       outcome = _outcome(fut, (VideoError, ValueError, OSError))
       if "error" in outcome:
         message = outcome["error"]
         err = r.episode.extraction_failed(for_model(message, r.task.video))
-        r.calls.append(dict(round=call.round, segment=list(call.requested), fps=call.fps, error=message))
+        r.calls.append(tool.log(call, error=message))
         self.event("tool_error", s.i, err)
         self._observe(s, err.observation, None)
         continue
       ts, pixels, grids = outcome["value"]
       obs = r.episode.observation(ts)
-      r.calls.append(dict(round=call.round, segment=list(call.requested), clamped=list(call.segment), fps=call.fps,
-                          frames=len(ts), timestamps=[round(float(t), 3) for t in ts]))
-      self.event("zoom", s.i, r.calls[-1])
+      r.calls.append(tool.log(call, ts))
+      self.event(tool.name, s.i, r.calls[-1])
       self._observe(s, obs, (pixels, grids))
 
   def _observe(self, s: _Seq, text: str, images) -> None:
