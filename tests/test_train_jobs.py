@@ -128,7 +128,7 @@ def test_dynamic_sampling_keeps_generating_until_the_batch_is_full(monkeypatch):
   plans = iter([[wrong, wrong, right, right], [right, wrong, wrong, wrong], [wrong, wrong, wrong, right]])
   calls = []
 
-  def fake_generate(model, tok, tasks, agent_cfg, key, batch_size):
+  def fake_generate(model, tok, tasks, agent_cfg, key, batch_size, *engine):
     calls.append(len(tasks))
     return [_fake_traj(t, turns, 0) for t, turns in zip(tasks, next(plans))]
   monkeypatch.setattr(grpo, "generate", fake_generate)
@@ -149,7 +149,7 @@ def test_dynamic_sampling_cap(monkeypatch):
   cfg = load("grpo_tiny", ["--config.data.train_batch_size=2", "--config.rollout.n=2",
                            "--config.algorithm.max_num_gen_batches=2"])
   same = ["<think>x</think><answer>B</answer>"]
-  monkeypatch.setattr(grpo, "generate", lambda m, t, tasks, a, k, b: [_fake_traj(x, same, 0) for x in tasks])
+  monkeypatch.setattr(grpo, "generate", lambda m, t, tasks, a, k, b, *e: [_fake_traj(x, same, 0) for x in tasks])
   records = iter([types.SimpleNamespace(video="v", problem="<image>q", solution="A", doc_id=i, data_source="s",
                                         answer_type="multiple_choice") for i in range(100)])
   ro = grpo.collect(None, None, records, cfg, grpo.RewardConfig(), grpo.agent_config(cfg.rollout), jax.random.key(0), 0)
@@ -160,7 +160,7 @@ def test_collect_uses_the_configured_advantage_estimator(monkeypatch):
   cfg = load("grpo_tiny", ["--config.data.train_batch_size=1", "--config.rollout.n=3",
                            "--config.algorithm.adv_estimator=rloo"])
   right, wrong = ["<think>x</think><answer>A</answer>"], ["<think>x</think><answer>B</answer>"]
-  monkeypatch.setattr(grpo, "generate", lambda m, t, tasks, a, k, b: [_fake_traj(x, turns, 0) for x, turns in
+  monkeypatch.setattr(grpo, "generate", lambda m, t, tasks, a, k, b, *e: [_fake_traj(x, turns, 0) for x, turns in
                                                                        zip(tasks, [right, wrong, wrong])])
   records = iter([types.SimpleNamespace(video="v", problem="<image>q", solution="A", doc_id=0, data_source="s",
                                         answer_type="multiple_choice")])

@@ -23,7 +23,7 @@ from flax import struct
 
 from zoomer_jax.model.config import TextConfig
 from zoomer_jax.model.layers import precision_for
-from zoomer_jax.model.stack import scan
+from zoomer_jax.model.stack import loops_unrolled, scan
 
 KEYS_PER_BLOCK = 512  # the plain-JAX path's online-softmax step: keys per block (whole pages)
 # The kernel's tile: jax's untuned default on v5 and later (`get_tuned_block_sizes`), which cannot be looked up
@@ -64,6 +64,27 @@ class RaggedBatch:
   copy_dst: jax.Array  # int32 [S]: ... where copy_dst[j] < num_pages (padding names num_pages)
 
 
+@struct.dataclass
+class PagedCache:
+  """The decoder's cache kind for a ragged step (`TextDecoder` takes it where it takes a `KVCache`): the pool's
+  pages [layers, P, page_size, 2k, h] and the step's metadata. The forward's tokens are the step's T rows as one
+  batch row ([1, T]); the step's copies on write are made before any layer writes."""
+
+  kv: jax.Array
+  batch: RaggedBatch
+
+
+@struct.dataclass
+class PagedLayer:
+  """One layer's pages [P, page_size, 2k, h] and the step's metadata, as a decoder layer's `kv` argument; or,
+  with `layer` set, every layer's pages [L, P, ...] of which layer `layer` is read and written (in place: no copy
+  of a layer's slice per step)."""
+
+  pages: jax.Array
+  batch: RaggedBatch
+  layer: int | None = struct.field(pytree_node=False, default=None)
+
+
 def token_layout(batch: RaggedBatch, t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sequence [T], position in its sequence [T], real [T] bool) of each of the step's T rows."""
   rows = jnp.arange(t, dtype=jnp.int32)
@@ -80,9 +101,24 @@ def copy_pages(kv: jax.Array, batch: RaggedBatch) -> jax.Array:
   return kv.at[:, batch.copy_dst].set(kv[:, batch.copy_src], mode="drop")
 
 
-def write(kv: jax.Array, k_tkh: jax.Array, v_tkh: jax.Array, batch: RaggedBatch) -> jax.Array:
+def write(kv: jax.Array, k_tkh: jax.Array, v_tkh: jax.Array, batch: RaggedBatch, layer: int | None = None
+          ) -> jax.Array:
   """One layer's pages [P, page_size, 2k, h] with the step's new keys and values [T, k, h] written at each row's
-  page and offset (padding rows are dropped)."""
+  page and offset (padding rows are dropped); with `layer`, kv is every layer's [L, P, ...] and layer `layer`'s
+  pages are written."""
+  if layer is not None:
+    one = jax.ShapeDtypeStruct(kv.shape[1:], kv.dtype)
+    slot, kv_t2kh = _slots(one, k_tkh, v_tkh, batch)
+    l, p, ps, kk, h = kv.shape
+    return kv.reshape(l, p * ps, kk, h).at[layer, slot].set(kv_t2kh, mode="drop").reshape(kv.shape)
+  slot, kv_t2kh = _slots(kv, k_tkh, v_tkh, batch)
+  p, ps, kk, h = kv.shape
+  return kv.reshape(p * ps, kk, h).at[slot].set(kv_t2kh, mode="drop").reshape(kv.shape)
+
+
+def _slots(kv, k_tkh, v_tkh, batch):
+  """(flat slot [T] of each row in pages shaped as kv, out of range for padding; the rows' keys and values
+  interleaved [T, 2k, h])."""
   p, ps, kk, h = kv.shape
   t = k_tkh.shape[0]
   if k_tkh.shape != (t, kk // 2, h) or v_tkh.shape != k_tkh.shape:
@@ -92,50 +128,84 @@ def write(kv: jax.Array, k_tkh: jax.Array, v_tkh: jax.Array, batch: RaggedBatch)
   page = batch.page_indices[seq, jnp.clip(pos // ps, 0, batch.page_indices.shape[1] - 1)]
   slot = jnp.where(real, page * ps + pos % ps, p * ps)  # out of range: dropped
   kv_t2kh = jnp.stack([k_tkh, v_tkh], axis=2).reshape(t, kk, h).astype(kv.dtype)  # K at 2i, V at 2i + 1
-  return kv.reshape(p * ps, kk, h).at[slot].set(kv_t2kh, mode="drop").reshape(kv.shape)
+  return slot, kv_t2kh
+
+
+def query_tiles(batch: RaggedBatch, t: int, rows_per_tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The step's rows cut into tiles of at most `rows_per_tile` rows of one sequence each (as the TPU kernel cuts
+  them): (sequence [N], first row [N], rows [N]) of N = T // rows_per_tile + S tiles, a bound every step meets
+  (each sequence adds at most one partial tile); unused tiles have 0 rows."""
+  s = batch.kv_lens.shape[0]
+  q_lens = jnp.where(jnp.arange(s) < batch.num_seqs[0], batch.cu_q_lens[1:] - batch.cu_q_lens[:-1], 0)
+  tiles = -(-q_lens // rows_per_tile)
+  ends = jnp.cumsum(tiles)
+  k = jnp.arange(t // rows_per_tile + s, dtype=jnp.int32)
+  seq = jnp.minimum(jnp.searchsorted(ends, k, side="right"), s - 1).astype(jnp.int32)
+  local = k - (ends[seq] - tiles[seq])
+  first = batch.cu_q_lens[seq] + local * rows_per_tile
+  rows = jnp.where(k < ends[-1], jnp.clip(q_lens[seq] - local * rows_per_tile, 0, rows_per_tile), 0)
+  return seq, first, rows
 
 
 def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float,
-                         keys_per_block: int = KEYS_PER_BLOCK, precision=None) -> jax.Array:
+                         keys_per_block: int = KEYS_PER_BLOCK, rows_per_tile: int | None = None,
+                         precision=None, layer: int | None = None) -> jax.Array:
   """Causal GQA attention of a ragged step in plain JAX: q [T, n, h], one layer's pages [P, page_size, 2k, h] ->
-  [T, n, h]. An online softmax over blocks of each row's pages (whole pages, `keys_per_block` keys); each row
-  gathers its own sequence's block, so scores never exceed [T, k, n / k, block]."""
+  [T, n, h]. The rows are cut into tiles of one sequence (`query_tiles`; `rows_per_tile` defaults to T / S, at
+  most 64); each tile gathers its sequence's pages once per block of `keys_per_block` keys (whole pages) and
+  runs an online softmax over the blocks with [tile rows x group, block] score matrices, so a prefill chunk reads
+  its pages once per tile, not once per row. Only the blocks that the step's longest sequence reaches are read.
+  With `layer`, kv is every layer's pages [L, P, ...] and layer `layer`'s are read."""
   t, n, h = q_tnh.shape
-  _, ps, kk, _ = kv.shape
+  ps, kk = kv.shape[-3], kv.shape[-2]
   kh = kk // 2
-  if n % kh or q_tnh.shape[2] != kv.shape[3]:
+  if n % kh or q_tnh.shape[2] != kv.shape[-1]:
     raise ValueError(f"queries {q_tnh.shape} do not fit pages {kv.shape} (heads a multiple of {kh}, head_dim "
-                     f"{kv.shape[3]})")
+                     f"{kv.shape[-1]})")
   g = n // kh
+  s = batch.kv_lens.shape[0]
+  qt = rows_per_tile or max(1, min(64, t // s))
   precision = precision_for(q_tnh.dtype) if precision is None else precision
-  seq, pos, real = token_layout(batch, t)
+  seq, first, rows = query_tiles(batch, t, qt)
+  r = jnp.arange(qt)
+  row_idx = first[:, None] + r[None, :]  # [N, Q]
+  real = r[None, :] < rows[:, None]
+  q_len = batch.cu_q_lens[seq + 1] - batch.cu_q_lens[seq]
+  pos = batch.kv_lens[seq][:, None] - q_len[:, None] + row_idx - batch.cu_q_lens[seq][:, None]  # [N, Q]
+  q_nqkgh = q_tnh[jnp.where(real, row_idx, 0)].reshape(-1, qt, kh, g, h)
   bp = max(1, min(keys_per_block // ps, batch.page_indices.shape[1]))  # pages per block
   n_blocks = -(-batch.page_indices.shape[1] // bp)
-  table = jnp.pad(batch.page_indices, ((0, 0), (0, n_blocks * bp - batch.page_indices.shape[1])))[seq]  # [T, .]
-  q_tkgh = q_tnh.reshape(t, kh, g, h)
+  table = jnp.pad(batch.page_indices, ((0, 0), (0, n_blocks * bp - batch.page_indices.shape[1])))[seq]  # [N, .]
+  nt = seq.shape[0]
 
   def step(carry, j):
     m, l, acc = carry
-    pages = jax.lax.dynamic_slice_in_dim(table, j * bp, bp, axis=1)  # [T, bp]
-    blk = kv[pages].reshape(t, bp * ps, kh, 2, h)
-    scores = jnp.einsum("tkgh,tskh->tkgs", q_tkgh, blk[..., 0, :], precision=precision,
+    pages = jax.lax.dynamic_slice_in_dim(table, j * bp, bp, axis=1)  # [N, bp]
+    blk = (kv[pages] if layer is None else kv[layer, pages]).reshape(nt, bp * ps, kh, 2, h)
+    scores = jnp.einsum("nqkgh,nskh->nkqgs", q_nqkgh, blk[..., 0, :], precision=precision,
                         preferred_element_type=jnp.float32) * sm_scale
     key_pos = j * bp * ps + jnp.arange(bp * ps)
-    allowed = ((key_pos[None, :] <= pos[:, None]) & real[:, None])[:, None, None, :]  # [T, 1, 1, s]
+    allowed = ((key_pos[None, None, :] <= pos[..., None]) & real[..., None])[:, None, :, None, :]  # [N,1,Q,1,s]
     scores = jnp.where(allowed, scores, -jnp.inf)
     m_new = jnp.maximum(m, scores.max(-1))
     safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.where(allowed, jnp.exp(scores - safe[..., None]), 0.0)
     scale = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
-    pv = jnp.einsum("tkgs,tskh->tkgh", p.astype(q_tnh.dtype), blk[..., 1, :], precision=precision,
+    pv = jnp.einsum("nkqgs,nskh->nkqgh", p.astype(q_tnh.dtype), blk[..., 1, :], precision=precision,
                     preferred_element_type=jnp.float32)
     return (m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv), None
 
-  init = (jnp.full((t, kh, g), -jnp.inf, jnp.float32), jnp.zeros((t, kh, g), jnp.float32),
-          jnp.zeros((t, kh, g, h), jnp.float32))
-  (_, l, acc), _ = scan(step, init, jnp.arange(n_blocks))
-  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # padding rows read nothing
-  return out.reshape(t, n, h).astype(q_tnh.dtype)
+  init = (jnp.full((nt, kh, qt, g), -jnp.inf, jnp.float32), jnp.zeros((nt, kh, qt, g), jnp.float32),
+          jnp.zeros((nt, kh, qt, g, h), jnp.float32))
+  if loops_unrolled():  # cost probes count every block
+    (_, l, acc), _ = scan(step, init, jnp.arange(n_blocks))
+  else:  # blocks past the longest sequence hold no key any row reads
+    reach = jnp.minimum(-(-batch.kv_lens.max() // (bp * ps)), n_blocks)
+    _, l, acc = jax.lax.fori_loop(0, reach, lambda j, c: step(c, j)[0], init)
+  out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # [N, k, Q, g, h]
+  out = out.transpose(0, 2, 1, 3, 4).reshape(nt * qt, n, h)
+  dest = jnp.where(real, row_idx, t).reshape(-1)  # each real row sits in one tile; the rest are dropped
+  return jnp.zeros((t, n, h), q_tnh.dtype).at[dest].set(out.astype(q_tnh.dtype), mode="drop")
 
 
 def ragged_attention_tpu(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float) -> jax.Array:
@@ -158,15 +228,15 @@ def kernel_fits(kv: jax.Array) -> bool:
   return h % 128 == 0 and kk % packing == 0 and (kk // packing in (1, 2, 4, 8) or kk // packing % 8 == 0)
 
 
-def ragged_attention(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch) -> jax.Array:
+def ragged_attention(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, layer: int | None = None) -> jax.Array:
   """q [T, n, h] over one layer's pages [P, page_size, 2k, h] -> [T, n, h], scale head_dim**-0.5 (Qwen2.5-VL's
   text attention: no window, no soft cap). The compiled program's platform picks the path (never the host's
   backend): the Pallas kernel on TPU when it tiles the pages (`kernel_fits`), the plain-JAX online softmax
-  elsewhere."""
+  elsewhere. With `layer`, kv is every layer's pages [L, P, ...] and layer `layer`'s are read."""
   scale = q_tnh.shape[-1] ** -0.5
   if not kernel_fits(kv):  # every branch is traced, so a shape the kernel refuses must not reach it
-    return ragged_attention_xla(q_tnh, kv, batch, sm_scale=scale)
+    return ragged_attention_xla(q_tnh, kv, batch, sm_scale=scale, layer=layer)
   return jax.lax.platform_dependent(
       q_tnh, kv, batch,
-      tpu=lambda q, kv, b: ragged_attention_tpu(q, kv, b, sm_scale=scale),
-      default=lambda q, kv, b: ragged_attention_xla(q, kv, b, sm_scale=scale))
+      tpu=lambda q, kv, b: ragged_attention_tpu(q, kv if layer is None else kv[layer], b, sm_scale=scale),
+      default=lambda q, kv, b: ragged_attention_xla(q, kv, b, sm_scale=scale, layer=layer))

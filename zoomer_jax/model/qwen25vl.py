@@ -22,6 +22,7 @@ from zoomer_jax.model.kv_cache import KVCache
 from zoomer_jax.model.layers import FEW_ROWS, Linear, pads_single_row, precision_for
 from zoomer_jax.model.mrope import rope_index, text_positions
 from zoomer_jax.model.options import ModelOptions
+from zoomer_jax.model.paged import PagedCache
 from zoomer_jax.model.text import TextDecoder
 from zoomer_jax.model.vision import VisionTower
 from zoomer_jax.model.vision_layout import LayoutSizes, VisionLayout, batch_layout, layout_sizes, num_tokens
@@ -145,12 +146,13 @@ class Qwen25VL(nnx.Module):
 
   def forward(self, ids_bt: jax.Array, positions_3bt: jax.Array, token_mask_bt: jax.Array, *,
               images: VisionInput | None = None, videos: VisionInput | None = None,
-              cache: KVCache | None = None, logits_at: Any = "all", remat_policy: str = "none",
+              cache: KVCache | PagedCache | None = None, logits_at: Any = "all", remat_policy: str = "none",
               freeze_vision: bool | str = False) -> tuple[jax.Array, KVCache | None]:
     """The one trunk: vision, embedding, decoder, head. Returns (output, updated cache), where the output is
 
       * `logits_at="all"`: fp32 logits [B, T, vocab];
       * `logits_at` an int array [B]: the logits at that position of each row, [B, vocab] (prefill, extend);
+        with a `PagedCache` (one row of a ragged step's T tokens) an array [S] of rows: [S, vocab];
       * `logits_at=None`: the final-norm hidden states [B, T, d] (the trainer applies the head in chunks).
 
     `remat_policy` rematerialises decoder layers and vision blocks in the backward pass; `freeze_vision`

@@ -12,6 +12,8 @@ from zoomer_jax.model.kv_cache import KVCache, write_kv
 from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, normal_init, precision_for, rotate_half
 from zoomer_jax.model.mrope import mrope_cos_sin
 from zoomer_jax.model.options import ModelOptions
+from zoomer_jax.model.paged import PagedCache, PagedLayer, copy_pages, ragged_attention
+from zoomer_jax.model.paged import write as write_pages
 from zoomer_jax.model.stack import remat, scan_modules, stack_modules
 from zoomer_jax.parallel.rules import constrain
 
@@ -51,7 +53,8 @@ class Attention(nnx.Module):
   def __call__(self, x_btd, cos_bth, sin_bth, mask: AttentionMask, token_mask_bt, kv=None):
     """Returns (out [B, T, d], this layer's cache arrays with the new keys and values written, or None).
 
-    `kv` is this layer's (keys [B, k, h, S], values [B, k, S, h]) cache arrays, or None (no cache)."""
+    `kv` is this layer's (keys [B, k, h, S], values [B, k, S, h]) cache arrays, a `PagedLayer` (B = 1: the T
+    rows of a ragged step; returned with the new keys and values written to its pages), or None (no cache)."""
     rules = self.options.rules
     q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
     cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
@@ -61,6 +64,10 @@ class Attention(nnx.Module):
     q_btnh = constrain(q_btnh, heads, rules)
     k_btkh = constrain(k_btkh, heads[:2] + ("activation_kv_heads", None), rules)
     v_btkh = constrain(v_btkh, heads[:2] + ("activation_kv_heads", None), rules)
+    if isinstance(kv, PagedLayer):  # each row reads its own sequence's pages (`paged.ragged_attention`)
+      pages = write_pages(kv.pages, k_btkh[0], v_btkh[0], kv.batch, kv.layer)
+      out_btnh = ragged_attention(q_btnh[0], pages, kv.batch, kv.layer)[None]
+      return self.o_proj(constrain(out_btnh, heads, rules)), kv.replace(pages=pages)
     if kv is not None:  # written in place, then this layer's every slot is read
       kv = write_kv(*kv, k_btkh, v_btkh, mask.q_start)
       k_btkh, v_btkh = kv
@@ -103,9 +110,14 @@ class TextDecoder(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", dtype=dtype)
 
   def __call__(self, x_btd: jax.Array, positions_3bt: jax.Array, token_mask_bt: jax.Array,
-               cache: KVCache | None = None, *, remat_policy: str = "none") -> tuple[jax.Array, KVCache | None]:
-    """`remat_policy` rematerialises each layer in the backward pass (`model.stack.REMAT_POLICIES`)."""
+               cache: KVCache | PagedCache | None = None, *,
+               remat_policy: str = "none") -> tuple[jax.Array, KVCache | PagedCache | None]:
+    """`remat_policy` rematerialises each layer in the backward pass (`model.stack.REMAT_POLICIES`). With a
+    `PagedCache`, x is a ragged step's rows [1, T, d] (`model.paged`; the token mask is unused: the step's
+    metadata says which rows are real)."""
     cos_bth, sin_bth = mrope_cos_sin(positions_3bt, self.cfg, self.dtype)
+    if isinstance(cache, PagedCache):
+      return self._paged(x_btd, cos_bth, sin_bth, cache)
     token_mask_bt = token_mask_bt.astype(bool)
     if cache is None:
       mask = AttentionMask(key_valid=token_mask_bt, q_start=jnp.zeros((), jnp.int32))
@@ -137,3 +149,21 @@ class TextDecoder(nnx.Module):
     if cache is not None:
       cache = cache.replace(k=kv[0], v=kv[1], valid=valid_bs, length=length)
     return self.norm(x_btd), cache
+
+  def _paged(self, x_btd, cos_bth, sin_bth, cache: PagedCache) -> tuple[jax.Array, PagedCache]:
+    """The layers over a ragged step: [1, T, d] -> [1, T, d], each layer's keys and values written to its pages."""
+    batch = cache.batch
+    x_btd = constrain(x_btd.astype(self.dtype), BTD, self.options.rules)
+
+    def run(layer, x, pages):
+      x, kv = layer(x, cos_bth, sin_bth, None, None, PagedLayer(pages, batch))
+      return x, kv.pages
+
+    kv = copy_pages(cache.kv, batch)
+    if self.options.scan_layers:
+      x_btd, kv = scan_modules(run, self.layers, x_btd, kv)
+    else:  # each layer reads and writes its part of the whole pool, in place
+      for i, layer in enumerate(self.layers):
+        x_btd, kv = layer(x_btd, cos_bth, sin_bth, None, None, PagedLayer(kv, batch, i))
+        kv = kv.pages
+    return self.norm(x_btd), cache.replace(kv=kv)

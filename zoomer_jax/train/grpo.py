@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from zoomer_jax.agent import rewards
+from zoomer_jax.agent.engine import ENGINES, EngineConfig, continuous_rollout
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.rewards import RewardConfig, score_batch
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
@@ -60,9 +61,16 @@ def task_of(record) -> Task:
               data_source=record.data_source)
 
 
-def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_size: int) -> list[Trajectory]:
-  """Trajectories of `tasks` in device batches of exactly `batch_size` rows (the last one padded with
-  repeats, whose results are dropped), so every call reuses the same compiled programs."""
+def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_size: int, engine: str = "lockstep",
+             engine_cfg: EngineConfig = EngineConfig()) -> list[Trajectory]:
+  """Trajectories of `tasks`. The lockstep engine runs device batches of exactly `batch_size` rows (the last one
+  padded with repeats, whose results are dropped), so every call reuses the same compiled programs; the
+  continuous one (`agent/engine.py`) runs every task in one call with `batch_size` trajectories in flight."""
+  if engine == "continuous":
+    return continuous_rollout(model, tok, tasks, agent_cfg, key,
+                              engine=dataclasses.replace(engine_cfg, max_running=batch_size))
+  if engine != "lockstep":
+    raise ValueError(f"rollout.engine {engine!r} is not one of {list(ENGINES)}")
   out = []
   for c, i in enumerate(range(0, len(tasks), batch_size)):
     chunk = tasks[i:i + batch_size]
@@ -132,7 +140,8 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
   while len(kept) < want:
     records = [next(it) for _ in range(want)]
     tasks = [task_of(rec) for rec in records for _ in range(r.n)]
-    trajs = generate(model, tok, tasks, agent_cfg, jax.random.fold_in(key, gen), r.batch_size)
+    trajs = generate(model, tok, tasks, agent_cfg, jax.random.fold_in(key, gen), r.batch_size, r.engine,
+                     EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens))
     scores = score(trajs, reward_cfg, step, [rec.answer_type for rec in records for _ in range(r.n)])
     gen += 1
     all_trajs += trajs

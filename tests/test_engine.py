@@ -1,0 +1,166 @@
+"""The continuous rollout engine (`agent/engine.py`) against the lockstep one (`agent/rollout.py`): the same
+trajectories (scripted and greedy, zooms, tool errors, a missing video), a GRPO group's prompt prefilled once with
+the same results as unshared runs, and no compilation after warm-up over a rollout of other lengths."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import media
+import tolerances as tol
+from zoomer_jax.agent import protocol as P
+from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout
+from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
+from zoomer_jax.config_loader import load
+from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.model.qwen25vl import Qwen25VL
+from zoomer_jax.sampling import SamplingParams
+from zoomer_jax.sampling import ragged as R
+from zoomer_jax.text import build_tiny_tokenizer
+
+SMALL = 56 * 56
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model)
+  return Qwen25VL(cfg, rngs=nnx.Rngs(4))
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+  return media.write_video(str(tmp_path_factory.mktemp("v") / "v.mp4"), 200, 10.0, (64, 80))
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return build_tiny_tokenizer()
+
+
+def _config(temperature=0.0, max_new_tokens=48, **tool):
+  return AgentConfig(tool=P.ToolConfig(**tool), sampling=SamplingParams(temperature=temperature,
+                                                                        max_new_tokens=max_new_tokens),
+                     decode_chunk=16, max_pixels=SMALL, min_pixels=SMALL, workers=2)
+
+
+def _same(a, b, measure=None, name=""):
+  """Trajectories equal as GRPO and eval read them; log-probs within fp32 rounding."""
+  assert a.task == b.task
+  assert a.ids.tolist() == b.ids.tolist(), (a.task.id, a.turns, b.turns)
+  assert a.response_mask.tolist() == b.response_mask.tolist()
+  assert (a.calls, a.answer, a.finish_reason, a.rounds, a.turns) == (b.calls, b.answer, b.finish_reason, b.rounds,
+                                                                     b.turns)
+  assert np.array_equal(a.pixel_values, b.pixel_values) and np.array_equal(a.image_grid_thw, b.image_grid_thw)
+  diff = float(np.abs(a.logprobs - b.logprobs).max(initial=0.0))
+  if measure is not None:
+    measure(name, diff)
+  assert diff <= tol.LOGPROB_FP32
+
+
+SCRIPT = {
+    0: ['<think>the overview is too coarse</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>',
+        '<think>again</think><video_zoom>{"segment": [2, 4], "fps": </video_zoom>',
+        '<think>the end</think><video_zoom>{"segment": [18, 25], "fps": 1}</video_zoom>',
+        "<think>seen it</think><answer>B</answer><|im_end|>"],
+    1: ['<video_zoom>{"segment": [1, 3], "fps": 1}</video_zoom>'],  # a zoom, then greedy turns
+    3: ['<video_zoom>{"segment": [5, 9], "fps": 1}</video_zoom>', '<video_zoom>{"segment": [0, 2], "fps": 2}'],
+}  # row 3's second turn is forced to the middle of a call, and greedy from there; row 4 is greedy throughout
+
+
+def _script(table):
+  return lambda row, rnd: table[row][rnd] if row in table and rnd < len(table[row]) else None
+
+
+def test_trajectories_equal_the_lockstep_engines(model, tok, video, tmp_path, measure):
+  """Scripted zooms, a malformed call, a clamped segment, a missing video and greedy turns: the same
+  trajectories, and the same events per row."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "t0"),
+           Task(video, "<image>\nIs there a square? A. yes B. no", "A", "t1"),
+           Task(str(tmp_path / "missing.mp4"), "<image>\nAnything?", "A", "t2"),
+           Task(video, "<image>\nWhere? A. left B. right", "A", "t3"),
+           Task(video, "<image>\nWhen?", "A", "t4")]
+  cfg = _config(max_generation_round=4)
+  ev_a, ev_b = [], []
+  want = rollout(model, tok, tasks, cfg, jax.random.key(3), on_event=lambda *e: ev_a.append(e),
+                 script=_script(SCRIPT))
+  got = continuous_rollout(model, tok, tasks, cfg, jax.random.key(3), on_event=lambda *e: ev_b.append(e),
+                           script=_script(SCRIPT), engine=EngineConfig(page_size=8, step_tokens=64))
+  assert (got[0].finish_reason, got[2].finish_reason) == ("answer", "video_error")
+  assert [len(t.calls) for t in got] == [3, 1, 1, 1, 0] and got[1].rounds == got[3].rounds == 2  # greedy after zooms
+  for a, b in zip(want, got):
+    _same(a, b, measure, f"{a.task.id}_logprob_diff")
+  per_row = lambda ev: {i: [(k, str(x)) for k, j, x in ev if j == i] for i in range(len(tasks))}
+  assert per_row(ev_a) == per_row(ev_b)
+
+
+GROUP_SCRIPT = {
+    0: ['<video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>', "<answer>A</answer><|im_end|>"],
+    2: ['<think>look</think><video_zoom>{"segment": [6, 7], "fps": 3}</video_zoom>'],  # then greedy
+    3: ["<answer>B</answer><|im_end|>"],
+    4: ['<video_zoom>{"segment": [0, 20], "fps": 0.5}</video_zoom>', '<video_zoom>{"segment": [1, 2], "fps": 1}'],
+}  # rows 1 and 5 greedy throughout
+
+
+def test_a_groups_prompt_is_prefilled_once_with_the_results_of_unshared_runs(model, tok, video, measure):
+  """Two GRPO groups of three (tasks repeated, as `train.grpo` repeats them): shared, each prompt is prefilled
+  once and its pages forked; the trajectories equal unshared runs and the lockstep engine. At most four
+  trajectories in flight, so the second group waits for the first to free pages."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "g0")] * 3 + \
+      [Task(video, "<image>\nIs there a square? A. yes B. no", "A", "g1")] * 3
+  cfg = _config(max_generation_round=3)
+  runs = {}
+  for name, engine in (("shared", EngineConfig(page_size=8, max_running=4)),
+                       ("unshared", EngineConfig(page_size=8, share_prompts=False))):
+    stats = EngineStats()
+    runs[name] = (continuous_rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT),
+                                     engine=engine, stats=stats), stats)
+  want = rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT))
+  prompt = [int(np.argmax(t.response_mask)) for t in want]  # the prompt ends at the first model token
+  assert runs["shared"][1].prefill_tokens == prompt[0] + prompt[3]
+  assert runs["unshared"][1].prefill_tokens == sum(prompt)
+  assert [len(t.calls) for t in want] == [1, 0, 1, 0, 1, 0]
+  for k, (a, b, c) in enumerate(zip(want, runs["shared"][0], runs["unshared"][0])):
+    _same(a, b, measure, f"row{k}_shared_vs_lockstep")
+    _same(b, c, measure, f"row{k}_shared_vs_unshared")
+
+
+def test_no_compilation_after_warm_up(model, tok, video):
+  """Every step's shape is bucketed: a long rollout compiles one program per distinct shape, a handful for many
+  steps, and a second rollout with other turn lengths, zooms and frame counts compiles only the shapes the first
+  did not meet (which steps coincide depends on when clips arrive, so a few may be new)."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue"), Task(video, "<image>\nWhere?")] * 2
+  first = {0: ['<think>a</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>',
+               '<think>b</think><video_zoom>{"segment": [5, 8], "fps": 1}</video_zoom>'],
+           1: ['<think>x</think><video_zoom>{"segment": [0, 1], "fps": 4}</video_zoom>'],
+           2: ['<video_zoom>{"segment": [3, 9], "fps": 2}</video_zoom>']}
+  second = {0: ['<think>other words here</think><video_zoom>{"segment": [10, 11.5], "fps": 2}</video_zoom>',
+                '<think>z</think><video_zoom>{"segment": [3, 6], "fps": 1.5}</video_zoom>'],
+            1: ['<video_zoom>{"segment": [4, 5], "fps": 3}</video_zoom>'],
+            3: ['<video_zoom>{"segment": [6, 7], "fps": 2}</video_zoom>']}
+  cfg = _config(max_generation_round=3)
+  engine = EngineConfig(page_size=8, step_tokens=64)
+  seen, grown = set(), []
+  R.ragged_program.clear_cache()  # programs of earlier tests would hide the first rollout's compiles
+  for script in (first, second):
+    before, stats = R.compiled_programs(), EngineStats()
+    continuous_rollout(model, tok, tasks, cfg, jax.random.key(1), script=_script(script), engine=engine, stats=stats)
+    grown.append((R.compiled_programs() - before, len(stats.shapes - seen), stats.steps))
+    seen |= stats.shapes
+  (c1, new1, steps1), (c2, new2, steps2) = grown
+  assert c1 == new1 and c2 == new2, grown  # one program per shape, nothing else recompiles
+  assert steps1 >= 100 and len(seen) <= 10, grown
+
+
+def test_grpo_generates_with_the_configured_engine(model, tok, video):
+  """`rollout.engine` picks the engine GRPO generates with: the continuous one gives the lockstep one's greedy
+  trajectories (whose batches are padded to batch_size); an unknown name is refused."""
+  from zoomer_jax.train import grpo
+  tasks = [Task(video, "<image>\nWhat colour?", "A", "a")] * 2 + [Task(video, "<image>\nWhere?", "B", "b")]
+  cfg = _config(max_generation_round=2, max_new_tokens=16)
+  want = grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2)
+  got = grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "continuous", EngineConfig(page_size=8))
+  for a, b in zip(want, got):
+    _same(a, b)
+  with pytest.raises(ValueError, match="rollout.engine 'paged' is not one of"):
+    grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "paged")

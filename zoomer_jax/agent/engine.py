@@ -1,0 +1,342 @@
+"""The continuous rollout engine: trajectories enter, pause and leave one by one over the paged KV cache.
+
+    trajs = continuous_rollout(model, tok, tasks, agent_cfg, key, engine=EngineConfig(page_size=16))
+
+The same contract as `agent.rollout.rollout` (the lockstep engine): the same tasks in, the same `Trajectory`
+objects out, greedy trajectories token for token equal. What differs is the loop (docs/rollout_engine.md):
+
+  * every engine step is one ragged device step (`sampling/ragged.py`): the decode rows of the running sequences
+    together with whole prefill and extend chunks of new or resumed ones, up to `step_tokens` tokens;
+  * a sequence that ends a turn with a tool call leaves the running set while the call runs in the thread pool
+    (`rollout.Videos`: a zoom cuts a clip, a crop a region of one frame); the others keep decoding. It comes back
+    with the observation (text and image pads) appended to its own pages at the positions that follow its own;
+  * a finished sequence frees its pages at once, and a waiting task is admitted (`max_running` at a time);
+  * the n samples of a GRPO prompt (consecutive tasks with the same video and question) prefill the prompt once:
+    one sequence is prefilled, its n slots draw n first tokens from the same logits, and the n samples fork its
+    pages (`PageAllocator.fork`; the shared last page is copied on the first write).
+
+Turn parsing, budgets and observations are the protocol's (`agent.protocol.Episode`), and the rollout's own
+host pieces are reused (`_start` renders prompts and reads overviews, `_finish` builds trajectories). One process
+only: the lockstep engine is the multi-process one.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from zoomer_jax import tools as T
+from zoomer_jax.agent import protocol as P
+from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _append, _cache_size, _clip, _finish
+from zoomer_jax.agent.rollout import _outcome, _start, _tokens_per_image, for_model, stop_criteria
+from zoomer_jax.model.page_allocator import PageAllocator
+from zoomer_jax.model.paged import PagePool
+from zoomer_jax.sampling import ragged as R
+from zoomer_jax.text.tokenizer import Tokenizer
+from zoomer_jax.video import VideoError
+
+ENGINES = ("lockstep", "continuous")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """page_size: tokens per page. max_running: trajectories in flight (0: every task); the pool holds that many
+  at the longest length a trajectory may reach. step_tokens: tokens per step, decode rows first, then whole
+  chunks while they fit (a longer chunk runs alone). share_prompts: a group's prompt is prefilled once."""
+
+  page_size: int = 16
+  max_running: int = 0
+  step_tokens: int = 256
+  share_prompts: bool = True
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """What one run did: steps, tokens written to the cache by kind, and the rows the device computed."""
+
+  steps: int = 0
+  prefill_tokens: int = 0  # prompt tokens (a shared prompt once)
+  extend_tokens: int = 0  # observation chunks (with the turn's last token)
+  decode_tokens: int = 0  # one-token rows
+  device_rows: int = 0  # the steps' bucketed rows, padding included
+  shapes: set = dataclasses.field(default_factory=set)  # distinct step shapes: each is one compiled program
+
+  def as_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "shapes": len(self.shapes)}
+
+
+class _Seq:
+  """Engine state of one trajectory (its transcript and tool state live in the rollout's `_Row`)."""
+
+  def __init__(self, i: int, row):
+    self.i, self.row = i, row
+    self.pos = 0  # M-RoPE position of the next token
+    self.window: np.ndarray | None = None  # the turn's last bytes (stop strings)
+    self.script: list[int] | None = None  # this turn's forced ids
+    self.end_at: int | None = None  # index in row.logprobs of an appended <|im_end|>, scored at the next chunk
+    self.images: tuple[np.ndarray, np.ndarray] | None = None  # the pending chunk's images
+    self.clip: Any = None  # (ZoomCall, future) while the clip is cut
+
+
+class _Prompt:
+  """A group's shared prompt: prefilled once as its own sequence, then forked to every member."""
+
+  def __init__(self, members: list[_Seq]):
+    self.members = members
+    self.key = ("prompt", members[0].i)
+
+
+def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
+                       on_event=None, script=None, engine: EngineConfig = EngineConfig(),
+                       stats: EngineStats | None = None) -> list[Trajectory]:
+  """`rollout`'s contract (its arguments, `script` and `on_event` included) on the continuous engine; `stats`, if
+  given, is filled with what the run did."""
+  if jax.process_count() > 1:
+    raise NotImplementedError("the continuous engine runs in one process; use rollout.engine='lockstep'")
+  key = jax.random.key(0) if key is None else key
+  event = on_event or (lambda *a: None)
+  system = P.system_prompt(cfg.tool)
+  with cf.ThreadPoolExecutor(cfg.workers) as pool:
+    videos = Videos(cfg, pool)
+    try:
+      rows = _start(tasks, cfg, tok, system, videos, set(range(len(tasks))))
+      if any(not r.done for r in rows):
+        _Engine(model, tok, rows, cfg, engine, videos, event, script, stats or EngineStats()).run(key)
+    finally:
+      videos.close()
+  return [_finish(r) for r in rows]
+
+
+def groups(tasks: list[Task], rows, share: bool) -> list[list[int]]:
+  """Consecutive tasks whose prompts are the same (ids and overview pixels), as lists of row indices; finished
+  rows (a video error) are left out."""
+  out: list[list[int]] = []
+  for i, r in enumerate(rows):
+    if r.done:
+      continue
+    if share and out:
+      j = out[-1][0]
+      same = (tasks[j].video, tasks[j].problem, tasks[j].subtitles) == (tasks[i].video, tasks[i].problem,
+                                                                        tasks[i].subtitles)
+      if same and out[-1][-1] == i - 1 and rows[j].tr.ids == r.tr.ids and np.array_equal(rows[j].pixels[0],
+                                                                                         r.pixels[0]):
+        out[-1].append(i)
+        continue
+    out.append([i])
+  return out
+
+
+class _Engine:
+  def __init__(self, model, tok, rows, cfg: AgentConfig, engine: EngineConfig, videos: Videos, event, script,
+               stats: EngineStats):
+    self.model, self.tok, self.rows, self.cfg, self.engine = model, tok, rows, cfg, engine
+    self.videos, self.event, self.script, self.stats = videos, event, script, stats
+    self.stop = stop_criteria(tok, cfg.tool.tools)
+    self.split = nnx.split(model)
+    self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
+    self.running = engine.max_running or sum(map(len, self.waiting))
+    largest = max(map(len, self.waiting))
+    ps = engine.page_size
+    self.pages_per_seq = -(-_cache_size(rows, cfg) // ps)
+    self.max_len = self.pages_per_seq * ps
+    num_pages = (max(self.running, largest) + 1) * self.pages_per_seq  # + 1: a group's prompt before its fork
+    self.alloc = PageAllocator(num_pages, ps, self.pages_per_seq)
+    self.kv = PagePool.init(model.config.text, num_pages, ps, model.dtype).kv
+    self.live: dict[int, _Seq] = {}
+    self.ready: list[_Seq | _Prompt] = []  # sequences with tokens to feed, in the order they became ready
+
+  # --- the loop ----------------------------------------------------------------------------------------------
+  def run(self, key: jax.Array) -> None:
+    while self.live or self.waiting:
+      self._admit()
+      if not self.ready and not any(s.clip is not None for s in self.live.values()):
+        raise RuntimeError(f"no sequence can run and none waits for a clip: live {sorted(self.live)}")
+      self._collect(block=not self.ready)
+      if not self.ready:
+        continue
+      feeds = self._schedule()
+      if not feeds:
+        continue
+      key, sub = jax.random.split(key)
+      self._step(feeds, sub)
+
+  def _admit(self) -> None:
+    while self.waiting and (not self.live or len(self.live) + len(self.waiting[0]) <= self.running):
+      seqs = [_Seq(i, self.rows[i]) for i in self.waiting.popleft()]
+      for s in seqs:
+        self.live[s.i] = s
+        s.row.in_cache = 0
+        s.images = (s.row.pixels[0], s.row.grids[0])
+        self._start_turn(s)
+      if len(seqs) == 1:
+        self.alloc.new(seqs[0].i)
+        self.ready.append(seqs[0])
+      else:
+        prompt = _Prompt(seqs)
+        self.alloc.new(prompt.key)
+        self.ready.append(prompt)
+
+  def _start_turn(self, s: _Seq) -> None:
+    r = s.row
+    r.turn_tokens = 0
+    s.window = np.zeros(self.stop.window, np.uint8)
+    text = self.script(s.i, len(r.turns)) if self.script is not None else None
+    s.script = None if text is None else self.tok.encode(text)
+
+  def _forced(self, s: _Seq) -> int:
+    n = s.row.turn_tokens
+    return s.script[n] if s.script is not None and n < len(s.script) else -1
+
+  def _schedule(self) -> list:
+    """The step's feeders: decode rows first, then chunks in the order they became ready, within
+    `step_tokens` (at least one). Sequences that would outgrow their page table end with "context_limit"."""
+    order = sorted(range(len(self.ready)), key=lambda k: (self._feed_len(self.ready[k]) > 1, k))
+    feeds, tokens, keep = [], 0, []
+    for k in order:
+      f = self.ready[k]
+      n = self._feed_len(f)
+      if not isinstance(f, _Prompt) and self.alloc.length(f.i) + n > self.max_len:
+        f.row.reason = "context_limit"
+        self._retire(f)
+        continue
+      if feeds and tokens + n > self.engine.step_tokens:
+        keep.append(f)
+        continue
+      feeds.append(f)
+      tokens += n
+    self.ready = [f for f in self.ready if f in keep]
+    return feeds
+
+  def _feed_len(self, f) -> int:
+    r = f.members[0].row if isinstance(f, _Prompt) else f.row
+    return len(r.tr.ids) - r.in_cache
+
+  def _chunk(self, f) -> tuple[R.Chunk, list]:
+    """The feeder's chunk and its slots' owners: (seq, "sample" | "end")."""
+    s = f.members[0] if isinstance(f, _Prompt) else f
+    r = s.row
+    ids = np.asarray(r.tr.ids[r.in_cache:], np.int32)
+    pixels, grids = s.images if s.images is not None else (None, None)
+    positions, next_pos = R.chunk_positions(self.model.config, ids, grids, s.pos)
+    kind = "prefill_tokens" if r.in_cache == 0 else "decode_tokens" if len(ids) == 1 else "extend_tokens"
+    setattr(self.stats, kind, getattr(self.stats, kind) + len(ids))
+    members = f.members if isinstance(f, _Prompt) else [f]
+    slots, owners = [], []
+    for m in members:
+      m.pos, m.images = next_pos, None
+      m.row.in_cache = len(m.row.tr.ids)
+      if m.end_at is not None:  # the logits after the turn's last token score the <|im_end|> appended to it
+        slots.append(R.Slot(0))
+        owners.append((m, "end"))
+      slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m)))
+      owners.append((m, "sample"))
+    return R.Chunk(f.key if isinstance(f, _Prompt) else s.i, ids, positions, pixels, grids, slots), owners
+
+  def _step(self, feeds, key) -> None:
+    chunks, owners = [], []
+    for f in feeds:
+      c, o = self._chunk(f)
+      chunks.append(c)
+      owners += o
+    inp = R.build_step(self.model.config, self.alloc, chunks, self.stop.window)
+    self.stats.steps += 1
+    self.stats.device_rows += inp.ids.shape[0]
+    self.stats.shapes.add(R.step_shape(inp, self.kv))
+    self.kv, out = R.ragged_step(self.split, self.kv, inp, key, self.stop, self.cfg.sampling,
+                                 end_token=self.tok.im_end)
+    out = jax.device_get(out)
+    for f in feeds:
+      if isinstance(f, _Prompt):  # the members take the prompt's pages
+        for m in f.members:
+          self.alloc.fork(f.key, m.i)
+        self.alloc.free(f.key)
+    for k, (s, what) in enumerate(owners):
+      if what == "end":
+        s.row.logprobs[s.end_at] = float(out.end_logprob[k])
+        s.end_at = None
+      else:
+        self._take(s, int(out.tokens[k]), float(out.logprobs[k]), out.windows[k],
+                   bool(out.hit_token[k] or out.hit_string[k]))
+
+  def _take(self, s: _Seq, token: int, logprob: float, window: np.ndarray, stopped: bool) -> None:
+    r = s.row
+    r.tr.append_generated([token])
+    r.logprobs.append(logprob)
+    r.turn_tokens += 1
+    s.window = window
+    if stopped or r.turn_tokens >= self.cfg.sampling.max_new_tokens:
+      self._end_turn(s)
+    else:
+      self.ready.append(s)
+
+  # --- turns and observations (as `rollout._end_turn` and `rollout._observe`, one sequence at a time) -------
+  def _end_turn(self, s: _Seq) -> None:
+    r, i = s.row, s.i
+    text = r.tr.turn_text()
+    r.turns.append(text)
+    self.event("turn", i, text)
+    out = r.episode.step(text)
+    if isinstance(out, P.Final):
+      r.answer, r.reason = out.answer, out.reason
+      self.event("final", i, out)
+      self._retire(s)
+      return
+    if r.tr.close_turn():
+      r.logprobs.append(0.0)
+      s.end_at = len(r.logprobs) - 1
+    if isinstance(out, P.ToolError):
+      r.calls.append(dict(round=out.round, tool=out.tool, error=out.message))  # tool None: the turn named several
+      self.event("tool_error", i, out)
+      self._observe(s, out.observation, None)
+    else:  # a tool call: its frames are cut in the pool while the other sequences run
+      s.clip = (out, self.videos.pool.submit(_clip, r.task, out, self.videos))
+
+  def _collect(self, block: bool) -> None:
+    """Observations of the clips that are cut (waiting for one at least when `block`)."""
+    waiting = {s.clip[1]: s for s in self.live.values() if s.clip is not None}
+    if not waiting:
+      return
+    done = cf.wait(list(waiting), return_when=cf.FIRST_COMPLETED).done if block else [f for f in waiting if f.done()]
+    for fut in sorted(done, key=lambda f: waiting[f].i):
+      s = waiting[fut]
+      call, _ = s.clip
+      s.clip = None
+      r = s.row
+      tool = T.by_name(call.tool)
+      outcome = _outcome(fut, (VideoError, ValueError, OSError))
+      if "error" in outcome:
+        message = outcome["error"]
+        err = r.episode.extraction_failed(for_model(message, r.task.video))
+        r.calls.append(tool.log(call, error=message))
+        self.event("tool_error", s.i, err)
+        self._observe(s, err.observation, None)
+        continue
+      ts, pixels, grids = outcome["value"]
+      obs = r.episode.observation(ts)
+      r.calls.append(tool.log(call, ts))
+      self.event(tool.name, s.i, r.calls[-1])
+      self._observe(s, obs, (pixels, grids))
+
+  def _observe(self, s: _Seq, text: str, images) -> None:
+    r = s.row
+    if images is None:
+      _append(r, text, ())
+    else:
+      r.pixels.append(images[0])
+      r.grids.append(images[1])
+      s.images = images
+      _append(r, text, _tokens_per_image(images[1]))
+    self._start_turn(s)
+    self.ready.append(s)
+
+  def _retire(self, s: _Seq) -> None:
+    """A finished sequence frees its pages now."""
+    self.live.pop(s.i, None)
+    if s.i in self.alloc:
+      self.alloc.free(s.i)
