@@ -8,10 +8,10 @@ LOGITS_FP32 = 1e-4
 LOGITS_BF16_REL = 5e-2
 # bf16 vs fp32 of our own model, relative to max |logit| (bounds the bf16 rounding itself).
 OURS_BF16_VS_FP32_REL = 5e-2
-# KV-cache decode vs one full forward, fp32 (the issue's bar).
+# KV-cache decode vs one full forward, fp32.
 KV_CACHE_FP32 = 1e-5
-# Log-probs recorded while sampling vs one teacher-forced forward over the finished sequence, fp32 (the bar
-# of issue #5: GRPO's ratio needs the two to agree).
+# Log-probs recorded while sampling vs one teacher-forced forward over the finished sequence, fp32 (GRPO's
+# importance ratio needs the two to agree).
 LOGPROB_FP32 = 1e-4
 # Vocabulary-chunked log-probs / entropies vs float64 numpy, fp32 inputs (only the summation order differs;
 # measured ~2e-6 on logits of std ~3, and up to 1.0e-5 on the entropy with one vocabulary column per online
