@@ -37,9 +37,9 @@ def test_sft_direct_steps_must_leave_steps_for_the_mix(tmp_path):
 
 
 def test_table_rows_and_numbers():
-  r = dict(n=4, accuracy=0.75, format=1.0, mean_tool_calls=1.0, tool_use_rate=1.0, mean_frames=27.5,
+  r = dict(mode="tool", n=4, accuracy=0.75, format=1.0, mean_tool_calls=1.0, tool_use_rate=1.0, mean_frames=27.5,
            rounds={"2": {"count": 4, "accuracy": 0.75}}, calls_per_answer=1.5)
-  text = pipeline.table({"grpo": {"tool": r}, "sft": {"tool": r, "no_tool": dict(r, accuracy=0.25)},
+  text = pipeline.table({"grpo": {"tool": r}, "sft": {"tool": r, "no_tool": dict(r, mode="no_tool", accuracy=0.25)},
                          "sft_r": {"tool": dict(r, calls_per_answer=None)}})
   rows = text.splitlines()[2:]
   assert [row.split()[:2] for row in rows] == [["SFT", "tool"], ["SFT", "no_tool"], ["SFT+R", "tool"],

@@ -5,32 +5,16 @@ the same results as unshared runs, and no compilation after warm-up over a rollo
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-import media
 import tolerances as tol
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout
 from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
-from zoomer_jax.config_loader import load
-from zoomer_jax.model.config import ModelConfig
-from zoomer_jax.model.qwen25vl import Qwen25VL
 from zoomer_jax.sampling import SamplingParams
 from zoomer_jax.sampling import ragged as R
 from zoomer_jax.text import build_tiny_tokenizer
 
-SMALL = 56 * 56
-
-
-@pytest.fixture(scope="module")
-def model():
-  cfg = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model)
-  return Qwen25VL(cfg, rngs=nnx.Rngs(4))
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-  return media.write_video(str(tmp_path_factory.mktemp("v") / "v.mp4"), 200, 10.0, (64, 80))
+from test_agent import SMALL, model, video  # noqa: F401 (fixtures: the agent tests' tiny model and clip)
 
 
 @pytest.fixture(scope="module")

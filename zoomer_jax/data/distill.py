@@ -200,10 +200,24 @@ def failed_line(job: Job, message: str) -> dict:
   return attempt_line(job, conv, dict(status="rejected", reason="internal_error", acc=0.0, format=0.0), None, 0.0)
 
 
-def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], out: Outputs, api: ExpertAPI, *, concurrency: int,
-             log_every: int, progress: bool, what: str) -> dict:
-  """Runs `work(job) -> attempt line` for every job not done yet, `concurrency` at a time; writes each line as it
-  finishes, metrics every `log_every`; returns the summary (also written to summary.json)."""
+def run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], out: Outputs, api: ExpertAPI, videos: Videos, cfg,
+             what: str) -> dict:
+  """Runs `work(job) -> attempt line` for every job not done yet, `cfg.expert.concurrency` at a time; writes each
+  line as it finishes, metrics every `cfg.log_every`; closes `out` and `videos`; prints and returns the summary
+  (also written to summary.json)."""
+  try:
+    summary = _run_jobs(jobs, work, out, api, concurrency=cfg.expert.concurrency, log_every=cfg.log_every,
+                        progress=cfg.progress, what=what)
+  finally:
+    out.close()
+    videos.close()
+  print(json.dumps({k: summary[k] for k in ("attempts", "accepted", "rejected", "reasons", "prompt_tokens",
+                                            "completion_tokens")}))
+  return summary
+
+
+def _run_jobs(jobs: Sequence[Job], work: Callable[[Job], dict], out: Outputs, api: ExpertAPI, *, concurrency: int,
+              log_every: int, progress: bool, what: str) -> dict:
   todo = [j for j in jobs if not out.done(j.key)]
   t0 = time.perf_counter()
   finished = 0
@@ -267,12 +281,4 @@ def run_distill(cfg) -> dict:
       record = sft_record(conv, job, out.dir, "exemplar", expert=api.settings.model)
     return attempt_line(job, conv, v, record, time.perf_counter() - t0)
 
-  try:
-    summary = run_jobs(jobs, work, out, api, concurrency=cfg.expert.concurrency, log_every=cfg.log_every,
-                       progress=cfg.progress, what="distill")
-  finally:
-    out.close()
-    videos.close()
-  print(json.dumps({k: summary[k] for k in ("attempts", "accepted", "rejected", "reasons", "prompt_tokens",
-                                            "completion_tokens")}))
-  return summary
+  return run_jobs(jobs, work, out, api, videos, cfg, "distill")

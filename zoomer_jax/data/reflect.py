@@ -23,7 +23,6 @@ exemplars at `data.reflection_ratio` (configs/sft_7b.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
@@ -174,12 +173,4 @@ def run_reflect(cfg) -> dict:
       record = sft_record(conv, job, out.dir, "reflection", reflection=info, expert=api.settings.model)
     return attempt_line(job, conv, v, record, time.perf_counter() - t0, reflection=info, **base)
 
-  try:
-    summary = run_jobs(jobs, work, out, api, concurrency=cfg.expert.concurrency, log_every=cfg.log_every,
-                       progress=cfg.progress, what="reflect")
-  finally:
-    out.close()
-    videos.close()
-  print(json.dumps({k: summary[k] for k in ("attempts", "accepted", "rejected", "reasons", "prompt_tokens",
-                                            "completion_tokens")}))
-  return summary
+  return run_jobs(jobs, work, out, api, videos, cfg, "reflect")

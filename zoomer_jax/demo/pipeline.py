@@ -369,7 +369,7 @@ def table(results: dict) -> str:
       r = results.get(name, {}).get(key)
       if r is None:
         continue
-      mode = r.get("mode", key)
+      mode = r["mode"]  # a sampled run names its temperature and samples ("tool@T1x2")
       rounds = ", ".join(f"{k}:{v['count']}" for k, v in r["rounds"].items())
       per_answer = "-" if r["calls_per_answer"] is None else f"{r['calls_per_answer']:.2f}"
       lines.append(f"{LABELS[name]:<6} {mode:<10} {r['n']:>4} {100 * r['accuracy']:>6.1f} {100 * r['format']:>8.1f} "

@@ -16,6 +16,7 @@ docs/protocol.md, "Tools", says how to add one.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -66,8 +67,8 @@ class Shown:
   indices: np.ndarray
 
 
-class Tool:
-  """One tool; subclasses set the class attributes and implement the methods that raise NotImplementedError."""
+class Tool(abc.ABC):
+  """One tool; subclasses set the class attributes and implement the abstract methods."""
 
   name: ClassVar[str]  # as configs enable it (`ToolConfig.tools`)
   tag: ClassVar[str]  # calls are <tag>{json}</tag>
@@ -126,45 +127,45 @@ class Tool:
     return obj
 
   # -------------------------------------------------------------------------------------------- the seam
+  @abc.abstractmethod
   def parse(self, body: str, cfg, duration: float, round: int) -> Any:  # noqa: A002 (the protocol's word)
     """A valid call (with `n_frames` and `round`) from the text between the tags; raises CallError.
     `cfg` is the `ToolConfig`, `duration` the video's length in seconds."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def run(self, call, reader) -> Shown:
     """The frames of `call`, read with `reader` (a `video.VideoReader`)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def observation(self, call, times: Sequence[float], duration: float) -> str:
     """The tool response's text for frames at `times` (one `<image>` each), without the <tool_response> tags."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def log(self, call, times: Sequence[float] | None = None, error: str | None = None) -> dict:
     """The trajectory's record of `call`: shown at `times`, or failed on the host with `error`."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def from_log(self, record: dict) -> Any:
     """The call a `log` record describes (its round kept)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def requested_frames(self, body: str) -> int | None:
     """The frames a call asks for by the format reward's looser rule, None if that rule rejects it."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def span(self, call) -> tuple[float, float]:
     """The (start, end) s of the video the call looks at, for pictures."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def describe(self, call) -> str:
     """One line naming the call, for pictures and logs."""
-    raise NotImplementedError
 
   def prompt(self, cfg) -> str:
     """Text that tells the model how to call this tool, added to the system prompt; "" when the prompt file
     already does (the zoom's, docs/protocol.md)."""
     return ""
 
+  @abc.abstractmethod
   def observation_tokens(self, cfg, frame_tokens: int, max_pixels: int) -> int:
     """An upper bound on the vision tokens of one observation: `frame_tokens` per overview frame, `max_pixels`
     the per-image budget (sizes the rollout's KV cache)."""
-    raise NotImplementedError
