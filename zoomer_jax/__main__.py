@@ -1,4 +1,4 @@
-"""Command line: `python -m zoomer_jax {demo,train,eval,distill,reflect,compile,forward,infer,frames} ...`.
+"""Command line: `python -m zoomer_jax {demo,train,eval,distill,reflect,serve,compile,forward,infer,frames} ...`.
 
 `demo` is the main job: it builds the synthetic long-video task, trains the tiny model SFT -> GRPO on CPU,
 evaluates it with and without the zoom tool, and writes a table, training curves and trajectory pictures
@@ -11,6 +11,9 @@ HF directory, and prints what went in, what came out and how long it took.
 `distill` runs the agent with an expert model behind an OpenAI-compatible chat-completions API and keeps the
 trajectories the judge accepts as SFT records; `reflect` has the expert correct a checkpoint's failed trajectories
 (docs/distill.md).
+
+`serve` runs the zoom agent behind an OpenAI-compatible HTTP API: one request, one video and question, the
+whole zoom loop on the server; concurrent requests are batched through the continuous engine (docs/serve.md).
 
 `eval --check` reads a benchmark's annotation files and checks that every task's video is there, without
 loading a model (docs/eval.md).
@@ -214,6 +217,11 @@ def reflect(args) -> dict:
   return run_reflect(_job_config(args))
 
 
+def serve(args) -> dict:
+  from zoomer_jax.serve.server import run_serve  # noqa: PLC0415
+  return run_serve(_job_config(args))
+
+
 def compile_(args) -> dict:
   from zoomer_jax.aot import run  # noqa: PLC0415
   return run(_job_config(args), args.topology, probes=not args.no_probes, only=tuple(args.only or ()))
@@ -243,6 +251,8 @@ def main(argv=None) -> int:
                   "keep the judged-correct trajectories as SFT records (docs/distill.md)", "distill")
   _add_job_parser(sub, "reflect", "run a checkpoint on training tasks, have the expert correct its failed "
                   "trajectories, verify the corrections and keep them as reflection SFT records", "reflect")
+  _add_job_parser(sub, "serve", "serve the zoom agent behind an OpenAI-compatible HTTP API (chat completions with a "
+                  "video part; docs/serve.md) until SIGINT or SIGTERM", "serve")
   cp = _add_job_parser(sub, "compile", "compile every program of a job config for a TPU topology (no TPU needed: "
                        "libtpu, the [tpu] extra) and report per-chip memory, FLOPs, time and collectives",
                        "grpo_7b_v5p64")
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
   fr.add_argument("--frames-upbound", type=int, default=64, help="overview frame cap")
   fr.add_argument("--tool-call-max-frames", type=int, default=16)
   args, rest = parser.parse_known_args(argv)
-  if args.command in ("train", "eval", "demo", "compile", "distill", "reflect"):
+  if args.command in ("train", "eval", "demo", "compile", "distill", "reflect", "serve"):
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
       parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.a.b=value)")
@@ -301,6 +311,8 @@ def main(argv=None) -> int:
       distill(args)
     elif args.command == "reflect":
       reflect(args)
+    elif args.command == "serve":
+      serve(args)
     elif args.command == "forward":
       forward(args)
     elif args.command == "infer":

@@ -1,0 +1,148 @@
+"""One batch of `serve` requests through the model: agent requests through the continuous engine, turn requests
+through the sampler's prefill and decode.
+
+    runner = Runner(model, tok, RunnerConfig(tool=ToolConfig(), max_pixels=..., ...))
+    runner.run(batch)      # every request of `batch` gets ("turn", text)* then ("done", result) or ("error", ...)
+
+A batch shares its sampling parameters (`api.Request.batch_key`): the engine samples every row alike. Only the
+scheduler's thread calls `run`, so JAX is driven from one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from zoomer_jax.agent import protocol as P
+from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
+from zoomer_jax.agent.rollout import AgentConfig, Trajectory, _tokens_per_image, stop_criteria
+from zoomer_jax.sampling import STOP_LENGTH, SamplingParams, decode, decode_weights, prefill
+from zoomer_jax.sampling.sampler import round_up
+from zoomer_jax.serve.api import ApiError, Request
+from zoomer_jax.text.chat import Transcript
+from zoomer_jax.video.preprocess import preprocess_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+  """The agent's protocol (`tool`), frame size, thread pool and video backend, the engine's paging, the turn
+  model's shape buckets, and the seed of the batches' sampling keys."""
+
+  tool: P.ToolConfig = P.ToolConfig()
+  max_pixels: int = 100352
+  min_pixels: int = 25088
+  workers: int = 4
+  video_backend: str = "auto"
+  engine: EngineConfig = EngineConfig()
+  token_bucket: int = 64
+  image_bucket: int = 8
+  seed: int = 0
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def usage(prompt: int, completion: int) -> dict:
+  return dict(prompt_tokens=int(prompt), completion_tokens=int(completion), total_tokens=int(prompt + completion))
+
+
+class Runner:
+  def __init__(self, model, tok, cfg: RunnerConfig):
+    self.model, self.tok, self.cfg = model, tok, cfg
+    self.decoder = decode_weights(model)
+    self.stop = stop_criteria(tok, cfg.tool.tools)
+    self.key = jax.random.key(cfg.seed)
+
+  def _next_key(self) -> jax.Array:
+    self.key, sub = jax.random.split(self.key)
+    return sub
+
+  def run(self, batch: Sequence[Request]) -> None:
+    """Runs the batch (one mode, one batch_key) and sends each request its events."""
+    t0 = time.perf_counter()
+    results = self._agent(batch) if batch[0].mode == "agent" else self._turns(batch)
+    run_s = time.perf_counter() - t0
+    for req, res in zip(batch, results):
+      if isinstance(res, ApiError):
+        req.events.put(("error", res))
+        continue
+      res["zoomer"].update(batch_size=len(batch), queue_s=round(t0 - req.arrived, 4), run_s=round(run_s, 4))
+      req.events.put(("done", res))
+
+  # --- agent mode ----------------------------------------------------------------------------------------------
+  def _agent(self, batch: Sequence[Request]) -> list:
+    r0, c = batch[0], self.cfg
+    agent = AgentConfig(tool=c.tool, sampling=SamplingParams(temperature=r0.temperature, top_p=r0.top_p,
+                                                             max_new_tokens=r0.max_tokens),
+                        max_pixels=c.max_pixels, min_pixels=c.min_pixels, workers=c.workers,
+                        video_backend=c.video_backend)
+
+    sent = set()
+
+    def on_event(kind, i, info):
+      if kind == "turn":  # streamed as it ends; the content is the turns joined by "\n"
+        batch[i].events.put(("turn", "\n" + info if i in sent else info))
+        sent.add(i)
+
+    trajs = continuous_rollout(self.model, self.tok, [r.task for r in batch], agent, self._next_key(),
+                               on_event=on_event, engine=c.engine)
+    return [agent_result(t) for t in trajs]
+
+  # --- turn mode -----------------------------------------------------------------------------------------------
+  def _turns(self, batch: Sequence[Request]) -> list:
+    c, tok = self.cfg, self.tok
+    params = SamplingParams(temperature=batch[0].temperature, top_p=batch[0].top_p, max_new_tokens=batch[0].max_tokens)
+    prompts, pixels, grids = [], [], []
+    for r in batch:
+      if r.images:
+        pix, grid = preprocess_frames(r.images, c.max_pixels, c.min_pixels)
+        pixels.append(pix)
+        grids.append(grid)
+      else:
+        grid = np.zeros((0, 3), np.int64)
+      prompts.append(Transcript.from_messages(tok, r.messages, image_tokens=_tokens_per_image(grid)).ids)
+    length = max(map(len, prompts))
+    ids = np.full((len(batch), length), tok.endoftext, np.int32)
+    mask = np.zeros((len(batch), length), np.int32)
+    for i, p in enumerate(prompts):  # left-padded, as the rollout lays out a batch's prompts
+      ids[i, length - len(p):] = p
+      mask[i, length - len(p):] = 1
+    vision = dict(pixel_values=np.concatenate(pixels), image_grid_thw=np.concatenate(grids)) if pixels else {}
+    size = round_up(round_up(length, c.token_bucket) + params.max_new_tokens, 256)
+    logits, cache, pos = prefill(self.model, ids, mask, cache_size=size, token_bucket=c.token_bucket,
+                                 image_bucket=c.image_bucket, donate=True, **vision)
+    out = decode(self.decoder, cache, logits, pos, np.ones(len(batch), bool), self._next_key(), self.stop, params,
+                 donate=True)
+    tokens, nums, reasons = jax.device_get((out.tokens, out.num_tokens, out.stop_reason))
+    results = []
+    for i, p in enumerate(prompts):
+      gen = tokens[i, :nums[i]].tolist()
+      text = tok.decode(gen, skip_special_tokens=True)
+      finish = "length" if reasons[i] == STOP_LENGTH else "stop"
+      batch[i].events.put(("turn", text))
+      results.append(dict(content=text, finish_reason=finish, usage=usage(len(p), len(gen)),
+                          zoomer=dict(mode="turn", images=len(batch[i].images))))
+    return results
+
+
+def agent_result(t: Trajectory) -> dict | ApiError:
+  """The response of one trajectory: content = its assistant turns joined by "\\n"; the `zoomer` extra holds the
+  answer, the protocol's finish reason, the tool calls (segment, fps, frame times), turns and frames."""
+  if t.finish_reason == "video_error":
+    return ApiError(400, f"the video could not be read: {t.calls[0]['error']}", "video_error")
+  model_tokens = int(t.response_mask.sum())
+  return dict(content="\n".join(t.turns), finish_reason="length" if t.finish_reason == "context_limit" else "stop",
+              usage=usage(len(t.ids) - model_tokens, model_tokens),
+              zoomer=dict(mode="agent", answer=t.answer, finish_reason=t.finish_reason, rounds=t.rounds,
+                          turns=list(t.turns), calls=_jsonable(t.calls), frames=t.n_frames))
