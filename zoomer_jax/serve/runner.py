@@ -58,8 +58,11 @@ def usage(prompt: int, completion: int) -> dict:
 
 
 class Runner:
-  def __init__(self, model, tok, cfg: RunnerConfig):
-    self.model, self.tok, self.cfg = model, tok, cfg
+  """`script(request, round) -> str | None` (optional) dictates an agent turn's text instead of sampling it, as
+  `rollout`'s `script` does (tests and demonstrations)."""
+
+  def __init__(self, model, tok, cfg: RunnerConfig, script=None):
+    self.model, self.tok, self.cfg, self.script = model, tok, cfg, script
     self.decoder = decode_weights(model)
     self.stop = stop_criteria(tok, cfg.tool.tools)
     self.key = jax.random.key(cfg.seed)
@@ -95,8 +98,9 @@ class Runner:
         batch[i].events.put(("turn", "\n" + info if i in sent else info))
         sent.add(i)
 
+    script = None if self.script is None else (lambda i, rnd: self.script(batch[i], rnd))
     trajs = continuous_rollout(self.model, self.tok, [r.task for r in batch], agent, self._next_key(),
-                               on_event=on_event, engine=c.engine)
+                               on_event=on_event, script=script, engine=c.engine)
     return [agent_result(t) for t in trajs]
 
   # --- turn mode -----------------------------------------------------------------------------------------------

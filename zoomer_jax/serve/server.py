@@ -44,15 +44,16 @@ def runner_config(cfg) -> RunnerConfig:
 
 class Server:
   """The HTTP server and its scheduler over `model` and `tok`; a context manager (start, then close).
-  `run` replaces the runner's `run` (tests hold a batch with it)."""
+  `run` wraps the runner's `run` (tests hold a batch with it); `script` is the runner's."""
 
-  def __init__(self, model, tok, cfg, run=None):
+  def __init__(self, model, tok, cfg, run=None, script=None):
     self.settings = settings(cfg)
     self.api_key = cfg.api_key
     self.started = int(time.time())
-    self.runner = Runner(model, tok, runner_config(cfg))
+    self.runner = Runner(model, tok, runner_config(cfg), script)
     b = cfg.batch
-    self.batcher = Batcher(run or self.runner.run, b.max_batch, b.max_queue, b.wait_ms / 1000)
+    self.batcher = Batcher(run(self.runner.run) if run else self.runner.run, b.max_batch, b.max_queue,
+                           b.wait_ms / 1000)
     self.httpd = http.server.ThreadingHTTPServer((cfg.host, cfg.port), _handler(self))
     self.httpd.daemon_threads = True
     self._thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)

@@ -1,0 +1,359 @@
+"""`serve` on loopback: a real server on 127.0.0.1 (a free port) in this process, the tiny random model.
+
+The `openai` client against both served models (non-streaming and streaming); the turn model's reply equals the
+agent's first turn on the same prompt; scripted zooms come back with their frame times; raw HTTP for the refusals
+(path outside the root, malformed body, missing video part, unknown model, limits, a full queue, shutdown); an
+unreadable video among good ones in one batch; 32 concurrent clients; `distill` with `serve` as its expert; the
+command stopping cleanly on SIGTERM.
+"""
+
+import base64
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import cv2
+import numpy as np
+import openai
+import pytest
+
+import media
+from zoomer_jax.agent import protocol as P
+from zoomer_jax.agent.rollout import AgentConfig, Task, Videos
+from zoomer_jax.config_loader import load
+from zoomer_jax.data import synthetic as S
+from zoomer_jax.data.distill import run_distill
+from zoomer_jax.data.jsonl_log import read_log
+from zoomer_jax.serve.server import Server, load_model, runner_config
+
+QUESTION = "\nWhat colour is the square? A. red B. blue C. green D. white"
+
+
+def _config(root, **over):
+  cfg = load("serve:small")
+  cfg.port, cfg.video_root = 0, str(root)
+  for k, v in over.items():
+    section, _, key = k.rpartition(".")
+    (cfg[section] if section else cfg)[key] = v
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  """The video root: two clips, an unreadable one, a symlink that leaves the root; a clip outside it."""
+  base = tmp_path_factory.mktemp("serve")
+  root = base / "videos"
+  root.mkdir()
+  media.write_video(str(root / "a.mp4"), 48, 4.0, (64, 80))
+  media.write_video(str(root / "b.mp4"), 30, 3.0, (64, 80))
+  (root / "broken.mp4").write_bytes(b"not a video at all" * 64)
+  media.write_video(str(base / "secret.mp4"), 8, 4.0, (64, 80))
+  os.symlink(base / "secret.mp4", root / "link.mp4")
+  return root
+
+
+@pytest.fixture(scope="module")
+def model_tok(root):
+  model, tok, _ = load_model(_config(root))
+  return model, tok
+
+
+def _video_message(url, question=QUESTION):
+  return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                       {"type": "text", "text": question}]}]
+
+
+def _post(url, body, raw=None, headers=None):
+  """(status, parsed JSON body) of a raw POST to {url}/chat/completions."""
+  u = urllib.parse.urlparse(url)
+  conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+  data = raw if raw is not None else json.dumps(body).encode()
+  conn.request("POST", u.path + "/chat/completions", data, {"Content-Type": "application/json", **(headers or {})})
+  resp = conn.getresponse()
+  out = resp.status, json.loads(resp.read())
+  conn.close()
+  return out
+
+
+def _agent(url, **kw):
+  return {"model": "zoomer-agent", "messages": _video_message(url), "temperature": 0.0, **kw}
+
+
+def _check_agent_reply(r, question=QUESTION):
+  """A well-formed agent completion: content = the turns joined, usage adds up, the extra is there."""
+  z = r["zoomer"] if isinstance(r, dict) else r.model_extra["zoomer"]
+  content = r["choices"][0]["message"]["content"] if isinstance(r, dict) else r.choices[0].message.content
+  usage = r["usage"] if isinstance(r, dict) else r.usage.model_dump()
+  assert z["mode"] == "agent" and z["rounds"] == len(z["turns"]) >= 1 and content == "\n".join(z["turns"])
+  assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+  assert usage["prompt_tokens"] > 100 and usage["completion_tokens"] >= len(z["turns"])
+  assert z["finish_reason"] in ("answer", "no_call", "round_limit", "context_limit") and z["frames"] >= 1
+  return z
+
+
+def test_openai_client_agent_streaming_and_models(root, model_tok):
+  with Server(*model_tok, _config(root)) as server:
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["zoomer-agent", "zoomer-model"]
+    r = client.chat.completions.create(model="zoomer-agent", messages=_video_message(f"file://{root}/a.mp4"),
+                                       temperature=0.0, max_tokens=12)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.choices[0].finish_reason == "stop"
+    z = _check_agent_reply(r)
+    assert z["batch_size"] == 1 and r.usage.completion_tokens <= z["rounds"] * 13  # 12 per turn, + <|im_end|>
+
+    chunks = list(client.chat.completions.create(
+        model="zoomer-agent", messages=_video_message("b.mp4"), temperature=1.0, max_tokens=12, stream=True,
+        stream_options={"include_usage": True}))  # a plain path, relative to the root
+    assert len({c.id for c in chunks}) == 1 and chunks[0].choices[0].delta.role == "assistant"
+    *body, last, usage = chunks
+    text = "".join(c.choices[0].delta.content or "" for c in body)
+    z = last.model_extra["zoomer"]
+    assert last.choices[0].finish_reason == "stop" and text == "\n".join(z["turns"]) and len(body) == 1 + z["rounds"]
+    assert usage.choices == [] and usage.usage.total_tokens > usage.usage.prompt_tokens > 100
+    health = json.loads(urllib_get(server.url[:-3] + "/health"))
+    assert health["status"] == "ok" and health["requests"] == 2 and health["queued"] == 0
+
+
+def urllib_get(url):
+  u = urllib.parse.urlparse(url)
+  conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+  conn.request("GET", u.path)
+  return conn.getresponse().read()
+
+
+def test_scripted_zoom_comes_back_with_its_frame_times(root, model_tok):
+  """The zoom loop runs on the server: a dictated zoom is cut from the video, its frames' times are reported,
+  and the dictated answer ends the trajectory."""
+  turns = ['<think>the overview is coarse</think><video_zoom>{"segment": [2, 6], "fps": 1}</video_zoom>',
+           "<think>seen it</think><answer>B</answer><|im_end|>"]
+  script = lambda req, rnd: turns[rnd] if "ZOOM" in req.task.problem and rnd < 2 else None
+  with Server(*model_tok, _config(root), script=script) as server:
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="zoomer-agent", messages=_video_message("a.mp4", QUESTION + " ZOOM"),
+                                       temperature=0.0, max_tokens=64)  # room for the dictated turns
+  z = _check_agent_reply(r)
+  assert (z["answer"], z["finish_reason"], z["rounds"]) == ("B", "answer", 2)
+  (call,) = z["calls"]
+  assert call["segment"] == [2, 6] and call["fps"] == 1 and call["frames"] == len(call["timestamps"]) >= 4
+  assert all(2 <= t <= 6 for t in call["timestamps"])
+  assert z["turns"][0] == turns[0] and r.choices[0].message.content.startswith(turns[0])
+
+
+def _png_url(frame):
+  ok, buf = cv2.imencode(".png", np.ascontiguousarray(frame[..., ::-1]))
+  assert ok
+  return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
+
+
+def test_turn_model_writes_the_agents_first_turn(root, model_tok):
+  """The turn model, given the agent's own first prompt (system prompt, frame tags and the overview frames as
+  lossless PNG parts), writes the same greedy turn the agent's first round wrote."""
+  cfg = _config(root)
+  rc = runner_config(cfg)
+  task = Task(str(root / "a.mp4"), "<image>" + QUESTION)
+  videos = Videos(AgentConfig(tool=rc.tool, max_pixels=rc.max_pixels, min_pixels=rc.min_pixels))
+  _, _, ts, frames = videos.overview_frames(task)
+  videos.close()
+  text = P.user_prompt(task.problem, ts)
+  pieces = text.split(P.IMAGE)
+  parts = []
+  for k, piece in enumerate(pieces):
+    parts.append({"type": "text", "text": piece})
+    if k < len(frames):
+      parts.append({"type": "image_url", "image_url": {"url": _png_url(frames[k])}})
+  messages = [{"role": "system", "content": P.system_prompt(rc.tool)}, {"role": "user", "content": parts}]
+  with Server(*model_tok, cfg) as server:
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    turn = client.chat.completions.create(model="zoomer-model", messages=messages, temperature=0.0, max_tokens=12)
+    agent = client.chat.completions.create(model="zoomer-agent", messages=_video_message("a.mp4"), temperature=0.0,
+                                           max_tokens=12)
+    stream = list(client.chat.completions.create(model="zoomer-model", messages=messages, temperature=0.0,
+                                                 max_tokens=12, stream=True))
+  first = agent.model_extra["zoomer"]["turns"][0]
+  assert turn.choices[0].message.content == first and turn.model_extra["zoomer"]["images"] == len(frames)
+  assert "".join(c.choices[0].delta.content or "" for c in stream) == first
+  assert turn.usage.prompt_tokens > 100 and 1 <= turn.usage.completion_tokens <= 12
+
+
+def test_refusals_are_openai_errors(root, model_tok):
+  cfg = _config(root, **{"limits.max_body_bytes": 4096, "limits.max_messages": 2})
+  with Server(*model_tok, cfg) as server:
+    url = server.url
+    cases = [
+        (_agent(f"file://{root}/../secret.mp4"), 403, "path_outside_root"),
+        (_agent("link.mp4"), 403, "path_outside_root"),  # a symlink out of the root
+        (_agent("/etc/hostname"), 403, "path_outside_root"),
+        (_agent("missing.mp4"), 400, "file_not_found"),
+        (_agent("https://example.com/v.mp4"), 400, "unsupported_url"),
+        (dict(model="zoomer-agent", messages=[{"role": "user", "content": "no video here"}]), 400, "missing_video"),
+        (dict(model="zoomer-agent", messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "a.mp4"}}, {"type": "video_url", "video_url": {"url": "b.mp4"}}
+        ]}]), 400, "too_many_videos"),
+        (dict(_agent("a.mp4"), model="gpt-4o"), 404, "model_not_found"),
+        (dict(_agent("a.mp4"), messages=[{"role": "system", "content": "x"}] + _video_message("a.mp4")), 400,
+         "invalid_messages"),
+        (dict(model="zoomer-model", messages=[{"role": "user", "content": "a"}] * 3), 400, "too_many_messages"),
+        (_agent("a.mp4", max_tokens=65), 400, "invalid_value"),
+        (_agent("a.mp4", temperature="hot"), 400, "invalid_value"),
+        (dict(_agent("a.mp4"), n=2), 400, "invalid_value"),
+        (dict(model="zoomer-model", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), 400, "invalid_image"),
+        (dict(model="zoomer-model", messages=[{"role": "assistant", "content": "hi"}]), 400, "invalid_messages"),
+    ]
+    for body, status, code in cases:
+      got, out = _post(url, body)
+      assert (got, out["error"]["code"]) == (status, code), (body, out)
+      assert out["error"]["message"] and out["error"]["type"] == "invalid_request_error"
+    for raw, code in ((b"{not json", "invalid_json"), (b"[1, 2]", "invalid_json")):
+      got, out = _post(url, None, raw)
+      assert (got, out["error"]["code"]) == (400, code)
+    got, out = _post(url, None, b"x" * 5000)
+    assert (got, out["error"]["code"]) == (413, "body_too_large") and "4096" in out["error"]["message"]
+    assert json.loads(urllib_get(url[:-3] + "/health"))["requests"] == 0  # none reached the scheduler
+
+
+def test_unreadable_video_fails_alone_in_its_batch(root, model_tok):
+  """Three requests in one batch: the unreadable video's ends with its error (400 or, streaming, an error event),
+  the others are answered."""
+  gate, taken = threading.Event(), []
+
+  def hold(run):
+    def held(batch):
+      taken.append(len(batch))
+      if len(taken) == 1:
+        gate.wait(60)
+      run(batch)
+    return held
+
+  with Server(*model_tok, _config(root), run=hold) as server:
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    with cf.ThreadPoolExecutor(4) as pool:
+      first = pool.submit(_post, server.url, _agent("b.mp4", max_tokens=4))
+      _wait(lambda: taken)
+      good = pool.submit(_post, server.url, _agent("a.mp4", max_tokens=8))
+      bad = pool.submit(_post, server.url, _agent("broken.mp4", max_tokens=8))
+
+      def stream_bad():
+        with pytest.raises(openai.APIError, match="could not be read"):
+          list(client.chat.completions.create(stream=True, **_agent("broken.mp4", max_tokens=8)))
+      streamed = pool.submit(stream_bad)
+      _wait(lambda: server.batcher.queued == 3)
+      gate.set()
+      assert first.result()[0] == 200
+      status, out = good.result()
+      assert status == 200 and _check_agent_reply(out)["batch_size"] == 3
+      status, out = bad.result()
+      assert (status, out["error"]["code"]) == (400, "video_error")
+      streamed.result()
+  assert taken == [1, 3]
+
+
+def _wait(cond, timeout=30.0):
+  t0 = time.monotonic()
+  while not cond():
+    assert time.monotonic() - t0 < timeout, "timed out waiting"
+    time.sleep(0.01)
+
+
+def test_full_queue_429_and_shutdown_refuses_the_waiting(root, model_tok):
+  gate, taken = threading.Event(), []
+
+  def hold(run):
+    def held(batch):
+      taken.append(len(batch))
+      gate.wait(60)
+      run(batch)
+    return held
+
+  server = Server(*model_tok, _config(root, **{"batch.max_queue": 2, "batch.max_batch": 1}), run=hold).start()
+  with cf.ThreadPoolExecutor(4) as pool:
+    running = pool.submit(_post, server.url, _agent("a.mp4", max_tokens=4))
+    _wait(lambda: taken)
+    queued = [pool.submit(_post, server.url, _agent("b.mp4", max_tokens=4)) for _ in range(2)]
+    _wait(lambda: server.batcher.queued == 2)
+    status, out = _post(server.url, _agent("a.mp4", max_tokens=4))
+    assert (status, out["error"]["code"], out["error"]["type"]) == (429, "queue_full", "rate_limit_error")
+    threading.Timer(0.5, gate.set).start()
+    server.close()  # the waiting two are refused, the running one finishes
+    assert running.result()[0] == 200
+    for q in queued:
+      status, out = q.result()
+      assert (status, out["error"]["code"]) == (503, "shutting_down")
+  assert taken == [1] and server.batcher.stats["rejected_full"] == 1
+
+
+@pytest.mark.slow
+def test_load_32_clients_every_request_answered_once(root, model_tok, measure):
+  """32 client threads, 256 requests over two videos and two temperatures (so batches are formed per sampling
+  key): every request gets exactly one well-formed answer with its own id."""
+  n, clients = 256, 32
+  with Server(*model_tok, _config(root, **{"batch.max_queue": 64})) as server:
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
+
+    def one(k):
+      r = client.chat.completions.create(model="zoomer-agent", messages=_video_message("ab"[k % 2] + ".mp4"),
+                                         temperature=0.0 if k % 4 < 2 else 1.0, max_tokens=8)
+      _check_agent_reply(r)
+      return r.id
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+      ids = list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    stats = dict(server.batcher.stats)
+  assert len(set(ids)) == n and stats["requests"] == n and stats["failed_batches"] == 0
+  assert 1 < stats["largest_batch"] <= 16 and stats["batches"] < n
+  measure("load_wall_s", wall)
+  measure("load_requests_per_s", n / wall)
+  measure("load_mean_batch", n / stats["batches"])
+  print(f"BENCH_JSON {json.dumps(dict(requests=n, clients=clients, wall_s=round(wall, 2), rps=round(n / wall, 2), **stats))}")
+
+
+def test_distill_runs_against_serve(tmp_path, model_tok):
+  """`distill` with `serve`'s turn model as its expert: every attempt is answered (no request fails), the turns
+  are the tiny model's (noise, so nothing is accepted), and the server saw each request the attempts count."""
+  tool = dict(max_generation_round=2, tool_call_max_frames=8, frames_upbound=8, video_fps=0.5, max_total_frames=24)
+  train = S.generate(str(tmp_path / "rl"), seed=1, n_train=3, n_val=0, n_test=0, min_seconds=20.0,
+                     max_seconds=30.0, tool_cfg=P.ToolConfig(**tool))["train"]
+  with Server(*model_tok, _config(tmp_path)) as server:
+    cfg = load("distill")
+    cfg.out_dir, cfg.progress = str(tmp_path / "out"), False
+    cfg.data.train_files = (train,)
+    cfg.agent.update(tool)
+    cfg.frames.update(dict(max_pixels=56 * 56, min_pixels=56 * 56))
+    cfg.expert.update(dict(base_url=server.url, model="zoomer-model", max_tokens=16, temperature=1.0,
+                           concurrency=3, max_retries=0))
+    summary = run_distill(cfg)
+    served = server.batcher.stats["requests"]
+  attempts = read_log(str(tmp_path / "out" / "attempts.jsonl"))
+  assert summary["attempts"] == len(attempts) == 3
+  for a in attempts:
+    assert a["reason"] not in ("http_400", "http_404", "http_429", "http_500", "connection", "bad_response")
+    assert a["turns"] and a["usage"]["prompt_tokens"] > 100 and a["usage"]["retries"] == 0
+  assert served == sum(a["usage"]["requests"] for a in attempts)
+
+
+@pytest.mark.slow
+def test_the_command_serves_and_stops_on_sigterm(root):
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen([sys.executable, "-m", "zoomer_jax", "serve", "--config=serve:small", "--config.port=0",
+                           f"--config.video_root={root}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env)
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith("serving "), line
+    url = line.split(" at ")[1].split()[0]
+    assert json.loads(urllib_get(url[:-3] + "/health"))["status"] == "ok"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0 and "stopping" in out and json.loads(out.strip().splitlines()[-1])["requests"] == 0
