@@ -9,6 +9,8 @@ Variants: `small` shrinks frames, rounds and turns for CPU tests and smoke runs.
 off).
 """
 
+import os
+
 import ml_collections
 
 from zoomer_jax.config_loader import load
@@ -54,6 +56,9 @@ def get_config(arg=None):
       max_tokens=4096,  # the largest max_tokens a request may ask for
   ))
   if arg == "small":
+    # The demo's short system prompt (~100 tokens instead of ~390): a prompt then fits a step with the decode rows.
+    cfg.agent.system_prompt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoomer_jax",
+                                           "demo", "system_prompt.txt")
     cfg.agent.update(dict(max_generation_round=3, frames_upbound=8, tool_call_max_frames=8, max_total_frames=32))
     cfg.frames.update(dict(max_pixels=56 * 56, min_pixels=56 * 56, workers=2))
     cfg.sampling.max_tokens = 16

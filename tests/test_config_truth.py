@@ -47,9 +47,10 @@ SEEDS = {
     "model": [("zoomer_jax/__main__.py", "forward", "cfg"), ("zoomer_jax/__main__.py", "_model_and_tokenizer", "cfg")],
     "distill": [("zoomer_jax/data/distill.py", "run_distill", "cfg")],
     "reflect": [("zoomer_jax/data/reflect.py", "run_reflect", "cfg")],
+    "serve": [("zoomer_jax/serve/server.py", "run_serve", "cfg")],
 }
 KIND_OF_PREFIX = {"sft_": "sft", "grpo_": "grpo", "eval_": "eval", "demo": "demo", "qwen25vl_": "model",
-                  "distill": "distill", "reflect": "reflect"}
+                  "distill": "distill", "reflect": "reflect", "serve": "serve"}
 CLI_READS = {("job",)}  # `python -m zoomer_jax train` picks the job by `cfg.job` (asserted below)
 
 # The only undeclared reads: (file, key) -> why.

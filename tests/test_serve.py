@@ -313,7 +313,7 @@ def test_load_32_clients_every_request_answered_once(root, model_tok, measure):
   measure("load_wall_s", wall)
   measure("load_requests_per_s", n / wall)
   measure("load_mean_batch", n / stats["batches"])
-  print(f"BENCH_JSON {json.dumps(dict(requests=n, clients=clients, wall_s=round(wall, 2), rps=round(n / wall, 2), **stats))}")
+  print(f"\nload: {json.dumps(dict(clients=clients, wall_s=round(wall, 2), requests_per_s=round(n / wall, 2), **stats))}")
 
 
 def test_distill_runs_against_serve(tmp_path, model_tok):

@@ -117,8 +117,9 @@ class Runner:
         grid = np.zeros((0, 3), np.int64)
       prompts.append(Transcript.from_messages(tok, r.messages, image_tokens=_tokens_per_image(grid)).ids)
     length = max(map(len, prompts))
-    ids = np.full((len(batch), length), tok.endoftext, np.int32)
-    mask = np.zeros((len(batch), length), np.int32)
+    rows = 1 << (len(batch) - 1).bit_length()  # padded to a power of two (empty rows): fewer compiled programs
+    ids = np.full((rows, length), tok.endoftext, np.int32)
+    mask = np.zeros((rows, length), np.int32)
     for i, p in enumerate(prompts):  # left-padded, as the rollout lays out a batch's prompts
       ids[i, length - len(p):] = p
       mask[i, length - len(p):] = 1
@@ -126,8 +127,8 @@ class Runner:
     size = round_up(round_up(length, c.token_bucket) + params.max_new_tokens, 256)
     logits, cache, pos = prefill(self.model, ids, mask, cache_size=size, token_bucket=c.token_bucket,
                                  image_bucket=c.image_bucket, donate=True, **vision)
-    out = decode(self.decoder, cache, logits, pos, np.ones(len(batch), bool), self._next_key(), self.stop, params,
-                 donate=True)
+    out = decode(self.decoder, cache, logits, pos, np.arange(rows) < len(batch), self._next_key(), self.stop,
+                 params, donate=True)
     tokens, nums, reasons = jax.device_get((out.tokens, out.num_tokens, out.stop_reason))
     results = []
     for i, p in enumerate(prompts):
