@@ -56,6 +56,8 @@ class Server:
     b = cfg.batch
     self.batcher = Batcher(run(self.runner.run) if run else self.runner.run, b.max_batch, b.max_queue,
                            b.wait_ms / 1000)
+    self._inflight = 0  # requests submitted whose answer is not written yet
+    self._idle = threading.Condition()
     self.httpd = http.server.ThreadingHTTPServer((cfg.host, cfg.port), _handler(self))
     self.httpd.daemon_threads = True
     self._thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)
@@ -69,12 +71,21 @@ class Server:
     self._thread.start()
     return self
 
-  def close(self) -> None:
-    """Stops accepting connections, refuses the queued requests (503), finishes the running batch."""
+  def close(self, timeout: float = 60.0) -> None:
+    """Stops accepting connections, refuses the queued requests (503), finishes the running batch and waits
+    (up to `timeout` s) until every answer is written: connection threads are daemons, which a process exit
+    would cut off."""
     self.httpd.shutdown()
     self.batcher.close()
+    with self._idle:
+      self._idle.wait_for(lambda: self._inflight == 0, timeout)
     self.httpd.server_close()
     self._thread.join()
+
+  def track(self, delta: int) -> None:
+    with self._idle:
+      self._inflight += delta
+      self._idle.notify_all()
 
   def __enter__(self) -> Server:
     return self.start()
@@ -140,15 +151,18 @@ def _handler(server: Server):
         return
       if path != "/v1/chat/completions":
         return self._error(api.ApiError(404, f"no endpoint POST {path}", "not_found"))
+      server.track(1)
       try:
         req = api.parse_request(raw, server.settings)
         server.batcher.submit(req)
+        if req.stream:
+          self._stream(req)
+        else:
+          self._answer(req)
       except api.ApiError as e:
-        return self._error(e)
-      if req.stream:
-        self._stream(req)
-      else:
-        self._answer(req)
+        self._error(e)
+      finally:
+        server.track(-1)
 
     def _answer(self, req: api.Request) -> None:
       while True:
