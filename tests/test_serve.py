@@ -207,6 +207,8 @@ def test_refusals_are_openai_errors(root, model_tok):
         (dict(model="zoomer-model", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), 400, "invalid_image"),
         (dict(model="zoomer-model", messages=[{"role": "assistant", "content": "hi"}]), 400, "invalid_messages"),
+        (dict(model="zoomer-model", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "../secret.mp4"}}]}]), 403, "path_outside_root"),
     ]
     for body, status, code in cases:
       got, out = _post(url, body)
@@ -314,7 +316,8 @@ def test_load_32_clients_every_request_answered_once(root, model_tok, measure):
   measure("load_wall_s", wall)
   measure("load_requests_per_s", n / wall)
   measure("load_mean_batch", n / stats["batches"])
-  print(f"\nload: {json.dumps(dict(clients=clients, wall_s=round(wall, 2), requests_per_s=round(n / wall, 2), **stats))}")
+  report = dict(clients=clients, wall_s=round(wall, 2), requests_per_s=round(n / wall, 2), **stats)
+  print(f"\nload: {json.dumps(report)}")
 
 
 def test_distill_runs_against_serve(tmp_path, model_tok):

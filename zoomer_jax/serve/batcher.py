@@ -31,7 +31,7 @@ class Batcher:
     self._queue: collections.deque[Request] = collections.deque()
     self._closing = False
     self.running = 0  # requests in the batch being run
-    self.stats = dict(batches=0, requests=0, largest_batch=0, rejected_full=0, failed_batches=0)
+    self.stats = dict(batches=0, requests=0, largest_batch=0, rejected_full=0, failed_batches=0, busy_s=0.0)
     self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
     self._thread.start()
 
@@ -78,6 +78,7 @@ class Batcher:
       self.stats["batches"] += 1
       self.stats["requests"] += len(batch)
       self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+      t0 = time.perf_counter()
       try:
         self.run(batch)
       except Exception as e:  # noqa: BLE001 (a batch's failure is its requests' 500, not the server's end)
@@ -88,6 +89,7 @@ class Batcher:
         for r in batch:
           r.events.put(("error", err))
       finally:
+        self.stats["busy_s"] += time.perf_counter() - t0  # seconds spent running batches
         with self._cv:
           self.running = 0
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import http.server
 import json
 import signal
+import socket
 import threading
 import time
+import traceback
 
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.engine import EngineConfig
@@ -58,8 +60,7 @@ class Server:
                            b.wait_ms / 1000)
     self._inflight = 0  # requests submitted whose answer is not written yet
     self._idle = threading.Condition()
-    self.httpd = http.server.ThreadingHTTPServer((cfg.host, cfg.port), _handler(self))
-    self.httpd.daemon_threads = True
+    self.httpd = _HTTPServer((cfg.host, cfg.port), _handler(self))
     self._thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)
 
   @property
@@ -96,6 +97,11 @@ class Server:
   def health(self) -> dict:
     return dict(status="ok", models=api.models(self.settings, self.started)["data"], queued=self.batcher.queued,
                 running=self.batcher.running, **self.batcher.stats)
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+  daemon_threads = True
+  request_queue_size = socket.SOMAXCONN  # the listen backlog (socketserver's default, 5, drops bursts of clients)
 
 
 def _handler(server: Server):
@@ -152,6 +158,7 @@ def _handler(server: Server):
       if path != "/v1/chat/completions":
         return self._error(api.ApiError(404, f"no endpoint POST {path}", "not_found"))
       server.track(1)
+      self.streaming = False
       try:
         req = api.parse_request(raw, server.settings)
         server.batcher.submit(req)
@@ -161,6 +168,12 @@ def _handler(server: Server):
           self._answer(req)
       except api.ApiError as e:
         self._error(e)
+      except Exception as e:  # noqa: BLE001 (a bug answers 500 instead of dropping the connection)
+        traceback.print_exc()
+        if self.streaming:
+          self.close_connection = True
+        else:
+          self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "internal_error"))
       finally:
         server.track(-1)
 
@@ -183,6 +196,7 @@ def _handler(server: Server):
       self.send_header("Cache-Control", "no-cache")
       self.send_header("Transfer-Encoding", "chunked")
       self.end_headers()
+      self.streaming = True
       try:
         self._send_chunk(api.chunk(req, dict(role="assistant", content="")))
         while True:
