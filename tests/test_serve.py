@@ -32,6 +32,7 @@ from zoomer_jax.data import synthetic as S
 from zoomer_jax.data.distill import run_distill
 from zoomer_jax.data.jsonl_log import read_log
 from zoomer_jax.serve.server import Server, load_model, runner_config
+from zoomer_jax.tools import ZOOM
 
 QUESTION = "\nWhat colour is the square? A. red B. blue C. green D. white"
 TOKENS = 48  # max_tokens of the agent requests: one sampling setting, so the tests share compiled programs
@@ -321,27 +322,44 @@ def test_load_32_clients_every_request_answered_once(root, model_tok, measure):
 
 
 def test_distill_runs_against_serve(tmp_path, model_tok):
-  """`distill` with `serve`'s turn model as its expert: every attempt is answered (no request fails), the turns
-  are the tiny model's (noise, so nothing is accepted), and the server saw each request the attempts count."""
+  """`distill` with `serve`'s turn model as its expert. The turns are dictated on the server (`script`: the
+  synthetic task's planned zoom, then the right answer; the random model's own turns are noise), so the whole
+  conversation goes through `serve`: the second request carries distill's observation with the zoom's frames,
+  every trajectory is accepted and its SFT record holds the turns the server wrote and our frames."""
   tool = dict(max_generation_round=2, tool_call_max_frames=8, frames_upbound=8, video_fps=0.5, max_total_frames=24)
   train = S.generate(str(tmp_path / "rl"), seed=1, n_train=2, n_val=0, n_test=0, min_seconds=20.0,
                      max_seconds=30.0, tool_cfg=P.ToolConfig(**tool))["train"]
-  with Server(*model_tok, _config(tmp_path)) as server:
+  records = json.load(open(train))
+  turns = {i: [f"<think>The cue is there.</think>\n{ZOOM.call_text(r['extra_info']['zoom'])}",
+               f"<think>Seen it.</think>\n<answer>{r['solution']}</answer><|im_end|>"] for i, r in enumerate(records)}
+  seen = []  # (task, round, images in the request)
+
+  def script(req, rnd):
+    (i,) = [i for i, r in enumerate(records) if r["problem"].split(P.IMAGE)[-1] in req.messages[1]["content"]]
+    seen.append((i, rnd, len(req.images)))
+    return turns[i][rnd]
+
+  with Server(*model_tok, _config(tmp_path), script=script) as server:
     cfg = load("distill")
     cfg.out_dir, cfg.progress = str(tmp_path / "out"), False
     cfg.data.train_files = (train,)
     cfg.agent.update(tool)
     cfg.frames.update(dict(max_pixels=56 * 56, min_pixels=56 * 56))
-    cfg.expert.update(dict(base_url=server.url, model="zoomer-model", max_tokens=16, temperature=0.7,
-                           concurrency=3, max_retries=0))
+    cfg.expert.update(dict(base_url=server.url, model="zoomer-model", max_tokens=64, temperature=0.7,
+                           concurrency=2, max_retries=0))
     summary = run_distill(cfg)
     served = server.batcher.stats["requests"]
-  attempts = read_log(str(tmp_path / "out" / "attempts.jsonl"))
-  assert summary["attempts"] == len(attempts) == 2
-  for a in attempts:
-    assert a["reason"] not in ("http_400", "http_404", "http_429", "http_500", "connection", "bad_response")
-    assert a["turns"] and a["usage"]["prompt_tokens"] > 100 and a["usage"]["retries"] == 0
-  assert served == sum(a["usage"]["requests"] for a in attempts)
+  attempts = {a["task_id"]: a for a in read_log(str(tmp_path / "out" / "attempts.jsonl"))}
+  assert summary["accepted"] == len(attempts) == 2 and served == 4
+  for i, r in enumerate(records):
+    a = attempts[r["doc_id"]]
+    assert a["status"] == "accepted" and a["turns"] == [t.replace("<|im_end|>", "") for t in turns[i]], a
+    assert a["usage"]["prompt_tokens"] > 100 and a["usage"]["completion_tokens"] > 20
+    (call,) = a["calls"]
+    images = {rnd: n for j, rnd, n in seen if j == i}
+    assert images[1] == images[0] + call["frames"] and call["frames"] >= 2  # the observation's frames reached serve
+  (rec, _) = read_log(str(tmp_path / "out" / "records.jsonl"))
+  assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant", "user", "assistant"]
 
 
 @pytest.mark.slow

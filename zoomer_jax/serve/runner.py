@@ -58,8 +58,9 @@ def usage(prompt: int, completion: int) -> dict:
 
 
 class Runner:
-  """`script(request, round) -> str | None` (optional) dictates an agent turn's text instead of sampling it, as
-  `rollout`'s `script` does (tests and demonstrations)."""
+  """`script(request, round) -> str | None` (optional) dictates a turn's text instead of sampling it, as
+  `rollout`'s `script` does (tests and demonstrations): an agent request's round, or a turn request's (the number
+  of assistant messages it holds). The tokens are forced; the turn still ends at a stop token or a tool's tag."""
 
   def __init__(self, model, tok, cfg: RunnerConfig, script=None):
     self.model, self.tok, self.cfg, self.script = model, tok, cfg, script
@@ -127,8 +128,14 @@ class Runner:
     size = round_up(round_up(length, c.token_bucket) + params.max_new_tokens, 256)
     logits, cache, pos = prefill(self.model, ids, mask, cache_size=size, token_bucket=c.token_bucket,
                                  image_bucket=c.image_bucket, donate=True, **vision)
+    forced = np.full((rows, params.max_new_tokens), -1, np.int32)
+    for i, r in enumerate(batch):
+      text = self.script(r, sum(m["role"] == "assistant" for m in r.messages)) if self.script else None
+      if text is not None:
+        dictated = tok.encode(text)[:params.max_new_tokens]
+        forced[i, :len(dictated)] = dictated
     out = decode(self.decoder, cache, logits, pos, np.arange(rows) < len(batch), self._next_key(), self.stop,
-                 params, donate=True)
+                 params, forced=forced, donate=True)
     tokens, nums, reasons = jax.device_get((out.tokens, out.num_tokens, out.stop_reason))
     results = []
     for i, p in enumerate(prompts):
