@@ -321,6 +321,7 @@ def test_load_32_clients_every_request_answered_once(root, model_tok, measure):
   print(f"\nload: {json.dumps(report)}")
 
 
+@pytest.mark.slow
 def test_distill_runs_against_serve(tmp_path, model_tok):
   """`distill` with `serve`'s turn model as its expert. The turns are dictated on the server (`script`: the
   synthetic task's planned zoom, then the right answer; the random model's own turns are noise), so the whole
