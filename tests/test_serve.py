@@ -221,6 +221,10 @@ def test_refusals_are_openai_errors(root, model_tok):
     got, out = _post(url, None, b"x" * 5000)
     assert (got, out["error"]["code"]) == (413, "body_too_large") and "4096" in out["error"]["message"]
     assert json.loads(urllib_get(url[:-3] + "/health"))["requests"] == 0  # none reached the scheduler
+    with pytest.raises(ValueError, match="cannot listen on 127.0.0.1"):
+      Server(*model_tok, _config(root, port=int(url.split(":")[2].split("/")[0])))
+  with pytest.raises(ValueError, match="is not a directory"):
+    Server(*model_tok, _config(root / "a.mp4"))
 
 
 def test_unreadable_video_fails_alone_in_its_batch(root, model_tok):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import signal
 import socket
 import threading
@@ -52,15 +53,20 @@ class Server:
 
   def __init__(self, model, tok, cfg, run=None, script=None):
     self.settings = settings(cfg)
+    if not os.path.isdir(self.settings.video_root):
+      raise ValueError(f"video_root {self.settings.video_root!r} is not a directory")
     self.api_key = cfg.api_key
     self.started = int(time.time())
+    self._inflight = 0  # requests submitted whose answer is not written yet
+    self._idle = threading.Condition()
+    try:
+      self.httpd = _HTTPServer((cfg.host, cfg.port), _handler(self))
+    except OSError as e:
+      raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     self.runner = Runner(model, tok, runner_config(cfg), script)
     b = cfg.batch
     self.batcher = Batcher(run(self.runner.run) if run else self.runner.run, b.max_batch, b.max_queue,
                            b.wait_ms / 1000)
-    self._inflight = 0  # requests submitted whose answer is not written yet
-    self._idle = threading.Condition()
-    self.httpd = _HTTPServer((cfg.host, cfg.port), _handler(self))
     self._thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)
 
   @property
