@@ -173,17 +173,17 @@ def _fake_trajectory(tok, task, text):
 
 def test_a_failing_batch_is_retried_task_by_task(monkeypatch):
   """An exception raised for one task (e.g. a video whose duration reads as 0) costs that task only: the batch
-  is run again one task at a time. (`rollout` is replaced by a stand-in that fails on the task "bad".)"""
+  is run again one task at a time. (The engine is replaced by a stand-in that fails on the task "bad".)"""
   tok = build_tiny_tokenizer()
   calls = []
 
-  def flaky(model, tok, batch, cfg, key, script=None):
+  def flaky(model, tok, batch, cfg, key, script=None, engine=None):
     calls.append([t.id for t in batch])
     if any(t.id == "bad" for t in batch):
       raise ValueError("video duration must be a positive number of seconds, got 0.0")
     return [_fake_trajectory(tok, t, script(i, 0)) for i, t in enumerate(batch)]
 
-  monkeypatch.setattr(harness, "rollout", flaky)
+  monkeypatch.setattr(harness, "continuous_rollout", flaky)
   tasks = [Task("a.mp4", "Q? A. x B. y", "A", "ok0", "S"), Task("b.mp4", "Q?", "A", "bad", "S"),
            Task("c.mp4", "Q? A. x B. y", "B", "ok1", "S"), Task("d.mp4", "Q? A. x B. y", "B", "ok2", "S")]
   turns = {"ok0": ["<think>a</think><answer>A</answer>"], "ok1": ["<think>b</think><answer>B</answer>"],
