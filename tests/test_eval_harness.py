@@ -25,7 +25,8 @@ from zoomer_jax.text import build_tiny_tokenizer
 SMALL = 56 * 56  # 4 vision tokens per frame
 # Budget of the tool run: 4 overview frames + 2 calls x 3 frames = 10 (< max_total_frames 16).
 TOOL = P.ToolConfig(max_generation_round=3, tool_call_max_frames=3, frames_upbound=4, max_total_frames=16)
-CFG = AgentConfig(tool=TOOL, sampling=SamplingParams(temperature=1.0, max_new_tokens=24), decode_chunk=16,
+# A turn's token limit: the longest scripted turn (28 tokens) fits.
+CFG = AgentConfig(tool=TOOL, sampling=SamplingParams(temperature=1.0, max_new_tokens=32), decode_chunk=16,
                   max_pixels=SMALL, min_pixels=SMALL, workers=2)
 END = "<|im_end|>"
 
