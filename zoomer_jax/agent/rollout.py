@@ -234,8 +234,9 @@ def _tokens_per_image(grids: np.ndarray) -> list[int]:
 def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = AgentConfig(),
             key: jax.Array | None = None, on_event=None, script=None) -> list[Trajectory]:
   """The lockstep engine (the benchmark's baseline and the tests' oracle; jobs call `engine.continuous_rollout`,
-  which has this contract). Runs every task to its end. `on_event(kind, row, info)` (optional) sees each turn ("turn"), tool call
-  (kind: the tool's name, e.g. "zoom"; info: its log record), tool error ("tool_error") and end ("final").
+  which has this contract). Runs every task to its end. `on_event(kind, row, info)` (optional) sees each turn
+  ("turn"), tool call (kind: the tool's name, e.g. "zoom"; info: its log record), tool error ("tool_error") and end
+  ("final").
 
   `script(row, round) -> str | None` (optional) dictates a turn's text instead of sampling it (tests and
   demonstrations): its tokens are forced, their log-probs are still the model's.
