@@ -153,6 +153,7 @@ def get_config(arg=None):
 
   cfg.eval = ml_collections.ConfigDict(dict(
       batch_size=32, max_new_tokens=192, decode_chunk=64, workers=2,
+      page_size=16, step_tokens=256,  # the continuous engine's pages and step (batch_size trajectories in flight)
       samples=2, temperature=1.0,  # the tool run also sampled twice per video at GRPO's rollout temperature
       trajectories=4,  # test trajectories drawn in trajectories.png
   ))

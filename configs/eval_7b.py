@@ -101,6 +101,9 @@ def get_config(arg=None):
       decode_chunk=64, max_pixels=100352, min_pixels=25088, cache_size=0, token_bucket=64, image_bucket=8,
       workers=8, video_backend="auto",
   ))
+  # The continuous engine (agent/engine.py, docs/rollout_engine.md): tokens per page of the paged KV cache, tokens
+  # per device step. `batch_size` trajectories are in flight at once.
+  cfg.engine = ml_collections.ConfigDict(dict(page_size=16, step_tokens=512))
   cfg.use_tool = True
   cfg.no_tool_system_prompt = "system_prompt_notool.txt"  # in zoomer_jax/agent/prompts/, or a path
   cfg.batch_size = 8  # trajectories decoded together

@@ -47,10 +47,11 @@ def get_config(arg=None):
       system_prompt="system_prompt.txt", system_prompt_verbatim=False, last_round_hint=True, hint_separator="\n",
       tools=("zoom",),  # the enabled tools (zoomer_jax/tools): ("zoom", "crop") adds the spatial crop
       max_pixels=100352, min_pixels=25088,
-      decode_chunk=64, batch_size=64,  # trajectories decoded together in one device call
-      # "lockstep" (agent/rollout.py: batches of batch_size in lockstep over a dense cache) or "continuous"
-      # (agent/engine.py: batch_size trajectories in flight over a paged cache, one process; docs/rollout_engine.md)
-      engine="lockstep", page_size=16, step_tokens=512,
+      decode_chunk=64, batch_size=64,  # trajectories in flight (the lockstep engine: decoded together)
+      # "continuous" (agent/engine.py: batch_size trajectories in flight over a paged cache of page_size-token
+      # pages, step_tokens tokens per device step; docs/rollout_engine.md) or "lockstep" (agent/rollout.py:
+      # batches of batch_size in lockstep over a dense cache, decode_chunk tokens per device call; the baseline)
+      engine="continuous", page_size=16, step_tokens=512,
       workers=16,  # host threads for frame extraction
       # The sampler's layout (data, fsdp, tensor degrees as in `mesh`): its weights are resharded into it once
       # per RL step. () samples with the training layout.

@@ -22,7 +22,7 @@ def get_config(arg=None):
   del cfg.frames  # the rollout's max_pixels / min_pixels / video_backend size the expert's frames too
   model = load("eval_7b")
   cfg.checkpoint = "/ckpt/VideoZoomer-SFT"  # an HF Qwen2.5-VL directory with tokenizer files; "" = random `model`
-  for key in ("model", "impl", "dtype", "seed", "mesh", "rollout"):
+  for key in ("model", "impl", "dtype", "seed", "mesh", "rollout", "engine"):
     cfg[key] = model[key]
   cfg.reflect = ml_collections.ConfigDict(dict(
       batch_size=8,  # trajectories our model decodes together

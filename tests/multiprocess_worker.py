@@ -6,11 +6,12 @@ loads the checkpoint into each global mesh (ICI a mesh shape such as 2,2,2), run
 writes OUT_DIR/info{PROCESS_ID}.json (device counts) and (process 0) OUT_DIR/logits_{ICI}.npy and an HF export
 OUT_DIR/export_{ICI}/ per mesh; or
 
-  python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID rollout CHECKPOINT TASKS_JSON OUT_DIR
+  python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID rollout CHECKPOINT TASKS_JSON OUT_DIR ENGINE
 
 runs the scripted agent rollout (`ROLLOUT_SCRIPT`, `rollout_config`) of the tasks on the 8-device mesh (2,2,2)
-and writes OUT_DIR/rollout{PROCESS_ID}.json: this process's trajectories, events and the videos it decoded,
-then the error that the same rollout raised when one row's clip extraction has a bug.
+with ENGINE (`run_rollout`: "lockstep" or "continuous") and writes OUT_DIR/rollout_{ENGINE}{PROCESS_ID}.json:
+this process's trajectories, events and the videos it decoded, then the error that the same rollout raised when
+one row's clip extraction has a bug.
 """
 
 import hashlib
@@ -49,8 +50,27 @@ def rollout_config():
                      decode_chunk=16, max_pixels=small, min_pixels=small, workers=2)
 
 
+def run_rollout(engine: str, model, tok, tasks, key, **kw):
+  """The rollout of `engine` ("lockstep": `rollout.rollout`; "continuous": `engine.continuous_rollout` with small
+  pages and steps, so that sequences come and go)."""
+  from zoomer_jax.agent import engine as E
+  from zoomer_jax.agent import rollout as R
+  if engine == "lockstep":
+    return R.rollout(model, tok, tasks, rollout_config(), key, **kw)
+  return E.continuous_rollout(model, tok, tasks, rollout_config(), key, engine=E.EngineConfig(page_size=8,
+                                                                                               step_tokens=64), **kw)
+
+
+def set_clip(fn) -> None:
+  """Makes `fn` the clip extraction of both engines (the continuous engine imports the rollout's by name)."""
+  from zoomer_jax.agent import engine as E
+  from zoomer_jax.agent import rollout as R
+  R._clip = E._clip = fn
+
+
 def count_decodes(rollout_module, decoded: dict) -> None:
-  """Wraps the module's `_overview` and `_clip` so that each call appends its task id to decoded[name]."""
+  """Wraps the module's `_overview` and `_clip` (both engines') so that each call appends its task id to
+  decoded[name]."""
   for name in ("_overview", "_clip"):
     decoded[name] = []
     inner = getattr(rollout_module, name)
@@ -59,6 +79,7 @@ def count_decodes(rollout_module, decoded: dict) -> None:
       decoded[_name].append(task.id)  # list.append is atomic: the pool's threads may call at once
       return _inner(task, *args)
     setattr(rollout_module, name, counted)
+  set_clip(rollout_module._clip)
 
 
 def rollout_record(trajs, events) -> dict:
@@ -72,7 +93,7 @@ def rollout_record(trajs, events) -> dict:
 
 
 def rollout_main(argv):
-  coordinator, n, pid, checkpoint, tasks_json, out_dir = argv
+  coordinator, n, pid, checkpoint, tasks_json, out_dir, engine = argv
   distributed.initialize(coordinator, int(n), int(pid))
 
   import jax
@@ -89,8 +110,8 @@ def rollout_main(argv):
   tasks = [R.Task(**t) for t in json.load(open(tasks_json))]
   events = []
   with jax.set_mesh(mesh):
-    trajs = R.rollout(model, build_tiny_tokenizer(), tasks, rollout_config(), jax.random.key(3),
-                      on_event=lambda *e: events.append(e), script=rollout_script)
+    trajs = run_rollout(engine, model, build_tiny_tokenizer(), tasks, jax.random.key(3),
+                        on_event=lambda *e: events.append(e), script=rollout_script)
   record = dict(rollout_record(trajs, events), decoded={k: list(v) for k, v in decoded.items()},
                 process_index=jax.process_index(), owned=R.owned_rows(len(tasks)))
 
@@ -100,14 +121,14 @@ def rollout_main(argv):
     if task.id == "t2":
       raise TypeError("simulated bug in the clip extraction")
     return _inner(task, *args)
-  R._clip = buggy_clip
+  set_clip(buggy_clip)
   try:
     with jax.set_mesh(mesh):
-      R.rollout(model, build_tiny_tokenizer(), tasks, rollout_config(), jax.random.key(3), script=rollout_script)
+      run_rollout(engine, model, build_tiny_tokenizer(), tasks, jax.random.key(3), script=rollout_script)
     record["fatal"] = None
   except Exception as e:  # noqa: BLE001 (the test checks which)
     record["fatal"] = [type(e).__name__, str(e)]
-  with open(os.path.join(out_dir, f"rollout{pid}.json"), "w") as f:
+  with open(os.path.join(out_dir, f"rollout_{engine}{pid}.json"), "w") as f:
     json.dump(record, f)
 
 

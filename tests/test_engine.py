@@ -142,7 +142,7 @@ def test_grpo_generates_with_the_configured_engine(model, tok, video):
   from zoomer_jax.train import grpo
   tasks = [Task(video, "<image>\nWhat colour?", "A", "a")] * 2 + [Task(video, "<image>\nWhere?", "B", "b")]
   cfg = _config(max_generation_round=2, max_new_tokens=16)
-  want = grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2)
+  want = grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "lockstep")
   got = grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "continuous", EngineConfig(page_size=8))
   for a, b in zip(want, got):
     _same(a, b)

@@ -25,7 +25,8 @@ from zoomer_jax.text import build_tiny_tokenizer
 SMALL = 56 * 56  # 4 vision tokens per frame
 # Budget of the tool run: 4 overview frames + 2 calls x 3 frames = 10 (< max_total_frames 16).
 TOOL = P.ToolConfig(max_generation_round=3, tool_call_max_frames=3, frames_upbound=4, max_total_frames=16)
-CFG = AgentConfig(tool=TOOL, sampling=SamplingParams(temperature=1.0, max_new_tokens=24), decode_chunk=16,
+# A turn's token limit: the longest scripted turn (28 tokens) fits.
+CFG = AgentConfig(tool=TOOL, sampling=SamplingParams(temperature=1.0, max_new_tokens=32), decode_chunk=16,
                   max_pixels=SMALL, min_pixels=SMALL, workers=2)
 END = "<|im_end|>"
 
@@ -173,17 +174,17 @@ def _fake_trajectory(tok, task, text):
 
 def test_a_failing_batch_is_retried_task_by_task(monkeypatch):
   """An exception raised for one task (e.g. a video whose duration reads as 0) costs that task only: the batch
-  is run again one task at a time. (`rollout` is replaced by a stand-in that fails on the task "bad".)"""
+  is run again one task at a time. (The engine is replaced by a stand-in that fails on the task "bad".)"""
   tok = build_tiny_tokenizer()
   calls = []
 
-  def flaky(model, tok, batch, cfg, key, script=None):
+  def flaky(model, tok, batch, cfg, key, script=None, engine=None):
     calls.append([t.id for t in batch])
     if any(t.id == "bad" for t in batch):
       raise ValueError("video duration must be a positive number of seconds, got 0.0")
     return [_fake_trajectory(tok, t, script(i, 0)) for i, t in enumerate(batch)]
 
-  monkeypatch.setattr(harness, "rollout", flaky)
+  monkeypatch.setattr(harness, "continuous_rollout", flaky)
   tasks = [Task("a.mp4", "Q? A. x B. y", "A", "ok0", "S"), Task("b.mp4", "Q?", "A", "bad", "S"),
            Task("c.mp4", "Q? A. x B. y", "B", "ok1", "S"), Task("d.mp4", "Q? A. x B. y", "B", "ok2", "S")]
   turns = {"ok0": ["<think>a</think><answer>A</answer>"], "ok1": ["<think>b</think><answer>B</answer>"],

@@ -125,8 +125,9 @@ def infer(args) -> dict:
 
   import jax
 
+  from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
   from zoomer_jax.agent.protocol import ToolConfig
-  from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
+  from zoomer_jax.agent.rollout import AgentConfig, Task
   from zoomer_jax.sampling import SamplingParams
   from zoomer_jax.video import read_meta
 
@@ -149,7 +150,9 @@ def infer(args) -> dict:
     elif kind == "final":
       print(f"--- final ({info.reason}): answer = {info.answer!r}")
 
-  (traj,) = rollout(model, tok, [Task(args.video, args.question)], cfg, jax.random.key(args.seed), on_event=show)
+  engine = EngineConfig(page_size=args.page_size, step_tokens=args.step_tokens)
+  (traj,) = continuous_rollout(model, tok, [Task(args.video, args.question)], cfg, jax.random.key(args.seed),
+                               on_event=show, engine=engine)
   report = dict(model=source, video=args.video, question=args.question, answer=traj.answer,
                 finish_reason=traj.finish_reason, rounds=traj.rounds, frames=traj.n_frames, calls=traj.calls,
                 turns=traj.turns, tokens=len(traj.ids), agent=dataclasses.asdict(cfg.tool))
@@ -279,6 +282,8 @@ def main(argv=None) -> int:
   inf.add_argument("--max-new-tokens", type=int, default=64, help="per assistant turn")
   inf.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
   inf.add_argument("--seed", type=int, default=0)
+  inf.add_argument("--page-size", type=int, default=16, help="tokens per page of the continuous engine's KV cache")
+  inf.add_argument("--step-tokens", type=int, default=256, help="tokens per device step of the continuous engine")
   inf.add_argument("--out", default="out", help="directory for infer.json ('' to skip)")
   fr = sub.add_parser("frames", help="show the frames the agent sees of a video (overview, a zoom), with true times")
   fr.add_argument("video")

@@ -16,8 +16,17 @@ objects out, greedy trajectories token for token equal. What differs is the loop
     pages (`PageAllocator.fork`; the shared last page is copied on the first write).
 
 Turn parsing, budgets and observations are the protocol's (`agent.protocol.Episode`), and the rollout's own
-host pieces are reused (`_start` renders prompts and reads overviews, `_finish` builds trajectories). One process
-only: the lockstep engine is the multi-process one.
+host pieces are reused (`_start` renders prompts and reads overviews, `_finish` builds trajectories).
+
+Several processes (one global mesh) run it as they run the lockstep engine: every process runs the same control
+flow on every row (admission, scheduling and parsing are deterministic given identical inputs), each device step
+is a global program fed identical host inputs (replicated over the model's mesh), and only the videos are split:
+row i's owner (`rollout.owned_rows`) reads its overview and cuts its clips. When a clip is cut is the one event
+that differs between processes, so it is agreed on: at every step at which clips are pending, the processes share
+the outcomes of the clips they finished (`rollout._shared`: a count first, the outcomes only when there are any),
+and every process delivers exactly that set. When no sequence can run, they repeat this, each waiting up to
+`CLIP_POLL_S` for one of its own clips, until a clip anywhere is done; a process that owns no pending clip joins
+each round with nothing. A failure that is no video error is raised on every process (`rollout._outcome`).
 """
 
 from __future__ import annotations
@@ -34,14 +43,17 @@ from flax import nnx
 from zoomer_jax import tools as T
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _append, _cache_size, _clip, _finish
-from zoomer_jax.agent.rollout import _outcome, _start, _tokens_per_image, for_model, stop_criteria
+from zoomer_jax.agent.rollout import _outcome, _shared, _start, _tokens_per_image, for_model, owned_rows
+from zoomer_jax.agent.rollout import stop_criteria
 from zoomer_jax.model.page_allocator import PageAllocator
 from zoomer_jax.model.paged import PagePool
+from zoomer_jax.parallel.distributed import host_allgather, mesh_of, replicate, to_host
 from zoomer_jax.sampling import ragged as R
 from zoomer_jax.text.tokenizer import Tokenizer
 from zoomer_jax.video import VideoError
 
 ENGINES = ("lockstep", "continuous")
+CLIP_POLL_S = 0.01  # several processes, nothing to run: how long each waits for its own clips between agreements
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +108,18 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
                        on_event=None, script=None, engine: EngineConfig = EngineConfig(),
                        stats: EngineStats | None = None) -> list[Trajectory]:
   """`rollout`'s contract (its arguments, `script` and `on_event` included) on the continuous engine; `stats`, if
-  given, is filled with what the run did."""
-  if jax.process_count() > 1:
-    raise NotImplementedError("the continuous engine runs in one process; use rollout.engine='lockstep'")
+  given, is filled with what the run did. With several processes, every process calls it with the same
+  arguments (module docstring)."""
   key = jax.random.key(0) if key is None else key
   event = on_event or (lambda *a: None)
   system = P.system_prompt(cfg.tool)
+  mine = set(owned_rows(len(tasks)))
   with cf.ThreadPoolExecutor(cfg.workers) as pool:
     videos = Videos(cfg, pool)
     try:
-      rows = _start(tasks, cfg, tok, system, videos, set(range(len(tasks))))
+      rows = _start(tasks, cfg, tok, system, videos, mine)
       if any(not r.done for r in rows):
-        _Engine(model, tok, rows, cfg, engine, videos, event, script, stats or EngineStats()).run(key)
+        _Engine(model, tok, rows, cfg, engine, videos, event, script, stats or EngineStats(), mine).run(key)
     finally:
       videos.close()
   return [_finish(r) for r in rows]
@@ -134,10 +146,11 @@ def groups(tasks: list[Task], rows, share: bool) -> list[list[int]]:
 
 class _Engine:
   def __init__(self, model, tok, rows, cfg: AgentConfig, engine: EngineConfig, videos: Videos, event, script,
-               stats: EngineStats):
+               stats: EngineStats, mine: set[int]):
     self.model, self.tok, self.rows, self.cfg, self.engine = model, tok, rows, cfg, engine
-    self.videos, self.event, self.script, self.stats = videos, event, script, stats
-    self.stop = stop_criteria(tok, cfg.tool.tools)
+    self.videos, self.event, self.script, self.stats, self.mine = videos, event, script, stats, mine
+    self.mesh = mesh_of(nnx.state(model, nnx.Param))
+    self.stop = self._global(stop_criteria(tok, cfg.tool.tools))  # once, not at every step
     self.split = nnx.split(model)
     self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
     self.running = engine.max_running or sum(map(len, self.waiting))
@@ -147,7 +160,7 @@ class _Engine:
     self.max_len = self.pages_per_seq * ps
     num_pages = (max(self.running, largest) + 1) * self.pages_per_seq  # + 1: a group's prompt before its fork
     self.alloc = PageAllocator(num_pages, ps, self.pages_per_seq)
-    self.kv = PagePool.init(model.config.text, num_pages, ps, model.dtype).kv
+    self.kv = self._pool(num_pages)
     self.live: dict[int, _Seq] = {}
     self.ready: list[_Seq | _Prompt] = []  # sequences with tokens to feed, in the order they became ready
 
@@ -248,9 +261,9 @@ class _Engine:
     self.stats.steps += 1
     self.stats.device_rows += inp.ids.shape[0]
     self.stats.shapes.add(R.step_shape(inp, self.kv))
-    self.kv, out = R.ragged_step(self.split, self.kv, inp, key, self.stop, self.cfg.sampling,
-                                 end_token=self.tok.im_end)
-    out = jax.device_get(out)
+    self.kv, out = R.ragged_step(self.split, self.kv, self._global(inp), self._global(key), self.stop,
+                                 self.cfg.sampling, end_token=self.tok.im_end)
+    out = to_host(out)
     for f in feeds:
       if isinstance(f, _Prompt):  # the members take the prompt's pages
         for m in f.members:
@@ -294,22 +307,26 @@ class _Engine:
       r.calls.append(dict(round=out.round, tool=out.tool, error=out.message))  # tool None: the turn named several
       self.event("tool_error", i, out)
       self._observe(s, out.observation, None)
-    else:  # a tool call: its frames are cut in the pool while the other sequences run
-      s.clip = (out, self.videos.pool.submit(_clip, r.task, out, self.videos))
+    else:  # a tool call: its frames are cut in the pool (by the row's owner) while the other sequences run
+      fut = self.videos.pool.submit(_clip, r.task, out, self.videos) if i in self.mine else None
+      s.clip = (out, fut)
 
   def _collect(self, block: bool) -> None:
-    """Observations of the clips that are cut (waiting for one at least when `block`)."""
-    waiting = {s.clip[1]: s for s in self.live.values() if s.clip is not None}
+    """Observations of the clips that are cut (waiting for one at least when `block`), in row order; with several
+    processes, those every process agreed on (module docstring)."""
+    waiting = {s.i: s for s in self.live.values() if s.clip is not None}  # the same rows on every process
     if not waiting:
       return
-    done = cf.wait(list(waiting), return_when=cf.FIRST_COMPLETED).done if block else [f for f in waiting if f.done()]
-    for fut in sorted(done, key=lambda f: waiting[f].i):
-      s = waiting[fut]
+    outcomes = self._done_clips(waiting, block)
+    while block and not outcomes:
+      outcomes = self._done_clips(waiting, block)
+    for i in sorted(outcomes):
+      s = waiting[i]
       call, _ = s.clip
       s.clip = None
       r = s.row
       tool = T.by_name(call.tool)
-      outcome = _outcome(fut, (VideoError, ValueError, OSError))
+      outcome = outcomes[i]
       if "error" in outcome:
         message = outcome["error"]
         err = r.episode.extraction_failed(for_model(message, r.task.video))
@@ -322,6 +339,36 @@ class _Engine:
       r.calls.append(tool.log(call, ts))
       self.event(tool.name, s.i, r.calls[-1])
       self._observe(s, obs, (pixels, grids))
+
+  def _done_clips(self, waiting: dict[int, _Seq], block: bool) -> dict[int, dict]:
+    """{row: `_outcome`} of the waiting clips that are cut: this process's in one process, every process's
+    (identical everywhere) with several; `block`: this process waits for one of its own first (in one process
+    until one is done, with several up to `CLIP_POLL_S`)."""
+    futures = {s.clip[1]: i for i, s in waiting.items() if s.clip[1] is not None}
+    several = jax.process_count() > 1
+    if block and futures:
+      done = cf.wait(list(futures), timeout=CLIP_POLL_S if several else None, return_when=cf.FIRST_COMPLETED).done
+    else:
+      done = [f for f in futures if f.done()]
+    outcomes = {futures[f]: _outcome(f, (VideoError, ValueError, OSError)) for f in done}
+    if not several:
+      return outcomes
+    if not host_allgather(np.asarray(len(outcomes), np.int32)).any():  # the common case: one small collective
+      return {}
+    return _shared(outcomes, "running the tool call", [r.task for r in self.rows])
+
+  def _pool(self, num_pages: int) -> jax.Array:
+    """The pool's pages, made on the device; replicated over the mesh when it spans several processes."""
+    make = lambda: PagePool.init(self.model.config.text, num_pages, self.engine.page_size, self.model.dtype).kv
+    if self.mesh is None or not self.mesh.is_multi_process:
+      return make()
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(make, out_shardings=replicated)()
+
+  def _global(self, tree):
+    """Host inputs of a device step as global arrays replicated over the model's mesh when it spans several
+    processes (every process passes the same values); unchanged in one process."""
+    return replicate(tree, self.mesh)
 
   def _observe(self, s: _Seq, text: str, images) -> None:
     r = s.row

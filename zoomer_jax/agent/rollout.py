@@ -1,5 +1,9 @@
 """The multi-turn VideoZoomer agent: a batch of trajectories that each pause on their own tool calls.
 
+`rollout` is the lockstep engine, kept as the baseline of `bench/bench_rollout.py` and the equality oracle of the
+tests: every job (GRPO, evaluation, infer, reflect, the demo) runs the continuous engine (`agent/engine.py`,
+docs/rollout_engine.md), which reuses this module's tasks, trajectories, video readers and host pieces.
+
 One `rollout` call runs a batch of (video, question) tasks to the end:
 
   1. the overview frames of every video are read and preprocessed in a thread pool, the prompts rendered to
@@ -229,8 +233,10 @@ def _tokens_per_image(grids: np.ndarray) -> list[int]:
 
 def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = AgentConfig(),
             key: jax.Array | None = None, on_event=None, script=None) -> list[Trajectory]:
-  """Runs every task to its end. `on_event(kind, row, info)` (optional) sees each turn ("turn"), tool call
-  (kind: the tool's name, e.g. "zoom"; info: its log record), tool error ("tool_error") and end ("final").
+  """The lockstep engine (the benchmark's baseline and the tests' oracle; jobs call `engine.continuous_rollout`,
+  which has this contract). Runs every task to its end. `on_event(kind, row, info)` (optional) sees each turn
+  ("turn"), tool call (kind: the tool's name, e.g. "zoom"; info: its log record), tool error ("tool_error") and end
+  ("final").
 
   `script(row, round) -> str | None` (optional) dictates a turn's text instead of sampling it (tests and
   demonstrations): its tokens are forced, their log-probs are still the model's.

@@ -2,7 +2,7 @@
 
     python -m zoomer_jax reflect --config=reflect --config.checkpoint=/ckpt/sft --config.data.train_files=...
 
-1. Our model runs the training tasks (`agent.rollout`, `data.samples` trajectories per task at
+1. Our model runs the training tasks (`agent.engine`, `data.samples` trajectories per task at
    `reflect.temperature`); each trajectory is logged in `rollouts.jsonl` (append-only, so a rerun does not run
    it again). Those the judge accepts need no correction (status "skipped", reason "model_correct").
 2. For each failed one the expert gets one request (`agent/prompts/reflect_prompt.txt`): the agent's system
@@ -30,10 +30,11 @@ import time
 import jax
 
 from zoomer_jax.agent import protocol as P
+from zoomer_jax.agent.engine import continuous_rollout
 from zoomer_jax.agent.expert import Conversation, ExpertAgent, content_parts, cut_turn, jpeg_url
 from zoomer_jax.agent.expert_api import ExpertAPI, ExpertError, ExpertSettings
 from zoomer_jax.agent.rewards import judge
-from zoomer_jax.agent.rollout import Videos, rollout
+from zoomer_jax.agent.rollout import Videos
 from zoomer_jax.data.distill import (Job, Outputs, attempt_line, expert_turns, rl_tasks, run_jobs, sft_record,
                                      verdict)
 from zoomer_jax.data.jsonl_log import AppendLog, read_log
@@ -100,7 +101,7 @@ def _rollouts(cfg, jobs: list[Job], out_dir: str) -> dict[str, dict]:
   if not todo:
     return have
   model, tok, mesh = harness._model_and_tokenizer(cfg)  # noqa: SLF001 (the eval job's loader)
-  agent = harness.agent_config(cfg)
+  agent, engine = harness.agent_config(cfg), harness.engine_config(cfg)
   agent = dataclasses.replace(agent, sampling=dataclasses.replace(agent.sampling,
                                                                   temperature=float(cfg.reflect.temperature)))
   key = jax.random.fold_in(jax.random.key(cfg.seed), len(have))
@@ -108,11 +109,12 @@ def _rollouts(cfg, jobs: list[Job], out_dir: str) -> dict[str, dict]:
     for start in range(0, len(todo), cfg.reflect.batch_size):
       batch = todo[start:start + cfg.reflect.batch_size]
       key, sub = jax.random.split(key)
+      tasks = [j.task for j in batch]
       if mesh is None:
-        trajs = rollout(model, tok, [j.task for j in batch], agent, sub)
+        trajs = continuous_rollout(model, tok, tasks, agent, sub, engine=engine)
       else:
         with jax.set_mesh(mesh):
-          trajs = rollout(model, tok, [j.task for j in batch], agent, sub)
+          trajs = continuous_rollout(model, tok, tasks, agent, sub, engine=engine)
       for job, t in zip(batch, trajs):
         acc = judge(t.turns, job.record.solution, job.record.answer_type) if t.turns else 0.0
         line = dict(key=job.key, turns=t.turns, answer=t.answer, finish_reason=t.finish_reason, calls=t.calls,

@@ -88,6 +88,12 @@ def agent_config(cfg) -> AgentConfig:
                      decode_chunk=e.decode_chunk, max_pixels=cfg.pixels, min_pixels=cfg.pixels, workers=e.workers)
 
 
+def engine_config(cfg):
+  """The continuous engine's settings of the evaluation (and the reflect stage's rollouts)."""
+  from zoomer_jax.agent.engine import EngineConfig  # noqa: PLC0415
+  return EngineConfig(page_size=cfg.eval.page_size, step_tokens=cfg.eval.step_tokens)
+
+
 def _stages(cfg) -> list[str]:
   names = [s.strip() for s in str(cfg.stages).split(",") if s.strip()]
   unknown = [s for s in names if s not in STAGES]
@@ -236,6 +242,7 @@ def reflect_job(cfg, paths: dict, out: str, expert_url: str):
   job.rollout.update(dict(max_new_tokens=e.max_new_tokens, decode_chunk=e.decode_chunk, workers=e.workers,
                           max_pixels=cfg.pixels, min_pixels=cfg.pixels))
   job.reflect.update(dict(temperature=cfg.reflect.temperature, batch_size=e.batch_size))
+  job.engine.update(dict(page_size=e.page_size, step_tokens=e.step_tokens))
   job.expert.update(dict(base_url=expert_url, model="scripted-expert", api_key="", max_retries=0))
   return job
 
@@ -325,7 +332,7 @@ def evaluate_model(cfg, hf_dir: str, name: str, tasks: list[Task], out: str) -> 
     sampled = dict(temperature=cfg.eval.temperature, samples=cfg.eval.samples) if mode == SAMPLED else {}
     reports[mode] = evaluate(model, tok, tasks, agent, use_tool=mode != "no_tool", batch_size=cfg.eval.batch_size,
                              out_jsonl=os.path.join(out, "eval", f"{name}_{mode}.jsonl"),
-                             key=jax.random.key(cfg.seed), **sampled)
+                             key=jax.random.key(cfg.seed), engine=engine_config(cfg), **sampled)
     print(f"{name} {reports[mode].mode}: accuracy {reports[mode].accuracy:.3f} ({reports[mode].wall_s:.1f} s)",
           flush=True)
   return reports

@@ -12,7 +12,7 @@ trains, each JSONL line carrying its `sample` index.
 
 Two modes:
 
-  * `use_tool=True`: the agent (`agent/rollout.py`) with `agent_cfg.tool`'s tools and budgets.
+  * `use_tool=True`: the agent (`agent/engine.py`, the continuous engine) with `agent_cfg.tool`'s tools and budgets.
   * `use_tool=False`: the no-tool baseline, given the frame budget of the tool run. A tool run sees its overview
     (at most `frames_upbound` frames) plus at most `tool_call_max_frames` per call in each of its first
     `max_generation_round - 1` rounds (the last round never runs the tool), all capped by `max_total_frames`:
@@ -56,7 +56,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from zoomer_jax.agent.protocol import ToolConfig
-from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
+from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
+from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory
 from zoomer_jax.agent.rewards import format_reward, judge_multi_choice
 from zoomer_jax.video import VideoError
 
@@ -216,30 +217,32 @@ class Report:
 _TASK_ERRORS = (VideoError, OSError, ValueError)
 
 
-def _run_batch(model, tok, batch, cfg, key, script) -> list[Trajectory | str]:
-  """`rollout` of one batch; if it raises, its tasks run one by one, and a task that fails alone gives its
-  error message instead of a trajectory."""
+def _run_batch(model, tok, batch, cfg, key, script, engine: EngineConfig) -> list[Trajectory | str]:
+  """`continuous_rollout` of one batch (all of it in flight); if it raises, its tasks run one by one, and a task
+  that fails alone gives its error message instead of a trajectory."""
   row_script = None if script is None else (lambda row, rnd, b=batch: script(b[row], rnd))
   try:
-    return rollout(model, tok, batch, cfg, key, script=row_script)
+    return continuous_rollout(model, tok, batch, cfg, key, script=row_script, engine=engine)
   except _TASK_ERRORS as e:
     if len(batch) == 1:
       return [f"{type(e).__name__}: {e}"]
   out = []
   for k, task in enumerate(batch):
-    out += _run_batch(model, tok, [task], cfg, jax.random.fold_in(key, k), script)
+    out += _run_batch(model, tok, [task], cfg, jax.random.fold_in(key, k), script, engine)
   return out
 
 
 def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentConfig(), *, use_tool: bool = True,
              batch_size: int = 8, out_jsonl: str | None = None, key: jax.Array | None = None, progress: bool = True,
              no_tool_system_prompt: str = NO_TOOL_PROMPT, script: Script | None = None,
-             temperature: float = 0.0, samples: int = 1) -> Report:
+             temperature: float = 0.0, samples: int = 1, engine: EngineConfig = EngineConfig()) -> Report:
   """Runs every task, scores it, writes one JSONL line per trajectory (if `out_jsonl`), returns the Report.
 
   Greedy by default; `temperature` > 0 samples `samples` trajectories per task (all k of a task in the same
   batch position order: task 0 k times, then task 1, ...). `script(task, round) -> str | None` (optional)
   dictates a turn's text instead of generating it, as `rollout`'s `script` does (tests and demonstrations).
+  Each batch of `batch_size` trajectories runs on the continuous engine (`agent/engine.py`, settings `engine`),
+  all of them in flight; a task's k samples share its prompt's prefill.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -267,7 +270,7 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
     for start in range(0, len(tasks), batch_size):
       batch = list(tasks[start:start + batch_size])
       key, sub = jax.random.split(key)
-      for k, (task, traj) in enumerate(zip(batch, _run_batch(model, tok, batch, cfg, sub, script))):
+      for k, (task, traj) in enumerate(zip(batch, _run_batch(model, tok, batch, cfg, sub, script, engine))):
         if isinstance(traj, str):
           rec = _error_record(task, mode, traj, "error")
         else:
@@ -325,6 +328,11 @@ def agent_config(cfg) -> AgentConfig:
                      sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), **rollout_kw)
 
 
+def engine_config(cfg) -> EngineConfig:
+  """The continuous engine's settings of a job config (`cfg.engine`); `batch_size` trajectories are in flight."""
+  return EngineConfig(page_size=cfg.engine.page_size, step_tokens=cfg.engine.step_tokens)
+
+
 def benchmark_tasks(cfg, tool: ToolConfig):
   """`cfg.benchmark` read as a `readers.Benchmark` (its first `limit` tasks when limit > 0). The name
   "synthetic" first generates `synthetic_n` videos of the built-in synthetic zoom task (`data.synthetic`) under
@@ -374,7 +382,8 @@ def main(cfg) -> Report:
   mode = "tool" if cfg.use_tool else "no_tool"
   stem = os.path.join(cfg.out_dir, f"{cfg.benchmark.name}_{mode}")
   kwargs = dict(use_tool=cfg.use_tool, batch_size=cfg.batch_size, out_jsonl=stem + ".jsonl",
-                key=jax.random.key(cfg.seed), progress=cfg.progress, no_tool_system_prompt=cfg.no_tool_system_prompt)
+                key=jax.random.key(cfg.seed), progress=cfg.progress, no_tool_system_prompt=cfg.no_tool_system_prompt,
+                engine=engine_config(cfg))
   if mesh is None:
     report = evaluate(model, tok, tasks, agent, **kwargs)
   else:

@@ -77,10 +77,11 @@ def to_host(tree: Any) -> Any:
   """Each array leaf (numpy, local or global jax.Array) -> its full value as numpy, on every process.
 
   A global array that is not fully addressable is gathered across processes: a collective, so every
-  process must call this with the same arrays in the same order.
+  process must call this with the same arrays in the same order. A replicated one is read from this process's
+  own copy (no communication).
   """
   def fetch(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
       return multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
   return jax.tree.map(fetch, tree)

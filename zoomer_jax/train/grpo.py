@@ -61,7 +61,7 @@ def task_of(record) -> Task:
               data_source=record.data_source)
 
 
-def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_size: int, engine: str = "lockstep",
+def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_size: int, engine: str = "continuous",
              engine_cfg: EngineConfig = EngineConfig()) -> list[Trajectory]:
   """Trajectories of `tasks`. The lockstep engine runs device batches of exactly `batch_size` rows (the last one
   padded with repeats, whose results are dropped), so every call reuses the same compiled programs; the
@@ -208,7 +208,8 @@ def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
   out = os.path.join(cfg.workdir, "validation", f"val_{step}.jsonl")
   with jax.set_mesh(engine.rollout_mesh or engine.mesh):
     rep = evaluate(engine.rollout_model(), tok, val_tasks, agent_cfg, use_tool=True,
-                   batch_size=cfg.rollout.batch_size, out_jsonl=out, key=jax.random.key(cfg.seed), progress=False)
+                   batch_size=cfg.rollout.batch_size, out_jsonl=out, key=jax.random.key(cfg.seed), progress=False,
+                   engine=EngineConfig(page_size=cfg.rollout.page_size, step_tokens=cfg.rollout.step_tokens))
   m = {"val/acc": rep.accuracy, "val/format": rep.format, "val/tool_calls": rep.mean_tool_calls,
        "val/frames": rep.mean_frames}
   m.update({f"val/acc/{src}": v["accuracy"] for src, v in rep.per_source.items()})
