@@ -161,7 +161,7 @@ def engine_programs(cfg, ab, mc: ModelConfig, rmesh: Mesh, stop, params, end_tok
     vision = _vision(mc, 1, images, es.grid, mesh, bucket(images, MIN_IMAGES), False) if images else None
     inp = _step_input(mesh, t, s, es.pages_per_seq, window, vision)
     return Program(name, fn, (graphdef, state, kv, inp, key, stop, params, end_token), per_step, mesh, note, flops,
-                   **kw)
+                   probe_layers=(2, 3), **kw)
 
   t = mc.text
   itemsize = jnp.dtype(ab.compute_dtype).itemsize

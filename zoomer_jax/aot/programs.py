@@ -65,6 +65,7 @@ class Program:
   kernel_bytes: float = 0.0  # per chip per call, of a Pallas kernel XLA's cost analysis leaves out (the paged
   kernel_flops: float = 0.0  # attention); splash kernels are counted from the HLO instead (report.splash_flops)
   traffic: dict = dataclasses.field(default_factory=dict)  # bytes per chip per call the step must move, by part
+  probe_layers: tuple = (1, 2)  # the decoder depths whose cost probes give the per-layer cost (report)
 
   def lower(self):
     with jax.set_mesh(self.mesh):

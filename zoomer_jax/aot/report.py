@@ -180,6 +180,12 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
   variants = {"1,1,0": (1, 1, 0), "2,1,0": (2, 1, 0), "1,2,0": (1, 2, 0)}
   if f:
     variants["1,0,1"] = (1, 0, 1)
+  # Programs whose one-layer probe is no step of the line (the paged step: XLA handles a one-layer pool
+  # differently) take the decoder's per-layer cost between 2 and 3 layers.
+  deep = {p.name for p in P.job_programs(probe_cfg, mesh, model_cfg=P.reduced(full, 1, 1, 0), token_chunk=None,
+                                         rollout_mesh=rollout_mesh) if p.probe_layers == (2, 3)}
+  if deep and (not only or deep & set(only)):
+    variants["3,1,0"] = (3, 1, 0)
   costs: dict[str, dict[str, Cost]] = {}
   failed: dict[str, str] = {}
   for key, depths in variants.items():
@@ -189,7 +195,7 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
       progs = P.job_programs(probe_cfg, mesh, model_cfg=model_cfg, token_chunk=None, rollout_mesh=rollout_mesh)
       blocked = None
       for p in progs:
-        if (only and p.name not in only) or p.name in failed:
+        if (only and p.name not in only) or p.name in failed or (key == "3,1,0" and p.name not in deep):
           continue
         try:
           compiled = p.lower().compile(compiler_options=PROBE_OPTIONS)
@@ -217,10 +223,14 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
   for name, c in costs.items():
     if name in failed:
       continue
-    ct = c["2,1,0"] - c["1,1,0"]
     cw = c["1,2,0"] - c["1,1,0"]
-    c0 = c["1,1,0"] - ct - cw
-    cf = (c["1,0,1"] - c0 - ct) if f else Cost()
+    cf = (c["1,0,1"] - c["1,1,0"] + cw) if f else Cost()  # (1,0,1) trades a windowed block for a full one
+    if name in deep:
+      ct = c["3,1,0"] - c["2,1,0"]
+      c0 = c["2,1,0"] - ct * 2 - cw
+    else:
+      ct = c["2,1,0"] - c["1,1,0"]
+      c0 = c["1,1,0"] - ct - cw
     out[name] = c0 + ct * t + cw * w + cf * f
   return out
 
