@@ -80,6 +80,7 @@ def replica_mesh(rmesh: Mesh) -> Mesh:
 
 
 def engine_shapes(cfg, mc: ModelConfig, rmesh: Mesh) -> EngineShapes:
+  """The engine's sizes and counts for `cfg` on the rollout mesh `rmesh` (module docstring)."""
   from zoomer_jax.aot.programs import rollout_shapes  # noqa: PLC0415 (programs imports this module)
   r = cfg.rollout
   shapes = rollout_shapes(cfg, mc)
@@ -189,7 +190,8 @@ def engine_programs(cfg, ab, mc: ModelConfig, rmesh: Mesh, stop, params, end_tok
            **kernel(es.prompt_real, 0)),
       step("engine/extend", es.extend_tokens, MIN_IMAGES, es.extend_images, es.extends,
            f"T={es.extend_tokens} (a clip of {es.clip_real}), {es.extend_images} images",
-           chunk(es.clip_real, es.prompt_real + es.clip_real, es.extend_images), **kernel(es.clip_real, es.prompt_real)),
+           chunk(es.clip_real, es.prompt_real + es.clip_real, es.extend_images),
+           **kernel(es.clip_real, es.prompt_real)),
   ]
 
 
