@@ -49,7 +49,8 @@ def _cfg(name, overrides=TPU_OVERRIDES):
 def test_tiny_programs_compile_for_tpu_and_fit(target, name, measure):
   rep = compile_job(_cfg(name), target, probes=False, log=lambda *a: None)
   want = {"grpo_tiny": {"grpo/old_logp", "grpo/ref_logp", "grpo/update", "grpo/apply", "rollout/reshard",
-                        "rollout/prefill", "rollout/extend", "rollout/decode"},
+                        "rollout/prefill", "rollout/extend", "rollout/decode", "engine/decode", "engine/prefill",
+                        "engine/extend"},
           "sft_tiny": {"sft/grad", "sft/apply"}}[name]
   assert {r.name for r in rep["results"]} == want
   for r in rep["results"]:
@@ -57,6 +58,40 @@ def test_tiny_programs_compile_for_tpu_and_fit(target, name, measure):
     assert r.fits and r.memory["total"] > 0 and r.error == ""
   grads = [r for r in rep["results"] if r.name in ("grpo/update", "sft/grad")]
   assert all("all-gather" in r.collectives for r in grads)  # FSDP gathers the weights
+
+
+# grpo_tiny with head_dim 128 (hidden 512 over 4 heads), a shape the paged kernel tiles.
+KERNEL_OVERRIDES = TPU_OVERRIDES + ["model.text.hidden_size=512", "model.text.mrope_section=(16,24,24)",
+                                    "model.vision.out_hidden_size=512"]
+
+
+@pytest.mark.slow
+def test_engine_decode_step_compiles_with_the_kernel_reading_the_pool_in_place(target, measure):
+  """The continuous engine's one-token paged step at the config's sizes, through `compile_job` and its cost
+  probes: it fits, runs the Pallas kernel once per layer on the whole pool seen flat (no per-layer copy of a
+  layer's pages), and its HBM account is the weights plus the kernel's keys and values."""
+  from zoomer_jax.aot import decode_bandwidth
+  from zoomer_jax.aot.engine_programs import engine_shapes, replica_mesh
+  from zoomer_jax.aot.report import compile_program, xla_hbm_bytes
+  cfg = _cfg("grpo_tiny", KERNEL_OVERRIDES)
+  mesh, rmesh = P.meshes(cfg, list(target.devices))
+  prog = next(p for p in P.job_programs(cfg, mesh, rollout_mesh=rmesh) if p.name == "engine/decode")
+  mc = ModelConfig.from_config_dict(cfg.model.to_dict())
+  es = engine_shapes(cfg, mc, rmesh)
+  assert prog.mesh.devices.size == rmesh.devices.size // rmesh.shape["data"] == replica_mesh(rmesh).devices.size
+  assert es.running == max(cfg.rollout.batch_size // rmesh.shape["data"], cfg.rollout.n)
+  r, compiled = compile_program(prog, xla_hbm_bytes(target), 0.1)
+  assert r.fits and r.error == ""
+  hlo = Hlo(compiled.as_text())
+  (name, _, shapes, count), = hlo.kernels("ragged_paged_attention_kernel")
+  assert count == mc.text.num_hidden_layers and shapes[0][1] == (es.seqs, mc.text.num_attention_heads, 128)
+  layer_pages = f"[{es.num_pages},{es.page_size},{2 * mc.text.num_key_value_heads},128]"
+  assert layer_pages not in compiled.as_text()  # no buffer of one layer's pages: nothing copies a layer out
+  rep = compile_job(cfg, target, only=("engine/decode",), log=lambda *a: None)
+  d = decode_bandwidth(rep)
+  measure("decode_fraction_mean", d["mean"]["fraction"])
+  assert d["mean"]["kv"] == r.traffic["kv_mean"] > 0 and d["weights"] > 0
+  assert 0 < d["mean"]["fraction"] < d["mean"]["xla_bytes_fraction"]
 
 
 @pytest.mark.slow

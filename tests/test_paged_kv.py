@@ -143,6 +143,23 @@ def test_ragged_step_equals_the_kernels_reference(rng, measure):
   assert diff <= tol.PAGED_ATTENTION_FP32
 
 
+def test_the_kernels_flat_pool_reads_the_layers_pages(rng, measure):
+  """The TPU path hands the kernel every layer's pages as one flat pool with the layer's page numbers
+  (`paged.flat_pool`, no copy of a layer): the kernel's reference on it equals the layer's attention."""
+  run, _, batch, q = _scenario(rng)
+  n_real = int(batch.cu_q_lens[int(batch.num_seqs[0])])
+  worst = 0.0
+  for layer in range(LAYERS):
+    flat, fb = paged.flat_pool(run.kv, batch, layer)
+    assert flat.shape == (LAYERS * PAGES, PAGE, 2 * KV_HEADS, HEAD_DIM)
+    ref = ref_ragged_paged_attention(q, flat, fb.kv_lens, fb.page_indices, fb.cu_q_lens, fb.num_seqs,
+                                     sm_scale=HEAD_DIM**-0.5)
+    ours = paged.ragged_attention_xla(q, run.kv, batch, sm_scale=HEAD_DIM**-0.5, layer=layer)
+    worst = max(worst, float(np.abs(np.asarray(ours)[:n_real] - np.asarray(ref)[:n_real]).max()))
+  measure("flat_vs_layer", worst)
+  assert worst <= tol.PAGED_ATTENTION_FP32
+
+
 def _padded(batch, max_seqs):
   s = batch.kv_lens.shape[0]
   pad = lambda x, v: np.concatenate([x, np.full((max_seqs - s,) + x.shape[1:], v, x.dtype)])

@@ -12,6 +12,7 @@ from flax import nnx
 import tolerances as tol
 from zoomer_jax.config_loader import load
 from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.page_allocator import PageAllocator
 from zoomer_jax.model.paged import PagedCache, PagePool
 from zoomer_jax.model.qwen25vl import Qwen25VL
@@ -25,6 +26,13 @@ PATCH_DIM = 1176
 def model():
   cfg = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model)
   return Qwen25VL(cfg, rngs=nnx.Rngs(7))
+
+
+@pytest.fixture(scope="module")
+def scanned_model():
+  """Stacked layers run by `lax.scan`: the paged step carries the whole pool through the scan."""
+  cfg = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model)
+  return Qwen25VL(cfg, rngs=nnx.Rngs(7), options=ModelOptions(scan_layers=True))
 
 
 def _image(rng, grid):
@@ -69,7 +77,9 @@ class Dense:
     return np.asarray(logits[0])
 
 
-def test_ragged_steps_equal_the_dense_path(model, rng, measure):
+@pytest.mark.parametrize("layers", ["unrolled", "scanned"])
+def test_ragged_steps_equal_the_dense_path(model, scanned_model, layers, rng, measure):
+  model = scanned_model if layers == "scanned" else model
   cfg = model.config
   alloc = PageAllocator(num_pages=64, page_size=8, pages_per_seq=16)
   kv = PagePool.init(cfg.text, 64, 8, jnp.float32).kv

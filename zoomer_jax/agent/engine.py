@@ -83,6 +83,12 @@ class EngineStats:
     return {**dataclasses.asdict(self), "shapes": len(self.shapes)}
 
 
+def pool_pages(running: int, largest_group: int, pages_per_seq: int) -> int:
+  """Pages of the pool: every trajectory in flight (at least a whole group: one is admitted alone if it must be)
+  at its longest, plus a group's prompt before its fork; there is no preemption."""
+  return (max(running, largest_group) + 1) * pages_per_seq
+
+
 class _Seq:
   """Engine state of one trajectory (its transcript and tool state live in the rollout's `_Row`)."""
 
@@ -158,7 +164,7 @@ class _Engine:
     ps = engine.page_size
     self.pages_per_seq = -(-_cache_size(rows, cfg) // ps)
     self.max_len = self.pages_per_seq * ps
-    num_pages = (max(self.running, largest) + 1) * self.pages_per_seq  # + 1: a group's prompt before its fork
+    num_pages = pool_pages(self.running, largest, self.pages_per_seq)
     self.alloc = PageAllocator(num_pages, ps, self.pages_per_seq)
     self.kv = self._pool(num_pages)
     self.live: dict[int, _Seq] = {}

@@ -18,12 +18,26 @@ from zoomer_jax.aot.target import topology_for, tpu_target
 __all__ = ["compile_job", "run", "summary"]
 
 
+ROLLOUT_PREFIXES = {"lockstep": "rollout/", "continuous": "engine/"}  # each engine's programs
+
+
 def summary(rep: dict) -> dict:
   """Step totals: the step time (programs x how often a step runs them), MFU over the training programs and the
-  whole step (model FLOPs / (chips x peak bf16 x time)), the collectives' share of the time."""
+  whole step (model FLOPs / (chips x peak bf16 x time)), the collectives' share of the time. The whole step with
+  either rollout engine ("lockstep": the dense-cache programs, "continuous": the paged engine's, both after the
+  weights' reshard); "step" is the one the config runs (`rollout.engine`)."""
   target, results = rep["target"], rep["results"]
   peak = target.chip.bf16_flops * target.chips
-  groups = {"train": [r for r in results if not r.name.startswith("rollout/")], "step": results}
+  train = [r for r in results if not r.name.startswith(tuple(ROLLOUT_PREFIXES.values()))]
+  groups = {"train": train}
+  if len(train) < len(results):
+    reshard = [r for r in results if r.name == "rollout/reshard"]
+    for engine, prefix in ROLLOUT_PREFIXES.items():
+      groups[engine] = train + [r for r in results if r.name.startswith(prefix) and r.name != "rollout/reshard"]
+      groups[engine] += reshard
+    groups["step"] = groups[rep["config"].rollout.engine]
+  else:
+    groups["step"] = results
   out = {}
   for name, rs in groups.items():
     time_s = sum(r.estimated_s * r.per_step for r in rs)
@@ -34,6 +48,41 @@ def summary(rep: dict) -> dict:
                      collective_share=coll_s / time_s if time_s > 0 else 0.0,
                      missing=[r.name for r in rs if r.cost is None])  # no estimate: the figures leave them out
   return out
+
+
+def decode_bandwidth(rep: dict, name: str = "engine/decode") -> dict | None:
+  """The decode step's use of HBM bandwidth, per chip: the bytes it must move (the weights it reads, the keys
+  and values its kernel reads at the mean and at the longest context) over (its time x the chip's HBM
+  bandwidth). Its time is XLA's estimate (cost probes) plus the kernel's KV bytes at that bandwidth (XLA prices
+  the kernel at nothing); `with_collectives` adds its collectives. "xla_bytes": XLA's own bytes accessed (plus
+  the kernel's) in place of the minimum."""
+  r = next((r for r in rep["results"] if r.name == name), None)
+  if r is None or r.cost is None or not r.traffic:
+    return None
+  bw, tr = rep["target"].chip.hbm_bw, r.traffic
+  out = dict(weights=tr["weights"], xla_bytes=r.cost.bytes, xla_s=r.cost.xla_s, collective_s=r.collective_s,
+             sequences=tr["sequences"], hbm_bw=bw)
+  for at in ("mean", "max"):
+    kv = tr[f"kv_{at}"]
+    t = r.cost.xla_s + kv / bw
+    out[at] = dict(context=tr[f"{at}_context"], kv=kv, min_bytes=tr["weights"] + kv, time_s=t,
+                   fraction=(tr["weights"] + kv) / (t * bw), xla_bytes_fraction=(r.cost.bytes + kv) / (t * bw),
+                   with_collectives=(tr["weights"] + kv) / ((t + r.collective_s) * bw),
+                   tokens_per_s=tr["sequences"] / (t + r.collective_s))  # one engine's
+  return out
+
+
+def decode_table(d: dict) -> str:
+  gb = lambda x: f"{x / 1e9:.2f} GB"
+  out = [f"\nengine/decode: HBM bandwidth, per chip ({d['sequences']} sequences; weights read {gb(d['weights'])}; "
+         f"XLA: {gb(d['xla_bytes'])} accessed, {d['xla_s'] * 1e3:.2f} ms; the kernel's KV bytes at "
+         f"{d['hbm_bw'] / 1e9:.0f} GB/s; collectives {d['collective_s'] * 1e3:.2f} ms):"]
+  for at in ("mean", "max"):
+    e = d[at]
+    out.append(f"  {at:4s} context {e['context']:6d}: KV {gb(e['kv'])}, minimum {gb(e['min_bytes'])} in "
+               f"{e['time_s'] * 1e3:.2f} ms -> {e['fraction']:.1%} of HBM bandwidth ({e['with_collectives']:.1%} with "
+               f"collectives; XLA's bytes accessed {e['xla_bytes_fraction']:.1%})")
+  return "\n".join(out)
 
 
 def _gib(x: float) -> str:
@@ -107,12 +156,22 @@ def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=p
     rep["account_check"] = check(cfg, rep)
     log(check_table(rep["account_check"]))
   if summ:
+    bw = decode_bandwidth(rep)
+    if bw:
+      summ["decode_bandwidth"] = bw
+      log(decode_table(bw))
     t, s = summ["train"], summ["step"]
     log(f"\ntraining programs: {t['time_s']:.1f} s per step, MFU {t['mfu']:.1%}, collectives {t['collective_share']:.1%}"
         f" of the time")
-    log(f"whole step: {s['time_s']:.1f} s, MFU {s['mfu']:.1%}, collectives {s['collective_share']:.1%}")
-    for part in ("train", "step"):
-      if summ[part]["missing"]:
+    for engine in ROLLOUT_PREFIXES:
+      if engine in summ:
+        e = summ[engine]
+        log(f"whole step with the {engine} engine: {e['time_s']:.1f} s (rollout {e['time_s'] - t['time_s']:.1f} s), "
+            f"MFU {e['mfu']:.1%}, collectives {e['collective_share']:.1%}")
+    log(f"whole step ({cfg.rollout.engine if 'lockstep' in summ else cfg.job}): {s['time_s']:.1f} s, MFU "
+        f"{s['mfu']:.1%}, collectives {s['collective_share']:.1%}")
+    for part in summ:
+      if isinstance(summ[part], dict) and summ[part].get("missing"):
         log(f"NOTE: the {part} figures are incomplete: no cost estimate for {summ[part]['missing']}")
   rep["summary"] = summ
   log(bench_json(rep, summ))

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from zoomer_jax.aot.engine_programs import engine_programs
 from zoomer_jax.checkpoint.hf_import import abstract_model
 from zoomer_jax.checkpoint.orbax_io import TrainState, state_shardings
 from zoomer_jax.cost import flops as F
@@ -61,6 +62,10 @@ class Program:
   loop_steps: int = 1  # iterations of a while loop XLA's cost analysis counts once (the decode loop's steps)
   resident: float = 0.0  # bytes per chip the job keeps live while this runs that are not its arguments
   kwargs: dict = dataclasses.field(default_factory=dict)
+  kernel_bytes: float = 0.0  # per chip per call, of a Pallas kernel XLA's cost analysis leaves out (the paged
+  kernel_flops: float = 0.0  # attention); splash kernels are counted from the HLO instead (report.splash_flops)
+  traffic: dict = dataclasses.field(default_factory=dict)  # bytes per chip per call the step must move, by part
+  probe_layers: tuple = (1, 2)  # the decoder depths whose cost probes give the per-layer cost (report)
 
   def lower(self):
     with jax.set_mesh(self.mesh):
@@ -265,7 +270,7 @@ def rollout_shapes(cfg, mc: ModelConfig) -> dict:
   chunks = traj.turns * -(-int(per_turn) // r.decode_chunk)
   return dict(prompt=prompt, clip=clip, cache=cache, calls=calls, zooms=traj.zoom_calls, chunks=chunks,
               grid=traj.grid, overview=traj.overview_frames, clip_frames=traj.frames_per_call,
-              context=_mean_decode_context(traj))
+              context=_mean_decode_context(traj), gen_tokens=traj.gen_tokens)
 
 
 def rollout_programs(cfg, ab: Abstract, steps: TrainSteps, mc: ModelConfig, mesh: Mesh,
@@ -331,7 +336,8 @@ def rollout_programs(cfg, ab: Abstract, steps: TrainSteps, mc: ModelConfig, mesh
   out.append(Program("rollout/decode", decode_program, args, n * shapes["chunks"], rmesh,
                      f"{rows} rows x {r.decode_chunk} steps ({shapes['chunks']} chunks per rollout call)",
                      rows * per_token * r.decode_chunk, loop_steps=r.decode_chunk))
-  return out
+  return out + engine_programs(cfg, ab, mc, rmesh, stop, SamplingParams(temperature=r.temperature, top_p=r.top_p,
+                                                                        top_k=max(0, r.top_k)))
 
 
 def job_programs(cfg, mesh: Mesh, **kw) -> list[Program]:

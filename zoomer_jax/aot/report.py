@@ -18,6 +18,10 @@ Per program (`programs.job_programs`):
     (ring algorithm over the op's group); XLA's estimate leaves them out, so they are timed at the chip's ICI
     receive bandwidth and added (no overlap assumed: an upper bound).
 
+  * the paged attention kernel (the continuous engine's programs, `engine_programs`) is a custom call XLA prices
+    at nothing, bytes included: its HBM bytes and FLOPs are counted from the shapes and timed at the bound of the
+    two (HBM bandwidth, `kernel_rate`).
+
 The program's estimated time = XLA's (probes) + kernels + collectives; a job step is the sum over programs of
 that times how often the step runs it.
 """
@@ -86,6 +90,9 @@ class Result:
   kernel_s: float = 0.0
   collective_s: float = 0.0
   error: str = ""
+  kernel_bytes: float = 0.0  # per chip per call: a Pallas kernel's work XLA's cost analysis leaves out
+  kernel_flops: float = 0.0
+  traffic: dict = dataclasses.field(default_factory=dict)  # the bytes a step must move (programs.Program.traffic)
 
   @property
   def estimated_s(self) -> float:
@@ -173,6 +180,12 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
   variants = {"1,1,0": (1, 1, 0), "2,1,0": (2, 1, 0), "1,2,0": (1, 2, 0)}
   if f:
     variants["1,0,1"] = (1, 0, 1)
+  # Programs whose one-layer probe is no step of the line (the paged step: XLA handles a one-layer pool
+  # differently) take the decoder's per-layer cost between 2 and 3 layers.
+  deep = {p.name for p in P.job_programs(probe_cfg, mesh, model_cfg=P.reduced(full, 1, 1, 0), token_chunk=None,
+                                         rollout_mesh=rollout_mesh) if p.probe_layers == (2, 3)}
+  if deep and (not only or deep & set(only)):
+    variants["3,1,0"] = (3, 1, 0)
   costs: dict[str, dict[str, Cost]] = {}
   failed: dict[str, str] = {}
   for key, depths in variants.items():
@@ -182,7 +195,7 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
       progs = P.job_programs(probe_cfg, mesh, model_cfg=model_cfg, token_chunk=None, rollout_mesh=rollout_mesh)
       blocked = None
       for p in progs:
-        if (only and p.name not in only) or p.name in failed:
+        if (only and p.name not in only) or p.name in failed or (key == "3,1,0" and p.name not in deep):
           continue
         try:
           compiled = p.lower().compile(compiler_options=PROBE_OPTIONS)
@@ -210,16 +223,21 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
   for name, c in costs.items():
     if name in failed:
       continue
-    ct = c["2,1,0"] - c["1,1,0"]
     cw = c["1,2,0"] - c["1,1,0"]
-    c0 = c["1,1,0"] - ct - cw
-    cf = (c["1,0,1"] - c0 - ct) if f else Cost()
+    cf = (c["1,0,1"] - c["1,1,0"] + cw) if f else Cost()  # (1,0,1) trades a windowed block for a full one
+    if name in deep:
+      ct = c["3,1,0"] - c["2,1,0"]
+      c0 = c["2,1,0"] - ct * 2 - cw
+    else:
+      ct = c["2,1,0"] - c["1,1,0"]
+      c0 = c["1,1,0"] - ct - cw
     out[name] = c0 + ct * t + cw * w + cf * f
   return out
 
 
 def compile_program(p: P.Program, hbm: float, headroom: float) -> tuple[Result, Any]:
-  r = Result(p.name, p.per_step, p.note, p.model_flops / len(p.mesh.devices.flat), p.loop_steps, p.resident)
+  r = Result(p.name, p.per_step, p.note, p.model_flops / len(p.mesh.devices.flat), p.loop_steps, p.resident,
+             kernel_bytes=p.kernel_bytes, kernel_flops=p.kernel_flops, traffic=p.traffic)
   t0 = time.perf_counter()
   try:
     compiled = p.lower().compile()
@@ -266,12 +284,15 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
   if probes:
     costs = probe_costs(cfg, mesh, rollout_mesh, log=log, only=only)
     heads = cfg.model.text.num_attention_heads // max(1, int(mesh.shape.get("tensor", 1)))
-    rate = kernel_rate(target, heads) if any(c.kernel_flops for c in costs.values()) else 0.0
+    needed = any(c.kernel_flops for c in costs.values()) or any(r.kernel_flops for r in results)
+    rate = kernel_rate(target, heads) if needed else 0.0
     for r in results:
       r.cost = costs.get(r.name)
       if r.cost is not None:  # a while loop (decode) is costed once per iteration
         r.cost = r.cost * r.loop_steps
       if r.cost is not None and rate:
         r.kernel_s = r.cost.kernel_flops / rate
+      if r.cost is not None and (r.kernel_bytes or r.kernel_flops):  # the paged kernel: bound by HBM or FLOPs
+        r.kernel_s += max(r.kernel_bytes / target.chip.hbm_bw, r.kernel_flops / rate if rate else 0.0)
   return dict(config=cfg, target=target, hbm=hbm, headroom=headroom, mesh=dict(mesh.shape),
               rollout_mesh=dict(rollout_mesh.shape) if rollout_mesh else None, results=results)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from zoomer_jax.model.config import TextConfig
 from zoomer_jax.model.layers import precision_for
 from zoomer_jax.model.stack import loops_unrolled, scan
+from zoomer_jax.parallel.rules import logical_to_spec
 
 KEYS_PER_BLOCK = 512  # the plain-JAX path's online-softmax step: keys per block (whole pages)
 # The kernel's tile: jax's untuned default on v5 and later (`get_tuned_block_sizes`), which cannot be looked up
@@ -77,19 +79,21 @@ class PagedCache:
 @struct.dataclass
 class PagedLayer:
   """One layer's pages [P, page_size, 2k, h] and the step's metadata, as a decoder layer's `kv` argument; or,
-  with `layer` set, every layer's pages [L, P, ...] of which layer `layer` is read and written (in place: no copy
-  of a layer's slice per step)."""
+  with `layer` set (an int, or a traced index in a scan over layers), every layer's pages [L, P, ...] of which
+  layer `layer` is read and written (in place: no copy of a layer's slice per step)."""
 
   pages: jax.Array
   batch: RaggedBatch
-  layer: int | None = struct.field(pytree_node=False, default=None)
+  layer: int | jax.Array | None = None
 
 
 def token_layout(batch: RaggedBatch, t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sequence [T], position in its sequence [T], real [T] bool) of each of the step's T rows."""
   rows = jnp.arange(t, dtype=jnp.int32)
   s = batch.kv_lens.shape[0]
-  seq = jnp.minimum(jnp.searchsorted(batch.cu_q_lens[1:], rows, side="right"), s - 1).astype(jnp.int32)
+  # compare_all: no while loop (the default's), which a cost probe's analysis would count once; [T, S] is small
+  seq = jnp.minimum(jnp.searchsorted(batch.cu_q_lens[1:], rows, side="right", method="compare_all"),
+                    s - 1).astype(jnp.int32)
   q_len = batch.cu_q_lens[seq + 1] - batch.cu_q_lens[seq]
   pos = batch.kv_lens[seq] - q_len + rows - batch.cu_q_lens[seq]
   real = rows < batch.cu_q_lens[batch.num_seqs[0]]
@@ -140,7 +144,7 @@ def query_tiles(batch: RaggedBatch, t: int, rows_per_tile: int) -> tuple[jax.Arr
   tiles = -(-q_lens // rows_per_tile)
   ends = jnp.cumsum(tiles)
   k = jnp.arange(t // rows_per_tile + s, dtype=jnp.int32)
-  seq = jnp.minimum(jnp.searchsorted(ends, k, side="right"), s - 1).astype(jnp.int32)
+  seq = jnp.minimum(jnp.searchsorted(ends, k, side="right", method="compare_all"), s - 1).astype(jnp.int32)
   local = k - (ends[seq] - tiles[seq])
   first = batch.cu_q_lens[seq] + local * rows_per_tile
   rows = jnp.where(k < ends[-1], jnp.clip(q_lens[seq] - local * rows_per_tile, 0, rows_per_tile), 0)
@@ -208,11 +212,22 @@ def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *,
   return jnp.zeros((t, n, h), q_tnh.dtype).at[dest].set(out.astype(q_tnh.dtype), mode="drop")
 
 
-def ragged_attention_tpu(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float) -> jax.Array:
+def flat_pool(kv: jax.Array, batch: RaggedBatch, layer: int | jax.Array) -> tuple[jax.Array, RaggedBatch]:
+  """Every layer's pages [L, P, ...] as one pool [L * P, ...] (a reshape, no copy) and the step's metadata with
+  layer `layer`'s page numbers in it."""
+  return kv.reshape(-1, *kv.shape[2:]), batch.replace(page_indices=batch.page_indices + layer * kv.shape[1])
+
+
+def ragged_attention_tpu(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float,
+                         layer: int | jax.Array | None = None) -> jax.Array:
   """The same contract through the Pallas TPU kernel (`ragged_paged_attention`); padding rows are zeroed, which
-  the kernel leaves unwritten."""
+  the kernel leaves unwritten. With `layer`, kv is every layer's pages [L, P, ...]: the kernel reads them as one
+  flat pool [L * P, ...] (a free reshape) with layer `layer`'s page numbers, since a slice kv[layer] handed to a
+  custom call is a copy of the layer's whole pool."""
   from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention  # noqa: PLC0415
   t = q_tnh.shape[0]
+  if layer is not None:
+    kv, batch = flat_pool(kv, batch, layer)
   out = ragged_paged_attention(
       q_tnh, kv, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale,
       num_kv_pages_per_block=min(KERNEL_KV_PAGES_PER_BLOCK, batch.page_indices.shape[1]),
@@ -228,15 +243,40 @@ def kernel_fits(kv: jax.Array) -> bool:
   return h % 128 == 0 and kk % packing == 0 and (kk // packing in (1, 2, 4, 8) or kk // packing % 8 == 0)
 
 
-def ragged_attention(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, layer: int | None = None) -> jax.Array:
+def ragged_attention_sharded(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float,
+                             layer: int | jax.Array | None = None, rules=None) -> jax.Array:
+  """`ragged_attention_tpu` under `shard_map` over the kv-head axis the rules give the mesh in context
+  ("activation_kv_heads"): each chip runs the kernel on its query heads [T, n / m, h] and its pages
+  [..., page_size, 2k / m, h] (whole (key, value) pairs: the interleaved axis splits between heads), the step's
+  metadata replicated. A Pallas call is opaque to XLA's partitioner, which would gather a sharded pool whole."""
+  run = lambda q, kv, b, layer: ragged_attention_tpu(q, kv, b, sm_scale=sm_scale, layer=layer)
+  mesh = jax.sharding.get_abstract_mesh()
+  heads = None
+  if not mesh.empty and rules is not None:
+    heads = logical_to_spec(("activation_kv_heads",), rules, mesh, (kv.shape[-2] // 2,))[0]
+  if heads is None:
+    return run(q_tnh, kv, batch, layer)
+  q_spec = PartitionSpec(None, heads, None)
+  kv_spec = PartitionSpec(*(None,) * (kv.ndim - 2), heads, None)
+  meta = jax.tree.map(lambda _: PartitionSpec(), batch)
+  if layer is None:
+    return jax.shard_map(lambda q, kv, b: run(q, kv, b, None), mesh=mesh, in_specs=(q_spec, kv_spec, meta),
+                         out_specs=q_spec, check_vma=False)(q_tnh, kv, batch)
+  return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, meta, PartitionSpec()), out_specs=q_spec,
+                       check_vma=False)(q_tnh, kv, batch, jnp.asarray(layer, jnp.int32))
+
+
+def ragged_attention(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, layer: int | None = None, *,
+                     rules=None) -> jax.Array:
   """q [T, n, h] over one layer's pages [P, page_size, 2k, h] -> [T, n, h], scale head_dim**-0.5 (Qwen2.5-VL's
   text attention: no window, no soft cap). The compiled program's platform picks the path (never the host's
-  backend): the Pallas kernel on TPU when it tiles the pages (`kernel_fits`), the plain-JAX online softmax
-  elsewhere. With `layer`, kv is every layer's pages [L, P, ...] and layer `layer`'s are read."""
+  backend): the Pallas kernel on TPU when it tiles the pages (`kernel_fits`; sharded over kv heads by `rules`,
+  `ragged_attention_sharded`), the plain-JAX online softmax elsewhere. With `layer`, kv is every layer's pages
+  [L, P, ...] and layer `layer`'s are read."""
   scale = q_tnh.shape[-1] ** -0.5
   if not kernel_fits(kv):  # every branch is traced, so a shape the kernel refuses must not reach it
     return ragged_attention_xla(q_tnh, kv, batch, sm_scale=scale, layer=layer)
   return jax.lax.platform_dependent(
       q_tnh, kv, batch,
-      tpu=lambda q, kv, b: ragged_attention_tpu(q, kv if layer is None else kv[layer], b, sm_scale=scale),
+      tpu=lambda q, kv, b: ragged_attention_sharded(q, kv, b, sm_scale=scale, layer=layer, rules=rules),
       default=lambda q, kv, b: ragged_attention_xla(q, kv, b, sm_scale=scale, layer=layer))

@@ -14,7 +14,7 @@ from zoomer_jax.model.mrope import mrope_cos_sin
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.paged import PagedCache, PagedLayer, copy_pages, ragged_attention
 from zoomer_jax.model.paged import write as write_pages
-from zoomer_jax.model.stack import remat, scan_modules, stack_modules
+from zoomer_jax.model.stack import num_stacked, remat, scan_modules, stack_modules
 from zoomer_jax.parallel.rules import constrain
 
 # The residual stream between layers. Its length axis has a name of its own so that a rule can shard it over the
@@ -66,7 +66,7 @@ class Attention(nnx.Module):
     v_btkh = constrain(v_btkh, heads[:2] + ("activation_kv_heads", None), rules)
     if isinstance(kv, PagedLayer):  # each row reads its own sequence's pages (`paged.ragged_attention`)
       pages = write_pages(kv.pages, k_btkh[0], v_btkh[0], kv.batch, kv.layer)
-      out_btnh = ragged_attention(q_btnh[0], pages, kv.batch, kv.layer)[None]
+      out_btnh = ragged_attention(q_btnh[0], pages, kv.batch, kv.layer, rules=rules)[None]
       return self.o_proj(constrain(out_btnh, heads, rules)), kv.replace(pages=pages)
     if kv is not None:  # written in place, then this layer's every slot is read
       kv = write_kv(*kv, k_btkh, v_btkh, mask.q_start)
@@ -155,13 +155,15 @@ class TextDecoder(nnx.Module):
     batch = cache.batch
     x_btd = constrain(x_btd.astype(self.dtype), BTD, self.options.rules)
 
-    def run(layer, x, pages):
-      x, kv = layer(x, cos_bth, sin_bth, None, None, PagedLayer(pages, batch))
-      return x, kv.pages
-
     kv = copy_pages(cache.kv, batch)
-    if self.options.scan_layers:
-      x_btd, kv = scan_modules(run, self.layers, x_btd, kv)
+    if self.options.scan_layers:  # the whole pool is carried and layer i's part read and written in place
+      def run_at(layer, carry, i):
+        x, kv = carry
+        x, kv = layer(x, cos_bth, sin_bth, None, None, PagedLayer(kv, batch, i))
+        return (x, kv.pages), None
+
+      (x_btd, kv), _ = scan_modules(run_at, self.layers, (x_btd, kv),
+                                    jnp.arange(num_stacked(self.layers), dtype=jnp.int32))
     else:  # each layer reads and writes its part of the whole pool, in place
       for i, layer in enumerate(self.layers):
         x_btd, kv = layer(x_btd, cos_bth, sin_bth, None, None, PagedLayer(kv, batch, i))
