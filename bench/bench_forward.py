@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 

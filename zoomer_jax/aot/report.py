@@ -29,7 +29,6 @@ that times how often the step runs it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from typing import Any

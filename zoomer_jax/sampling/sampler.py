@@ -22,7 +22,6 @@ the same temperature computes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
