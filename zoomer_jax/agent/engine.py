@@ -37,7 +37,9 @@ from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _app
 from zoomer_jax.agent.rollout import _outcome, _start, _tokens_per_image, for_model, stop_criteria
 from zoomer_jax.model.page_allocator import PageAllocator
 from zoomer_jax.model.paged import PagePool
+from zoomer_jax.sampling import burst as B
 from zoomer_jax.sampling import ragged as R
+from zoomer_jax.sampling.sampler import decode_weights
 from zoomer_jax.text.tokenizer import Tokenizer
 from zoomer_jax.video import VideoError
 
@@ -48,23 +50,30 @@ ENGINES = ("lockstep", "continuous")
 class EngineConfig:
   """page_size: tokens per page. max_running: trajectories in flight (0: every task); the pool holds that many
   at the longest length a trajectory may reach. step_tokens: tokens per step, decode rows first, then whole
-  chunks while they fit (a longer chunk runs alone). share_prompts: a group's prompt is prefilled once."""
+  chunks while they fit (a longer chunk runs alone). share_prompts: a group's prompt is prefilled once.
+  decode_burst: tokens per device call when a step holds only decode rows (`sampling/burst.py`; 1: one per step)."""
 
   page_size: int = 16
   max_running: int = 0
   step_tokens: int = 256
   share_prompts: bool = True
+  decode_burst: int = 16
 
 
 @dataclasses.dataclass
 class EngineStats:
   """What one run did: steps, tokens written to the cache by kind, and the rows the device computed."""
 
-  steps: int = 0
+  steps: int = 0  # device calls, bursts included
+  bursts: int = 0  # of which decode bursts
+  prefills: int = 0  # prompt chunks (a shared prompt once)
   prefill_tokens: int = 0  # prompt tokens (a shared prompt once)
   extend_tokens: int = 0  # observation chunks (with the turn's last token)
   decode_tokens: int = 0  # one-token rows
-  device_rows: int = 0  # the steps' bucketed rows, padding included
+  device_rows: int = 0  # the steps' bucketed rows, padding included (a burst: rows x iterations)
+  page_tokens_peak: int = 0  # over trajectories: the most pages each referenced at once, x page_size
+  tokens_held: int = 0  # over trajectories: the tokens each held in its pages at its end
+  pages_leaked: int = 0  # pages not free again when the run ended (0)
   shapes: set = dataclasses.field(default_factory=set)  # distinct step shapes: each is one compiled program
 
   def as_dict(self) -> dict:
@@ -139,6 +148,7 @@ class _Engine:
     self.videos, self.event, self.script, self.stats = videos, event, script, stats
     self.stop = stop_criteria(tok, cfg.tool.tools)
     self.split = nnx.split(model)
+    self.burst_split = nnx.split(decode_weights(model)) if engine.decode_burst > 1 else None
     self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
     self.running = engine.max_running or sum(map(len, self.waiting))
     largest = max(map(len, self.waiting))
@@ -149,6 +159,7 @@ class _Engine:
     self.alloc = PageAllocator(num_pages, ps, self.pages_per_seq)
     self.kv = PagePool.init(model.config.text, num_pages, ps, model.dtype).kv
     self.live: dict[int, _Seq] = {}
+    self.peak: dict[int, int] = {}  # trajectory -> the most pages it referenced at once
     self.ready: list[_Seq | _Prompt] = []  # sequences with tokens to feed, in the order they became ready
 
   # --- the loop ----------------------------------------------------------------------------------------------
@@ -164,7 +175,11 @@ class _Engine:
       if not feeds:
         continue
       key, sub = jax.random.split(key)
-      self._step(feeds, sub)
+      if self._burstable(feeds):
+        self._burst(feeds, sub)
+      else:
+        self._step(feeds, sub)
+    self.stats.pages_leaked = self.alloc.num_pages - self.alloc.free_pages
 
   def _admit(self) -> None:
     while self.waiting and (not self.live or len(self.live) + len(self.waiting[0]) <= self.running):
@@ -195,9 +210,11 @@ class _Engine:
 
   def _schedule(self) -> list:
     """The step's feeders: decode rows first, then chunks in the order they became ready, within
-    `step_tokens` (at least one). Sequences that would outgrow their page table end with "context_limit"."""
+    `step_tokens`; a chunk longer than that goes with the decode rows alone (were it to wait for a step without
+    decode rows, it would wait for every running turn to end). Sequences that would outgrow their page table end
+    with "context_limit"."""
     order = sorted(range(len(self.ready)), key=lambda k: (self._feed_len(self.ready[k]) > 1, k))
-    feeds, tokens, keep = [], 0, []
+    feeds, tokens, keep, chunk = [], 0, [], False
     for k in order:
       f = self.ready[k]
       n = self._feed_len(f)
@@ -205,11 +222,12 @@ class _Engine:
         f.row.reason = "context_limit"
         self._retire(f)
         continue
-      if feeds and tokens + n > self.engine.step_tokens:
+      if feeds and tokens + n > self.engine.step_tokens and (n <= self.engine.step_tokens or chunk):
         keep.append(f)
         continue
       feeds.append(f)
       tokens += n
+      chunk |= n > 1
     self.ready = [f for f in self.ready if f in keep]
     return feeds
 
@@ -224,6 +242,7 @@ class _Engine:
     ids = np.asarray(r.tr.ids[r.in_cache:], np.int32)
     pixels, grids = s.images if s.images is not None else (None, None)
     positions, next_pos = R.chunk_positions(self.model.config, ids, grids, s.pos)
+    self.stats.prefills += r.in_cache == 0
     kind = "prefill_tokens" if r.in_cache == 0 else "decode_tokens" if len(ids) == 1 else "extend_tokens"
     setattr(self.stats, kind, getattr(self.stats, kind) + len(ids))
     members = f.members if isinstance(f, _Prompt) else [f]
@@ -256,6 +275,7 @@ class _Engine:
         for m in f.members:
           self.alloc.fork(f.key, m.i)
         self.alloc.free(f.key)
+    self._note_pages([m for f in feeds for m in (f.members if isinstance(f, _Prompt) else [f])])
     for k, (s, what) in enumerate(owners):
       if what == "end":
         s.row.logprobs[s.end_at] = float(out.end_logprob[k])
@@ -263,6 +283,51 @@ class _Engine:
       else:
         self._take(s, int(out.tokens[k]), float(out.logprobs[k]), out.windows[k],
                    bool(out.hit_token[k] or out.hit_string[k]))
+
+  def _note_pages(self, seqs) -> None:
+    for s in seqs:
+      self.peak[s.i] = max(self.peak.get(s.i, 0), len(self.alloc.pages(s.i)))
+
+  # --- decode bursts (`sampling/burst.py`) ---------------------------------------------------------------------
+  def _burstable(self, feeds) -> bool:
+    """Whether the step holds only decode rows (each sequence feeds its last sampled token, no appended
+    <|im_end|> to score) and nothing else waits to be fed: then it runs as a burst of up to `decode_burst` tokens."""
+    return (self.engine.decode_burst > 1 and not self.ready
+            and all(isinstance(f, _Seq) and f.end_at is None and self._feed_len(f) == 1 for f in feeds))
+
+  def _burst(self, feeds: list[_Seq], key) -> None:
+    """Up to `decode_burst` tokens for each sequence in one device call: pages reserved for each row's limit (its
+    turn's budget, its page table), the unused room given back after; then each row's tokens are taken as one-token
+    steps would take them (a row that stopped ends its turn)."""
+    k, rows, windows = self.engine.decode_burst, [], []
+    forced = np.full((len(feeds), k), -1, np.int32)
+    for j, s in enumerate(feeds):
+      r = s.row
+      limit = min(k, self.cfg.sampling.max_new_tokens - r.turn_tokens, self.max_len - self.alloc.length(s.i))
+      rows.append((s.i, r.tr.ids[-1], s.pos, limit))
+      windows.append(s.window)
+      if s.script is not None:
+        part = s.script[r.turn_tokens:r.turn_tokens + limit]
+        forced[j, :len(part)] = part
+    starts = [self.alloc.length(s.i) for s in feeds]
+    inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window)
+    self._note_pages(feeds)
+    self.kv, out = B.burst_step(self.burst_split, self.kv, inp, key, self.stop, self.cfg.sampling)
+    out = jax.device_get(out)
+    self.stats.steps += 1
+    self.stats.bursts += 1
+    self.stats.device_rows += inp.tokens.shape[0] * int(out.num.max())
+    self.stats.shapes.add(B.burst_shape(inp, self.kv))
+    for j, s in enumerate(feeds):
+      n, r = int(out.num[j]), s.row
+      self.alloc.truncate(s.i, starts[j] + n)
+      self.stats.decode_tokens += n
+      s.pos += n
+      r.tr.append_generated(out.tokens[j, :n - 1].tolist())
+      r.logprobs += out.logprobs[j, :n - 1].tolist()
+      r.turn_tokens += n - 1
+      r.in_cache = len(r.tr.ids)  # every token but the last sampled one is in the pages
+      self._take(s, int(out.tokens[j, n - 1]), float(out.logprobs[j, n - 1]), out.windows[j], bool(out.stopped[j]))
 
   def _take(self, s: _Seq, token: int, logprob: float, window: np.ndarray, stopped: bool) -> None:
     r = s.row
@@ -339,4 +404,6 @@ class _Engine:
     """A finished sequence frees its pages now."""
     self.live.pop(s.i, None)
     if s.i in self.alloc:
+      self.stats.page_tokens_peak += self.peak.pop(s.i, 0) * self.engine.page_size
+      self.stats.tokens_held += self.alloc.length(s.i)
       self.alloc.free(s.i)
