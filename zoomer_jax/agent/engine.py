@@ -160,6 +160,7 @@ class _Engine:
     self.kv = PagePool.init(model.config.text, num_pages, ps, model.dtype).kv
     self.live: dict[int, _Seq] = {}
     self.peak: dict[int, int] = {}  # trajectory -> the most pages it referenced at once
+    self.chunk_fed = False  # the last step fed chunks: the next one bursts the decode rows if there are any
     self.ready: list[_Seq | _Prompt] = []  # sequences with tokens to feed, in the order they became ready
 
   # --- the loop ----------------------------------------------------------------------------------------------
@@ -171,14 +172,16 @@ class _Engine:
       self._collect(block=not self.ready)
       if not self.ready:
         continue
-      feeds = self._schedule()
+      feeds = self._schedule(decode_only=self.chunk_fed)
       if not feeds:
         continue
       key, sub = jax.random.split(key)
-      if self._burstable(feeds):
+      if self._burstable(feeds, chunks_wait=self.chunk_fed):
         self._burst(feeds, sub)
+        self.chunk_fed = False
       else:
         self._step(feeds, sub)
+        self.chunk_fed = self.engine.decode_burst > 1 and any(self._feed_len(f) > 1 for f in feeds)
     self.stats.pages_leaked = self.alloc.num_pages - self.alloc.free_pages
 
   def _admit(self) -> None:
@@ -208,11 +211,14 @@ class _Engine:
     n = s.row.turn_tokens
     return s.script[n] if s.script is not None and n < len(s.script) else -1
 
-  def _schedule(self) -> list:
+  def _schedule(self, decode_only: bool = False) -> list:
     """The step's feeders: decode rows first, then chunks in the order they became ready, within
     `step_tokens`; a chunk longer than that goes with the decode rows alone (were it to wait for a step without
     decode rows, it would wait for every running turn to end). Sequences that would outgrow their page table end
-    with "context_limit"."""
+    with "context_limit". `decode_only` (after a step that fed chunks, when bursts are on): chunks wait for the
+    next step if there are decode rows, so that steps with chunks and bursts alternate while clips keep arriving
+    (otherwise nearly every step would hold a new observation and decode one token)."""
+    decode_only &= any(self._burst_row(f) for f in self.ready)
     order = sorted(range(len(self.ready)), key=lambda k: (self._feed_len(self.ready[k]) > 1, k))
     feeds, tokens, keep, chunk = [], 0, [], False
     for k in order:
@@ -222,7 +228,8 @@ class _Engine:
         f.row.reason = "context_limit"
         self._retire(f)
         continue
-      if feeds and tokens + n > self.engine.step_tokens and (n <= self.engine.step_tokens or chunk):
+      if decode_only and not self._burst_row(f) or (
+          feeds and tokens + n > self.engine.step_tokens and (n <= self.engine.step_tokens or chunk)):
         keep.append(f)
         continue
       feeds.append(f)
@@ -289,11 +296,15 @@ class _Engine:
       self.peak[s.i] = max(self.peak.get(s.i, 0), len(self.alloc.pages(s.i)))
 
   # --- decode bursts (`sampling/burst.py`) ---------------------------------------------------------------------
-  def _burstable(self, feeds) -> bool:
+  def _burstable(self, feeds, chunks_wait: bool) -> bool:
     """Whether the step holds only decode rows (each sequence feeds its last sampled token, no appended
-    <|im_end|> to score) and nothing else waits to be fed: then it runs as a burst of up to `decode_burst` tokens."""
-    return (self.engine.decode_burst > 1 and not self.ready
-            and all(isinstance(f, _Seq) and f.end_at is None and self._feed_len(f) == 1 for f in feeds))
+    <|im_end|> to score), every one there is, and no chunk waits unless `chunks_wait` (chunks were just fed,
+    `_schedule`): then it runs as a burst of up to `decode_burst` tokens."""
+    return (self.engine.decode_burst > 1 and all(map(self._burst_row, feeds))
+            and not any(self._burst_row(f) or not chunks_wait for f in self.ready))
+
+  def _burst_row(self, f) -> bool:
+    return isinstance(f, _Seq) and f.end_at is None and self._feed_len(f) == 1
 
   def _burst(self, feeds: list[_Seq], key) -> None:
     """Up to `decode_burst` tokens for each sequence in one device call: pages reserved for each row's limit (its
