@@ -2,19 +2,28 @@
 (`agent/rollout.py`, the named baseline), on one GRPO-shaped workload, in the same run, interleaved.
 
 Workload: `--groups` synthetic zoom-task videos (`data/synthetic.py`), each question repeated `--n` times (a GRPO
-group; 8 x 8 = 64 trajectories by default), the built-in tiny model with random weights. Turns are scripted so
+group; 8 x 8 = 64 trajectories by default), a model with random weights: `--config tiny` (the built-in tiny
+model) or `bench-small` (text like Qwen2.5-0.5B with its 151936-row head, the narrow vision tower of
+`bench/bench_forward.py`'s bench-small; the tokenizer stays the tiny one, whose special ids the config takes, and
+sampling is restricted to its ids as for any checkpoint whose head has more rows than its tokenizer has ids).
+Turns are scripted so
 that both engines do the same work and the workload is what GRPO sees: per trajectory 0-3 zoom calls on the
 video's own time range, thinking of random length, then an answer (turn lengths and zoom counts vary within and
 across groups; seeded). The scripted tokens are forced, the model still computes every forward.
 
-Each engine runs once to compile (not timed), then `--repeats` timed runs alternate between the two. Printed per
-engine: seconds (median), trajectory tokens/s (every token of every finished trajectory: prompt, model and
+Each engine runs once to compile (not timed), then `--repeats` timed runs alternate between the two; several
+configs (`--config tiny,bench-small`) run one after the other in the same process. Printed per engine: seconds
+(median), trajectories/s, trajectory tokens/s (every token of every finished trajectory: prompt, model and
 observation tokens, over the wall time), model tokens/s, prompt tokens put through the model (the lockstep engine
 prefills every row, padded to the longest; the continuous one each group's prompt once), and whether the two
 engines' trajectories are token-for-token equal. Ratio = lockstep seconds / continuous seconds (> 1: continuous
-is faster).
+is faster). For the continuous engine also: device calls and decode bursts, tokens per device call, the
+utilisation of the device rows (real tokens / bucketed rows computed), prefills per group, and the KV bytes a
+trajectory referenced at its peak (pages x page size, bursts' reserved room included) against the bytes of the
+tokens it held at its end.
 
-  PYTHONPATH=. python bench/bench_rollout.py                      # 8 groups x 8, a few minutes on 2 CPU cores
+  PYTHONPATH=. python bench/bench_rollout.py                      # tiny, 8 groups x 8
+  PYTHONPATH=. python bench/bench_rollout.py --config tiny,bench-small
   PYTHONPATH=. python bench/bench_rollout.py --groups 2 --n 4 --repeats 1
 """
 
@@ -46,6 +55,24 @@ from zoomer_jax.model.qwen25vl import Qwen25VL  # noqa: E402
 from zoomer_jax.sampling import SamplingParams  # noqa: E402
 from zoomer_jax.sampling.sampler import round_up  # noqa: E402
 from zoomer_jax.text import build_tiny_tokenizer  # noqa: E402
+
+# bench/bench_forward.py's bench-small: text like Qwen2.5-0.5B, a shallow and narrow vision tower.
+BENCH_SMALL = dict(
+    text=dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+              num_key_value_heads=2, intermediate_size=4864, mrope_section=(8, 12, 12), tie_word_embeddings=True),
+    vision=dict(depth=8, hidden_size=640, num_heads=10, intermediate_size=1710, out_hidden_size=896,
+                fullatt_block_indexes=(3, 7), window_size=112))
+
+
+def model_config(name: str) -> ModelConfig:
+  """The tiny model's config (the tiny tokenizer's special ids), at bench-small's sizes for "bench-small"."""
+  cd = load("qwen25vl_tiny", []).model.to_dict()
+  if name == "bench-small":
+    for part, values in BENCH_SMALL.items():
+      cd[part].update(values)
+  elif name != "tiny":
+    raise ValueError(f"--config {name!r} is not one of tiny, bench-small")
+  return ModelConfig.from_config_dict(cd)
 
 WORDS = ("the border is on here so the object must be small and brief look again at this part of the clip "
          "colour shape left right maybe").split()
@@ -80,43 +107,51 @@ def workload(out_dir: str, groups: int, n: int, seed: int, max_frames: int):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default="tiny", help="tiny, bench-small, or both comma-separated (run in turn)")
   p.add_argument("--groups", type=int, default=8)
   p.add_argument("--n", type=int, default=8)
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--page-size", type=int, default=16)
   p.add_argument("--step-tokens", type=int, default=256)
+  p.add_argument("--decode-burst", type=int, default=EngineConfig.decode_burst)
+  p.add_argument("--decode-chunk", type=int, default=32, help="the lockstep engine's tokens per device call")
+  p.add_argument("--frames", type=int, default=8, help="most frames a zoom shows (tool_call_max_frames)")
+  p.add_argument("--overview-frames", type=int, default=64, help="most overview frames (frames_upbound)")
   args = p.parse_args(argv)
+  return [bench(args, name) for name in args.config.split(",")]
 
+
+def bench(args, name: str) -> dict:
   tok = build_tiny_tokenizer()
-  model = Qwen25VL(ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model), rngs=nnx.Rngs(0))
-  tool = P.ToolConfig(max_generation_round=5, tool_call_max_frames=8)
-  cfg = AgentConfig(tool=tool, sampling=SamplingParams(temperature=0.0, max_new_tokens=96), decode_chunk=32,
-                    max_pixels=56 * 56, min_pixels=56 * 56, workers=2)
-  engine = EngineConfig(page_size=args.page_size, step_tokens=args.step_tokens)
+  model = Qwen25VL(model_config(name), rngs=nnx.Rngs(0))
+  tool = P.ToolConfig(max_generation_round=5, tool_call_max_frames=args.frames, frames_upbound=args.overview_frames)
+  cfg = AgentConfig(tool=tool, sampling=SamplingParams(temperature=0.0, max_new_tokens=96),
+                    decode_chunk=args.decode_chunk, max_pixels=56 * 56, min_pixels=56 * 56, workers=2)
+  engine = EngineConfig(page_size=args.page_size, step_tokens=args.step_tokens, decode_burst=args.decode_burst)
   with tempfile.TemporaryDirectory() as d:
     tasks, scripts = workload(d, args.groups, args.n, args.seed, tool.tool_call_max_frames)
     script = lambda row, rnd: scripts[row][rnd] if rnd < len(scripts[row]) else None
     runs = {"lockstep": [], "continuous": []}
-    out, stats = {}, {}
+    got, stats = {}, {}
 
-    def run(name, timed):
+    def run(e, timed):
       t0 = time.perf_counter()
-      if name == "lockstep":
+      if e == "lockstep":
         trajs = rollout(model, tok, tasks, cfg, jax.random.key(args.seed), script=script)
       else:
-        stats[name] = EngineStats()
+        stats[e] = EngineStats()
         trajs = continuous_rollout(model, tok, tasks, cfg, jax.random.key(args.seed), script=script, engine=engine,
-                                   stats=stats[name])
+                                   stats=stats[e])
       if timed:
-        runs[name].append(time.perf_counter() - t0)
-      out[name] = trajs
+        runs[e].append(time.perf_counter() - t0)
+      got[e] = trajs
 
     for timed in [False] + [True] * args.repeats:  # the first round compiles
-      for name in ("lockstep", "continuous"):
-        run(name, timed)
+      for e in ("lockstep", "continuous"):
+        run(e, timed)
 
-  lock, cont = out["lockstep"], out["continuous"]
+  lock, cont = got["lockstep"], got["continuous"]
   equal = all(a.ids.tolist() == b.ids.tolist() for a, b in zip(lock, cont))
   total = sum(len(t.ids) for t in lock)
   model_tokens = sum(int(t.response_mask.sum()) for t in lock)
@@ -124,28 +159,50 @@ def main(argv=None):
   prompt_pad = round_up(max(prompts), cfg.token_bucket) * len(prompts)
   zooms = [sum("frames" in c for c in t.calls) for t in lock]
   res = {}
-  for name in runs:
-    s = statistics.median(runs[name])
-    res[name] = dict(seconds=round(s, 2), tokens_per_s=round(total / s, 1), model_tokens_per_s=round(model_tokens / s, 1),
-                     runs=[round(x, 2) for x in runs[name]])
+  for e in runs:
+    s = statistics.median(runs[e])
+    res[e] = dict(seconds=round(s, 2), trajectories_per_s=round(len(tasks) / s, 3), tokens_per_s=round(total / s, 1),
+                  model_tokens_per_s=round(model_tokens / s, 1), runs=[round(x, 2) for x in runs[e]])
   res["lockstep"]["prefill_tokens"] = prompt_pad
-  res["continuous"]["prefill_tokens"] = stats["continuous"].prefill_tokens
-  res["continuous"]["engine"] = stats["continuous"].as_dict()
+  st = stats["continuous"]
+  res["continuous"]["prefill_tokens"] = st.prefill_tokens
+  res["continuous"]["engine"] = st.as_dict()
   ratio = res["lockstep"]["seconds"] / res["continuous"]["seconds"]
+  text = model.config.text
+  kv_token_bytes = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * np.dtype(
+      model.dtype).itemsize
+  fed = st.prefill_tokens + st.extend_tokens + st.decode_tokens
+  engine_res = dict(
+      tokens_per_device_call=round(fed / st.steps, 2), decode_tokens_per_device_call=round(
+          st.decode_tokens / st.steps, 2), utilisation=round(fed / st.device_rows, 3),
+      prefills_per_group=round(st.prefills / args.groups, 3),
+      peak_kv_bytes_per_trajectory=round(st.page_tokens_peak * kv_token_bytes / len(tasks)),
+      held_kv_bytes_per_trajectory=round(st.tokens_held * kv_token_bytes / len(tasks)),
+      kv_peak_over_held=round(st.page_tokens_peak / st.tokens_held, 3), pages_leaked=st.pages_leaked)
 
-  print(f"workload: {len(tasks)} trajectories ({args.groups} groups x {args.n}), {total} tokens "
+  print(f"[{name}] workload: {len(tasks)} trajectories ({args.groups} groups x {args.n}), {total} tokens "
         f"({model_tokens} model tokens), zooms per trajectory {np.bincount(zooms).tolist()} (count of 0, 1, ...), "
         f"prompt {min(prompts)}-{max(prompts)} tokens; CPU devices {jax.device_count()}")
-  print(f"{'engine':12s} {'seconds':>8s} {'tok/s':>9s} {'model tok/s':>12s} {'prefill tokens':>15s}")
-  for name in runs:
-    r = res[name]
-    print(f"{name:12s} {r['seconds']:8.2f} {r['tokens_per_s']:9.1f} {r['model_tokens_per_s']:12.1f} "
-          f"{r['prefill_tokens']:15d}")
-  print(f"ratio (lockstep s / continuous s): {ratio:.3f}; trajectories equal: {equal}")
-  print("BENCH_JSON " + json.dumps(dict(bench="rollout", baseline="lockstep", groups=args.groups, n=args.n,
-                                        trajectories=len(tasks), tokens=total, model_tokens=model_tokens,
-                                        zooms=int(sum(zooms)), ratio=round(ratio, 3), trajectories_equal=equal,
-                                        page_size=args.page_size, step_tokens=args.step_tokens, **res)))
+  print(f"{'engine':12s} {'seconds':>8s} {'traj/s':>8s} {'tok/s':>9s} {'model tok/s':>12s} {'prefill tokens':>15s}")
+  for e in runs:
+    r = res[e]
+    print(f"{e:12s} {r['seconds']:8.2f} {r['trajectories_per_s']:8.3f} {r['tokens_per_s']:9.1f} "
+          f"{r['model_tokens_per_s']:12.1f} {r['prefill_tokens']:15d}")
+  er = engine_res
+  print(f"continuous: {st.steps} device calls ({st.bursts} decode bursts of up to {args.decode_burst}), "
+        f"{er['tokens_per_device_call']} tokens per call ({er['decode_tokens_per_device_call']} decoded), "
+        f"utilisation {er['utilisation']:.3f} (real tokens / device rows), prefills per group "
+        f"{er['prefills_per_group']}; KV per trajectory: peak {er['peak_kv_bytes_per_trajectory'] / 1e6:.2f} MB "
+        f"referenced vs {er['held_kv_bytes_per_trajectory'] / 1e6:.2f} MB of tokens held (ratio "
+        f"{er['kv_peak_over_held']}, page size {args.page_size}), pages leaked {st.pages_leaked}")
+  print(f"[{name}] ratio (lockstep s / continuous s): {ratio:.3f}; trajectories equal: {equal}")
+  out = dict(bench="rollout", config=name, baseline="lockstep", groups=args.groups, n=args.n,
+             trajectories=len(tasks), tokens=total, model_tokens=model_tokens, zooms=int(sum(zooms)),
+             ratio=round(ratio, 3), trajectories_equal=equal, page_size=args.page_size,
+             step_tokens=args.step_tokens, decode_burst=args.decode_burst, decode_chunk=args.decode_chunk,
+             frames=args.frames, overview_frames=args.overview_frames, continuous_engine=engine_res, **res)
+  print("BENCH_JSON " + json.dumps(out), flush=True)
+  return out
 
 
 if __name__ == "__main__":

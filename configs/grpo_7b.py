@@ -52,6 +52,7 @@ def get_config(arg=None):
       # pages, step_tokens tokens per device step; docs/rollout_engine.md) or "lockstep" (agent/rollout.py:
       # batches of batch_size in lockstep over a dense cache, decode_chunk tokens per device call; the baseline)
       engine="continuous", page_size=16, step_tokens=512,
+      decode_burst=16,  # continuous: tokens per device call when every running sequence only decodes
       workers=16,  # host threads for frame extraction
       # The sampler's layout (data, fsdp, tensor degrees as in `mesh`): its weights are resharded into it once
       # per RL step. () samples with the training layout.

@@ -11,6 +11,7 @@ from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout
 from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
 from zoomer_jax.sampling import SamplingParams
+from zoomer_jax.sampling import burst as B
 from zoomer_jax.sampling import ragged as R
 from zoomer_jax.text import build_tiny_tokenizer
 
@@ -126,14 +127,16 @@ def test_no_compilation_after_warm_up(model, tok, video):
   engine = EngineConfig(page_size=8, step_tokens=64)
   seen, grown = set(), []
   R.ragged_program.clear_cache()  # programs of earlier tests would hide the first rollout's compiles
+  B.burst_program.clear_cache()
+  compiled = lambda: R.compiled_programs() + B.compiled_programs()
   for script in (first, second):
-    before, stats = R.compiled_programs(), EngineStats()
+    before, stats = compiled(), EngineStats()
     continuous_rollout(model, tok, tasks, cfg, jax.random.key(1), script=_script(script), engine=engine, stats=stats)
-    grown.append((R.compiled_programs() - before, len(stats.shapes - seen), stats.steps))
+    grown.append((compiled() - before, len(stats.shapes - seen), stats.decode_tokens, stats.bursts))
     seen |= stats.shapes
-  (c1, new1, steps1), (c2, new2, steps2) = grown
-  assert c1 == new1 and c2 == new2, grown  # one program per shape, nothing else recompiles
-  assert steps1 >= 100 and len(seen) <= 10, grown
+  (c1, new1, decoded1, bursts1), (c2, new2, _, _) = grown
+  assert c1 == new1 and c2 == new2, grown  # one program per shape (steps and bursts), nothing else recompiles
+  assert decoded1 >= 200 and bursts1 >= 5 and len(seen) <= 10, grown
 
 
 def test_grpo_generates_with_the_configured_engine(model, tok, video):
@@ -148,3 +151,28 @@ def test_grpo_generates_with_the_configured_engine(model, tok, video):
     _same(a, b)
   with pytest.raises(ValueError, match="rollout.engine 'paged' is not one of"):
     grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "paged")
+
+
+def test_decode_bursts_give_the_trajectories_of_one_token_steps(model, tok, video, measure):
+  """Bursts of 8 against one token per step: scripted turns that end mid-burst on a stop string, greedy turns
+  that end on the turn's budget (13 tokens, not a multiple of 8), zooms whose chunks interrupt other rows' bursts,
+  a shared prompt's copy on write; the same trajectories, and every page free again at the end."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "g0")] * 3 + \
+      [Task(video, "<image>\nWhere? A. left B. right", "A", "t1")]
+  table = {0: ['<think>a</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>', "<answer>B</answer>"],
+           1: ['<video_zoom>{"segment": [0, 3], "fps": 1}</video_zoom>'],
+           3: ["<think>longer thinking here</think><answer>A</answer><|im_end|>"]}
+  cfg = _config(max_generation_round=3, max_new_tokens=13)
+  runs = {}
+  for k in (1, 8):
+    stats = EngineStats()
+    runs[k] = (continuous_rollout(model, tok, tasks, cfg, jax.random.key(4), script=_script(table),
+                                  engine=EngineConfig(page_size=8, decode_burst=k), stats=stats), stats)
+  (one, s1), (burst, s8) = runs[1], runs[8]
+  assert s1.bursts == 0 and s8.bursts > 0 and s8.steps < s1.steps
+  assert s1.pages_leaked == s8.pages_leaked == 0
+  assert s8.decode_tokens == s1.decode_tokens and s8.prefills == s1.prefills == 2
+  turns = [len(tok.encode(t)) for traj in one for t in traj.turns]
+  assert 13 in turns and any(n % 8 and n != 13 for n in turns)  # turns end on the budget and mid-burst
+  for k, (a, b) in enumerate(zip(one, burst)):
+    _same(a, b, measure, f"row{k}_burst_vs_one_token")

@@ -247,6 +247,32 @@ def test_copy_on_write_of_the_shared_part_full_page():
   assert a.append("s", 0) is None  # nothing written, nothing copied
 
 
+def test_truncate_gives_back_the_pages_past_the_kept_tokens():
+  """A burst reserves room and gives back what it did not write: pages wholly past the kept length return to the
+  free list (a shared one only loses a reference), the partly filled last page stays, and the freed pages are
+  reused; truncating to more than the length, or a negative length, is refused."""
+  a = PageAllocator(10, 4, 5)
+  a.new("p")
+  a.append("p", 6)
+  a.fork("p", "s")
+  a.append("s", 11)  # 17 tokens: page 1 copied on write, three new pages
+  assert a.length("s") == 17 and len(a.pages("s")) == 5 and a.free_pages == 10 - 2 - 4
+  a.truncate("s", 7)
+  assert a.length("s") == 7 and a.pages("s") == [0, 2] and a.free_pages == 10 - 3
+  a.truncate("s", 4)  # the copied page goes back too: s now ends on the shared full page 0
+  assert a.pages("s") == [0] and a.refcount(0) == 2 and a.free_pages == 10 - 2
+  a.truncate("p", 0)  # p's own page 1 back; page 0 stays, s holds it
+  assert a.pages("p") == [] and a.refcount(0) == 1 and a.refcount(1) == 0 and a.free_pages == 10 - 1
+  assert a.append("s", 5) is None and a.length("s") == 9  # 5 more on free pages, nothing shared left to copy
+  with pytest.raises(ValueError, match="cannot truncate sequence 's' of 9 tokens to 10"):
+    a.truncate("s", 10)
+  with pytest.raises(ValueError, match="to -1"):
+    a.truncate("s", -1)
+  a.free("s")
+  a.free("p")
+  assert a.free_pages == 10 and not a.refcount(0)
+
+
 def test_copies_on_write_reach_the_device():
   """A copied page holds the shared tokens; writes to the copy leave the original as it was."""
   kv = jnp.zeros((1, 6, 4, 2, 128), jnp.float32).at[:, 1].set(7.0)

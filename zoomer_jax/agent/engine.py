@@ -6,7 +6,8 @@ The same contract as `agent.rollout.rollout` (the lockstep engine): the same tas
 objects out, greedy trajectories token for token equal. What differs is the loop (docs/rollout_engine.md):
 
   * every engine step is one ragged device step (`sampling/ragged.py`): the decode rows of the running sequences
-    together with whole prefill and extend chunks of new or resumed ones, up to `step_tokens` tokens;
+    together with whole prefill and extend chunks of new or resumed ones, up to `step_tokens` tokens; a step
+    that holds only decode rows is a burst (`sampling/burst.py`): up to `decode_burst` tokens per row in one call;
   * a sequence that ends a turn with a tool call leaves the running set while the call runs in the thread pool
     (`rollout.Videos`: a zoom cuts a clip, a crop a region of one frame); the others keep decoding. It comes back
     with the observation (text and image pads) appended to its own pages at the positions that follow its own;
@@ -48,7 +49,9 @@ from zoomer_jax.agent.rollout import stop_criteria
 from zoomer_jax.model.page_allocator import PageAllocator
 from zoomer_jax.model.paged import PagePool
 from zoomer_jax.parallel.distributed import host_allgather, mesh_of, replicate, to_host
+from zoomer_jax.sampling import burst as B
 from zoomer_jax.sampling import ragged as R
+from zoomer_jax.sampling.sampler import decode_weights
 from zoomer_jax.text.tokenizer import Tokenizer
 from zoomer_jax.video import VideoError
 
@@ -60,23 +63,30 @@ CLIP_POLL_S = 0.01  # several processes, nothing to run: how long each waits for
 class EngineConfig:
   """page_size: tokens per page. max_running: trajectories in flight (0: every task); the pool holds that many
   at the longest length a trajectory may reach. step_tokens: tokens per step, decode rows first, then whole
-  chunks while they fit (a longer chunk runs alone). share_prompts: a group's prompt is prefilled once."""
+  chunks while they fit (a longer chunk runs alone). share_prompts: a group's prompt is prefilled once.
+  decode_burst: tokens per device call when a step holds only decode rows (`sampling/burst.py`; 1: one per step)."""
 
   page_size: int = 16
   max_running: int = 0
   step_tokens: int = 256
   share_prompts: bool = True
+  decode_burst: int = 16
 
 
 @dataclasses.dataclass
 class EngineStats:
   """What one run did: steps, tokens written to the cache by kind, and the rows the device computed."""
 
-  steps: int = 0
+  steps: int = 0  # device calls, bursts included
+  bursts: int = 0  # of which decode bursts
+  prefills: int = 0  # prompt chunks (a shared prompt once)
   prefill_tokens: int = 0  # prompt tokens (a shared prompt once)
   extend_tokens: int = 0  # observation chunks (with the turn's last token)
   decode_tokens: int = 0  # one-token rows
-  device_rows: int = 0  # the steps' bucketed rows, padding included
+  device_rows: int = 0  # the steps' bucketed rows, padding included (a burst: rows x iterations)
+  page_tokens_peak: int = 0  # over trajectories: the most pages each referenced at once, x page_size
+  tokens_held: int = 0  # over trajectories: the tokens each held in its pages at its end
+  pages_leaked: int = 0  # pages not free again when the run ended (0)
   shapes: set = dataclasses.field(default_factory=set)  # distinct step shapes: each is one compiled program
 
   def as_dict(self) -> dict:
@@ -158,6 +168,7 @@ class _Engine:
     self.mesh = mesh_of(nnx.state(model, nnx.Param))
     self.stop = self._global(stop_criteria(tok, cfg.tool.tools))  # once, not at every step
     self.split = nnx.split(model)
+    self.burst_split = nnx.split(decode_weights(model)) if engine.decode_burst > 1 else None
     self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
     self.running = engine.max_running or sum(map(len, self.waiting))
     largest = max(map(len, self.waiting))
@@ -168,6 +179,8 @@ class _Engine:
     self.alloc = PageAllocator(num_pages, ps, self.pages_per_seq)
     self.kv = self._pool(num_pages)
     self.live: dict[int, _Seq] = {}
+    self.peak: dict[int, int] = {}  # trajectory -> the most pages it referenced at once
+    self.chunk_fed = False  # the last step fed chunks: the next one bursts the decode rows if there are any
     self.ready: list[_Seq | _Prompt] = []  # sequences with tokens to feed, in the order they became ready
 
   # --- the loop ----------------------------------------------------------------------------------------------
@@ -179,11 +192,17 @@ class _Engine:
       self._collect(block=not self.ready)
       if not self.ready:
         continue
-      feeds = self._schedule()
+      feeds = self._schedule(decode_only=self.chunk_fed)
       if not feeds:
         continue
       key, sub = jax.random.split(key)
-      self._step(feeds, sub)
+      if self._burstable(feeds, chunks_wait=self.chunk_fed):
+        self._burst(feeds, sub)
+        self.chunk_fed = False
+      else:
+        self._step(feeds, sub)
+        self.chunk_fed = self.engine.decode_burst > 1 and any(self._feed_len(f) > 1 for f in feeds)
+    self.stats.pages_leaked = self.alloc.num_pages - self.alloc.free_pages
 
   def _admit(self) -> None:
     while self.waiting and (not self.live or len(self.live) + len(self.waiting[0]) <= self.running):
@@ -212,11 +231,16 @@ class _Engine:
     n = s.row.turn_tokens
     return s.script[n] if s.script is not None and n < len(s.script) else -1
 
-  def _schedule(self) -> list:
+  def _schedule(self, decode_only: bool = False) -> list:
     """The step's feeders: decode rows first, then chunks in the order they became ready, within
-    `step_tokens` (at least one). Sequences that would outgrow their page table end with "context_limit"."""
+    `step_tokens`; a chunk longer than that goes with the decode rows alone (were it to wait for a step without
+    decode rows, it would wait for every running turn to end). Sequences that would outgrow their page table end
+    with "context_limit". `decode_only` (after a step that fed chunks, when bursts are on): chunks wait for the
+    next step if there are decode rows, so that steps with chunks and bursts alternate while clips keep arriving
+    (otherwise nearly every step would hold a new observation and decode one token)."""
+    decode_only &= any(self._burst_row(f) for f in self.ready)
     order = sorted(range(len(self.ready)), key=lambda k: (self._feed_len(self.ready[k]) > 1, k))
-    feeds, tokens, keep = [], 0, []
+    feeds, tokens, keep, chunk = [], 0, [], False
     for k in order:
       f = self.ready[k]
       n = self._feed_len(f)
@@ -224,11 +248,13 @@ class _Engine:
         f.row.reason = "context_limit"
         self._retire(f)
         continue
-      if feeds and tokens + n > self.engine.step_tokens:
+      if decode_only and not self._burst_row(f) or (
+          feeds and tokens + n > self.engine.step_tokens and (n <= self.engine.step_tokens or chunk)):
         keep.append(f)
         continue
       feeds.append(f)
       tokens += n
+      chunk |= n > 1
     self.ready = [f for f in self.ready if f in keep]
     return feeds
 
@@ -243,6 +269,7 @@ class _Engine:
     ids = np.asarray(r.tr.ids[r.in_cache:], np.int32)
     pixels, grids = s.images if s.images is not None else (None, None)
     positions, next_pos = R.chunk_positions(self.model.config, ids, grids, s.pos)
+    self.stats.prefills += r.in_cache == 0
     kind = "prefill_tokens" if r.in_cache == 0 else "decode_tokens" if len(ids) == 1 else "extend_tokens"
     setattr(self.stats, kind, getattr(self.stats, kind) + len(ids))
     members = f.members if isinstance(f, _Prompt) else [f]
@@ -275,6 +302,7 @@ class _Engine:
         for m in f.members:
           self.alloc.fork(f.key, m.i)
         self.alloc.free(f.key)
+    self._note_pages([m for f in feeds for m in (f.members if isinstance(f, _Prompt) else [f])])
     for k, (s, what) in enumerate(owners):
       if what == "end":
         s.row.logprobs[s.end_at] = float(out.end_logprob[k])
@@ -282,6 +310,56 @@ class _Engine:
       else:
         self._take(s, int(out.tokens[k]), float(out.logprobs[k]), out.windows[k],
                    bool(out.hit_token[k] or out.hit_string[k]))
+
+  def _note_pages(self, seqs) -> None:
+    for s in seqs:
+      self.peak[s.i] = max(self.peak.get(s.i, 0), len(self.alloc.pages(s.i)))
+
+  # --- decode bursts (`sampling/burst.py`) ---------------------------------------------------------------------
+  def _burstable(self, feeds, chunks_wait: bool) -> bool:
+    """Whether the step holds only decode rows (each sequence feeds its last sampled token, no appended
+    <|im_end|> to score), every one there is, and no chunk waits unless `chunks_wait` (chunks were just fed,
+    `_schedule`): then it runs as a burst of up to `decode_burst` tokens."""
+    return (self.engine.decode_burst > 1 and all(map(self._burst_row, feeds))
+            and not any(self._burst_row(f) or not chunks_wait for f in self.ready))
+
+  def _burst_row(self, f) -> bool:
+    return isinstance(f, _Seq) and f.end_at is None and self._feed_len(f) == 1
+
+  def _burst(self, feeds: list[_Seq], key) -> None:
+    """Up to `decode_burst` tokens for each sequence in one device call: pages reserved for each row's limit (its
+    turn's budget, its page table), the unused room given back after; then each row's tokens are taken as one-token
+    steps would take them (a row that stopped ends its turn)."""
+    k, rows, windows = self.engine.decode_burst, [], []
+    forced = np.full((len(feeds), k), -1, np.int32)
+    for j, s in enumerate(feeds):
+      r = s.row
+      limit = min(k, self.cfg.sampling.max_new_tokens - r.turn_tokens, self.max_len - self.alloc.length(s.i))
+      rows.append((s.i, r.tr.ids[-1], s.pos, limit))
+      windows.append(s.window)
+      if s.script is not None:
+        part = s.script[r.turn_tokens:r.turn_tokens + limit]
+        forced[j, :len(part)] = part
+    starts = [self.alloc.length(s.i) for s in feeds]
+    inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window)
+    self._note_pages(feeds)
+    self.kv, out = B.burst_step(self.burst_split, self.kv, self._global(inp), self._global(key), self.stop,
+                                self.cfg.sampling)
+    out = to_host(out)
+    self.stats.steps += 1
+    self.stats.bursts += 1
+    self.stats.device_rows += inp.tokens.shape[0] * int(out.num.max())
+    self.stats.shapes.add(B.burst_shape(inp, self.kv))
+    for j, s in enumerate(feeds):
+      n, r = int(out.num[j]), s.row
+      self.alloc.truncate(s.i, starts[j] + n)
+      self.stats.decode_tokens += n
+      s.pos += n
+      r.tr.append_generated(out.tokens[j, :n - 1].tolist())
+      r.logprobs += out.logprobs[j, :n - 1].tolist()
+      r.turn_tokens += n - 1
+      r.in_cache = len(r.tr.ids)  # every token but the last sampled one is in the pages
+      self._take(s, int(out.tokens[j, n - 1]), float(out.logprobs[j, n - 1]), out.windows[j], bool(out.stopped[j]))
 
   def _take(self, s: _Seq, token: int, logprob: float, window: np.ndarray, stopped: bool) -> None:
     r = s.row
@@ -392,4 +470,6 @@ class _Engine:
     """A finished sequence frees its pages now."""
     self.live.pop(s.i, None)
     if s.i in self.alloc:
+      self.stats.page_tokens_peak += self.peak.pop(s.i, 0) * self.engine.page_size
+      self.stats.tokens_held += self.alloc.length(s.i)
       self.alloc.free(s.i)

@@ -5,6 +5,7 @@ pages themselves).
     alloc.new("prompt"); alloc.append("prompt", 21)         # pages for 21 tokens
     alloc.fork("prompt", "s0"); alloc.fork("prompt", "s1")  # n samples point at the prompt's pages
     alloc.free("prompt")
+    alloc.append("s0", 32); alloc.truncate("s0", 24)        # room for 32 more, 3 of them written: the rest back
     batch = alloc.step([("s0", 3), ("s1", 1)], max_seqs=8, max_tokens=16)   # a RaggedBatch for the device
 
 A page is shared by reference count. Full pages are never written again, so sharing them is free; the last,
@@ -119,6 +120,22 @@ class PageAllocator:
       pages.append(p)
     self._lengths[seq] += n
     return copy
+
+  def truncate(self, seq: Hashable, length: int) -> None:
+    """Shortens `seq` to its first `length` tokens: the pages past them are released (returned to the free list
+    when no other sequence holds them). Gives back what `append` reserved and was not written (a decode burst
+    reserves room for its most tokens)."""
+    self._known(seq)
+    if not 0 <= length <= self._lengths[seq]:
+      raise ValueError(f"cannot truncate sequence {seq!r} of {self._lengths[seq]} tokens to {length}")
+    pages = self._pages[seq]
+    keep = -(-length // self.page_size)
+    for p in reversed(pages[keep:]):
+      self._refs[p] -= 1
+      if self._refs[p] == 0:
+        self._free.append(p)
+    del pages[keep:]
+    self._lengths[seq] = length
 
   def step(self, appends: Sequence[tuple[Hashable, int]], *, max_seqs: int, max_tokens: int) -> RaggedBatch:
     """Appends `n` tokens to each `(seq, n)` and describes the step for the device: the tokens of the listed

@@ -138,12 +138,13 @@ def _slots(kv, k_tkh, v_tkh, batch):
 def query_tiles(batch: RaggedBatch, t: int, rows_per_tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The step's rows cut into tiles of at most `rows_per_tile` rows of one sequence each (as the TPU kernel cuts
   them): (sequence [N], first row [N], rows [N]) of N = T // rows_per_tile + S tiles, a bound every step meets
-  (each sequence adds at most one partial tile); unused tiles have 0 rows."""
+  (each sequence adds at most one partial tile; with one row per tile there are none, and N = T: a decode step
+  reads no page for unused tiles); unused tiles have 0 rows."""
   s = batch.kv_lens.shape[0]
   q_lens = jnp.where(jnp.arange(s) < batch.num_seqs[0], batch.cu_q_lens[1:] - batch.cu_q_lens[:-1], 0)
   tiles = -(-q_lens // rows_per_tile)
   ends = jnp.cumsum(tiles)
-  k = jnp.arange(t // rows_per_tile + s, dtype=jnp.int32)
+  k = jnp.arange(t // rows_per_tile + (s if rows_per_tile > 1 else 0), dtype=jnp.int32)
   seq = jnp.minimum(jnp.searchsorted(ends, k, side="right", method="compare_all"), s - 1).astype(jnp.int32)
   local = k - (ends[seq] - tiles[seq])
   first = batch.cu_q_lens[seq] + local * rows_per_tile

@@ -141,7 +141,7 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
     records = [next(it) for _ in range(want)]
     tasks = [task_of(rec) for rec in records for _ in range(r.n)]
     trajs = generate(model, tok, tasks, agent_cfg, jax.random.fold_in(key, gen), r.batch_size, r.engine,
-                     EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens))
+                     EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens, decode_burst=r.decode_burst))
     scores = score(trajs, reward_cfg, step, [rec.answer_type for rec in records for _ in range(r.n)])
     gen += 1
     all_trajs += trajs
