@@ -176,3 +176,22 @@ def test_decode_bursts_give_the_trajectories_of_one_token_steps(model, tok, vide
   assert 13 in turns and any(n % 8 and n != 13 for n in turns)  # turns end on the budget and mid-burst
   for k, (a, b) in enumerate(zip(one, burst)):
     _same(a, b, measure, f"row{k}_burst_vs_one_token")
+
+
+def test_sampled_trajectories_do_not_depend_on_the_schedule(model, tok, video, measure):
+  """Sampling at temperature 1: every token's key folds in its trajectory and index, so the trajectories are the
+  same whichever sequences share a device step - one token per step or bursts of 8, every task in flight or two
+  at a time - and a different rollout key changes them."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "g0")] * 3 + \
+      [Task(video, "<image>\nWhere? A. left B. right", "A", "t1")]
+  table = {0: ['<think>a</think><video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>'],
+           3: ['<video_zoom>{"segment": [0, 3], "fps": 1}</video_zoom>']}  # zooms: steps depend on clip timing
+  cfg = _config(temperature=1.0, max_generation_round=3, max_new_tokens=12)
+  run = lambda key, **engine: continuous_rollout(model, tok, tasks, cfg, jax.random.key(key), script=_script(table),
+                                                 engine=EngineConfig(page_size=8, **engine))
+  base = run(6, decode_burst=1)
+  for name, other in (("burst8", run(6, decode_burst=8)), ("two_running", run(6, decode_burst=8, max_running=2))):
+    for k, (a, b) in enumerate(zip(base, other)):
+      _same(a, b, measure, f"row{k}_{name}")
+  assert [t.ids.tolist() for t in run(7, decode_burst=8)] != [t.ids.tolist() for t in base]
+  assert len({tuple(t.ids.tolist()) for t in base[:3]}) > 1  # a group's samples differ from each other

@@ -127,6 +127,8 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
   given, is filled with what the run did. With several processes, every process calls it with the same
   arguments (module docstring)."""
   key = jax.random.key(0) if key is None else key
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (jax.random.PRNGKey)
+    key = jax.random.wrap_key_data(key)
   event = on_event or (lambda *a: None)
   system = P.system_prompt(cfg.tool)
   mine = set(owned_rows(len(tasks)))
@@ -195,12 +197,13 @@ class _Engine:
       feeds = self._schedule(decode_only=self.chunk_fed)
       if not feeds:
         continue
-      key, sub = jax.random.split(key)
+      # One key for the rollout: each token's draw folds in its trajectory and index (`sampler.draw_keys`), so
+      # sampled trajectories do not depend on which sequences share a step (when clips finish, `max_running`).
       if self._burstable(feeds, chunks_wait=self.chunk_fed):
-        self._burst(feeds, sub)
+        self._burst(feeds, key)
         self.chunk_fed = False
       else:
-        self._step(feeds, sub)
+        self._step(feeds, key)
         self.chunk_fed = self.engine.decode_burst > 1 and any(self._feed_len(f) > 1 for f in feeds)
     self.stats.pages_leaked = self.alloc.num_pages - self.alloc.free_pages
 
@@ -280,7 +283,7 @@ class _Engine:
       if m.end_at is not None:  # the logits after the turn's last token score the <|im_end|> appended to it
         slots.append(R.Slot(0))
         owners.append((m, "end"))
-      slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m)))
+      slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m), (m.i, len(m.row.logprobs))))
       owners.append((m, "sample"))
     return R.Chunk(f.key if isinstance(f, _Prompt) else s.i, ids, positions, pixels, grids, slots), owners
 
@@ -341,7 +344,8 @@ class _Engine:
         part = s.script[r.turn_tokens:r.turn_tokens + limit]
         forced[j, :len(part)] = part
     starts = [self.alloc.length(s.i) for s in feeds]
-    inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window)
+    inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window,
+                        [(s.i, len(s.row.logprobs)) for s in feeds])
     self._note_pages(feeds)
     self.kv, out = B.burst_step(self.burst_split, self.kv, self._global(inp), self._global(key), self.stop,
                                 self.cfg.sampling)

@@ -31,7 +31,7 @@ from flax import nnx, struct
 from zoomer_jax.model.page_allocator import PageAllocator, bucket
 from zoomer_jax.model.paged import PagedCache, RaggedBatch, copy_pages
 from zoomer_jax.sampling.sampler import SamplingParams, StopCriteria, _has_stop_string, _push_bytes
-from zoomer_jax.sampling.sampler import restrict_vocab, sample
+from zoomer_jax.sampling.sampler import draw_keys, restrict_vocab, sample
 
 TRACES = {"burst": 0}
 
@@ -49,6 +49,7 @@ class BurstInput:
   copy_dst: np.ndarray  # int32 [S]: ... (num_pages: none)
   windows: np.ndarray  # uint8 [S, W]: each row's byte window before the burst
   forced: np.ndarray  # int32 [S, K]: forced token of each iteration (-1: sample)
+  draws: np.ndarray  # int32 [S, 2]: (trajectory, token index of the first draw); iteration j draws index + j
 
 
 @struct.dataclass
@@ -61,9 +62,10 @@ class BurstOut:
 
 
 def build_burst(alloc: PageAllocator, rows: Sequence[tuple[Hashable, int, int, int]], windows: Sequence[np.ndarray],
-                forced: np.ndarray, window: int) -> BurstInput:
+                forced: np.ndarray, window: int, draws: Sequence[tuple[int, int]] | None = None) -> BurstInput:
   """Reserves room for `limit` tokens of each `(seq, last token, position, limit)` in `alloc` (its length grows by
-  limit: truncate it after the call) and lays the burst out in S = bucket(rows) rows; `forced` [rows, K]."""
+  limit: truncate it after the call) and lays the burst out in S = bucket(rows) rows; `forced` [rows, K];
+  `draws` [rows] (trajectory, token index) of each row's first sampled token (`sampler.draw_keys`)."""
   n, k = len(rows), forced.shape[1]
   if any(lim < 1 or lim > k for *_, lim in rows):
     raise ValueError(f"every row of a burst feeds 1..{k} tokens: {[r[3] for r in rows]}")
@@ -71,7 +73,8 @@ def build_burst(alloc: PageAllocator, rows: Sequence[tuple[Hashable, int, int, i
   out = dict(tokens=np.zeros(s, np.int32), positions=np.zeros(s, np.int32), kv_start=np.zeros(s, np.int32),
              limit=np.zeros(s, np.int32), page_indices=np.zeros((s, alloc.pages_per_seq), np.int32),
              copy_src=np.zeros(s, np.int32), copy_dst=np.full(s, alloc.num_pages, np.int32),
-             windows=np.zeros((s, window), np.uint8), forced=np.full((s, k), -1, np.int32))
+             windows=np.zeros((s, window), np.uint8), forced=np.full((s, k), -1, np.int32),
+             draws=np.zeros((s, 2), np.int32))
   for i, (seq, token, pos, lim) in enumerate(rows):
     out["kv_start"][i] = alloc.length(seq)
     copy = alloc.append(seq, lim)
@@ -82,6 +85,8 @@ def build_burst(alloc: PageAllocator, rows: Sequence[tuple[Hashable, int, int, i
     out["tokens"][i], out["positions"][i], out["limit"][i] = token, pos, lim
     out["windows"][i] = windows[i]
   out["forced"][:n] = forced
+  if draws is not None:
+    out["draws"][:n] = draws
   return BurstInput(**out)
 
 
@@ -131,9 +136,9 @@ def _burst(graphdef, state, kv, inp: BurstInput, key, stop: StopCriteria, params
     logits_sv, cache = model.forward(ids[None], jnp.broadcast_to(pos, (3, 1, s)), jnp.ones((1, s), bool),
                                      cache=PagedCache(kv=c.kv, batch=batch), logits_at=rows)
     # As `ragged._ragged_step`: the same draw, forced tokens scored by the model, stops on ids and strings.
-    key, sub = jax.random.split(c.key)
+    keys = draw_keys(c.key, inp.draws + jnp.stack([jnp.zeros_like(c.num), c.num], axis=1))
     logits = restrict_vocab(logits_sv, stop.vocab_limit)
-    token, logprob = sample(logits, sub, params, stop.suppress)
+    token, logprob = sample(logits, keys, params, stop.suppress)
     f = inp.forced[:, c.j]
     logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
     logprob = jnp.where(f >= 0, jnp.take_along_axis(logp_all, jnp.maximum(f, 0)[:, None], axis=-1)[:, 0], logprob)
@@ -141,7 +146,7 @@ def _burst(graphdef, state, kv, inp: BurstInput, key, stop: StopCriteria, params
     windows = jnp.where(c.live[:, None], _push_bytes(c.windows, token, stop), c.windows)
     hit = (token[:, None] == stop.token_ids[None, :]).any(-1) | _has_stop_string(windows, stop)
     num = c.num + c.live.astype(jnp.int32)
-    return _Loop(j=c.j + 1, key=key, kv=cache.kv, token=jnp.where(c.live, token, c.token),
+    return _Loop(j=c.j + 1, key=c.key, kv=cache.kv, token=jnp.where(c.live, token, c.token),
                  live=c.live & ~hit & (num < inp.limit), num=num, stopped=c.stopped | (c.live & hit),
                  windows=windows, tokens=c.tokens.at[:, c.j].set(jnp.where(c.live, token, -1)),
                  logprobs=c.logprobs.at[:, c.j].set(jnp.where(c.live, logprob, 0.0)))

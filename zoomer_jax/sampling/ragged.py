@@ -33,7 +33,7 @@ from zoomer_jax.model.paged import PagedCache, RaggedBatch
 from zoomer_jax.model.qwen25vl import VisionInput, vision_input
 from zoomer_jax.model.vision_layout import layout_sizes
 from zoomer_jax.sampling.sampler import SamplingParams, StopCriteria, _has_stop_string, _push_bytes
-from zoomer_jax.sampling.sampler import restrict_vocab, sample
+from zoomer_jax.sampling.sampler import draw_keys, restrict_vocab, sample
 
 TRACES = {"ragged": 0}
 
@@ -46,6 +46,7 @@ class Slot:
   row: int
   window: np.ndarray | None = None
   forced: int = -1
+  draw: tuple[int, int] = (0, 0)  # (trajectory, token index): the sampling key's (`sampler.draw_keys`)
 
 
 @dataclasses.dataclass
@@ -82,6 +83,7 @@ class StepInput:
   slot_rows: np.ndarray  # int32 [S]: the row each slot reads
   windows: np.ndarray  # uint8 [S, W]
   forced: np.ndarray  # int32 [S]
+  draws: np.ndarray  # int32 [S, 2]: each slot's (trajectory, token index), its sampling key
 
 
 @struct.dataclass
@@ -105,7 +107,7 @@ def build_step(cfg: ModelConfig, alloc: PageAllocator, chunks: Sequence[Chunk], 
   batch = alloc.step([(c.seq, len(c.ids)) for c in chunks], max_seqs=s, max_tokens=t)
   ids = np.zeros(t, np.int32)
   positions = np.zeros((3, t), np.int32)
-  slot_rows, forced = np.zeros(s, np.int32), np.full(s, -1, np.int32)
+  slot_rows, forced, draws = np.zeros(s, np.int32), np.full(s, -1, np.int32), np.zeros((s, 2), np.int32)
   windows = np.zeros((s, window), np.uint8)
   pixels, grids = [], []
   row, k = 0, 0
@@ -116,7 +118,7 @@ def build_step(cfg: ModelConfig, alloc: PageAllocator, chunks: Sequence[Chunk], 
       pixels.append(np.asarray(c.pixels, np.float32))
       grids.append(np.asarray(c.grids, np.int64).reshape(-1, 3))
     for sl in c.slots:
-      slot_rows[k], forced[k] = row + sl.row, sl.forced
+      slot_rows[k], forced[k], draws[k] = row + sl.row, sl.forced, sl.draw
       if sl.window is not None:
         windows[k] = sl.window
       k += 1
@@ -127,7 +129,7 @@ def build_step(cfg: ModelConfig, alloc: PageAllocator, chunks: Sequence[Chunk], 
     sizes = layout_sizes([g], cfg.vision, bucket(len(g), min_images))  # room for a power of two of images
     images = vision_input(cfg, [np.concatenate(pixels)], [g], sizes=sizes)
   return StepInput(ids=ids, positions=positions, batch=batch, images=images, slot_rows=slot_rows, windows=windows,
-                   forced=forced)
+                   forced=forced, draws=draws)
 
 
 def step_shape(inp: StepInput, kv) -> tuple:
@@ -147,7 +149,7 @@ def _ragged_step(graphdef, state, kv, inp: StepInput, key, stop: StopCriteria, p
                                    cache=PagedCache(kv=kv, batch=inp.batch), logits_at=inp.slot_rows)
   # As `sampler._decode_loop`'s body: the same draw, forced tokens scored by the model, stops on ids and strings.
   logits = restrict_vocab(logits_sv, stop.vocab_limit)
-  token, logprob = sample(logits, key, params, stop.suppress)
+  token, logprob = sample(logits, draw_keys(key, inp.draws), params, stop.suppress)
   logp_all = jax.nn.log_softmax(logits / (params.temperature or 1.0), axis=-1)
   f = inp.forced
   logprob = jnp.where(f >= 0, jnp.take_along_axis(logp_all, jnp.maximum(f, 0)[:, None], axis=-1)[:, 0], logprob)

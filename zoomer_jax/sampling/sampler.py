@@ -109,9 +109,17 @@ def restrict_vocab(logits_bv: jax.Array, vocab_limit) -> jax.Array:
   return jnp.where(ids < vocab_limit, logits_bv, -jnp.inf)
 
 
+def draw_keys(key: jax.Array, ids_b2: jax.Array) -> jax.Array:
+  """One key per row [B] from a typed key and each row's (trajectory, token index) [B, 2]: a token's draw depends
+  only on which trajectory it belongs to and where, not on which rows share its device step (the continuous
+  engine's steps depend on when clips finish)."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i[0]), i[1]))(ids_b2)
+
+
 def sample(logits_bv: jax.Array, key: jax.Array, params: SamplingParams,
            suppress: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """(token [B], logprob [B]) from fp32 logits [B, V]; `suppress` ids are never drawn.
+  """(token [B], logprob [B]) from fp32 logits [B, V]; `suppress` ids are never drawn. `key` is one typed key,
+  or one per row [B] (`draw_keys`).
 
   The log-prob is that of the unfiltered distribution (see the module docstring).
   """
@@ -134,7 +142,10 @@ def sample(logits_bv: jax.Array, key: jax.Array, params: SamplingParams,
       keep = before < params.top_p  # the smallest prefix whose mass reaches top_p (at least one token)
       threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
       masked = jnp.where(masked < threshold, -jnp.inf, masked)
-    token = jax.random.categorical(key, masked, axis=-1)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+      token = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, masked)
+    else:
+      token = jax.random.categorical(key, masked, axis=-1)
   token = token.astype(jnp.int32)
   return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
