@@ -130,7 +130,7 @@ def _step_input(mesh: Mesh, t: int, s: int, pages_per_seq: int, window: int, vis
   batch = RaggedBatch(page_indices=sds((s, pages_per_seq)), kv_lens=sds((s,)), cu_q_lens=sds((s + 1,)),
                       num_seqs=sds((1,)), copy_src=sds((s,)), copy_dst=sds((s,)))
   return R.StepInput(ids=sds((t,)), positions=sds((3, t)), batch=batch, images=vision, slot_rows=sds((s,)),
-                     windows=sds((s, window), jnp.uint8), forced=sds((s,)))
+                     windows=sds((s, window), jnp.uint8), forced=sds((s,)), draws=sds((s, 2)))
 
 
 def pool(mc: ModelConfig, mesh: Mesh, rules, num_pages: int, page_size: int, dtype) -> jax.ShapeDtypeStruct:
