@@ -8,9 +8,9 @@ Per program (`programs.job_programs`):
   * FLOPs, bytes accessed and XLA's time estimate (`cost_analysis()`): XLA's cost analysis counts a loop's body
     once whatever its trip count, so a scanned program under-reports by the depth. The figures are instead taken
     from cost probes: the same program at reduced depth (1 and 2 decoder layers or the program's `probe_layers`,
-    1 and 2 windowed vision blocks, 1 full-attention block), with every loop unrolled (`model.stack.unrolled_loops`) and log-probs in one token
-    block, then extrapolated linearly to the model's depths (costs are linear in the number of layers). On TPU,
-    XLA prices a `ConcatBitcast` custom call at -1 s; those seconds are given back;
+    1 and 2 windowed vision blocks, 1 full-attention block), with every loop unrolled
+    (`model.stack.unrolled_loops`) and log-probs in one token block, then extrapolated linearly to the model's
+    depths (costs are linear in the number of layers). On TPU, XLA prices a `ConcatBitcast` custom call at -1 s; those seconds are given back;
   * Pallas kernels (splash attention) are custom calls XLA gives no cost: their FLOPs are counted from the kernels
     the probe runs (causal block pairs) and timed at XLA's own estimated rate for one attention block's matmuls
     on the chip (`kernel_rate`);
