@@ -10,7 +10,8 @@ Per program (`programs.job_programs`):
     from cost probes: the same program at reduced depth (1 and 2 decoder layers or the program's `probe_layers`,
     1 and 2 windowed vision blocks, 1 full-attention block), with every loop unrolled
     (`model.stack.unrolled_loops`) and log-probs in one token block, then extrapolated linearly to the model's
-    depths (costs are linear in the number of layers). On TPU, XLA prices a `ConcatBitcast` custom call at -1 s; those seconds are given back;
+    depths (costs are linear in the number of layers). On TPU, XLA prices a `ConcatBitcast` custom call at
+    -1 s; those seconds are given back;
   * Pallas kernels (splash attention) are custom calls XLA gives no cost: their FLOPs are counted from the kernels
     the probe runs (causal block pairs) and timed at XLA's own estimated rate for one attention block's matmuls
     on the chip (`kernel_rate`);
