@@ -7,10 +7,11 @@ Per program (`programs.job_programs`):
     its out-of-memory error, `xla_hbm_bytes`); a program that does not fit reports what it needs;
   * FLOPs, bytes accessed and XLA's time estimate (`cost_analysis()`): XLA's cost analysis counts a loop's body
     once whatever its trip count, so a scanned program under-reports by the depth. The figures are instead taken
-    from cost probes: the same program at reduced depth (1 and 2 decoder layers, 1 and 2 windowed vision blocks,
-    1 full-attention block), with every loop unrolled (`model.stack.unrolled_loops`) and log-probs in one token
-    block, then extrapolated linearly to the model's depths (costs are linear in the number of layers). On TPU,
-    XLA prices a `ConcatBitcast` custom call at -1 s; those seconds are given back;
+    from cost probes: the same program at reduced depth (1 and 2 decoder layers or the program's `probe_layers`,
+    1 and 2 windowed vision blocks, 1 full-attention block), with every loop unrolled
+    (`model.stack.unrolled_loops`) and log-probs in one token block, then extrapolated linearly to the model's
+    depths (costs are linear in the number of layers). On TPU, XLA prices a `ConcatBitcast` custom call at
+    -1 s; those seconds are given back;
   * Pallas kernels (splash attention) are custom calls XLA gives no cost: their FLOPs are counted from the kernels
     the probe runs (causal block pairs) and timed at XLA's own estimated rate for one attention block's matmuls
     on the chip (`kernel_rate`);
@@ -180,11 +181,13 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
   if f:
     variants["1,0,1"] = (1, 0, 1)
   # Programs whose one-layer probe is no step of the line (the paged step: XLA handles a one-layer pool
-  # differently) take the decoder's per-layer cost between 2 and 3 layers.
-  deep = {p.name for p in P.job_programs(probe_cfg, mesh, model_cfg=P.reduced(full, 1, 1, 0), token_chunk=None,
-                                         rollout_mesh=rollout_mesh) if p.probe_layers == (2, 3)}
-  if deep and (not only or deep & set(only)):
-    variants["3,1,0"] = (3, 1, 0)
+  # differently) take the decoder's per-layer cost between deeper probes (`Program.probe_layers`).
+  deep = {p.name: p.probe_layers for p in P.job_programs(probe_cfg, mesh, model_cfg=P.reduced(full, 1, 1, 0),
+                                                         token_chunk=None, rollout_mesh=rollout_mesh)
+          if p.probe_layers != (1, 2) and (not only or p.name in only)}
+  extra = {f"{d},1,0" for pair in deep.values() for d in pair} - set(variants)
+  for key in sorted(extra):
+    variants[key] = (int(key.split(",")[0]), 1, 0)
   costs: dict[str, dict[str, Cost]] = {}
   failed: dict[str, str] = {}
   for key, depths in variants.items():
@@ -194,7 +197,8 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
       progs = P.job_programs(probe_cfg, mesh, model_cfg=model_cfg, token_chunk=None, rollout_mesh=rollout_mesh)
       blocked = None
       for p in progs:
-        if (only and p.name not in only) or p.name in failed or (key == "3,1,0" and p.name not in deep):
+        if (only and p.name not in only) or p.name in failed or (
+            key in extra and key not in {f"{d},1,0" for d in deep.get(p.name, ())}):
           continue
         try:
           compiled = p.lower().compile(compiler_options=PROBE_OPTIONS)
@@ -225,8 +229,9 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
     cw = c["1,2,0"] - c["1,1,0"]
     cf = (c["1,0,1"] - c["1,1,0"] + cw) if f else Cost()  # (1,0,1) trades a windowed block for a full one
     if name in deep:
-      ct = c["3,1,0"] - c["2,1,0"]
-      c0 = c["2,1,0"] - ct * 2 - cw
+      a, b = deep[name]
+      ct = (c[f"{b},1,0"] - c[f"{a},1,0"]) * (1 / (b - a))
+      c0 = c[f"{a},1,0"] - ct * a - cw
     else:
       ct = c["2,1,0"] - c["1,1,0"]
       c0 = c["1,1,0"] - ct - cw
