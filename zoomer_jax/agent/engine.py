@@ -187,6 +187,7 @@ class _Engine:
 
   # --- the loop ----------------------------------------------------------------------------------------------
   def run(self, key: jax.Array) -> None:
+    key = self._global(key)  # constant for the rollout (`sampler.draw_keys`): placed once
     while self.live or self.waiting:
       self._admit()
       if not self.ready and not any(s.clip is not None for s in self.live.values()):
@@ -297,7 +298,7 @@ class _Engine:
     self.stats.steps += 1
     self.stats.device_rows += inp.ids.shape[0]
     self.stats.shapes.add(R.step_shape(inp, self.kv))
-    self.kv, out = R.ragged_step(self.split, self.kv, self._global(inp), self._global(key), self.stop,
+    self.kv, out = R.ragged_step(self.split, self.kv, self._global(inp), key, self.stop,
                                  self.cfg.sampling, end_token=self.tok.im_end)
     out = to_host(out)
     for f in feeds:
@@ -347,7 +348,7 @@ class _Engine:
     inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window,
                         [(s.i, len(s.row.logprobs)) for s in feeds])
     self._note_pages(feeds)
-    self.kv, out = B.burst_step(self.burst_split, self.kv, self._global(inp), self._global(key), self.stop,
+    self.kv, out = B.burst_step(self.burst_split, self.kv, self._global(inp), key, self.stop,
                                 self.cfg.sampling)
     out = to_host(out)
     self.stats.steps += 1

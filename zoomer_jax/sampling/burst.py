@@ -8,9 +8,9 @@ The continuous engine's step (`sampling/ragged.py`) feeds one token per decoding
 When a step holds only decode rows (every sequence feeds exactly one token, its last sampled one), a burst runs
 the same step K times in a `lax.while_loop` on the device: iteration j feeds each active row's last token at its
 next position (text: the three M-RoPE positions equal), writes its keys and values to its pages, and draws the
-next token as `ragged._ragged_step` does (the same `sample`, forced tokens [S, K], stop ids, stop strings on the
-byte window). A row stops on a stop id or string, or after `limit` tokens (its turn's budget, its page table); the
-loop ends when every row has stopped or after K iterations.
+next token with `ragged.draw`, as the one-token step does (the same `sample`, forced tokens [S, K], stop ids,
+stop strings on the byte window). A row stops on a stop id or string, or after `limit` tokens (its turn's
+budget, its page table); the loop ends when every row has stopped or after K iterations.
 
 Stopped rows write nothing: each iteration's ragged batch gives them no row (q_len 0), and the live rows are
 packed at the front of the S device rows, so a stopped row neither corrupts its pages nor reads another's.
@@ -30,8 +30,8 @@ from flax import nnx, struct
 
 from zoomer_jax.model.page_allocator import PageAllocator, bucket
 from zoomer_jax.model.paged import PagedCache, RaggedBatch, copy_pages
-from zoomer_jax.sampling.sampler import SamplingParams, StopCriteria, _has_stop_string, _push_bytes
-from zoomer_jax.sampling.sampler import draw_keys, restrict_vocab, sample
+from zoomer_jax.sampling.ragged import draw
+from zoomer_jax.sampling.sampler import SamplingParams, StopCriteria, draw_keys
 
 TRACES = {"burst": 0}
 
@@ -123,7 +123,6 @@ def _burst(graphdef, state, kv, inp: BurstInput, key, stop: StopCriteria, params
   num_pages = kv.shape[1]
   kv = copy_pages(kv, RaggedBatch(page_indices=inp.page_indices, kv_lens=inp.kv_start, cu_q_lens=jnp.zeros(s + 1,
                   jnp.int32), num_seqs=jnp.zeros(1, jnp.int32), copy_src=inp.copy_src, copy_dst=inp.copy_dst))
-  temperature = params.temperature or 1.0
 
   def cond(c: _Loop):
     return (c.j < k) & c.live.any()
@@ -135,16 +134,11 @@ def _burst(graphdef, state, kv, inp: BurstInput, key, stop: StopCriteria, params
     pos = jnp.zeros(s, jnp.int32).at[dest].set(inp.positions + c.num, mode="drop")
     logits_sv, cache = model.forward(ids[None], jnp.broadcast_to(pos, (3, 1, s)), jnp.ones((1, s), bool),
                                      cache=PagedCache(kv=c.kv, batch=batch), logits_at=rows)
-    # As `ragged._ragged_step`: the same draw, forced tokens scored by the model, stops on ids and strings.
     keys = draw_keys(c.key, inp.draws + jnp.stack([jnp.zeros_like(c.num), c.num], axis=1))
-    logits = restrict_vocab(logits_sv, stop.vocab_limit)
-    token, logprob = sample(logits, keys, params, stop.suppress)
-    f = inp.forced[:, c.j]
-    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
-    logprob = jnp.where(f >= 0, jnp.take_along_axis(logp_all, jnp.maximum(f, 0)[:, None], axis=-1)[:, 0], logprob)
-    token = jnp.where(f >= 0, f, token)
-    windows = jnp.where(c.live[:, None], _push_bytes(c.windows, token, stop), c.windows)
-    hit = (token[:, None] == stop.token_ids[None, :]).any(-1) | _has_stop_string(windows, stop)
+    token, logprob, pushed, hit_token, hit_string = draw(logits_sv, keys, inp.forced[:, c.j], c.windows, stop,
+                                                         params)
+    windows = jnp.where(c.live[:, None], pushed, c.windows)
+    hit = hit_token | hit_string
     num = c.num + c.live.astype(jnp.int32)
     return _Loop(j=c.j + 1, key=c.key, kv=cache.kv, token=jnp.where(c.live, token, c.token),
                  live=c.live & ~hit & (num < inp.limit), num=num, stopped=c.stopped | (c.live & hit),

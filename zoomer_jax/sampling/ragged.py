@@ -139,6 +139,23 @@ def step_shape(inp: StepInput, kv) -> tuple:
   return inp.ids.shape[0], inp.slot_rows.shape[0], inp.batch.page_indices.shape[1], patches, tuple(kv.shape)
 
 
+def draw(logits_sv: jax.Array, keys: jax.Array, forced: jax.Array, windows_sw: jax.Array, stop: StopCriteria,
+         params: SamplingParams) -> tuple[jax.Array, ...]:
+  """Each slot's next token from its logits [S, V], as `sampler._decode_loop`'s body draws it: the same `sample`,
+  forced tokens [S] (-1: sample) scored by the model, stops on ids and strings. Returns (token [S], logprob [S],
+  windows after the token [S, W], hit_token [S], hit_string [S]: a stop string and no stop id). The ragged step
+  and the decode burst both draw here."""
+  logits = restrict_vocab(logits_sv, stop.vocab_limit)
+  token, logprob = sample(logits, keys, params, stop.suppress)
+  logp_all = jax.nn.log_softmax(logits / (params.temperature or 1.0), axis=-1)
+  forced_logprob = jnp.take_along_axis(logp_all, jnp.maximum(forced, 0)[:, None], axis=-1)[:, 0]
+  logprob = jnp.where(forced >= 0, forced_logprob, logprob)
+  token = jnp.where(forced >= 0, forced, token)
+  windows = _push_bytes(windows_sw, token, stop)
+  hit_token = (token[:, None] == stop.token_ids[None, :]).any(-1)
+  return token, logprob, windows, hit_token, _has_stop_string(windows, stop) & ~hit_token
+
+
 def _ragged_step(graphdef, state, kv, inp: StepInput, key, stop: StopCriteria, params: SamplingParams,
                  end_token: int):
   """The step as a function of the model's state: (pages with the step written, `StepOut`)."""
@@ -147,16 +164,8 @@ def _ragged_step(graphdef, state, kv, inp: StepInput, key, stop: StopCriteria, p
   t = inp.ids.shape[0]
   logits_sv, cache = model.forward(inp.ids[None], inp.positions[:, None], jnp.ones((1, t), bool), images=inp.images,
                                    cache=PagedCache(kv=kv, batch=inp.batch), logits_at=inp.slot_rows)
-  # As `sampler._decode_loop`'s body: the same draw, forced tokens scored by the model, stops on ids and strings.
-  logits = restrict_vocab(logits_sv, stop.vocab_limit)
-  token, logprob = sample(logits, draw_keys(key, inp.draws), params, stop.suppress)
-  logp_all = jax.nn.log_softmax(logits / (params.temperature or 1.0), axis=-1)
-  f = inp.forced
-  logprob = jnp.where(f >= 0, jnp.take_along_axis(logp_all, jnp.maximum(f, 0)[:, None], axis=-1)[:, 0], logprob)
-  token = jnp.where(f >= 0, f, token)
-  windows = _push_bytes(inp.windows, token, stop)
-  hit_token = (token[:, None] == stop.token_ids[None, :]).any(-1)
-  hit_string = _has_stop_string(windows, stop) & ~hit_token
+  token, logprob, windows, hit_token, hit_string = draw(logits_sv, draw_keys(key, inp.draws), inp.forced,
+                                                      inp.windows, stop, params)
   z = logits_sv / (params.temperature or 1.0)  # unrestricted, as the lockstep agent scores the appended end token
   end_logprob = z[:, end_token] - jax.nn.logsumexp(z, axis=-1)
   return cache.kv, StepOut(tokens=token, logprobs=logprob, windows=windows, hit_token=hit_token,
