@@ -35,6 +35,8 @@ def test_infer_runs_the_agent_on_a_video(tmp_path, capsys):
   assert "--- assistant turn ---" in out and "answer:" in out and "60 frames at 10.00 fps" in out
   report = json.loads((tmp_path / "infer.json").read_text())
   assert report["frames"] == 3 and 1 <= report["rounds"] <= 2 and report["tokens"] > 0
+  for turn in report["turns"]:  # streamed as sampled, each turn's pieces add up to its text
+    assert f"--- assistant turn ---\n{turn}\n" in out
 
 
 def test_infer_unreadable_video_and_bad_checkpoint_are_clear_errors(tmp_path, capsys):

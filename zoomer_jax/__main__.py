@@ -129,6 +129,7 @@ def infer(args) -> dict:
   from zoomer_jax.agent.protocol import ToolConfig
   from zoomer_jax.agent.rollout import AgentConfig, Task
   from zoomer_jax.sampling import SamplingParams
+  from zoomer_jax.text.stream import TurnStream
   from zoomer_jax.video import read_meta
 
   meta = read_meta(args.video)  # an unreadable video fails here, before any model work
@@ -139,9 +140,14 @@ def infer(args) -> dict:
                                     tool_call_max_frames=args.tool_call_max_frames),
                     sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
 
-  def show(kind, _row, info):
-    if kind == "turn":
-      print(f"\n--- assistant turn ---\n{info}")
+  stream = TurnStream(tok)
+
+  def show(kind, _row, info):  # the assistant's text as it is sampled, then each tool call and the end
+    if kind in ("tokens", "turn"):
+      if not stream.opened:
+        print("\n--- assistant turn ---")
+        stream.turns = 0  # no separator: each turn has its header
+      print(stream.add(info) if kind == "tokens" else stream.end(info) + "\n", end="", flush=True)
     elif kind == "zoom":
       print(f"--- zoom: segment {info['segment']} (clamped {info['clamped']}), fps {info['fps']}, "
             f"{info['frames']} frames at {info['timestamps']}")

@@ -3,7 +3,8 @@
     trajs = continuous_rollout(model, tok, tasks, agent_cfg, key, engine=EngineConfig(page_size=16))
 
 The same contract as `agent.rollout.rollout` (the lockstep engine): the same tasks in, the same `Trajectory`
-objects out, greedy trajectories token for token equal. What differs is the loop (docs/rollout_engine.md):
+objects out, greedy trajectories token for token equal. `on_event` also sees ("tokens", row, ids): the ids each
+device step sampled for a row (a burst's several at once), before the "turn" that they end (streaming). What differs is the loop (docs/rollout_engine.md):
 
   * every engine step is one ragged device step (`sampling/ragged.py`): the decode rows of the running sequences
     together with whole prefill and extend chunks of new or resumed ones, up to `step_tokens` tokens; a step
@@ -364,11 +365,17 @@ class _Engine:
       r.logprobs += out.logprobs[j, :n - 1].tolist()
       r.turn_tokens += n - 1
       r.in_cache = len(r.tr.ids)  # every token but the last sampled one is in the pages
-      self._take(s, int(out.tokens[j, n - 1]), float(out.logprobs[j, n - 1]), out.windows[j], bool(out.stopped[j]))
+      self.event("tokens", s.i, out.tokens[j, :n].tolist())
+      self._take(s, int(out.tokens[j, n - 1]), float(out.logprobs[j, n - 1]), out.windows[j], bool(out.stopped[j]),
+                 told=True)
 
-  def _take(self, s: _Seq, token: int, logprob: float, window: np.ndarray, stopped: bool) -> None:
+  def _take(self, s: _Seq, token: int, logprob: float, window: np.ndarray, stopped: bool,
+            told: bool = False) -> None:
+    """Appends a sampled token and ends the turn or queues the next one; `told`: its "tokens" event was sent."""
     r = s.row
     r.tr.append_generated([token])
+    if not told:
+      self.event("tokens", s.i, [token])
     r.logprobs.append(logprob)
     r.turn_tokens += 1
     s.window = window

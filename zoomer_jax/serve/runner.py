@@ -2,7 +2,7 @@
 through the sampler's prefill and decode.
 
     runner = Runner(model, tok, RunnerConfig(tool=ToolConfig(), max_pixels=..., ...))
-    runner.run(batch)      # every request of `batch` gets ("turn", text)* then ("done", result) or ("error", ...)
+    runner.run(batch)      # every request of `batch` gets ("turn", delta)* then ("done", result) or ("error", ...)
 
 A batch shares its sampling parameters (`api.Request.batch_key`): the engine samples every row alike. Only the
 scheduler's thread calls `run`, so JAX is driven from one thread.
@@ -24,6 +24,7 @@ from zoomer_jax.sampling import STOP_LENGTH, SamplingParams, decode, decode_weig
 from zoomer_jax.sampling.sampler import round_up
 from zoomer_jax.serve.api import ApiError, Request
 from zoomer_jax.text.chat import Transcript
+from zoomer_jax.text.stream import TurnStream
 from zoomer_jax.video.preprocess import preprocess_frames
 
 
@@ -92,12 +93,17 @@ class Runner:
                         max_pixels=c.max_pixels, min_pixels=c.min_pixels, workers=c.workers,
                         video_backend=c.video_backend)
 
-    sent = set()
+    streams = [TurnStream(self.tok) for _ in batch]
 
-    def on_event(kind, i, info):
-      if kind == "turn":  # streamed as it ends; the content is the turns joined by "\n"
-        batch[i].events.put(("turn", "\n" + info if i in sent else info))
-        sent.add(i)
+    def on_event(kind, i, info):  # the content is the turns joined by "\n", streamed as the engine samples it
+      if kind == "tokens":
+        text = streams[i].add(info)
+      elif kind == "turn":
+        text = streams[i].end(info)
+      else:
+        return
+      if text:
+        batch[i].events.put(("turn", text))
 
     script = None if self.script is None else (lambda i, rnd: self.script(batch[i], rnd))
     trajs = continuous_rollout(self.model, self.tok, [r.task for r in batch], agent, self._next_key(),
