@@ -248,7 +248,9 @@ def test_fuzzed_two_tool_episodes_never_raise_and_keep_every_budget(measure):
   turns = st.one_of(good_crop, crop, zoom, st.lists(piece, max_size=4).map("".join))
   counts = {"calls": 0, "crops": 0, "errors": 0, "finals": 0}
 
-  @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+  # derandomize: the same 400 episodes every run, so the coverage counts below cannot drift under the threshold
+  @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+            derandomize=True)
   @given(texts=st.lists(turns, min_size=1, max_size=6), rounds=st.integers(1, 6), extra=st.integers(0, 20))
   def episode(texts, rounds, extra):
     cfg = P.ToolConfig(tools=BOTH, max_generation_round=rounds, frames_upbound=4, max_total_frames=4 + extra)
