@@ -106,7 +106,7 @@ def get_config(arg=None):
   cfg.engine = ml_collections.ConfigDict(dict(page_size=16, step_tokens=512))
   cfg.use_tool = True
   cfg.no_tool_system_prompt = "system_prompt_notool.txt"  # in zoomer_jax/agent/prompts/, or a path
-  cfg.batch_size = 8  # trajectories decoded together
+  cfg.batch_size = 8  # trajectories in flight (one engine run; a task joins as another ends)
   cfg.out_dir = "out/eval"
   cfg.progress = True
   return cfg

@@ -41,6 +41,9 @@ def get_config(arg=None):
   cfg.frames = ml_collections.ConfigDict(dict(max_pixels=100352, min_pixels=25088, workers=4, video_backend="auto"))
   cfg.engine = ml_collections.ConfigDict(dict(
       page_size=16, step_tokens=256,  # the continuous engine (docs/rollout_engine.md)
+      # An agent prompt's tokens besides its overview's images: with the budgets, the page tables' width, so
+      # requests can join a running engine; a longer prompt ends at once with finish_reason "length".
+      max_prompt_text_tokens=1024,
       token_bucket=64, image_bucket=8,  # the turn model's prefill buckets
   ))
   # A request without max_tokens / temperature gets these; max_tokens is per assistant turn.

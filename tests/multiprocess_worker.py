@@ -84,7 +84,9 @@ def count_decodes(rollout_module, decoded: dict) -> None:
 
 def rollout_record(trajs, events) -> dict:
   """Trajectories and events as JSON (floats as their exact repr, pixels as a hash of their bytes)."""
-  return dict(events=[[kind, int(row), str(info)] for kind, row, info in events],
+  # A "done" event carries the trajectory (compared below, log-probs within a bound): here its id and end.
+  show = lambda kind, info: f"{info.task.id}: {info.finish_reason}" if kind == "done" else str(info)
+  return dict(events=[[kind, int(row), show(kind, info)] for kind, row, info in events],
               trajs=[dict(id=t.task.id, ids=t.ids.tolist(), mask=t.response_mask.tolist(),
                           logprobs=t.logprobs.tolist(), pixel_shape=list(t.pixel_values.shape),
                           pixel_sha256=hashlib.sha256(t.pixel_values.tobytes()).hexdigest(),

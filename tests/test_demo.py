@@ -97,6 +97,32 @@ def test_smooth_is_a_trailing_mean():
   np.testing.assert_allclose(plots._smooth(y, 2), [1.0, 2.0, 4.0, 6.0])
 
 
+def test_training_curves_put_sft_r_after_the_sft_steps(tmp_path, monkeypatch):
+  """SFT+R starts from the SFT model: its loss is drawn after the SFT steps (direct steps first), in its own
+  colour with a legend; without its workdir, only the SFT curve."""
+  def metrics(name, rows):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  metrics("sft_direct", [{"step": s, "loss": 2.0 / s} for s in range(1, 5)])
+  metrics("sft", [{"step": s, "loss": 1.0 / s} for s in range(1, 11)])
+  metrics("sft_r", [{"step": s, "loss": 0.05} for s in range(1, 4)])
+  metrics("grpo", [{"step": s, "reward/mean": 0.5, "acc/mean": 0.5, "frames/mean": 8, "actor/kl_loss": 0.0}
+                   for s in range(1, 3)])
+  drawn, curve = [], plots._curve
+  monkeypatch.setattr(plots, "_curve", lambda ax, x, y, c, label: (drawn.append((list(x), label)),
+                                                                    curve(ax, x, y, c, label)))
+  for sft_r in (str(tmp_path / "sft_r"), None):
+    drawn.clear()
+    png = plots.plot_training(str(tmp_path / "sft"), str(tmp_path / "grpo"), str(tmp_path / f"c{bool(sft_r)}.png"),
+                              sft_direct_workdir=str(tmp_path / "sft_direct"), sft_r_workdir=sft_r)
+    assert os.path.getsize(png) > 0
+    assert drawn[0] == (list(range(1, 15)), "SFT" if sft_r else None)  # 4 direct steps, then 10
+    if sft_r:
+      assert drawn[1] == ([15.0, 16.0, 17.0], "SFT+R (from the SFT model)") and len(drawn) == 6
+    else:
+      assert len(drawn) == 5 and all(label is None for _, label in drawn)
+
+
 def test_no_tool_flash_visible_counts_frames_in_the_window(tmp_path):
   from zoomer_jax.agent.protocol import ToolConfig
   tool = ToolConfig(max_generation_round=2, frames_upbound=4, tool_call_max_frames=2, max_total_frames=6)

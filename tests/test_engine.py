@@ -2,6 +2,8 @@
 trajectories (scripted and greedy, zooms, tool errors, a missing video), a GRPO group's prompt prefilled once with
 the same results as unshared runs, and no compilation after warm-up over a rollout of other lengths."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 import tolerances as tol
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout
-from zoomer_jax.agent.rollout import AgentConfig, Task, rollout
+from zoomer_jax.agent.rollout import AgentConfig, Task, cache_bound, rollout
 from zoomer_jax.sampling import SamplingParams
 from zoomer_jax.sampling import burst as B
 from zoomer_jax.sampling import ragged as R
@@ -75,8 +77,22 @@ def test_trajectories_equal_the_lockstep_engines(model, tok, video, tmp_path, me
   assert [len(t.calls) for t in got] == [3, 1, 1, 1, 0] and got[1].rounds == got[3].rounds == 2  # greedy after zooms
   for a, b in zip(want, got):
     _same(a, b, measure, f"{a.task.id}_logprob_diff")
-  per_row = lambda ev: {i: [(k, str(x)) for k, j, x in ev if j == i] for i in range(len(tasks))}
+  per_row = lambda ev: {i: [(k, str(x)) for k, j, x in ev if j == i and k not in ("tokens", "done")]
+                         for i in range(len(tasks))}
   assert per_row(ev_a) == per_row(ev_b)
+  # The continuous engine also reports each step's sampled ids ("tokens": per turn they decode to its text) and
+  # each trajectory as it ends ("done", once per row, last).
+  for i, traj in enumerate(got):
+    ids, turns = [], []
+    for k, j, x in ev_b:
+      if j == i and k == "tokens":
+        ids += x
+      elif j == i and k == "turn":
+        turns.append(tok.decode(ids, skip_special_tokens=True))
+        ids = []
+    assert turns == traj.turns and not ids
+    mine = [(k, x) for k, j, x in ev_b if j == i]
+    assert mine[-1][0] == "done" and mine[-1][1] is traj and [k for k, _ in mine].count("done") == 1
 
 
 GROUP_SCRIPT = {
@@ -85,6 +101,52 @@ GROUP_SCRIPT = {
     3: ["<answer>B</answer><|im_end|>"],
     4: ['<video_zoom>{"segment": [0, 20], "fps": 0.5}</video_zoom>', '<video_zoom>{"segment": [1, 2], "fps": 1}'],
 }  # rows 1 and 5 greedy throughout
+
+
+JOIN_SCRIPT = {
+    0: ['<video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>', '<video_zoom>{"segment": [5, 9], "fps": 1}'
+        '</video_zoom>', "<answer>B</answer><|im_end|>"],
+    2: ["<answer>A</answer><|im_end|>"],
+}  # rows 1 and 4 greedy throughout; row 3's video is missing
+
+
+def test_tasks_joining_a_running_engine_get_a_fresh_runs_trajectories(model, tok, video, tmp_path, measure):
+  """Serving's per-step admission (`admit`): tasks join one at a time while the first runs, each is reported
+  ("done") as it ends (one that joined before the long first), a missing video at once; the trajectories equal a run
+  that had every task from the start, and no more than `max_running` are ever in flight."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "j0"),
+           Task(video, "<image>\nIs there a square? A. yes B. no", "A", "j1"),
+           Task(video, "<image>\nWhere? A. left B. right", "A", "j2"),
+           Task(str(tmp_path / "missing.mp4"), "<image>\nAnything?", "A", "j3"),
+           Task(video, "<image>\nWhen?", "A", "j4")]
+  cfg = dataclasses.replace(_config(max_generation_round=3), cache_size=0)
+  cfg = dataclasses.replace(cfg, cache_size=cache_bound(cfg, 128))
+  engine = EngineConfig(page_size=8, step_tokens=64, max_running=2)
+  want = continuous_rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(JOIN_SCRIPT), engine=engine)
+  polls, later, done = [], list(tasks[1:]), []
+
+  def admit(free):
+    polls.append(free)
+    out = later[:min(free, 1)] if len(polls) > 2 else []  # from the third poll on, one task per poll
+    del later[:len(out)]
+    return out
+
+  def on_event(kind, i, info):
+    if kind == "done":
+      done.append((i, info))
+
+  got = continuous_rollout(model, tok, tasks[:1], cfg, jax.random.key(5), on_event=on_event,
+                           script=_script(JOIN_SCRIPT), engine=engine, admit=admit)
+  assert len(got) == len(tasks) and not later and 0 <= min(polls) and max(polls) <= engine.max_running
+  for k, (a, b) in enumerate(zip(want, got)):
+    _same(a, b, measure, f"row{k}_joined_vs_from_the_start")
+  order = [i for i, _ in done]
+  assert sorted(order) == list(range(len(tasks))) and order.index(1) < order.index(0)  # no batch barrier
+  assert order.index(3) < order.index(4) and got[3].finish_reason == "video_error"
+  for i, traj in done:
+    assert traj.ids.tolist() == got[i].ids.tolist() and traj.finish_reason == got[i].finish_reason
+  with pytest.raises(ValueError, match="max_running > 0 and cfg.cache_size > 0"):
+    continuous_rollout(model, tok, tasks[:1], _config(), engine=engine, admit=admit)
 
 
 def test_a_groups_prompt_is_prefilled_once_with_the_results_of_unshared_runs(model, tok, video, measure):

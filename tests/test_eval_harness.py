@@ -173,13 +173,17 @@ def _fake_trajectory(tok, task, text):
 
 
 def test_a_failing_batch_is_retried_task_by_task(monkeypatch):
-  """An exception raised for one task (e.g. a video whose duration reads as 0) costs that task only: the batch
-  is run again one task at a time. (The engine is replaced by a stand-in that fails on the task "bad".)"""
+  """An exception raised for one task (e.g. a video whose duration reads as 0) costs that task only: what ended
+  before it is kept, the tasks left run again in batches, and a failing batch one task at a time. (The engine is
+  replaced by a stand-in that fails on the task "bad"; in the one run over every task, after the first ended.)"""
   tok = build_tiny_tokenizer()
   calls = []
 
-  def flaky(model, tok, batch, cfg, key, script=None, engine=None):
+  def flaky(model, tok, batch, cfg, key, script=None, engine=None, admit=None, on_event=None):
     calls.append([t.id for t in batch])
+    if admit is not None:  # the one run: batch_size in flight, the rest would join; the first ends, then the error
+      assert engine.max_running == 3 and cfg.cache_size > 0
+      on_event("done", 0, _fake_trajectory(tok, batch[0], script(0, 0)))
     if any(t.id == "bad" for t in batch):
       raise ValueError("video duration must be a positive number of seconds, got 0.0")
     return [_fake_trajectory(tok, t, script(i, 0)) for i, t in enumerate(batch)]
@@ -190,7 +194,7 @@ def test_a_failing_batch_is_retried_task_by_task(monkeypatch):
   turns = {"ok0": ["<think>a</think><answer>A</answer>"], "ok1": ["<think>b</think><answer>B</answer>"],
            "ok2": ["<think>b</think><answer>A</answer>"]}
   report = evaluate(None, tok, tasks, CFG, batch_size=3, progress=False, script=_script(turns))
-  assert calls == [["ok0", "bad", "ok1"], ["ok0"], ["bad"], ["ok1"], ["ok2"]]
+  assert calls == [["ok0", "bad", "ok1"], ["bad", "ok1", "ok2"], ["bad"], ["ok1"], ["ok2"]]
   assert [r["id"] for r in report.records] == ["ok0", "bad", "ok1", "ok2"]
   assert [r["acc"] for r in report.records] == [1.0, 0.0, 1.0, 0.0]
   assert report.errors == [dict(id="bad", video="b.mp4", error="ValueError: video duration must be a positive "

@@ -247,16 +247,16 @@ def test_refusals_are_openai_errors(root, model_tok):
 
 
 def test_unreadable_video_fails_alone_in_its_batch(root, model_tok):
-  """Three requests in one batch: the unreadable video's ends with its error (400 or, streaming, an error event),
-  the others are answered."""
+  """Three requests join a running one: the unreadable video's end with their error (400 or, streaming, an error
+  event), the others are answered; one engine run served all four."""
   gate, taken = threading.Event(), []
 
   def hold(run):
-    def held(batch):
+    def held(batch, more):
       taken.append(len(batch))
       if len(taken) == 1:
         gate.wait(60)
-      run(batch)
+      run(batch, more)
     return held
 
   with Server(*model_tok, _config(root), run=hold) as server:
@@ -275,11 +275,49 @@ def test_unreadable_video_fails_alone_in_its_batch(root, model_tok):
       gate.set()
       assert first.result()[0] == 200
       status, out = good.result()
-      assert status == 200 and _check_agent_reply(out)["batch_size"] == 3
+      assert status == 200 and _check_agent_reply(out)["batch_size"] == 4
       status, out = bad.result()
       assert (status, out["error"]["code"]) == (400, "video_error")
       streamed.result()
-  assert taken == [1, 3]
+    assert server.batcher.stats["joined"] == 3
+  assert taken == [1]
+
+
+def test_a_request_joins_the_running_engine_and_is_answered_when_it_ends(root, model_tok, monkeypatch):
+  """Per-step admission: a request that arrives while another runs joins its engine between steps (no second
+  batch) and, its trajectory being short, is answered while the first still runs."""
+  from zoomer_jax.serve.runner import Runner
+  answered, server = [], None
+  answer = Runner._answer
+
+  def record(req, res, batch_size, t0):
+    answered.append(req.task.video.rsplit("/", 1)[-1])
+    answer(req, res, batch_size, t0)
+  monkeypatch.setattr(Runner, "_answer", staticmethod(record))
+
+  def script(req, rnd):
+    if req.task.video.endswith("b.mp4"):
+      return "<answer>B</answer><|im_end|>"
+    if rnd == 1:  # the first request's second turn starts only once the second request has arrived
+      _wait(lambda: server.batcher.queued + server.batcher.stats["requests"] == 2)
+    return ['<video_zoom>{"segment": [0, 2], "fps": 2}</video_zoom>',
+            '<video_zoom>{"segment": [1, 3], "fps": 2}</video_zoom>', "<answer>A</answer><|im_end|>"][rnd]
+
+  server = Server(*model_tok, _config(root), script=script).start()
+  try:
+    with cf.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(_post, server.url, _agent("a.mp4", max_tokens=TOKENS))
+      _wait(lambda: server.batcher.running == 1)
+      second = _post(server.url, _agent("b.mp4", max_tokens=TOKENS))
+      assert second[0] == 200, second
+      assert second[1]["zoomer"]["answer"] == "B" and second[1]["zoomer"]["batch_size"] == 2
+      status, out = first.result()
+      assert status == 200, out
+      assert out["zoomer"]["rounds"] == 3 and len(out["zoomer"]["calls"]) == 2
+  finally:
+    server.close()
+  assert answered == ["b.mp4", "a.mp4"]
+  assert server.batcher.stats["batches"] == 1 and server.batcher.stats["joined"] == 1
 
 
 def _wait(cond, timeout=30.0):
@@ -293,10 +331,10 @@ def test_full_queue_429_and_shutdown_refuses_the_waiting(root, model_tok):
   gate, taken = threading.Event(), []
 
   def hold(run):
-    def held(batch):
+    def held(batch, more):
       taken.append(len(batch))
       gate.wait(60)
-      run(batch)
+      run(batch, more)
     return held
 
   server = Server(*model_tok, _config(root, **{"batch.max_queue": 2}), run=hold).start()

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import threading
 import types
 
 import jax
@@ -38,13 +39,15 @@ def grpo_config(data, workdir, steps=3):
 
 
 def sigterm_after(monkeypatch, step: int):
-  """Delivers a real SIGTERM to this process right after the metrics of `step` are written."""
+  """Delivers a real SIGTERM to this process's main thread right after the metrics of `step` are written.
+  To the main thread, not the process: pytest's process holds the native threads of every earlier test, and a
+  process-directed signal may land on any of them, in the middle of a system call."""
   write = MetricWriter.write
 
   def write_then_signal(self, s, metrics):
     write(self, s, metrics)
     if s == step:
-      os.kill(os.getpid(), signal.SIGTERM)
+      signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
   monkeypatch.setattr(MetricWriter, "write", write_then_signal)
 
 

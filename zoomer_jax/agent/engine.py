@@ -45,7 +45,8 @@ from flax import nnx
 from zoomer_jax import tools as T
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _append, _cache_size, _clip, _finish
-from zoomer_jax.agent.rollout import _outcome, _shared, _start, _tokens_per_image, for_model, owned_rows
+from zoomer_jax.agent.rollout import _new_row, _outcome, _overview, _overview_outcome, _shared, _start
+from zoomer_jax.agent.rollout import _tokens_per_image, for_model, owned_rows
 from zoomer_jax.agent.rollout import stop_criteria
 from zoomer_jax.model.page_allocator import PageAllocator
 from zoomer_jax.model.paged import PagePool
@@ -58,6 +59,7 @@ from zoomer_jax.video import VideoError
 
 ENGINES = ("lockstep", "continuous")
 CLIP_POLL_S = 0.01  # several processes, nothing to run: how long each waits for its own clips between agreements
+JOIN_POLL_S = 0.01  # tasks may join (`admit`), nothing to run: how long to wait for a clip before polling again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,25 +125,57 @@ class _Prompt:
 
 def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
                        on_event=None, script=None, engine: EngineConfig = EngineConfig(),
-                       stats: EngineStats | None = None) -> list[Trajectory]:
+                       stats: EngineStats | None = None, admit=None) -> list[Trajectory]:
   """`rollout`'s contract (its arguments, `script` and `on_event` included) on the continuous engine; `stats`, if
   given, is filled with what the run did. With several processes, every process calls it with the same
-  arguments (module docstring)."""
+  arguments (module docstring).
+
+  Each trajectory is also reported as it ends, by a ("done", row, Trajectory) event (a video error at the start
+  included), so that a caller can use it before the run ends.
+
+  `admit(free) -> list[Task]` (optional; one process): tasks that join while the engine runs (serving). It is
+  polled between steps with the number of free places (`engine.max_running` less the trajectories in flight
+  or having their overview read), and the run ends when nothing is in flight and it returns none. A joining
+  task's row index follows the rows before it. It needs `engine.max_running` and `cfg.cache_size` (the pool and
+  its page tables are sized before the later prompts are known)."""
   key = jax.random.key(0) if key is None else key
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (jax.random.PRNGKey)
     key = jax.random.wrap_key_data(key)
-  event = on_event or (lambda *a: None)
+  if admit is not None and (not engine.max_running or not cfg.cache_size or jax.process_count() > 1):
+    raise ValueError("admitting tasks while the engine runs needs engine.max_running > 0 and cfg.cache_size > 0 "
+                     f"(got {engine.max_running}, {cfg.cache_size}) and one process ({jax.process_count()})")
+  finished: dict[int, Trajectory] = {}
+
+  def event(kind, i, info):
+    if kind == "done":
+      finished[i] = info
+    if on_event is not None:
+      on_event(kind, i, info)
+
   system = P.system_prompt(cfg.tool)
   mine = set(owned_rows(len(tasks)))
   with cf.ThreadPoolExecutor(cfg.workers) as pool:
     videos = Videos(cfg, pool)
     try:
       rows = _start(tasks, cfg, tok, system, videos, mine)
-      if any(not r.done for r in rows):
-        _Engine(model, tok, rows, cfg, engine, videos, event, script, stats or EngineStats(), mine).run(key)
+      for i, r in enumerate(rows):
+        if r.done:
+          event("done", i, _finish(r))
+      if admit is not None or any(not r.done for r in rows):
+        _Engine(model, tok, rows, cfg, engine, videos, event, script, stats or EngineStats(), mine,
+                _Admission(admit, system) if admit else None).run(key)
     finally:
       videos.close()
-  return [_finish(r) for r in rows]
+  return [finished[i] if i in finished else _finish(r) for i, r in enumerate(rows)]
+
+
+class _Admission:
+  """Tasks joining a running engine: their overviews are read in the thread pool, then they wait as groups of
+  one (see `continuous_rollout`)."""
+
+  def __init__(self, admit, system: str):
+    self.admit, self.system = admit, system
+    self.reading: dict[int, tuple[Task, cf.Future]] = {}  # row -> its task, its overview being read
 
 
 def groups(tasks: list[Task], rows, share: bool) -> list[list[int]]:
@@ -165,16 +199,17 @@ def groups(tasks: list[Task], rows, share: bool) -> list[list[int]]:
 
 class _Engine:
   def __init__(self, model, tok, rows, cfg: AgentConfig, engine: EngineConfig, videos: Videos, event, script,
-               stats: EngineStats, mine: set[int]):
+               stats: EngineStats, mine: set[int], joining: _Admission | None = None):
     self.model, self.tok, self.rows, self.cfg, self.engine = model, tok, rows, cfg, engine
     self.videos, self.event, self.script, self.stats, self.mine = videos, event, script, stats, mine
+    self.joining = joining
     self.mesh = mesh_of(nnx.state(model, nnx.Param))
     self.stop = self._global(stop_criteria(tok, cfg.tool.tools))  # once, not at every step
     self.split = nnx.split(model)
     self.burst_split = nnx.split(decode_weights(model)) if engine.decode_burst > 1 else None
     self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
     self.running = engine.max_running or sum(map(len, self.waiting))
-    largest = max(map(len, self.waiting))
+    largest = max(map(len, self.waiting), default=1)
     ps = engine.page_size
     self.pages_per_seq = -(-_cache_size(rows, cfg) // ps)
     self.max_len = self.pages_per_seq * ps
@@ -189,11 +224,16 @@ class _Engine:
   # --- the loop ----------------------------------------------------------------------------------------------
   def run(self, key: jax.Array) -> None:
     key = self._global(key)  # constant for the rollout (`sampler.draw_keys`): placed once
-    while self.live or self.waiting:
+    while self._join() or self.live or self.waiting:
       self._admit()
-      if not self.ready and not any(s.clip is not None for s in self.live.values()):
+      clips = any(s.clip is not None for s in self.live.values())
+      if not self.ready and not clips:
+        if self.joining and self.joining.reading:  # only overviews are being read: wait for one
+          cf.wait([f for _, f in self.joining.reading.values()], return_when=cf.FIRST_COMPLETED)
+          continue
         raise RuntimeError(f"no sequence can run and none waits for a clip: live {sorted(self.live)}")
-      self._collect(block=not self.ready)
+      # Joining tasks are polled while clips are cut: block on the clips only briefly then.
+      self._collect(block=not self.ready, timeout=JOIN_POLL_S if self.joining else None)
       if not self.ready:
         continue
       feeds = self._schedule(decode_only=self.chunk_fed)
@@ -208,6 +248,39 @@ class _Engine:
         self._step(feeds, key)
         self.chunk_fed = self.engine.decode_burst > 1 and any(self._feed_len(f) > 1 for f in feeds)
     self.stats.pages_leaked = self.alloc.num_pages - self.alloc.free_pages
+
+  def _join(self) -> bool:
+    """Polls the tasks joining a running engine (`admit`): new ones' overviews go to the thread pool, those read
+    wait for admission (a video error ends its task at once). True while some are still being read."""
+    j = self.joining
+    if j is None:
+      return False
+    free = self.running - len(self.live) - sum(map(len, self.waiting)) - len(j.reading)
+    for task in j.admit(free) if free > 0 else ():
+      i = len(self.rows)
+      self.rows.append(None)
+      self.mine.add(i)
+      j.reading[i] = (task, self.videos.pool.submit(_overview, task, self.videos))
+    for i, (task, fut) in sorted(j.reading.items()):
+      if not fut.done():
+        break  # in order: first come, first admitted, and a group's samples stay together
+      del j.reading[i]
+      row = self.rows[i] = _new_row(task, _overview_outcome(fut), self.cfg, self.tok, j.system)
+      if not row.done and _cache_size([row], dataclasses.replace(self.cfg, cache_size=0)) > self.max_len:
+        row.reason = "context_limit"  # its prompt is longer than the page tables were sized for (cache_size)
+      if row.done:
+        self.event("done", i, _finish(row))
+      elif self.engine.share_prompts and self.waiting and self._same_prompt(self.waiting[-1][-1], i):
+        self.waiting[-1].append(i)  # the next sample of a task still waiting: it shares the prompt's prefill
+      else:
+        self.waiting.append([i])
+    return bool(j.reading)
+
+  def _same_prompt(self, a: int, b: int) -> bool:
+    ra, rb = self.rows[a], self.rows[b]
+    return (b == a + 1 and (ra.task.video, ra.task.problem, ra.task.subtitles) == (rb.task.video, rb.task.problem,
+                                                                                  rb.task.subtitles)
+            and ra.tr.ids == rb.tr.ids and np.array_equal(ra.pixels[0], rb.pixels[0]))
 
   def _admit(self) -> None:
     while self.waiting and (not self.live or len(self.live) + len(self.waiting[0]) <= self.running):
@@ -407,14 +480,15 @@ class _Engine:
       fut = self.videos.pool.submit(_clip, r.task, out, self.videos) if i in self.mine else None
       s.clip = (out, fut)
 
-  def _collect(self, block: bool) -> None:
-    """Observations of the clips that are cut (waiting for one at least when `block`), in row order; with several
-    processes, those every process agreed on (module docstring)."""
+  def _collect(self, block: bool, timeout: float | None = None) -> None:
+    """Observations of the clips that are cut (waiting for one at least when `block`, in one process at most
+    `timeout` s if given), in row order; with several processes, those every process agreed on (module
+    docstring)."""
     waiting = {s.i: s for s in self.live.values() if s.clip is not None}  # the same rows on every process
     if not waiting:
       return
-    outcomes = self._done_clips(waiting, block)
-    while block and not outcomes:
+    outcomes = self._done_clips(waiting, block, timeout)
+    while block and not outcomes and timeout is None:
       outcomes = self._done_clips(waiting, block)
     for i in sorted(outcomes):
       s = waiting[i]
@@ -436,14 +510,15 @@ class _Engine:
       self.event(tool.name, s.i, r.calls[-1])
       self._observe(s, obs, (pixels, grids))
 
-  def _done_clips(self, waiting: dict[int, _Seq], block: bool) -> dict[int, dict]:
+  def _done_clips(self, waiting: dict[int, _Seq], block: bool, timeout: float | None = None) -> dict[int, dict]:
     """{row: `_outcome`} of the waiting clips that are cut: this process's in one process, every process's
     (identical everywhere) with several; `block`: this process waits for one of its own first (in one process
-    until one is done, with several up to `CLIP_POLL_S`)."""
+    until one is done or `timeout`, with several up to `CLIP_POLL_S`)."""
     futures = {s.clip[1]: i for i, s in waiting.items() if s.clip[1] is not None}
     several = jax.process_count() > 1
     if block and futures:
-      done = cf.wait(list(futures), timeout=CLIP_POLL_S if several else None, return_when=cf.FIRST_COMPLETED).done
+      done = cf.wait(list(futures), timeout=CLIP_POLL_S if several else timeout,
+                     return_when=cf.FIRST_COMPLETED).done
     else:
       done = [f for f in futures if f.done()]
     outcomes = {futures[f]: _outcome(f, (VideoError, ValueError, OSError)) for f in done}
@@ -479,9 +554,10 @@ class _Engine:
     self.ready.append(s)
 
   def _retire(self, s: _Seq) -> None:
-    """A finished sequence frees its pages now."""
+    """A finished sequence frees its pages and is reported ("done") now."""
     self.live.pop(s.i, None)
     if s.i in self.alloc:
       self.stats.page_tokens_peak += self.peak.pop(s.i, 0) * self.engine.page_size
       self.stats.tokens_held += self.alloc.length(s.i)
       self.alloc.free(s.i)
+    self.event("done", s.i, _finish(s.row))

@@ -261,22 +261,26 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
 
 def _start(tasks, cfg, tok, system, videos, mine) -> list[_Row]:
   futures = {i: videos.pool.submit(_overview, tasks[i], videos) for i in sorted(mine)}
-  overviews = {i: _outcome(f, (VideoError, OSError), lambda v: (v[0].duration, *v[1:])) for i, f in futures.items()}
+  overviews = {i: _overview_outcome(f) for i, f in futures.items()}
   overviews = _shared(overviews, "reading the overview", tasks)
-  rows = []
-  for i, task in enumerate(tasks):
-    if "error" in overviews[i]:  # reported for this task; the others go on
-      tr = Transcript(tok, [])
-      row = _Row(task, tr, None, np.zeros((0, 1176), np.float32), np.zeros((0, 3), np.int64))
-      row.reason, row.calls = "video_error", [dict(error=overviews[i]["error"])]
-      rows.append(row)
-      continue
-    duration, ts, pixels, grids = overviews[i]["value"]
-    messages = [{"role": "system", "content": system},
-                {"role": "user", "content": P.user_prompt(task.problem, ts, task.subtitles)}]
-    tr = Transcript.from_messages(tok, messages, image_tokens=_tokens_per_image(grids))
-    rows.append(_Row(task, tr, P.Episode(cfg.tool, duration, len(ts)), pixels, grids))
-  return rows
+  return [_new_row(task, overviews[i], cfg, tok, system) for i, task in enumerate(tasks)]
+
+
+def _new_row(task: Task, overview: dict, cfg, tok, system: str) -> _Row:
+  """The row of a task given its overview's `_outcome` (an error: a finished row, "video_error")."""
+  if "error" in overview:  # reported for this task; the others go on
+    row = _Row(task, Transcript(tok, []), None, np.zeros((0, 1176), np.float32), np.zeros((0, 3), np.int64))
+    row.reason, row.calls = "video_error", [dict(error=overview["error"])]
+    return row
+  duration, ts, pixels, grids = overview["value"]
+  messages = [{"role": "system", "content": system},
+              {"role": "user", "content": P.user_prompt(task.problem, ts, task.subtitles)}]
+  tr = Transcript.from_messages(tok, messages, image_tokens=_tokens_per_image(grids))
+  return _Row(task, tr, P.Episode(cfg.tool, duration, len(ts)), pixels, grids)
+
+
+def _overview_outcome(fut: cf.Future) -> dict:
+  return _outcome(fut, (VideoError, OSError), lambda v: (v[0].duration, *v[1:]))
 
 
 def _cache_size(rows, cfg) -> int:
@@ -284,6 +288,25 @@ def _cache_size(rows, cfg) -> int:
     return cfg.cache_size
   longest = max(len(r.tr.ids) for r in rows)
   per_frame = max((max(_tokens_per_image(r.grids[0]), default=0) for r in rows), default=0) + 12
+  return _cache_need(cfg, longest, per_frame)
+
+
+def cache_bound(cfg, text_tokens: int) -> int:
+  """A cache size for any trajectory whose prompt holds at most `text_tokens` tokens besides its overview's
+  images (each under `cfg.max_pixels`): what an engine that admits tasks while it runs is sized for."""
+  # A resized frame keeps within [min_pixels, max_pixels], 28 x 28 pixels a token (+ its time's text).
+  per_frame = max(cfg.max_pixels, cfg.min_pixels) // (28 * 28) + 12
+  return _cache_need(cfg, text_tokens + cfg.tool.frames_upbound * per_frame, per_frame)
+
+
+def prompt_text_bound(tok, tasks, tool: P.ToolConfig) -> int:
+  """The most tokens any task's prompt holds besides its overview's images and their time tags (`cache_bound`'s
+  `text_tokens` for these tasks)."""
+  system = len(tok.encode(P.system_prompt(tool)))
+  return system + max(len(tok.encode(P.user_prompt(t.problem, [], t.subtitles))) for t in tasks) + 32  # template
+
+
+def _cache_need(cfg, longest: int, per_frame: int) -> int:
   tools = T.enabled(cfg.tool.tools)
   observation = max(t.observation_tokens(cfg.tool, per_frame, cfg.max_pixels) for t in tools) + 160
   need = longest + cfg.token_bucket + cfg.tool.max_generation_round * (

@@ -470,7 +470,8 @@ def write_outputs(cfg, report: dict, reports: dict, paths: dict, out: str) -> No
       f.write(report["table"] + "\n")
   report["pictures"] = {"training_curves": plot_training(
       os.path.join(out, "sft"), os.path.join(out, "grpo"), os.path.join(out, "training_curves.png"),
-      sft_direct_workdir=os.path.join(out, "sft_direct") if cfg.sft_direct_steps else None)}
+      sft_direct_workdir=os.path.join(out, "sft_direct") if cfg.sft_direct_steps else None,
+      sft_r_workdir=os.path.join(out, "sft_r") if "reflect" in _stages(cfg) else None)}
   best = next((n for n in ("grpo", "sft") if n in reports), None)
   if best:
     report["pictures"]["trajectories"] = draw_trajectories(

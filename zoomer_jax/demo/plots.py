@@ -1,4 +1,5 @@
-"""Training curves of the demo from the jobs' `metrics.jsonl`: SFT loss; GRPO reward, accuracy, frames shown, KL.
+"""Training curves of the demo from the jobs' `metrics.jsonl`: SFT loss (and SFT+R's); GRPO reward, accuracy,
+frames shown, KL.
 
     plot_training("out/demo/sft", "out/demo/grpo", "out/demo/training_curves.png")
 """
@@ -25,6 +26,14 @@ def _smooth(y: np.ndarray, k: int) -> np.ndarray:
   return (c[idx] - c[lo]) / (idx - lo)
 
 
+def _curve(ax, steps, vals, color: str, label: str | None) -> None:
+  ax.plot(steps, vals, color=color, alpha=0.35, lw=1, marker="." if len(steps) < 30 else None)
+  if len(steps) >= 8:
+    ax.plot(steps, _smooth(vals, max(2, len(steps) // 10)), color=color, lw=2, label=label)
+  elif label:
+    ax.plot([], [], color=color, lw=2, label=label)
+
+
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of `key` over the rows that have it."""
   pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
@@ -34,11 +43,13 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(s, float), np.asarray(v, float)
 
 
-def plot_training(sft_workdir: str, grpo_workdir: str, out_png: str, sft_direct_workdir: str | None = None) -> str:
+def plot_training(sft_workdir: str, grpo_workdir: str, out_png: str, sft_direct_workdir: str | None = None,
+                  sft_r_workdir: str | None = None) -> str:
   """Writes a 1x5 grid of curves (raw and smoothed) to out_png; returns its path.
 
   With `sft_direct_workdir` (the demo's `sft_direct_steps`), the SFT panels show that job's steps first and
-  `sft_workdir`'s after them, a dashed line between."""
+  `sft_workdir`'s after them, a dashed line between. With `sft_r_workdir` (the reflect stage's SFT+R job, which
+  starts from the SFT model), its steps follow the SFT steps in the SFT panels, in another colour."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -62,9 +73,12 @@ def plot_training(sft_workdir: str, grpo_workdir: str, out_png: str, sft_direct_
       continue
     if key == "loss" and (vals > 0).all():
       ax.set_yscale("log")  # the cold start's templated text is learned in tens of steps; the rest is below
-    ax.plot(steps, vals, color="tab:blue", alpha=0.35, lw=1, marker="." if len(steps) < 30 else None)
-    if len(steps) >= 8:
-      ax.plot(steps, _smooth(vals, max(2, len(steps) // 10)), color="tab:blue", lw=2)
+    _curve(ax, steps, vals, "tab:blue", "SFT" if workdir == sft_workdir and sft_r_workdir else None)
+    if workdir == sft_workdir and sft_r_workdir:
+      r_steps, r_vals = series(read_metrics(sft_r_workdir), key)
+      if len(r_steps):
+        _curve(ax, r_steps + steps.max(), r_vals, "tab:orange", "SFT+R (from the SFT model)")
+      ax.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
   fig.savefig(out_png, dpi=110)

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
-from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory
+from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, cache_bound, prompt_text_bound
 from zoomer_jax.agent.rewards import format_reward, judge_multi_choice
 from zoomer_jax.video import VideoError
 
@@ -241,8 +241,11 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
   Greedy by default; `temperature` > 0 samples `samples` trajectories per task (all k of a task in the same
   batch position order: task 0 k times, then task 1, ...). `script(task, round) -> str | None` (optional)
   dictates a turn's text instead of generating it, as `rollout`'s `script` does (tests and demonstrations).
-  Each batch of `batch_size` trajectories runs on the continuous engine (`agent/engine.py`, settings `engine`),
-  all of them in flight; a task's k samples share its prompt's prefill.
+  The tasks run on the continuous engine (`agent/engine.py`, settings `engine`) in one run with `batch_size`
+  trajectories in flight: a task joins as soon as another ends (no batch waits for its slowest trajectory); the
+  JSONL is in task order, each line written once the tasks before it have ended; a task's k samples share its
+  prompt's prefill when they join together. A failure that is not a video
+  error is pinned on its task by running the tasks left in batches of `batch_size`, then one by one.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -263,32 +266,62 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
   if out_jsonl:
     os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
     sink = open(out_jsonl, "w", encoding="utf-8")
-  records = []
+  records: dict[int, dict] = {}
   t0 = time.perf_counter()
   bar = tqdm(total=len(tasks), desc=f"eval ({mode})", unit="task", disable=not progress)
+
+  written = [0]  # lines are written in task order: each as soon as every task before it has ended
+
+  def record(i: int, traj: Trajectory | str) -> None:
+    """Scores task i's trajectory (or error message); writes the lines that are now in order."""
+    rec = _error_record(tasks[i], mode, traj, "error") if isinstance(traj, str) else score_trajectory(
+        traj, tok, mode, agent_cfg.tool)
+    if temperature > 0:
+      rec["sample"] = i % samples
+    records[i] = rec
+    while sink and written[0] in records:
+      sink.write(json.dumps(records[written[0]], ensure_ascii=False) + "\n")
+      written[0] += 1
+      sink.flush()
+    bar.update(1)
+    bar.set_postfix(acc=f"{_mean(r['acc'] for r in records.values()):.3f}")
+
   try:
-    for start in range(0, len(tasks), batch_size):
-      batch = list(tasks[start:start + batch_size])
-      key, sub = jax.random.split(key)
-      for k, (task, traj) in enumerate(zip(batch, _run_batch(model, tok, batch, cfg, sub, script, engine))):
-        if isinstance(traj, str):
-          rec = _error_record(task, mode, traj, "error")
-        else:
-          rec = score_trajectory(traj, tok, mode, agent_cfg.tool)
-        if temperature > 0:
-          rec["sample"] = (start + k) % samples
-        records.append(rec)
-        if sink:
-          sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
-      if sink:
-        sink.flush()
-      bar.update(len(batch))
-      bar.set_postfix(acc=f"{_mean(r['acc'] for r in records):.3f}")
+    key, sub = jax.random.split(key)
+    try:  # one engine run: batch_size trajectories in flight, the next task joins as one ends
+      _run_all(model, tok, tasks, cfg, sub, script, engine, batch_size, record)
+    except _TASK_ERRORS:  # pinned on its task by running what is left in batches, then one by one
+      left = [i for i in range(len(tasks)) if i not in records]
+      for start in range(0, len(left), batch_size):
+        idx = left[start:start + batch_size]
+        key, sub = jax.random.split(key)
+        for i, traj in zip(idx, _run_batch(model, tok, [tasks[i] for i in idx], cfg, sub, script, engine)):
+          record(i, traj)
   finally:
     bar.close()
-    if sink:
+    if sink:  # a run that stopped early: the lines that ended after a gap are written too
+      for i in sorted(i for i in records if i >= written[0]):
+        sink.write(json.dumps(records[i], ensure_ascii=False) + "\n")
       sink.close()
-  return Report.from_records(records, mode, cfg.tool, wall_s=time.perf_counter() - t0, out_jsonl=out_jsonl)
+  return Report.from_records([records[i] for i in sorted(records)], mode, cfg.tool,
+                             wall_s=time.perf_counter() - t0, out_jsonl=out_jsonl)
+
+
+def _run_all(model, tok, tasks, cfg, key, script, engine: EngineConfig, in_flight: int, record) -> None:
+  """Every task through one `continuous_rollout`: the first `in_flight` at the start, each later one joining as a
+  place frees (`admit`: its overview is read only then), each recorded as it ends. The page tables are sized
+  for the longest prompt text among the tasks (`cache_bound`)."""
+  cfg = dataclasses.replace(cfg, cache_size=cfg.cache_size or cache_bound(cfg, prompt_text_bound(tok, tasks,
+                                                                                                     cfg.tool)))
+  engine = dataclasses.replace(engine, max_running=in_flight)
+  later = list(range(in_flight, len(tasks)))[::-1]
+
+  def admit(free: int) -> list[Task]:
+    return [tasks[later.pop()] for _ in range(min(free, len(later)))]
+
+  row_script = None if script is None else (lambda row, rnd: script(tasks[row], rnd))
+  continuous_rollout(model, tok, list(tasks[:in_flight]), cfg, key, script=row_script, engine=engine, admit=admit,
+                     on_event=lambda kind, i, info: record(i, info) if kind == "done" else None)
 
 
 # ---------------------------------------------------------------------------------------------- job

@@ -1,14 +1,15 @@
-"""The request queue of `serve` and the scheduler thread that runs it in batches.
+"""The request queue of `serve` and the scheduler thread that runs it.
 
     batcher = Batcher(runner.run, max_batch=16, max_queue=64, wait_s=0.005)
     batcher.submit(req)        # ApiError 429 when the queue is full, 503 once closing
-    batcher.close()            # refuses what waits (503), lets the running batch finish, joins the thread
+    batcher.close()            # refuses what waits (503), lets the running requests finish, joins the thread
 
-Admission is per batch, not per engine step: the scheduler takes the oldest waiting request and every other
-waiting one with the same `batch_key` (mode and sampling parameters), up to `max_batch`, waits `wait_s` first so
-that requests arriving together share a batch, and runs them in one call of `run`. Requests arriving meanwhile
-wait for the next batch (docs/serve.md says why: the continuous engine admits from a task list fixed at its
-start). A batch that raises fails its own requests (500), never the server.
+The scheduler takes the oldest waiting request and every other waiting one with the same `batch_key` (mode and
+sampling parameters), up to `max_batch`, after waiting `wait_s` so that requests arriving together start
+together, and calls `run(batch, more)`. `more(n)` hands the run up to n more waiting requests of its key while it
+runs (the agent's engine polls it between steps: per-step admission), as long as the oldest waiting request has
+that key, so that a stream of one key cannot starve another. A run that raises fails its own requests (500),
+never the server.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import collections
 import threading
 import time
 import traceback
-from typing import Callable, Sequence
+from typing import Callable
 
 from zoomer_jax.serve.api import ApiError, Request
 
 
 class Batcher:
-  def __init__(self, run: Callable[[Sequence[Request]], None], max_batch: int, max_queue: int, wait_s: float):
+  def __init__(self, run: Callable[[list[Request], Callable], None], max_batch: int, max_queue: int, wait_s: float):
     if max_batch < 1 or max_queue < 0 or wait_s < 0:
       raise ValueError(f"need max_batch >= 1, max_queue >= 0, wait_s >= 0; got {max_batch}, {max_queue}, {wait_s}")
     self.run, self.max_batch, self.max_queue, self.wait_s = run, max_batch, max_queue, wait_s
@@ -31,7 +32,10 @@ class Batcher:
     self._queue: collections.deque[Request] = collections.deque()
     self._closing = False
     self.running = 0  # requests in the batch being run
-    self.stats = dict(batches=0, requests=0, largest_batch=0, rejected_full=0, failed_batches=0, busy_s=0.0)
+    # batches: runs started; requests: taken, `joined` of them while a run was going; largest_batch: the most
+    # requests one run served
+    self.stats = dict(batches=0, requests=0, joined=0, largest_batch=0, rejected_full=0, failed_batches=0,
+                      busy_s=0.0)
     self._thread = threading.Thread(target=self._loop, name="serve-scheduler", daemon=True)
     self._thread.start()
 
@@ -68,6 +72,21 @@ class Batcher:
       self.running = len(batch)
     return batch
 
+  def _more(self, key: tuple, batch: list[Request]) -> Callable[[int], list[Request]]:
+    def more(n: int) -> list[Request]:
+      with self._cv:
+        if self._closing or n <= 0 or not self._queue or self._queue[0].batch_key != key:
+          return []
+        taken = [r for r in self._queue if r.batch_key == key][:n]
+        ids = {id(r) for r in taken}
+        self._queue = collections.deque(r for r in self._queue if id(r) not in ids)
+        batch.extend(taken)
+        self.running = len(batch)
+        self.stats["requests"] += len(taken)
+        self.stats["joined"] += len(taken)
+      return taken
+    return more
+
   def _loop(self) -> None:
     while True:
       batch = self._take()
@@ -77,19 +96,19 @@ class Batcher:
         continue
       self.stats["batches"] += 1
       self.stats["requests"] += len(batch)
-      self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
       t0 = time.perf_counter()
       try:
-        self.run(batch)
+        self.run(batch, self._more(batch[0].batch_key, batch))
       except Exception as e:  # noqa: BLE001 (a batch's failure is its requests' 500, not the server's end)
         self.stats["failed_batches"] += 1
         where = traceback.extract_tb(e.__traceback__)[-1]
         err = ApiError(500, f"the batch failed: {type(e).__name__}: {e} (at {where.filename}:{where.lineno})",
                        "internal_error")
-        for r in batch:
+        for r in batch:  # those that joined included; one already answered never reads a second event
           r.events.put(("error", err))
       finally:
         self.stats["busy_s"] += time.perf_counter() - t0  # seconds spent running batches
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
         with self._cv:
           self.running = 0
 

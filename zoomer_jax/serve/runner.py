@@ -2,7 +2,7 @@
 through the sampler's prefill and decode.
 
     runner = Runner(model, tok, RunnerConfig(tool=ToolConfig(), max_pixels=..., ...))
-    runner.run(batch)      # every request of `batch` gets ("turn", delta)* then ("done", result) or ("error", ...)
+    runner.run(batch, more)  # each request gets ("turn", delta)* then ("done", result) or ("error", ...)
 
 A batch shares its sampling parameters (`api.Request.batch_key`): the engine samples every row alike. Only the
 scheduler's thread calls `run`, so JAX is driven from one thread.
@@ -19,7 +19,7 @@ import numpy as np
 
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
-from zoomer_jax.agent.rollout import AgentConfig, Trajectory, _tokens_per_image, stop_criteria
+from zoomer_jax.agent.rollout import AgentConfig, Trajectory, _tokens_per_image, cache_bound, stop_criteria
 from zoomer_jax.sampling import STOP_LENGTH, SamplingParams, decode, decode_weights, prefill
 from zoomer_jax.sampling.sampler import round_up
 from zoomer_jax.serve.api import ApiError, Request
@@ -42,6 +42,7 @@ class RunnerConfig:
   token_bucket: int = 64
   image_bucket: int = 8
   seed: int = 0
+  max_prompt_text_tokens: int = 1024  # an agent prompt's tokens besides its overview's images (page tables' width)
 
 
 def _jsonable(x):
@@ -73,29 +74,52 @@ class Runner:
     self.key, sub = jax.random.split(self.key)
     return sub
 
-  def run(self, batch: Sequence[Request]) -> None:
-    """Runs the batch (one mode, one batch_key) and sends each request its events."""
+  def run(self, batch: list[Request], more=None) -> None:
+    """Runs the batch (one mode, one batch_key) and sends each request its events. `more(n)` (optional) gives up
+    to n more requests of the batch's key while an agent batch runs (`Batcher`): they join the engine between
+    steps, and every agent request is answered as soon as its trajectory ends."""
     t0 = time.perf_counter()
-    results = self._agent(batch) if batch[0].mode == "agent" else self._turns(batch)
-    run_s = time.perf_counter() - t0
+    if batch[0].mode == "agent":
+      return self._agent(batch, more, t0)
+    results = self._turns(batch)
     for req, res in zip(batch, results):
-      if isinstance(res, ApiError):
-        req.events.put(("error", res))
-        continue
-      res["zoomer"].update(batch_size=len(batch), queue_s=round(t0 - req.arrived, 4), run_s=round(run_s, 4))
-      req.events.put(("done", res))
+      self._answer(req, res, len(batch), t0)
+
+  @staticmethod
+  def _answer(req: Request, res, batch_size: int, t0: float) -> None:
+    if isinstance(res, ApiError):
+      req.events.put(("error", res))
+      return
+    res["zoomer"].update(batch_size=batch_size, queue_s=round(t0 - req.arrived, 4),
+                         run_s=round(time.perf_counter() - t0, 4))
+    req.events.put(("done", res))
 
   # --- agent mode ----------------------------------------------------------------------------------------------
-  def _agent(self, batch: Sequence[Request]) -> list:
+  def _agent(self, batch: list[Request], more, t0: float) -> None:
     r0, c = batch[0], self.cfg
     agent = AgentConfig(tool=c.tool, sampling=SamplingParams(temperature=r0.temperature, top_p=r0.top_p,
                                                              max_new_tokens=r0.max_tokens),
                         max_pixels=c.max_pixels, min_pixels=c.min_pixels, workers=c.workers,
                         video_backend=c.video_backend)
+    # One page-table width for every run of these sampling settings (the same compiled steps), wide enough for
+    # requests that join later.
+    agent = dataclasses.replace(agent, cache_size=cache_bound(agent, c.max_prompt_text_tokens))
+    requests = list(batch)
+    started = [t0] * len(requests)  # when each request entered the engine
+    streams = [TurnStream(self.tok) for _ in requests]
 
-    streams = [TurnStream(self.tok) for _ in batch]
+    def admit(free: int) -> list:
+      joined = more(free) if more is not None else []
+      now = time.perf_counter()
+      for r in joined:
+        requests.append(r)
+        started.append(now)
+        streams.append(TurnStream(self.tok))
+      return [r.task for r in joined]
 
     def on_event(kind, i, info):  # the content is the turns joined by "\n", streamed as the engine samples it
+      if kind == "done":
+        return self._answer(requests[i], agent_result(info), len(requests), started[i])
       if kind == "tokens":
         text = streams[i].add(info)
       elif kind == "turn":
@@ -103,12 +127,11 @@ class Runner:
       else:
         return
       if text:
-        batch[i].events.put(("turn", text))
+        requests[i].events.put(("turn", text))
 
-    script = None if self.script is None else (lambda i, rnd: self.script(batch[i], rnd))
-    trajs = continuous_rollout(self.model, self.tok, [r.task for r in batch], agent, self._next_key(),
-                               on_event=on_event, script=script, engine=c.engine)
-    return [agent_result(t) for t in trajs]
+    script = None if self.script is None else (lambda i, rnd: self.script(requests[i], rnd))
+    continuous_rollout(self.model, self.tok, [r.task for r in batch], agent, self._next_key(), on_event=on_event,
+                       script=script, engine=c.engine, admit=admit)
 
   # --- turn mode -----------------------------------------------------------------------------------------------
   def _turns(self, batch: Sequence[Request]) -> list:

@@ -41,10 +41,11 @@ def runner_config(cfg) -> RunnerConfig:
   f, e = cfg.frames, cfg.engine
   return RunnerConfig(tool=P.ToolConfig.from_dict(cfg.agent.to_dict()), max_pixels=f.max_pixels,
                       min_pixels=f.min_pixels, workers=f.workers, video_backend=f.video_backend,
-                      # the page pool sized for the largest batch: every batch then reuses the same step programs
+                      # the page pool sized for the most requests at once: every run reuses the same programs
                       engine=EngineConfig(page_size=e.page_size, step_tokens=e.step_tokens,
                                           max_running=cfg.batch.max_batch),
-                      token_bucket=e.token_bucket, image_bucket=e.image_bucket, seed=cfg.seed)
+                      token_bucket=e.token_bucket, image_bucket=e.image_bucket, seed=cfg.seed,
+                      max_prompt_text_tokens=e.max_prompt_text_tokens)
 
 
 class Server:

@@ -254,6 +254,9 @@ class Engine:
       log.warning("signal %d: saving at the end of this step, then stopping", signum)
       self._sigterm = True
     signal.signal(signal.SIGTERM, handler)
+    # Restart system calls the signal interrupts (SA_RESTART): a process-directed SIGTERM can land on any thread,
+    # native ones included (XLA, Orbax/tensorstore, gloo), whose calls then need not cope with EINTR.
+    signal.siginterrupt(signal.SIGTERM, False)
 
   @property
   def preempted(self) -> bool:
