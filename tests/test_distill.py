@@ -333,3 +333,26 @@ def test_the_sft_pipeline_mixes_reflections_at_the_ratio(tmp_path):
   cfg.data.reflection_ratio = 0.0
   with pytest.raises(ValueError, match="go together"):
     JobContext(cfg, kind="sft").sft_source("train")
+
+
+def test_the_scripted_expert_tells_tasks_with_the_same_first_turn_apart_by_their_images(tmp_path):
+  """With the demo's videos (one duration, options in a fixed order) every task has the same first turn: the
+  expert then picks the task whose overview frames the request's JPEGs show."""
+  from zoomer_jax.agent.expert import ExpertTurns, jpeg_url
+  tool = P.ToolConfig(**TOOL)
+  path = S.generate(str(tmp_path), seed=5, n_train=4, n_val=0, n_test=0, tool_cfg=tool, height=56, width=56,
+                    min_seconds=40.0, max_seconds=40.0, n_classes=4, shuffle_options=False)["train"]
+  records = json.load(open(path))
+  expert = ScriptedExpert(records, tool)
+  assert len(expert.by_prompt) == 1 and len({r["solution"] for r in records}) > 1
+  turns = ExpertTurns(tool=tool, max_pixels=112 * 112, min_pixels=28 * 28)
+  for i in (2, 0, 3, 1):
+    idx, ts = expert.overview[i]
+    with VideoReader(records[i]["videos"][0]) as reader:
+      urls = [jpeg_url(f, turns) for f in reader.frames(idx)]
+    chat = [{"role": "system", "content": P.system_prompt(tool)},
+            {"role": "user", "content": content_parts(P.user_prompt(records[i]["problem"], ts), urls)}]
+    status, _, body = expert.reply({"messages": chat})
+    assert status == 200 and body["choices"][0]["message"]["content"] == expert.dense_zoom(i)
+    assert expert.requests[i] == 1, dict(expert.requests)
+  assert not expert.problems

@@ -7,7 +7,7 @@ loopback: `distill` and `reflect` run against it without a real model (the demo'
 
 It knows each video's truth (`extra_info` of its record, `data/synthetic.py`: the planned zoom, the flash's frames,
 the object) and finds the task from the first user turn, which must be exactly the rollout's (frame tags and
-question, one image part per tag). Two kinds of request:
+question, one image part per tag); tasks whose first turns are alike are told apart by their overview images. Two kinds of request:
 
   * an agent turn (system prompt: the agent's): first the zoom the cold start's direct trajectory makes (the cue's
     segment at the rate that shows the flash, with its think text); after a zoom whose frame tags fall inside the
@@ -22,6 +22,7 @@ Like a real expert it never reads the answer off the request; unlike one it is a
 
 from __future__ import annotations
 
+import base64
 import collections
 import http.server
 import json
@@ -30,11 +31,14 @@ import threading
 import time
 from typing import Sequence
 
+import cv2
+import numpy as np
+
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.data.cold_start import _times
 from zoomer_jax.data.synthetic import LETTERS
 from zoomer_jax.tools import ZOOM
-from zoomer_jax.video import read_meta, sample_overview
+from zoomer_jax.video import VideoReader, read_meta, sample_overview
 
 TAG = re.compile(r"<frame(\d+)_time(\d+\.\d\d)s>")
 _STEP = re.compile(r"\n\[(?:step (\d+): the agent|the question|the tool)\]\n")
@@ -57,6 +61,15 @@ def message_text(content) -> tuple[str, list[str]]:
   return text, urls
 
 
+def _decode(url: str) -> np.ndarray:
+  """An image part's data URL -> uint8 RGB [H, W, 3]."""
+  data = base64.b64decode(url.split(",", 1)[1])
+  img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  if img is None:
+    raise ValueError(f"an image part that does not decode: {url[:60]!r}")
+  return img[..., ::-1].astype(np.float32)
+
+
 def tag_times(text: str) -> list[float]:
   return [float(t) for _, t in TAG.findall(text)]
 
@@ -67,14 +80,13 @@ class ScriptedExpert:
 
   def __init__(self, records: Sequence[dict], tool: P.ToolConfig, key: str = ""):
     self.records, self.tool, self.key = list(records), tool, key
-    self.by_prompt, self.overview = {}, {}
+    self.by_prompt, self.overview = collections.defaultdict(list), {}
     for i, r in enumerate(self.records):
       meta = read_meta(r["videos"][0])
       idx, ts = sample_overview(meta, tool.video_fps, tool.frames_upbound)
-      self.by_prompt[P.user_prompt(r["problem"], ts)] = i
+      self.by_prompt[P.user_prompt(r["problem"], ts)].append(i)
       self.overview[i] = (idx, ts)
-    if len(self.by_prompt) != len(self.records):
-      raise ValueError("two tasks share their first turn: the expert could not tell them apart")
+    self._frames: dict[int, np.ndarray] = {}  # task -> its overview frames (tasks that share a first turn)
     self.requests = collections.Counter()
     self.times: list[tuple[int, float]] = []
     self.reflections: dict[int, str] = {}
@@ -106,6 +118,23 @@ class ScriptedExpert:
     name = rec["extra_info"]["options"][LETTERS.index(rec["solution"])]
     return (f"<think>A {name} appears at {_times(seen)}. That is option {rec['solution']}.</think>\n"
             f"<answer>{rec['solution']}</answer>")
+
+  def _task(self, candidates: list[int], urls: Sequence[str]) -> int:
+    """The task among those whose first turn is the request's: the templated questions and equal durations of
+    the synthetic task make some first turns alike, so the overview images tell them apart (the candidate whose
+    frames are nearest the request's JPEG images)."""
+    if len(candidates) == 1:
+      return candidates[0]
+    shown = [_decode(u) for u in urls[:len(self.overview[candidates[0]][0])]]
+
+    def distance(i: int) -> float:
+      if i not in self._frames:
+        with VideoReader(self.records[i]["videos"][0]) as reader:
+          self._frames[i] = reader.frames(self.overview[i][0])
+      return sum(float(np.abs(cv2.resize(f, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_AREA)
+                               .astype(np.float32) - img).mean()) for f, img in zip(self._frames[i], shown))
+    with self.lock:
+      return min(candidates, key=distance)
 
   # ------------------------------------------------------------------ the two kinds of request
   def turn(self, i: int, r: int, chat: list) -> str | tuple:
@@ -149,10 +178,10 @@ class ScriptedExpert:
     if chat[0]["content"] != P.system_prompt(self.tool):
       self.problems.append(f"system prompt differs: {str(chat[0]['content'])[:80]!r}")
     first, urls = message_text(chat[1]["content"])
-    i = self.by_prompt.get(first)
-    if i is None:
+    if first not in self.by_prompt:
       self.problems.append(f"unknown first turn {first[:120]!r}")
       return 400, {}, "unknown task"
+    i = self._task(self.by_prompt[first], urls)
     if len(urls) != len(TAG.findall(first)):
       self.problems.append(f"task {i}: {len(urls)} images for {len(TAG.findall(first))} frame tags")
     with self.lock:
@@ -164,11 +193,12 @@ class ScriptedExpert:
     return 200, {}, completion(out, body.get("model", "scripted-expert"), prompt_tokens=100 + 10 * len(chat))
 
   def _reflection(self, chat) -> tuple[int, dict, dict | str]:
-    text, _ = message_text(chat[1]["content"])
-    i = next((k for p, k in self.by_prompt.items() if p in text), None)
-    if i is None:
+    text, urls = message_text(chat[1]["content"])
+    candidates = next((k for p, k in self.by_prompt.items() if p in text), None)
+    if candidates is None:
       self.problems.append(f"reflection request without the task's first turn: {text[:200]!r}")
       return 400, {}, "unknown task"
+    i = self._task(candidates, urls)
     with self.lock:
       self.requests[i] += 1
       self.reflections[i] = text
