@@ -356,3 +356,17 @@ def test_the_scripted_expert_tells_tasks_with_the_same_first_turn_apart_by_their
     assert status == 200 and body["choices"][0]["message"]["content"] == expert.dense_zoom(i)
     assert expert.requests[i] == 1, dict(expert.requests)
   assert not expert.problems
+
+
+def test_parse_correction_takes_an_unclosed_continuation_to_the_reply_end():
+  from zoomer_jax.data.reflect import parse_correction
+  zoom = '<video_zoom>{"segment": [1, 2], "fps": 2}</video_zoom>'
+  full = parse_correction(f"<analysis>a</analysis><step>1</step><continuation>{zoom}</continuation> tail", 3)
+  assert (full.analysis, full.step, full.continuation) == ("a", 1, zoom)
+  # an expert that stops after the call's closing tag (serve's turn model), or at a `stop` of "</continuation>"
+  cut = parse_correction(f"<analysis>a</analysis>\n<step>0</step>\n<continuation>{zoom}", 3)
+  assert (cut.step, cut.continuation) == (0, zoom)
+  with pytest.raises(ValueError, match="lacks <step>"):
+    parse_correction(f"<analysis>a</analysis><continuation>{zoom}", 3)
+  with pytest.raises(ValueError, match="is empty"):
+    parse_correction("<analysis>a</analysis><step>0</step><continuation>  ", 3)

@@ -354,6 +354,69 @@ def test_full_queue_429_and_shutdown_refuses_the_waiting(root, model_tok):
   assert taken == [1] and server.batcher.stats["rejected_full"] == 1
 
 
+def test_turn_model_stop_strings(root, model_tok):
+  """`stop` (turn model): the reply ends before the first stop string, as OpenAI's does, and a tool call's closing
+  tag no longer ends it; without `stop` it ends after the tag (the agent's turn). Bad `stop`s are refused."""
+  text = 'look <video_zoom>{"segment": [1, 2], "fps": 2}</video_zoom> then STOP and more'
+  with Server(*model_tok, _config(root), script=lambda req, rnd: text) as server:
+    body = {"model": "zoomer-model", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0,
+            "max_tokens": 64}
+    status, out = _post(server.url, dict(body, stop=["STOP", "never"]))
+    assert status == 200 and out["choices"][0]["message"]["content"] == text[:text.index("STOP")]
+    status, out = _post(server.url, body)
+    assert status == 200 and out["choices"][0]["message"]["content"] == text[:text.index("</video_zoom>") + 13]
+    for bad in ([], ["a"] * 5, "", 3, ["x" * 33]):
+      status, out = _post(server.url, dict(body, stop=bad)) if bad != [] else (None, None)
+      if bad != []:
+        assert (status, out["error"]["code"], out["error"]["param"]) == (400, "invalid_value", "stop"), bad
+    status, out = _post(server.url, _agent("a.mp4", stop="x"))
+    assert (status, out["error"]["param"]) == (400, "stop")
+
+
+def test_reflect_runs_against_serve(tmp_path, model_tok):
+  """`reflect` with `serve`'s turn model as its expert (the project talking to itself, as `distill` does above).
+  The replies are dictated on the server by the scripted expert, which knows the synthetic task's truth: the
+  reflection's continuation is a zoom, so the turn model's reply ends after the call's closing tag, inside
+  <continuation> (reflect takes it to the reply's end); the expert's next turn answers. The random model fails
+  every task, and every correction is verified and kept."""
+  from zoomer_jax.data.reflect import run_reflect
+  from zoomer_jax.demo.scripted_expert import REFLECTION_SYSTEM, ScriptedExpert
+  tool = dict(max_generation_round=3, tool_call_max_frames=8, frames_upbound=8, video_fps=0.5, max_total_frames=24)
+  train = S.generate(str(tmp_path / "rl"), seed=2, n_train=2, n_val=0, n_test=0, min_seconds=20.0,
+                     max_seconds=30.0, tool_cfg=P.ToolConfig(**tool))["train"]
+  records = json.load(open(train))
+  expert = ScriptedExpert(records, P.ToolConfig(**tool))
+  asked = []  # (task, kind)
+
+  def script(req, rnd):
+    text = req.messages[1]["content"]
+    (i,) = [i for i, r in enumerate(records) if r["problem"].split(P.IMAGE)[-1] in text]
+    if req.messages[0]["content"].startswith(REFLECTION_SYSTEM):
+      asked.append((i, "reflection"))
+      analysis, step, cont = expert.correction(i, text)
+      return f"<analysis>{analysis}</analysis>\n<step>{step}</step>\n<continuation>{cont}</continuation>"
+    asked.append((i, "turn"))
+    return expert.turn(i, rnd, req.messages) + "<|im_end|>"
+
+  with Server(*model_tok, _config(tmp_path, **{"limits.max_tokens": 512}), script=script) as server:
+    cfg = load("reflect:tiny")
+    cfg.out_dir, cfg.progress = str(tmp_path / "out"), False
+    cfg.data.train_files = (train,)
+    cfg.agent.update(tool)
+    cfg.rollout.update(dict(max_new_tokens=12, decode_chunk=12, max_pixels=56 * 56, min_pixels=56 * 56))
+    cfg.expert.update(dict(base_url=server.url, model="zoomer-model", max_tokens=512, concurrency=2,
+                           max_retries=0))
+    summary = run_reflect(cfg)
+  attempts = {a["task_id"]: a for a in read_log(str(tmp_path / "out" / "attempts.jsonl"))}
+  assert summary["attempts"] == len(attempts) == 2 and not expert.problems, (summary, expert.problems)
+  for i, r in enumerate(records):
+    a = attempts[r["doc_id"]]
+    assert a["status"] == "accepted", a
+    assert a["turns"][a["reflection"]["step"]].endswith(ZOOM.close)  # the correction: the zoom the reply ended on
+    assert [k for j, k in asked if j == i] == ["reflection", "turn"]
+  assert len(read_log(str(tmp_path / "out" / "records.jsonl"))) == 2
+
+
 @pytest.mark.slow
 def test_load_32_clients_every_request_answered_once(root, model_tok, measure):
   """32 client threads, 256 requests over two videos and two temperatures (so batches are formed per sampling

@@ -63,6 +63,10 @@ def read_prompt(name: str) -> str:
 def parse_correction(text: str, n_steps: int) -> Correction:
   """The expert's reply; raises ValueError naming what is missing or out of range."""
   found = {k: rx.findall(text) for k, rx in _REPLY.items()}
+  if not found["continuation"] and "<continuation>" in text:
+    # Unclosed: the reply ended inside it (an expert that stops after a tool call's closing tag, as `serve`'s turn
+    # model does, or a `stop` at "</continuation>"): the continuation runs to the reply's end.
+    found["continuation"] = [text.rsplit("<continuation>", 1)[1]]
   missing = [k for k, v in found.items() if not v]
   if missing:
     raise ValueError(f"the reply lacks <{'>, <'.join(missing)}>")

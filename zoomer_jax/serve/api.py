@@ -77,6 +77,7 @@ class Request:
   max_tokens: int
   temperature: float
   top_p: float
+  stop: tuple[str, ...] | None = None  # turn model: the request's stop strings (None: a tool call's closing tag)
   task: Task | None = None
   messages: list[dict] | None = None
   images: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -88,7 +89,7 @@ class Request:
   @property
   def batch_key(self) -> tuple:
     """Requests batch together only when one engine call can serve them all (its sampling is per call)."""
-    return (self.mode, self.max_tokens, self.temperature, self.top_p)
+    return (self.mode, self.max_tokens, self.temperature, self.top_p, self.stop)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -175,11 +176,30 @@ def parse_request(raw: bytes, s: Settings) -> Request:
                 max_tokens=_number({"max_tokens": limit}, "max_tokens", s.default_max_tokens, 1, s.max_tokens, True),
                 temperature=float(_number(body, "temperature", s.default_temperature, 0, 2)),
                 top_p=float(_number(body, "top_p", 1.0, 1e-6, 1)))
+  req.stop = _stop(body.get("stop"))
   if req.mode == "agent":
+    if req.stop is not None:
+      raise ApiError(400, "the agent's turns end where its protocol says; 'stop' is for the turn model",
+                     "invalid_value", "stop")
     req.task = _agent_task(messages, s, req.id)
   else:
     req.messages, req.images = _turn_messages(messages, s)
   return req
+
+
+STOP_BYTES = 32  # the sampler's stop-string window (`StopCriteria.build`)
+
+
+def _stop(v) -> tuple[str, ...] | None:
+  """OpenAI's `stop`: a string or up to 4 non-empty strings of at most STOP_BYTES bytes (null: the model's own)."""
+  if v is None:
+    return None
+  v = [v] if isinstance(v, str) else v
+  if not isinstance(v, list) or len(v) > 4 or not all(isinstance(x, str) and 0 < len(x.encode()) <= STOP_BYTES
+                                                      for x in v):
+    raise ApiError(400, f"'stop' must be a string of 1 to {STOP_BYTES} bytes or a list of at most 4 of them",
+                   "invalid_value", "stop")
+  return tuple(v)
 
 
 def _agent_task(messages: list, s: Settings, rid: str) -> Task:

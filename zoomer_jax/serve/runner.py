@@ -21,7 +21,7 @@ from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
 from zoomer_jax.agent.rollout import AgentConfig, Trajectory, _tokens_per_image, cache_bound, stop_criteria
 from zoomer_jax.sampling import STOP_LENGTH, SamplingParams, decode, decode_weights, prefill
-from zoomer_jax.sampling.sampler import round_up
+from zoomer_jax.sampling.sampler import StopCriteria, round_up
 from zoomer_jax.serve.api import ApiError, Request
 from zoomer_jax.text.chat import Transcript
 from zoomer_jax.text.stream import TurnStream
@@ -68,6 +68,7 @@ class Runner:
     self.model, self.tok, self.cfg, self.script = model, tok, cfg, script
     self.decoder = decode_weights(model)
     self.stop = stop_criteria(tok, cfg.tool.tools)
+    self._stop_cache: dict[tuple, StopCriteria] = {}
     self.key = jax.random.key(cfg.seed)
 
   def _next_key(self) -> jax.Array:
@@ -134,9 +135,21 @@ class Runner:
                        script=script, engine=c.engine, admit=admit)
 
   # --- turn mode -----------------------------------------------------------------------------------------------
+  def _stops(self, strings: tuple[str, ...] | None):
+    """The turn's stop criteria: the agent's (a tool call's closing tag), or the request's `stop` strings."""
+    if strings is None:
+      return self.stop
+    if strings not in self._stop_cache:
+      tok = self.tok
+      self._stop_cache[strings] = StopCriteria.build(
+          [tok.im_end, tok.endoftext], list(strings), tok.vocab_bytes(), vocab_limit=tok.vocab_size,
+          suppress_ids=[tok.image_pad, tok.video_pad, tok.vision_start, tok.vision_end])
+    return self._stop_cache[strings]
+
   def _turns(self, batch: Sequence[Request]) -> list:
     c, tok = self.cfg, self.tok
     params = SamplingParams(temperature=batch[0].temperature, top_p=batch[0].top_p, max_new_tokens=batch[0].max_tokens)
+    stop = self._stops(batch[0].stop)
     prompts, pixels, grids = [], [], []
     for r in batch:
       if r.images:
@@ -163,13 +176,15 @@ class Runner:
       if text is not None:
         dictated = tok.encode(text)[:params.max_new_tokens]
         forced[i, :len(dictated)] = dictated
-    out = decode(self.decoder, cache, logits, pos, np.arange(rows) < len(batch), self._next_key(), self.stop,
+    out = decode(self.decoder, cache, logits, pos, np.arange(rows) < len(batch), self._next_key(), stop,
                  params, forced=forced, donate=True)
     tokens, nums, reasons = jax.device_get((out.tokens, out.num_tokens, out.stop_reason))
     results = []
     for i, p in enumerate(prompts):
       gen = tokens[i, :nums[i]].tolist()
       text = tok.decode(gen, skip_special_tokens=True)
+      if batch[i].stop:  # as OpenAI: the reply ends before the first stop string
+        text = text[:min((text.find(x) for x in batch[i].stop if x in text), default=len(text))]
       finish = "length" if reasons[i] == STOP_LENGTH else "stop"
       batch[i].events.put(("turn", text))
       results.append(dict(content=text, finish_reason=finish, usage=usage(len(p), len(gen)),
