@@ -1,12 +1,13 @@
-"""`serve` throughput: batched (`--max-batch` requests per engine call) vs one request per engine call (the named
-baseline, `batch.max_batch=1`), on the same requests, in the same run, interleaved.
+"""`serve` throughput: batched (up to `--max-batch` requests in the engine at once, later ones joining between
+steps) vs one request at a time (the named baseline, `batch.max_batch=1`: the next request joins the running
+engine only when the one in it has ended), on the same requests, in the same run, interleaved.
 
 A real server on 127.0.0.1 in this process (`serve:small`, the built-in tiny model with random weights), `--clients`
 threads of the `openai` client sending `--requests` agent requests (a video part and a question) over
 `--videos` short synthetic clips, alternating greedy and sampled requests (two batch keys). Each setting first
 serves one untimed round (its programs compile), then `--repeats` timed rounds alternate between the two.
-Printed per setting: seconds (median), requests/s, batches, the mean batch and the fraction of the wall time the
-scheduler spent running batches (the rest is HTTP, the clients and waiting); every request must get one
+Printed per setting: seconds (median), requests/s, batches (engine runs started), the mean batch (requests per
+engine run, those that joined included) and the fraction of the wall time the scheduler spent running batches (the rest is HTTP, the clients and waiting); every request must get one
 well-formed answer with its own id. Ratio = unbatched seconds / batched seconds (> 1: batching is faster).
 
   PYTHONPATH=. python bench/bench_serve.py                               # 128 requests, 32 clients
