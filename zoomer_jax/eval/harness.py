@@ -311,6 +311,8 @@ def _run_all(model, tok, tasks, cfg, key, script, engine: EngineConfig, in_fligh
   """Every task through one `continuous_rollout`: the first `in_flight` at the start, each later one joining as a
   place frees (`admit`: its overview is read only then), each recorded as it ends. The page tables are sized
   for the longest prompt text among the tasks (`cache_bound`)."""
+  if not tasks:
+    return
   cfg = dataclasses.replace(cfg, cache_size=cfg.cache_size or cache_bound(cfg, prompt_text_bound(tok, tasks,
                                                                                                      cfg.tool)))
   engine = dataclasses.replace(engine, max_running=in_flight)
