@@ -85,8 +85,10 @@ def count_decodes(rollout_module, decoded: dict) -> None:
 def rollout_record(trajs, events) -> dict:
   """Trajectories and events as JSON (floats as their exact repr, pixels as a hash of their bytes)."""
   # A "done" event carries the trajectory (compared below, log-probs within a bound): here its id and end.
+  # "tokens" events are left out: how a turn's tokens split into device steps depends on when clips arrive,
+  # which differs between runs (the turns' texts are in the "turn" events).
   show = lambda kind, info: f"{info.task.id}: {info.finish_reason}" if kind == "done" else str(info)
-  return dict(events=[[kind, int(row), show(kind, info)] for kind, row, info in events],
+  return dict(events=[[kind, int(row), show(kind, info)] for kind, row, info in events if kind != "tokens"],
               trajs=[dict(id=t.task.id, ids=t.ids.tolist(), mask=t.response_mask.tolist(),
                           logprobs=t.logprobs.tolist(), pixel_shape=list(t.pixel_values.shape),
                           pixel_sha256=hashlib.sha256(t.pixel_values.tobytes()).hexdigest(),
