@@ -49,7 +49,7 @@ The task (`zoomer_jax/data/synthetic.py`) is sized so that the tool is needed an
     from the start, whether SFT learned to name the object within 800 steps depended on float rounding: seed 0
     did (GRPO then reached 100%), seed 1 did not (SFT sampled 25%, GRPO 56%), and a change in the order of the
     sums (kernels stored transposed) turned seed 0 into a failure as well. With the direct steps GRPO reached
-    95-100% with the tool at seeds 0, 1 and 2 (README);
+    95-100% with the tool at seeds 0, 1 and 2 on 2026-11-22; on the current code seed 0 gives 68.8% (README);
   * the evaluation also samples the tool run (`eval.samples` per video at GRPO's temperature 1): the
     policy's expected accuracy, the quantity GRPO raises step by step, besides the greedy number;
   * `n_sft_no_tool` no-tool conversations (`zoomer_jax/demo/no_tool_sft.py`) teach the baseline's condition, so
