@@ -15,6 +15,20 @@ import pytest  # noqa: E402
 MEASURED: dict[str, float] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """After each test module, drop JAX's caches of compiled programs. Each program XLA:CPU compiles holds a few
+  memory mappings until it is released; one process running the whole suite otherwise accumulates them up to
+  the kernel's vm.max_map_count (65,530 here), past which XLA's compiler crashes (a segfault in
+  `backend_compile_and_load`, seen at the same test in CI and here)."""
+  yield
+  import gc  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture
 def rng(request):
   """A fresh generator per test, seeded from the test's id (stable across runs, distinct per test)."""
