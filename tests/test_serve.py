@@ -437,8 +437,9 @@ def test_load_32_clients_every_request_answered_once(root, model_tok, measure):
     wall = time.perf_counter() - t0
     stats = dict(server.batcher.stats)
   assert len(set(ids)) == n and stats["requests"] == n and stats["failed_batches"] == 0
-  # Requests joined running engines (at most max_batch = 16 in flight: tests/test_engine.py checks the engine's cap).
-  assert stats["largest_batch"] > 1 and stats["joined"] > 0 and stats["batches"] < n
+  # Requests shared engine runs (joining one is tested deterministically above; here, with two sampling keys
+  # alternating in the queue, it may not happen at all).
+  assert stats["largest_batch"] > 1 and stats["batches"] < n
   measure("load_wall_s", wall)
   measure("load_requests_per_s", n / wall)
   measure("load_mean_batch", n / stats["batches"])
