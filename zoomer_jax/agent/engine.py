@@ -178,21 +178,22 @@ class _Admission:
     self.reading: dict[int, tuple[Task, cf.Future]] = {}  # row -> its task, its overview being read
 
 
-def groups(tasks: list[Task], rows, share: bool) -> list[list[int]]:
-  """Consecutive tasks whose prompts are the same (ids and overview pixels), as lists of row indices; finished
-  rows (a video error) are left out."""
+def same_prompt(a, b) -> bool:
+  """Whether two rows (`rollout._Row`) start from the same prompt: task, ids and overview pixels."""
+  return ((a.task.video, a.task.problem, a.task.subtitles) == (b.task.video, b.task.problem, b.task.subtitles)
+          and a.tr.ids == b.tr.ids and np.array_equal(a.pixels[0], b.pixels[0]))
+
+
+def groups(rows, share: bool) -> list[list[int]]:
+  """Consecutive rows whose prompts are the same (`same_prompt`), as lists of row indices; finished rows (a
+  video error) are left out."""
   out: list[list[int]] = []
   for i, r in enumerate(rows):
     if r.done:
       continue
-    if share and out:
-      j = out[-1][0]
-      same = (tasks[j].video, tasks[j].problem, tasks[j].subtitles) == (tasks[i].video, tasks[i].problem,
-                                                                        tasks[i].subtitles)
-      if same and out[-1][-1] == i - 1 and rows[j].tr.ids == r.tr.ids and np.array_equal(rows[j].pixels[0],
-                                                                                         r.pixels[0]):
-        out[-1].append(i)
-        continue
+    if share and out and out[-1][-1] == i - 1 and same_prompt(rows[out[-1][0]], r):
+      out[-1].append(i)
+      continue
     out.append([i])
   return out
 
@@ -207,7 +208,7 @@ class _Engine:
     self.stop = self._global(stop_criteria(tok, cfg.tool.tools))  # once, not at every step
     self.split = nnx.split(model)
     self.burst_split = nnx.split(decode_weights(model)) if engine.decode_burst > 1 else None
-    self.waiting = collections.deque(groups([r.task for r in rows], rows, engine.share_prompts))
+    self.waiting = collections.deque(groups(rows, engine.share_prompts))
     self.running = engine.max_running or sum(map(len, self.waiting))
     largest = max(map(len, self.waiting), default=1)
     ps = engine.page_size
@@ -270,17 +271,12 @@ class _Engine:
         row.reason = "context_limit"  # its prompt is longer than the page tables were sized for (cache_size)
       if row.done:
         self.event("done", i, _finish(row))
-      elif self.engine.share_prompts and self.waiting and self._same_prompt(self.waiting[-1][-1], i):
+      elif (self.engine.share_prompts and self.waiting and self.waiting[-1][-1] == i - 1
+            and same_prompt(self.rows[i - 1], row)):
         self.waiting[-1].append(i)  # the next sample of a task still waiting: it shares the prompt's prefill
       else:
         self.waiting.append([i])
     return bool(j.reading)
-
-  def _same_prompt(self, a: int, b: int) -> bool:
-    ra, rb = self.rows[a], self.rows[b]
-    return (b == a + 1 and (ra.task.video, ra.task.problem, ra.task.subtitles) == (rb.task.video, rb.task.problem,
-                                                                                  rb.task.subtitles)
-            and ra.tr.ids == rb.tr.ids and np.array_equal(ra.pixels[0], rb.pixels[0]))
 
   def _admit(self) -> None:
     while self.waiting and (not self.live or len(self.live) + len(self.waiting[0]) <= self.running):
