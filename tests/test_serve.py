@@ -131,7 +131,14 @@ def test_turn_stream_deltas_concatenate_to_the_content(model_tok):
   the deltas concatenate to the content: the turns joined by "\n"."""
   tok = model_tok[1]
   turns = ["Zoom: <video_zoom>{\"segment\": [1, 2]}</video_zoom>", "", "café ☕ 😀 naïve <answer>B</answer>"]
-  stream, deltas = TurnStream(tok), []
+  decoded = []  # ids per decode call: a step decodes its own ids and an unfinished character's, not the turn
+
+  class Counting:
+    def decode(self, ids, **kw):
+      decoded.append(len(ids))
+      return tok.decode(ids, **kw)
+
+  stream, deltas = TurnStream(Counting()), []
   for turn in turns:
     ids = tok.encode(turn)
     assert tok.decode(ids) == turn
@@ -140,6 +147,7 @@ def test_turn_stream_deltas_concatenate_to_the_content(model_tok):
     deltas.append(stream.end(turn))
   assert "".join(deltas) == "\n".join(turns) and not any("\ufffd" in d for d in deltas)
   assert any(d == "" for d in deltas)  # a step that ended inside a character sent nothing yet
+  assert max(decoded) <= 6 and sum(decoded) < 2 * sum(len(tok.encode(t)) for t in turns)
 
 
 def urllib_get(url):
