@@ -1,14 +1,17 @@
-"""SFT cold start of Qwen2.5-VL-7B on a TPU v6e-64 slice (64 chips, 32 GB each): sft_7b with FSDP 16 x tensor 4.
+"""SFT cold start of Qwen2.5-VL-7B on a TPU v6e-64 slice (64 chips, 32 GB each): sft_7b with FSDP 16 x context 4.
 
     python -m zoomer_jax train --config=sft_7b_v6e64 --config.init.checkpoint=gs://bucket/Qwen2.5-VL-7B-Instruct ...
     python -m zoomer_jax compile --config=sft_7b_v6e64          # every program, compiled for v6e:8x8
 
-The 16 sequences of a step are one micro-batch with a row per FSDP shard; tensor 4 splits heads (28 -> 7, kv 4
--> 1), MLP width, vocabulary and the vision tower's heads and MLP four ways, which a 32 GB chip needs at 32k tokens
-per row (grpo_7b_v6e64 uses the same layout).
+The 16 sequences of a step are one micro-batch with a row per FSDP shard, and each row's tokens are split four
+ways over the mesh's third axis (context parallelism, `zoomer_jax.parallel.rules.CONTEXT_PARALLEL`): the decoder's
+weights are sharded over all 64 chips and gathered per layer, each chip runs every layer on its quarter of the
+tokens, and attention gathers the (GQA: 7x smaller) keys and values. Splitting heads and MLP width four ways
+instead (tensor parallelism) moves the residual stream between chips twice per layer and pass.
 """
 
 from zoomer_jax.config_loader import load
+from zoomer_jax.parallel.rules import CONTEXT_PARALLEL
 
 
 def get_config(arg=None):
@@ -18,7 +21,6 @@ def get_config(arg=None):
   cfg.accelerator_type = "v6e-64"
   cfg.workdir = "/tmp/zoomer_jax/sft_7b_v6e64"
   cfg.mesh.ici = (1, 16, 4)
-  # Sequence parallelism: the residual stream between layers is split over the tensor axis too (grpo_7b_v6e64).
-  cfg.mesh.rules = (("activation_norm_length", "tensor"),) + tuple(cfg.mesh.rules)
+  cfg.mesh.rules = CONTEXT_PARALLEL + tuple(cfg.mesh.rules)
   cfg.train.remat = "full"  # a 32 GB chip cannot keep every matmul output of a 32k-token row (sft_7b's save_dots)
   return cfg

@@ -185,6 +185,30 @@ def test_splash_kernels_are_counted(target):
     assert splash_flops(bwd) == (4 + 14) * 8 * 128 * pairs
 
 
+@pytest.mark.parametrize("t,blocks", [(2048, (7 + 2) / 4), (1536, 3 + 1)])
+def test_context_parallel_splash_kernels_are_counted(target, t, blocks):
+  """Queries split four ways over the sequence (`activation_length`). 2048 tokens split into 8 chunks of 256
+  (`balanced_order`): each chip's two chunks read 7 earlier chunks and their own two diagonal tiles, in 256-token
+  tiles. 1536 tokens do not (chunks of 192): 384 queries per chip against 1536 keys, counted at the last shard, which
+  reads its 3 earlier key tiles and its diagonal one (`blocks` in units of 512 x 512 pairs / (t / 2048)^2)."""
+  from zoomer_jax.model import attention
+  mesh = Mesh(np.asarray(target.devices).reshape(1, 4), ("fsdp", "tensor"))
+  q = jax.ShapeDtypeStruct((1, t, 8, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
+  m = jax.ShapeDtypeStruct((1, t), bool)
+  rules = (("activation_batch", "fsdp"), ("activation_length", "tensor"), ("activation_kv_heads", None))
+
+  def loss(q, k, v, m):
+    return attention.splash(q, k, v, m, rules=rules).astype(jnp.float32).sum()
+
+  with jax.set_mesh(mesh):
+    fwd = Hlo(jax.jit(lambda *a: attention.splash(*a, rules=rules)).lower(q, k, k, m).compile().as_text())
+    bwd = Hlo(jax.jit(jax.grad(loss)).lower(q, k, k, m).compile().as_text())
+  pairs = 512 * 512 * blocks * (t / 2048) ** 2
+  assert splash_flops(fwd) == 4 * 8 * 128 * pairs
+  assert splash_flops(bwd) == (4 + 14) * 8 * 128 * pairs
+
+
 def test_programs_compiled_for_tpu_take_the_tpu_paths(target):
   """Tied logits of a decode step: the CPU path keeps the table as the GEMM's row operand behind an optimization
   barrier; the TPU program (compiled here, on a CPU host) must not, and the CPU program must."""

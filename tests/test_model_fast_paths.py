@@ -25,6 +25,7 @@ from zoomer_jax.model.layers import Linear
 from zoomer_jax.model.qwen25vl import Qwen25VL
 from zoomer_jax.model.vision import VisionAttention, vision_rotary
 from zoomer_jax.model.vision_layout import layout_sizes as vision_layout_sizes, padded_layout, vision_layout
+from zoomer_jax.parallel.mesh import make_mesh
 
 
 def _softmax_attention(q_tnh, k_snh, v_snh, allowed_ts):
@@ -116,6 +117,49 @@ def test_splash_attention_matches_softmax(rng, measure):
   diff = float(np.abs(np.asarray(got, np.float64) - want)[valid].max())
   measure("splash_fp32", diff)
   assert diff <= tol.ATTENTION_FP32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t,balanced", [(512, False), (1024, True)])
+def test_splash_context_parallel_matches_the_unsplit_kernel(rng, measure, t, balanced):
+  """Queries split over the tensor axis (`activation_length`: context parallelism; keys and values gathered, the
+  kernel's mask tables split with the queries; at 1024 tokens in `balanced_order`, at 512 its chunks would not
+  tile): outputs and the gradients of q, k and v equal the unsplit kernel's (Pallas interpreter), padding in row 1
+  included."""
+  b, n, kh, h = 2, 4, 2, 128
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((b, t, kh, h)), jnp.float32) for _ in range(2))
+  valid = np.ones((b, t), bool)
+  valid[1, t - 112:] = False
+  w = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32) * jnp.asarray(valid)[:, :, None, None]
+  rules = (("activation_batch", "fsdp"), ("activation_length", "tensor"), ("activation_kv_heads", None))
+  mesh = make_mesh((1, 2, 4))
+  built = []  # (q_seq_shards, permuted queries) of each kernel built
+  make_kernel = attention._splash_kernel
+
+  def loss_and_out(q, k, v, rules):
+    out = attention.splash(q, k, v, jnp.asarray(valid), rules=rules, interpret=True)
+    return (out * w).sum(), out
+
+  old = attention.SPLASH_BLOCK
+  attention.SPLASH_BLOCK = 128
+  attention._splash_kernel = lambda *a, **kw: built.append(
+      (kw.get("q_seq_shards", 1), kw.get("q_order") is not None)) or make_kernel(*a, **kw)
+  try:
+    grad = jax.jit(jax.grad(loss_and_out, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (dq0, dk0, dv0), out0 = grad(q, k, v, ())
+    assert built == [(1, False)]
+    with jax.set_mesh(mesh):
+      (dq, dk, dv), out = grad(q, k, v, rules)
+  finally:
+    attention.SPLASH_BLOCK, attention._splash_kernel = old, make_kernel
+  assert built == [(1, False), (4, balanced)]  # the second run split the queries four ways
+  real = valid[:, :, None, None]
+  diffs = [float(np.abs(np.where(real, np.asarray(a) - np.asarray(b_), 0)).max())
+           for a, b_ in ((out, out0), (dq, dq0))] + [float(np.abs(np.asarray(a) - np.asarray(b_)).max())
+                                                     for a, b_ in ((dk, dk0), (dv, dv0))]
+  measure(f"splash_context_parallel_{t}_fp32", max(diffs))
+  assert max(diffs) <= tol.ATTENTION_FP32
 
 
 def _tiny_tied(dtype):

@@ -2,7 +2,7 @@
 
     hlo = Hlo(text)
     hlo.collectives()          # {"all-gather": (count, bytes per chip), ...}, loop bodies times their trip count
-    hlo.kernels("splash_mha")  # [(instruction name, output shapes, multiplicity)] of Pallas kernels
+    hlo.kernels("splash_mha")  # [(instruction name, operand shapes, output shapes, multiplicity)] of Pallas kernels
     hlo.custom_calls("ConcatBitcast")
 
 Loops: a `while` multiplies what its body does by its trip count: the `known_trip_count` of its backend config, or
@@ -31,6 +31,7 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_OPERAND_LAYOUTS = re.compile(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}")  # shapes' layouts nest
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 
 
@@ -141,21 +142,24 @@ class Hlo:
     return {k: {"count": c[f"{k}/count"], "bytes": c[f"{k}/bytes"], "moved": c[f"{k}/moved"]} for k in kinds}
 
   def kernels(self, prefix: str) -> list[tuple[str, list[int], list[tuple[str, tuple[int, ...]]], int]]:
-    """Pallas kernels (custom calls whose instruction name starts with `prefix`): (name, [], output shapes
-    [(dtype, dims)], multiplicity)."""
+    """Pallas kernels (custom calls whose instruction name starts with `prefix`): (name, operand shapes, output
+    shapes, multiplicity), shapes as [(dtype, dims)] (operands from the call's layout constraints)."""
     out = []
+
+    def shapes_in(text: str):
+      return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _SHAPE.findall(text)]
 
     def visit(ins: Instr):
       if ins.op == "custom-call" and ins.name.startswith(prefix):
-        shapes = [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _SHAPE.findall(ins.type)]
-        out.append((ins.name, [], shapes))
+        m = _OPERAND_LAYOUTS.search(ins.rest)
+        out.append((ins.name, shapes_in(m.group(1)) if m else [], shapes_in(ins.type)))
         return collections.Counter({ins.name: 1})
       return collections.Counter()
 
     counts = self._walk(self.entry, visit)
     seen = {}
-    for name, _, shapes in out:
-      seen[name] = (name, [], shapes, counts[name])
+    for name, operands, shapes in out:
+      seen[name] = (name, operands, shapes, counts[name])
     return list(seen.values())
 
   def count_ops(self, op: str) -> int:

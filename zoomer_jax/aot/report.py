@@ -137,10 +137,13 @@ def kernel_rate(target: Target, heads: int, block: int = 512, head_dim: int = 12
 def splash_flops(hlo: Hlo) -> float:
   """FLOPs of the splash kernels a program runs, 2 x heads x head_dim x the causal block pairs its tiles visit per
   matmul: the forward kernel's two (scores, values); the backward's seven, counted at its dq kernel (scores, dP,
-  dQ) whose output [..., heads, T, h] names the query heads, the dkv kernel's four (scores, dP, dV, dK) with it."""
-  from zoomer_jax.model.attention import SPLASH_BLOCK  # noqa: PLC0415
+  dQ) whose output [..., heads, T, h] names the query heads, the dkv kernel's four (scores, dP, dV, dK) with it.
+  A kernel whose queries are a shard of the keys' sequence (context parallelism) reads, in `balanced_order`, its
+  two chunks' causal blocks and every earlier key; without it (a sequence that does not split so), counted at the
+  slowest shard, the last."""
+  from zoomer_jax.model.attention import SPLASH_BLOCK, balanced_order  # noqa: PLC0415
   total = 0.0
-  for name, _, shapes, count in hlo.kernels(SPLASH):
+  for name, operands, shapes, count in hlo.kernels(SPLASH):
     if "dkv" in name:
       continue
     seqs = [dims for dtype, dims in shapes if dtype in ("bf16", "f32") and len(dims) >= 3]
@@ -148,10 +151,18 @@ def splash_flops(hlo: Hlo) -> float:
       continue
     q = max(seqs, key=lambda d: int(np.prod(d)))  # the attention output (forward) or dq: [..., heads, T, h]
     t, h = q[-2], q[-1]
+    # The keys' length (operands [kv heads, T_kv, h]): t, or the whole sequence of a query shard.
+    t_kv = max([t] + [d[-2] for dtype, d in operands if dtype in ("bf16", "f32") and len(d) >= 3 and d[-1] == h])
     heads = int(np.prod(q[:-2]))
-    blk = min(SPLASH_BLOCK, t)
-    nb = -(-t // blk)
-    pairs = blk * blk * nb * (nb + 1) / 2
+    shards = t_kv // t
+    if shards > 1 and balanced_order(t_kv, shards) is not None:
+      blk = min(SPLASH_BLOCK, t // 2)
+      m = t // 2 // blk  # blocks per chunk; chunks i and 2 shards - 1 - i read 2 shards - 1 chunks of earlier keys
+      pairs = blk * blk * ((2 * shards - 1) * m * m + m * (m + 1))
+    else:
+      blk = min(SPLASH_BLOCK, t)
+      nb = -(-t // blk)
+      pairs = blk * blk * (nb * (nb + 1) / 2 + nb * (-(-t_kv // blk) - nb))
     total += count * (14 if "dq" in name else 4) * heads * h * pairs
   return total
 

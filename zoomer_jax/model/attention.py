@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from zoomer_jax.model.layers import attention_weights
@@ -144,18 +145,37 @@ def blockwise(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, dtype, precision,
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def _splash_kernel(heads: int, t: int, interpret: bool):
-  """The kernel for `heads` heads of `t` tokens. Built inside the trace that uses it (not cached: its mask tables
-  become that trace's constants)."""
+def _splash_kernel(heads: int, t: int, interpret: bool, q_seq_shards: int = 1, q_order=None):
+  """The kernel for `heads` heads of `t` tokens, its mask tables split into `q_seq_shards` query blocks (context
+  parallelism); `q_order` [t] is the original position of each query row when the queries come permuted (the
+  keys never are). Built inside the trace that uses it (not cached: its mask tables become that trace's
+  constants)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415
-  blk = min(SPLASH_BLOCK, t)
+  # A tile never spans two chunks of a balanced order (`balanced_order`), whose positions are not contiguous.
+  blk = min(SPLASH_BLOCK, t // q_seq_shards // (1 if q_order is None else 2))
   # Separate dq and dkv backward kernels: the fused one keeps a dq partial per key block ([T / blk, heads, T, h],
   # 3.5 GiB per chip at 32k tokens and 7 heads), where dq's own kernel accumulates in place.
   sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                         block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk, use_fused_bwd_kernel=False)
-  mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  causal = sm.CausalMask((t, t))
+  if q_order is not None:  # the kernel's causal test reads each row's position from this table
+    causal.q_sequence = np.asarray(q_order, np.int32)
+  mask = sm.MultiHeadMask([causal for _ in range(heads)])
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=q_seq_shards,
+                            interpret=interpret)
+
+
+def balanced_order(t: int, shards: int) -> np.ndarray | None:
+  """Causal load balance for queries split over `shards` chips: the sequence cut into 2 x shards chunks, shard i
+  taking chunks i and 2 x shards - 1 - i, so every shard reads the same number of key blocks (in order, the last
+  shard reads 2 x shards - 1 times the first's). The original position of each row of the permuted order, or
+  None when the chunks would not tile (`splash_fits`)."""
+  chunk = t // (2 * shards)
+  if shards < 2 or t % (2 * shards) or not splash_fits(chunk):
+    return None
+  return np.concatenate([np.r_[i * chunk:(i + 1) * chunk, (2 * shards - 1 - i) * chunk:(2 * shards - i) * chunk]
+                         for i in range(shards)])
 
 
 def splash_fits(t: int) -> bool:
@@ -165,7 +185,10 @@ def splash_fits(t: int) -> bool:
 
 def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bool = False) -> jax.Array:
   """Causal self-attention (no cache) with the splash kernel; padded tokens (segment 0) and real ones (1) never
-  read each other. Sharded by `shard_map` over the batch and head axes the rules give the mesh in context."""
+  read each other. Sharded by `shard_map` over the batch and head axes the rules give the mesh in context, and
+  over the query sequence when `activation_length` is split (context parallelism: each shard's queries read
+  every key, the keys and values gathered, the kernel's mask tables split with the queries, the queries in
+  `balanced_order`)."""
   b, t, n, h = q_btnh.shape
   kh = k_btkh.shape[2]
   seg = token_mask_bt.astype(jnp.int32)
@@ -173,21 +196,58 @@ def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bo
   k, v = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
 
   mesh = jax.sharding.get_abstract_mesh()
-  batch = logical_to_spec(("activation_batch",), rules, None if mesh.empty else mesh, (b,))[0]
-  heads = logical_to_spec(("activation_kv_heads",), rules, None if mesh.empty else mesh, (kh,))[0]
-
-  def local(q, k, v, seg):
-    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds  # noqa
-    kernel = _splash_kernel(q.shape[1], t, interpret)
-    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(q, k, v, seg)
-
   if mesh.empty:
-    out = local(q, k, v, seg)
-  else:
-    spec = jax.sharding.PartitionSpec(batch, heads, None, None)
-    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch, None)),
-                        out_specs=spec, check_vma=False)(q, k, v, seg)
+    kernel = _splash_kernel(n, t, interpret)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=_segments(s, s)))(q, k, v, seg).transpose(
+        0, 2, 1, 3)
+  P = jax.sharding.PartitionSpec
+  batch = logical_to_spec(("activation_batch",), rules, mesh, (b,))[0]
+  heads = logical_to_spec(("activation_kv_heads",), rules, mesh, (kh,))[0]
+  length = logical_to_spec(("activation_batch", "activation_length"), rules, mesh, (b, t))[1]
+  shards = _size(mesh, length)
+  if shards > 1 and (heads is not None or not splash_fits(t // shards)):
+    length, shards = None, 1  # heads and queries both split, or a shard too short to tile: no context split
+  if shards == 1:
+    def local(q, k, v, seg):
+      kernel = _splash_kernel(q.shape[1], t, interpret)
+      return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=_segments(s, s)))(q, k, v, seg)
+
+    spec = P(batch, heads, None, None)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
+                        check_vma=False)(q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)
+
+  order = balanced_order(t, shards)
+  kernel = _splash_kernel(n, t, interpret, q_seq_shards=shards, q_order=order)
+  kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, length)))
+
+  def local_cp(kernel, q, k, v, q_seg, kv_seg):
+    return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=_segments(qs, ks)))(q, k, v, q_seg, kv_seg)
+
+  q_seg = seg
+  if order is not None:  # queries (and their segment ids) in the balanced order, the output put back
+    q, q_seg = jnp.take(q, order, axis=2), jnp.take(seg, order, axis=1)
+  q_spec, kv_spec = P(batch, None, length, None), P(batch, None, None, None)
+  out = jax.shard_map(local_cp, mesh=mesh,
+                      in_specs=(kernel_spec, q_spec, kv_spec, kv_spec, P(batch, length), P(batch, None)),
+                      out_specs=q_spec, check_vma=False)(kernel, q, k, v, q_seg, seg)
+  if order is not None:
+    out = jnp.take(out, np.argsort(order), axis=2)
   return out.transpose(0, 2, 1, 3)
+
+
+def _segments(q_seg, kv_seg):
+  from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds  # noqa
+  return SegmentIds(q=q_seg, kv=kv_seg)
+
+
+def _size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  n = 1
+  for a in (axes,) if isinstance(axes, str) else axes:
+    n *= mesh.shape[a]
+  return n
 
 
 def cudnn(q_btnh, k_btkh, v_btkh, token_mask_bt) -> jax.Array:

@@ -47,6 +47,17 @@ DEFAULT_RULES: Rules = (
     ("cache_kv_heads", "tensor"),
 )
 
+# Context parallelism over the `tensor` mesh axis (put first in a rules table): the decoder's and the head's
+# weights sharded over fsdp x tensor (FSDP over every chip), activations split along the sequence over tensor,
+# heads, MLP width and vocabulary whole. Attention gathers keys and values over tensor (`attention.splash`); the
+# vision tower keeps its tensor split.
+CONTEXT_PARALLEL: Rules = (
+    ("embed", ("fsdp", "tensor")),
+    ("vocab", None), ("mlp", None), ("q_heads", None), ("kv_heads", None),
+    ("activation_length", "tensor"), ("activation_norm_length", "tensor"),
+    ("activation_heads", None), ("activation_kv_heads", None), ("activation_mlp", None), ("activation_vocab", None),
+)
+
 
 def check_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
   """`rules` as a hashable tuple of (logical name, target) pairs; a malformed entry raises naming it."""
