@@ -14,9 +14,11 @@ Methods, timed interleaved in one process (median of --repeats), each from a pat
                   frame numbers are not the frames);
   pyav            PyAV, threads "AUTO", no index: seek to each target time (backward, to the keyframe before)
                   and decode forward to it, per clip (clip, trajectory's zooms) or per frame (overview);
-  ours            VideoReader(path).frames(idx) (backend "auto"): the time index is built in the timing;
-  ours_warm       one VideoReader per file, reused (how the agent calls it: one overview, several zooms);
-  ours_cv2        VideoReader(path, backend="cv2").frames(idx).
+  ours            VideoReader(path, index="lazy") (backend "auto"): the overview's frames (the time index is built
+                  in the timing) and `zoom` clips (cut from the packets around the segment when no overview
+                  came first: the clip task);
+  ours_warm       one indexed VideoReader per file, reused (how the agent calls it: one overview, several zooms);
+  ours_cv2        VideoReader(path, backend="cv2").frames(idx): the time index built in the timing.
 The targets are the frames sample_overview/sample_zoom choose by true time; every method's frames are checked
 against the index in their pixels on the first two repeats. Prints a table of medians and ratios (baseline time
 / ours time; > 1 means ours is faster), then one `BENCH_JSON {...}` line.
@@ -38,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -125,28 +128,44 @@ def check(frames, idx, label: str) -> None:
     raise AssertionError(f"{label}: wrong frames (wanted, got) {bad[:5]}")
 
 
-def _targets(task: str, meta, rep: int) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-  """[(frame indices, true times, contiguous)] that the task reads, in order."""
-  clip = lambda k: sample_zoom(meta, CLIP_STARTS[k % 5] * meta.duration, CLIP_STARTS[k % 5] * meta.duration + 4, 4)
+class Part(NamedTuple):
+  idx: np.ndarray  # the frames' indices
+  times: np.ndarray  # their true times
+  contiguous: bool
+  zoom: tuple[float, float, float] | None  # (start, end, fps) of a zoom clip
+
+
+def _targets(task: str, meta, rep: int) -> list[Part]:
+  """The parts the task reads, in order."""
+  def clip(k):
+    s = CLIP_STARTS[k % 5] * meta.duration
+    return Part(*sample_zoom(meta, s, s + 4, 4), True, (s, s + 4, 4))
+
   if task == "clip":
-    return [(*clip(rep), True)]
-  overview = (*sample_overview(meta), False)
+    return [clip(rep)]
+  overview = Part(*sample_overview(meta), False, None)
   if task == "overview":
     return [overview]
-  return [overview] + [(*clip(rep + k), True) for k in range(ZOOMS)]
+  return [overview] + [clip(rep + k) for k in range(ZOOMS)]
 
 
 def _methods(name: str, warm) -> dict:
-  def ours(p, parts, backend="auto"):
-    reader = VideoReader(p, backend)  # the time index is built here, inside the timing
-    return [reader.frames(i) for i, _, _ in parts]
+  def ours(p, parts):
+    # As the agent reads: the overview (which builds the time index, inside the timing) and zooms; a zoom before
+    # any overview is cut from the packets around it (the index is not built).
+    reader = VideoReader(p, index="lazy")
+    return [reader.frames(x.idx) if x.zoom is None else reader.zoom(*x.zoom)[2] for x in parts]
+
+  def ours_cv2(p, parts):
+    reader = VideoReader(p, "cv2")  # the time index is built here, inside the timing
+    return [reader.frames(x.idx) for x in parts]
 
   methods = {
-      "seek_per_frame": lambda p, parts: [seek_per_frame(p, i) for i, _, _ in parts],
-      "pyav": lambda p, parts: [pyav(p, t, c) for _, t, c in parts],
+      "seek_per_frame": lambda p, parts: [seek_per_frame(p, x.idx) for x in parts],
+      "pyav": lambda p, parts: [pyav(p, x.times, x.contiguous) for x in parts],
       "ours": ours,
-      "ours_warm": lambda p, parts: [warm.frames(i) for i, _, _ in parts],
-      "ours_cv2": lambda p, parts: ours(p, parts, "cv2"),
+      "ours_warm": lambda p, parts: [warm.frames(x.idx) if x.zoom is None else warm.zoom(*x.zoom)[2] for x in parts],
+      "ours_cv2": ours_cv2,
   }
   if name in ("vfr",):
     del methods["seek_per_frame"]
@@ -187,12 +206,12 @@ def main() -> None:
             frames = methods[m](path, parts)
             times[m].append(time.perf_counter() - t0)
             if rep < 2:
-              for (idx, _, _), f in zip(parts, frames):
-                check(f, idx, f"{task}/{name}/{m}")
+              for x, f in zip(parts, frames):
+                check(f, x.idx, f"{task}/{name}/{m}")
         med = {m: statistics.median(t) for m, t in times.items()}
         base = [b for b in ("seek_per_frame", "pyav", "ours_cv2") if b in med]
         results[f"{task}/{name}"] = dict(
-            frames=sum(len(p[0]) for p in parts), repeats=repeats,
+            frames=sum(len(x.idx) for x in parts), repeats=repeats,
             median_ms={m: round(v * 1e3, 1) for m, v in med.items()},
             ratio_vs_ours={b: round(med[b] / med["ours"], 2) for b in base},
             ratio_vs_ours_warm={b: round(med[b] / med["ours_warm"], 2) for b in base if b != "ours_cv2"},

@@ -122,6 +122,32 @@ def test_frames_are_time_true_on_both_backends(videos, kind, rng):
     assert not len(fa) or np.abs(fa.astype(int) - fc.astype(int)).mean() < 1.0  # same pixels (decoder versions)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_zoom_before_the_index_equals_the_indexed_zoom(videos, kind):
+  """`VideoReader(index="lazy").zoom` cuts a clip from the packets around the segment, before (and without) the
+  time index: the same frames, times and pixels as the indexed reader's zoom, on every kind of file. Segments
+  inside the video are cut so on the files whose seeks land where asked (interior segments of the H.264/HEVC/AV1
+  mp4, mkv and webm files); past the end, with no frame inside, or where a seek lands late (MPEG-TS) the reader
+  builds the index and answers from it."""
+  path, truth = videos[kind]
+  indexed = VideoReader(path)
+  windowed = 0
+  for s, e, fps in _segments(indexed.meta.duration, np.random.default_rng(7)):
+    want_idx, want_ts, want = indexed.zoom(s, e, fps, max_frames=None)
+    lazy = VideoReader(path, index="lazy")
+    idx, ts, got = lazy.zoom(s, e, fps, max_frames=None)
+    assert (idx is None) == (not lazy.indexed)  # a clip cut from the window has no frame indices
+    windowed += idx is None
+    np.testing.assert_array_equal(ts, want_ts)
+    assert got.shape == want.shape
+    assert [media.frame_index(f) for f in got] == [media.frame_index(f) for f in want]
+    assert not len(got) or np.abs(got.astype(int) - want.astype(int)).mean() < 1.0
+    _check(indexed, truth, want_idx, ts, (s, e))
+  # 13 segments, 6 or more past the end, empty or without a frame inside (trimmed: a 4.7-s file); MPEG-TS seeks
+  # land after the keyframe asked for, so its clips all come from the index.
+  assert windowed >= (0 if kind == "mpegts_bframes" else 5), windowed
+
+
 def test_edit_list_hides_pre_roll(videos):
   path, truth = videos["trimmed_mp4"]
   m = VideoReader(path).meta

@@ -9,7 +9,6 @@ import json
 from typing import ClassVar, Sequence
 
 from zoomer_jax.tools.base import CallError, Shown, Tool, frame_tags, inert, number
-from zoomer_jax.video.sampling import sample_zoom
 
 FRAMES_HEADER = "The frames of the video clip are shown below:\n"
 
@@ -64,8 +63,8 @@ class Zoom(Tool):
     return ZoomCall((start, end), seg, fps, n, seg != (start, end), round)
 
   def run(self, call: ZoomCall, reader) -> Shown:
-    idx, ts = sample_zoom(reader.meta, call.requested[0], call.requested[1], call.fps, max_frames=None)
-    return Shown(reader.frames(idx), ts, idx)
+    idx, ts, frames = reader.zoom(call.requested[0], call.requested[1], call.fps, max_frames=None)
+    return Shown(frames, ts, idx)
 
   def observation(self, call: ZoomCall, times: Sequence[float], duration: float) -> str:
     note = ""

@@ -2,7 +2,9 @@
 
 Opening a reader builds the file's time index once (timeline.py, docs/video.md; PyAV: every frame's true
 presentation time, without decoding); `meta.times` holds it, and the sampling functions choose frames by it.
-Keep one reader per trajectory: each new reader indexes the file again. Frame i is the i-th frame in
+Keep one reader per trajectory: each new reader indexes the file again. With `index="lazy"` the index is built
+at the first use that needs it; `zoom()` before then cuts its clip from the packets around the segment instead
+(window.py), which the index would give the same frames and times (one clip from a long file, not indexed). Frame i is the i-th frame in
 presentation order; frames come out upright (display rotation applied, as decord and players show portrait
 phone videos).
 
@@ -25,11 +27,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+import av
+
 from zoomer_jax.video.meta import NoIndex, VideoError, VideoMeta
 from zoomer_jax.video.opencv_source import Cv2Source
-from zoomer_jax.video.pyav_source import AvSource, read_timeline
+from zoomer_jax.video.pyav_source import AvSource, open_container, read_timeline
+from zoomer_jax.video.sampling import ZOOM_MAX_FRAMES, sample_zoom
+from zoomer_jax.video.window import window_clip
 
 BACKENDS = ("auto", "cv2", "av")
+INDEX = ("eager", "lazy")
 
 
 def default_workers() -> int:
@@ -40,35 +47,87 @@ def default_workers() -> int:
 class VideoReader:
   """`VideoReader(path, backend="auto")`: `.meta` (with true times), `.frames(indices) -> uint8 RGB [n, H, W, 3]`."""
 
-  def __init__(self, path: str | os.PathLike, backend: str = "auto", workers: int | None = None):
+  def __init__(self, path: str | os.PathLike, backend: str = "auto", workers: int | None = None,
+               index: str = "eager"):
     path = os.fspath(path)
     if backend not in BACKENDS:
       raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if index not in INDEX:
+      raise ValueError(f"unknown index {index!r}; expected one of {INDEX}")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"video file not found: {path}")
+    self.path = path
     self._workers = default_workers() if workers is None else max(1, workers)
-    try:
-      timeline = read_timeline(path)
-    except NoIndex as e:
-      raise VideoError(f"video {path} has no frames to index ({e})") from None
-    self.timeline = timeline
-    turned = timeline.rotation in (90, 270)
-    w, h = (timeline.height, timeline.width) if turned else (timeline.width, timeline.height)
-    self.meta = VideoMeta(path, timeline.fps, timeline.n, w, h, timeline.codec, times=timeline.times,
-                          end=timeline.end, rotation=timeline.rotation)
     self._backend = backend
-    self._sources = [self._source("cv2" if backend == "cv2" else "av")]
-    self._lock = threading.Lock()
-    self._last = self._sources[0].name
+    self._lock = threading.Lock()  # the cached decoder handle
+    self._index_lock = threading.Lock()
+    self._timeline = None
+    if index == "eager":
+      self._index()
 
-  def _source(self, name: str):
+  def _index(self):
+    with self._index_lock:
+      if self._timeline is None:
+        try:
+          timeline = read_timeline(self.path)
+        except NoIndex as e:
+          raise VideoError(f"video {self.path} has no frames to index ({e})") from None
+        turned = timeline.rotation in (90, 270)
+        w, h = (timeline.height, timeline.width) if turned else (timeline.width, timeline.height)
+        self._meta = VideoMeta(self.path, timeline.fps, timeline.n, w, h, timeline.codec, times=timeline.times,
+                               end=timeline.end, rotation=timeline.rotation)
+        self._sources = [self._source("cv2" if self._backend == "cv2" else "av", timeline)]
+        self._last = self._sources[0].name
+        self._timeline = timeline
+    return self._timeline
+
+  @property
+  def timeline(self):
+    return self._timeline or self._index()
+
+  @property
+  def meta(self) -> VideoMeta:
+    """Frames as shown and their true times (builds the time index if it is not built yet)."""
+    self.timeline  # noqa: B018 (builds it)
+    return self._meta
+
+  @property
+  def indexed(self) -> bool:
+    return self._timeline is not None
+
+  def _source(self, name: str, timeline=None):
     cls = Cv2Source if name == "cv2" else AvSource
-    return cls(self.meta.path, self._workers, self.timeline)
+    return cls(self.path, self._workers, timeline or self.timeline)
 
   @property
   def backend(self) -> str:
     """The decoder of the last read: "av" or "cv2" (auto: "cv2" after a read PyAV could not do)."""
-    return self._last
+    return self._last if self.indexed else "av"
+
+  def zoom(self, start: float, end: float, fps: float, max_frames: int | None = ZOOM_MAX_FRAMES):
+    """A `<video_zoom>` clip (`sampling.sample_zoom`'s rules): (frame indices int64 [n], or None when it was cut
+    before the file was indexed; true times float64 [n]; uint8 RGB frames [n, H, W, 3], upright)."""
+    if not self.indexed and self._backend != "cv2":
+      got = self._window(start, end, fps, max_frames)
+      if got is not None:
+        frames, times, rotation = got
+        k = rotation // 90
+        return None, times, np.stack([np.rot90(f, k) for f in frames]) if k else frames
+    idx, times = sample_zoom(self.meta, start, end, fps, max_frames=max_frames)
+    return idx, times, self.frames(idx)
+
+  def _window(self, start, end, fps, max_frames):
+    try:
+      container = open_container(self.path)
+    except VideoError:
+      return None  # the index's error names what is wrong with the file
+    try:
+      container.streams.video[0].thread_type = AvSource.threads
+      return window_clip(container, start, end, fps, max_frames)
+    except av.FFmpegError:
+      return None
+    finally:
+      container.close()
 
   def frames(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """uint8 RGB frames [len(indices), H, W, 3], upright, in the order given (repeats allowed)."""
@@ -115,7 +174,7 @@ class VideoReader:
   def close(self) -> None:
     """Closes the cached handles (a later `frames()` reopens them)."""
     with self._lock:
-      for src in self._sources:
+      for src in self._sources if self.indexed else ():
         if src.handle is not None:
           src.close(src.handle)
           src.handle = None

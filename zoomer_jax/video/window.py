@@ -1,0 +1,113 @@
+"""One zoom clip cut from a file without its time index: the packets around the segment stand in for it.
+
+    frames, times, rotation = window_clip(container, start, end, fps)   # or None: use the time index
+
+`VideoReader(path, index="lazy").zoom(...)` calls this before the file is indexed (docs/video.md). One seek to the
+keyframe before `start`, a demux of the packets from there (pts only, nothing decoded) until more packets shown
+after `end` than a decoder may reorder (or the file's end), then the same choice of frames as `sample_zoom` on
+those packets' true times, and one decode from the same keyframe that skips the non-reference frames no one
+wants. The frames and their times are the ones the time index would give; whenever that cannot be told from the
+window (the seek landed after `start`, no frame is shown after `end` so the clamp needs the video's end, no frame
+starts inside the segment), the answer is None and the caller indexes the file.
+"""
+
+from __future__ import annotations
+
+import fractions
+from typing import Any
+
+import av
+import numpy as np
+
+from zoomer_jax.video.meta import VideoError
+from zoomer_jax.video.sampling import TOL, on_screen, zoom_frame_count
+from zoomer_jax.video.timeline import _origin
+
+REORDER = 32  # packets shown after `end` that end the demux: more than any decoder's reorder depth
+SKIP_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9", "mjpeg"})
+
+
+def window_clip(container: Any, start: float, end: float, fps: float, max_frames: int | None = None):
+  """(uint8 RGB frames [n, H, W, 3] as decoded (not rotated), true times float64 [n], the frames' display rotation
+  in degrees) of the zoom [start, end] at `fps` (the rules of `sampling.sample_zoom`), read from an open PyAV
+  container; None when the window cannot tell (module docstring) or a frame does not decode from its keyframe
+  (the time index's reader retries from earlier ones). n == 0 is left to the caller (None)."""
+  n = zoom_frame_count(start, end, fps, max_frames)
+  if n <= 0 or end <= max(start, 0.0):
+    return None
+  stream = container.streams.video[0]
+  tb = stream.time_base
+  origin = _origin(container, stream)
+  lo, hi = max(start, 0.0), end
+  to_pts = lambda t: origin + int(fractions.Fraction(t).limit_denominator(1 << 20) / tb)
+  container.seek(to_pts(lo), stream=stream, backward=True)
+  pts, first_key, past, limit = [], None, 0, to_pts(hi) + 1
+  for packet in container.demux(stream):
+    if packet.size == 0:
+      break  # the end of the file: every packet is in
+    if packet.pts is None:
+      return None
+    if first_key is None:
+      if not packet.is_keyframe:
+        return None
+      first_key = packet.pts
+    if packet.is_discard:
+      continue
+    pts.append(packet.pts)
+    past += packet.pts > limit
+    if past > REORDER:  # no packet after these can still be shown before `end`
+      break
+  if not pts:
+    return None
+  order = np.argsort(pts, kind="stable")
+  pts = np.asarray(pts, np.int64)[order]
+  times = (pts - origin) * tb.numerator / tb.denominator
+  if times[0] > lo + TOL or times[-1] <= hi + TOL:
+    return None  # a frame before the first one seen may lie in the segment, or none is known past its end
+  a = int(np.searchsorted(times, lo - TOL, side="left"))
+  b = int(np.searchsorted(times, hi + TOL, side="right")) - 1
+  if a > b:
+    return None  # no frame starts inside the segment: the frame on screen at `start` is the index's to say
+  idx = np.clip(on_screen(times, np.linspace(times[a], times[b], n)), a, b)
+  decoded = _decode(container, stream, first_key, set(pts[np.unique(idx)].tolist()))
+  if decoded is None:
+    return None
+  frames, rotation = decoded
+  return np.stack([frames[int(p)] for p in pts[idx]]), times[idx], rotation
+
+
+def _decode(container: Any, stream: Any, seek_pts: int, wanted: set[int]):
+  """({pts: frame} for the pts in `wanted`, their display rotation), decoded from the keyframe at `seek_pts`;
+  non-reference frames no one wants are skipped (as `pyav_source.AvSource` does). None when one does not come
+  out."""
+  cc = stream.codec_context
+  container.seek(seek_pts, stream=stream, backward=True)
+  out, unsent, rotation = {}, set(wanted), [0]
+  skipping, skip = cc.name in SKIP_CODECS, None
+
+  def take(frames) -> None:
+    for frame in frames:
+      if frame.pts in wanted and frame.pts not in out:
+        out[frame.pts] = frame.to_ndarray(format="rgb24")
+        rotation[0] = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+
+  try:
+    for packet in container.demux(stream):
+      if packet.size == 0:
+        break
+      if packet.pts is None:
+        continue
+      mode = "DEFAULT" if packet.pts in unsent or not skipping else "NONREF"
+      if mode != skip:
+        cc.skip_frame = skip = mode
+      unsent.discard(packet.pts)
+      take(cc.decode(packet))
+      if not unsent:
+        break
+    if len(out) < len(wanted):
+      take(cc.decode(None))
+  except av.FFmpegError as e:
+    raise VideoError(f"video {container.name}: decoding a clip failed ({type(e).__name__}: {e})") from e
+  finally:
+    cc.skip_frame = "DEFAULT"
+  return (out, rotation[0]) if len(out) == len(wanted) else None
