@@ -151,15 +151,50 @@ def test_splash_context_parallel_matches_the_unsplit_kernel(rng, measure, t, bal
     assert built == [(1, False)]
     with jax.set_mesh(mesh):
       (dq, dk, dv), out = grad(q, k, v, rules)
+      if balanced:  # inputs already in the balanced order (the decoder's): the output stays in it
+        order = attention.balanced_order(t, 4)
+        permuted = jax.jit(lambda q, k, v, m: attention.splash(q, k, v, m, rules=rules, interpret=True,
+                                                               permuted=True))(
+            q[:, order], k[:, order], v[:, order], jnp.asarray(valid)[:, order])
+        out_p = np.asarray(permuted)[:, np.argsort(order)]
   finally:
     attention.SPLASH_BLOCK, attention._splash_kernel = old, make_kernel
-  assert built == [(1, False), (4, balanced)]  # the second run split the queries four ways
+  assert built[:2] == [(1, False), (4, balanced)]  # the second run split the queries four ways
+  if balanced:
+    diffs_p = float(np.abs(np.where(valid[:, :, None, None], out_p - np.asarray(out0), 0)).max())
+    assert diffs_p <= tol.ATTENTION_FP32
   real = valid[:, :, None, None]
   diffs = [float(np.abs(np.where(real, np.asarray(a) - np.asarray(b_), 0)).max())
            for a, b_ in ((out, out0), (dq, dq0))] + [float(np.abs(np.asarray(a) - np.asarray(b_)).max())
                                                      for a, b_ in ((dk, dk0), (dv, dv0))]
   measure(f"splash_context_parallel_{t}_fp32", max(diffs))
   assert max(diffs) <= tol.ATTENTION_FP32
+
+
+def test_decoder_in_a_balanced_order_equals_the_decoder_in_order(rng, measure):
+  """With the sequence split over the tensor axis and flash attention, the text decoder runs its layers in the
+  balanced order (`attention.context_split`: permuted once per forward, put back at the end); off TPU attention
+  sees the sequence in order. Hidden states equal the unsplit decoder's, padding included."""
+  from zoomer_jax.model.options import ModelOptions
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES
+  cfg = ModelConfig.from_hf_dict(O.tiny_hf_config())
+  b, t = 4, 512
+  x = jnp.asarray(rng.standard_normal((b, t, cfg.text.hidden_size)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(t), (3, b, t))
+  mask = np.ones((b, t), bool)
+  mask[1, 450:] = False
+  mesh = make_mesh((1, -1, 2))
+  rules = CONTEXT_PARALLEL + tuple(DEFAULT_RULES)
+  assert attention.context_split(b, t, cfg.text.num_key_value_heads, rules)[2] is None  # no mesh in context
+  plain = Qwen25VL(cfg, dtype="float32", rngs=nnx.Rngs(3))
+  split = Qwen25VL(cfg, dtype="float32", rngs=nnx.Rngs(3), options=ModelOptions(attention="flash", rules=rules))
+  want = jax.jit(lambda x: plain.model(x, positions, jnp.asarray(mask))[0])(x)
+  with jax.set_mesh(mesh):
+    assert attention.context_split(b, t, cfg.text.num_key_value_heads, rules)[2] is not None
+    got = jax.jit(lambda x: split.model(x, positions, jnp.asarray(mask))[0])(x)
+  diff = float(np.abs(np.asarray(got) - np.asarray(want))[mask].max())
+  measure("balanced_decoder_fp32", diff)
+  assert diff <= tol.ATTENTION_FP32 * 10
 
 
 def _tiny_tied(dtype):

@@ -42,6 +42,8 @@ class AttentionMask:
 
   key_valid: jax.Array  # [B, S] bool: the slot holds a real token (after writing this chunk)
   q_start: jax.Array  # int32 []: the slot of the chunk's first query (the cache's length; 0 without a cache)
+  # Without a cache: queries and keys come in `context_split`'s balanced order (the decoder runs in it).
+  balanced: bool = struct.field(pytree_node=False, default=False)
 
   def block(self, t0: int, t1: int, s0, size: int) -> jax.Array:
     """[B, t1 - t0, size] bool for queries [t0, t1) and keys [s0, s0 + size) (s0 may be traced)."""
@@ -183,12 +185,29 @@ def splash_fits(t: int) -> bool:
   return t % 128 == 0 and t % min(SPLASH_BLOCK, t) == 0
 
 
-def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bool = False) -> jax.Array:
+def context_split(b: int, t: int, kh: int, rules: Rules):
+  """(query shards, the mesh axes of `activation_length`, `balanced_order` or None) of the splash kernel for a
+  [b, t] batch with kh kv heads on the mesh in context; (1, None, None) when the queries are not split (no mesh,
+  heads and queries both split, or a shard too short to tile)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1, None, None
+  heads = logical_to_spec(("activation_kv_heads",), rules, mesh, (kh,))[0]
+  length = logical_to_spec(("activation_batch", "activation_length"), rules, mesh, (b, t))[1]
+  shards = _size(mesh, length)
+  if shards == 1 or heads is not None or not splash_fits(t // shards):
+    return 1, None, None
+  return shards, length, balanced_order(t, shards)
+
+
+def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bool = False,
+           permuted: bool = False) -> jax.Array:
   """Causal self-attention (no cache) with the splash kernel; padded tokens (segment 0) and real ones (1) never
   read each other. Sharded by `shard_map` over the batch and head axes the rules give the mesh in context, and
-  over the query sequence when `activation_length` is split (context parallelism: each shard's queries read
-  every key, the keys and values gathered, the kernel's mask tables split with the queries, the queries in
-  `balanced_order`)."""
+  over the query sequence when `activation_length` is split (context parallelism, `context_split`: each shard's
+  queries read every key, the keys and values gathered, the kernel's mask tables split with the queries, the
+  queries in `balanced_order`). `permuted`: q, k, v and the mask come in that order already (the decoder runs in
+  it, `TextDecoder`), and the output stays in it; the keys are put back in order after their gather (local)."""
   b, t, n, h = q_btnh.shape
   kh = k_btkh.shape[2]
   seg = token_mask_bt.astype(jnp.int32)
@@ -202,12 +221,12 @@ def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bo
         0, 2, 1, 3)
   P = jax.sharding.PartitionSpec
   batch = logical_to_spec(("activation_batch",), rules, mesh, (b,))[0]
-  heads = logical_to_spec(("activation_kv_heads",), rules, mesh, (kh,))[0]
-  length = logical_to_spec(("activation_batch", "activation_length"), rules, mesh, (b, t))[1]
-  shards = _size(mesh, length)
-  if shards > 1 and (heads is not None or not splash_fits(t // shards)):
-    length, shards = None, 1  # heads and queries both split, or a shard too short to tile: no context split
+  shards, length, order = context_split(b, t, kh, rules)
+  if permuted and order is None:
+    raise ValueError(f"splash: inputs in a balanced order, but {t} tokens over this mesh have none")
   if shards == 1:
+    heads = logical_to_spec(("activation_kv_heads",), rules, mesh, (kh,))[0]
+
     def local(q, k, v, seg):
       kernel = _splash_kernel(q.shape[1], t, interpret)
       return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=_segments(s, s)))(q, k, v, seg)
@@ -217,22 +236,24 @@ def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bo
                         check_vma=False)(q, k, v, seg)
     return out.transpose(0, 2, 1, 3)
 
-  order = balanced_order(t, shards)
   kernel = _splash_kernel(n, t, interpret, q_seq_shards=shards, q_order=order)
   kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, length)))
+  inverse = None if order is None else np.argsort(order)
 
   def local_cp(kernel, q, k, v, q_seg, kv_seg):
+    if permuted:  # the gathered keys back in order: the kernel's causal test reads key positions as indices
+      k, v, kv_seg = k[:, :, inverse], v[:, :, inverse], kv_seg[:, inverse]
     return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=_segments(qs, ks)))(q, k, v, q_seg, kv_seg)
 
   q_seg = seg
-  if order is not None:  # queries (and their segment ids) in the balanced order, the output put back
+  if order is not None and not permuted:  # queries (and their segment ids) in the balanced order, put back after
     q, q_seg = jnp.take(q, order, axis=2), jnp.take(seg, order, axis=1)
   q_spec, kv_spec = P(batch, None, length, None), P(batch, None, None, None)
   out = jax.shard_map(local_cp, mesh=mesh,
                       in_specs=(kernel_spec, q_spec, kv_spec, kv_spec, P(batch, length), P(batch, None)),
                       out_specs=q_spec, check_vma=False)(kernel, q, k, v, q_seg, seg)
-  if order is not None:
-    out = jnp.take(out, np.argsort(order), axis=2)
+  if order is not None and not permuted:
+    out = jnp.take(out, inverse, axis=2)
   return out.transpose(0, 2, 1, 3)
 
 
@@ -273,6 +294,21 @@ def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, ki
   def dense_one(q, k, v, mask):
     return dense(q, k, v, mask, bounds=[0, t], **kw)
 
+  if mask.balanced:  # splash reads this order as it comes; the other paths see the sequence in order
+    order = context_split(q_btnh.shape[0], t, k.shape[2], rules)[2]
+    if cached or kind != "flash" or order is None:
+      raise ValueError("attention: a balanced order needs uncached flash attention over a context split")
+    inverse = np.argsort(order)
+
+    def in_order(fn):
+      def run(q, k, v, mask):
+        mask = mask.replace(key_valid=mask.key_valid[:, inverse], balanced=False)
+        return fn(q[:, inverse], k[:, inverse], v[:, inverse], mask)[:, order]
+      return run
+
+    return jax.lax.platform_dependent(
+        q_btnh, k, v, mask, cpu=in_order(dense_cpu), default=in_order(dense_one),
+        tpu=lambda q, k, v, mask: splash(q, k, v, token_mask_bt, rules=rules, permuted=True))
   if cached and flash and t > 1:
     return blockwise(q_btnh, k, v, mask, dtype=dtype, precision=precision)
   if not cached and kind == "cudnn":

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from zoomer_jax.model.attention import AttentionMask, attend
+from zoomer_jax.model.attention import AttentionMask, attend, context_split
 from zoomer_jax.model.config import TextConfig
 from zoomer_jax.model.kv_cache import KVCache, write_kv
 from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, normal_init, precision_for, rotate_half
@@ -119,8 +120,14 @@ class TextDecoder(nnx.Module):
     if isinstance(cache, PagedCache):
       return self._paged(x_btd, cos_bth, sin_bth, cache)
     token_mask_bt = token_mask_bt.astype(bool)
+    order = None
+    if cache is None and self.options.attention == "flash":
+      order = context_split(x_btd.shape[0], x_btd.shape[1], self.cfg.num_key_value_heads, self.options.rules)[2]
+    if order is not None:  # context parallelism: the layers run in the balanced order, permuted once per forward
+      x_btd, cos_bth, sin_bth, token_mask_bt = (jnp.take(a, order, axis=1)
+                                                for a in (x_btd, cos_bth, sin_bth, token_mask_bt))
     if cache is None:
-      mask = AttentionMask(key_valid=token_mask_bt, q_start=jnp.zeros((), jnp.int32))
+      mask = AttentionMask(key_valid=token_mask_bt, q_start=jnp.zeros((), jnp.int32), balanced=order is not None)
     else:
       valid_bs, length = cache.after_write(token_mask_bt)
       mask = AttentionMask(key_valid=valid_bs, q_start=cache.length)
@@ -148,6 +155,8 @@ class TextDecoder(nnx.Module):
         kv = (tuple(k for k, _ in kv), tuple(v for _, v in kv))
     if cache is not None:
       cache = cache.replace(k=kv[0], v=kv[1], valid=valid_bs, length=length)
+    if order is not None:
+      x_btd = jnp.take(x_btd, np.argsort(order), axis=1)
     return self.norm(x_btd), cache
 
   def _paged(self, x_btd, cos_bth, sin_bth, cache: PagedCache) -> tuple[jax.Array, PagedCache]:
