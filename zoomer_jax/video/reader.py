@@ -124,8 +124,8 @@ class VideoReader:
     try:
       container.streams.video[0].thread_type = AvSource.threads
       return window_clip(container, start, end, fps, max_frames)
-    except av.FFmpegError:
-      return None
+    except (av.FFmpegError, VideoError):
+      return None  # the indexed read retries (earlier keyframes, OpenCV) and its error names what failed
     finally:
       container.close()
 

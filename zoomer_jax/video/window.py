@@ -3,9 +3,9 @@
     frames, times, rotation = window_clip(container, start, end, fps)   # or None: use the time index
 
 `VideoReader(path, index="lazy").zoom(...)` calls this before the file is indexed (docs/video.md). One seek to the
-keyframe before `start`, a demux of the packets from there (pts only, nothing decoded) until more packets shown
-after `end` than a decoder may reorder (or the file's end), then the same choice of frames as `sample_zoom` on
-those packets' true times, and one decode from the same keyframe that skips the non-reference frames no one
+keyframe before `start`, a demux of the packets from there (nothing decoded) until more packets shown after
+`end` than a decoder may reorder (or the file's end), then the same choice of frames as `sample_zoom` on those
+packets' true times, and one decode of the packets kept in memory that skips the non-reference frames no one
 wants. The frames and their times are the ones the time index would give; whenever that cannot be told from the
 window (the seek landed after `start`, no frame is shown after `end` so the clamp needs the video's end, no frame
 starts inside the segment), the answer is None and the caller indexes the file.
@@ -41,16 +41,13 @@ def window_clip(container: Any, start: float, end: float, fps: float, max_frames
   lo, hi = max(start, 0.0), end
   to_pts = lambda t: origin + int(fractions.Fraction(t).limit_denominator(1 << 20) / tb)
   container.seek(to_pts(lo), stream=stream, backward=True)
-  pts, first_key, past, limit = [], None, 0, to_pts(hi) + 1
+  pts, packets, past, limit = [], [], 0, to_pts(hi) + 1
   for packet in container.demux(stream):
     if packet.size == 0:
       break  # the end of the file: every packet is in
-    if packet.pts is None:
+    if packet.pts is None or not packets and not packet.is_keyframe:
       return None
-    if first_key is None:
-      if not packet.is_keyframe:
-        return None
-      first_key = packet.pts
+    packets.append(packet)  # kept (compressed) and decoded from memory below: no second seek
     if packet.is_discard:
       continue
     pts.append(packet.pts)
@@ -69,19 +66,18 @@ def window_clip(container: Any, start: float, end: float, fps: float, max_frames
   if a > b:
     return None  # no frame starts inside the segment: the frame on screen at `start` is the index's to say
   idx = np.clip(on_screen(times, np.linspace(times[a], times[b], n)), a, b)
-  decoded = _decode(container, stream, first_key, set(pts[np.unique(idx)].tolist()))
+  decoded = _decode(stream, packets, set(pts[np.unique(idx)].tolist()), container.name)
   if decoded is None:
     return None
   frames, rotation = decoded
   return np.stack([frames[int(p)] for p in pts[idx]]), times[idx], rotation
 
 
-def _decode(container: Any, stream: Any, seek_pts: int, wanted: set[int]):
-  """({pts: frame} for the pts in `wanted`, their display rotation), decoded from the keyframe at `seek_pts`;
+def _decode(stream: Any, packets: list, wanted: set[int], name: str):
+  """({pts: frame} for the pts in `wanted`, their display rotation), decoded from `packets` (a keyframe's, on);
   non-reference frames no one wants are skipped (as `pyav_source.AvSource` does). None when one does not come
   out."""
   cc = stream.codec_context
-  container.seek(seek_pts, stream=stream, backward=True)
   out, unsent, rotation = {}, set(wanted), [0]
   skipping, skip = cc.name in SKIP_CODECS, None
 
@@ -92,11 +88,7 @@ def _decode(container: Any, stream: Any, seek_pts: int, wanted: set[int]):
         rotation[0] = int(round(getattr(frame, "rotation", 0) or 0)) % 360
 
   try:
-    for packet in container.demux(stream):
-      if packet.size == 0:
-        break
-      if packet.pts is None:
-        continue
+    for packet in packets:
       mode = "DEFAULT" if packet.pts in unsent or not skipping else "NONREF"
       if mode != skip:
         cc.skip_frame = skip = mode
@@ -107,7 +99,7 @@ def _decode(container: Any, stream: Any, seek_pts: int, wanted: set[int]):
     if len(out) < len(wanted):
       take(cc.decode(None))
   except av.FFmpegError as e:
-    raise VideoError(f"video {container.name}: decoding a clip failed ({type(e).__name__}: {e})") from e
+    raise VideoError(f"video {name}: decoding a clip failed ({type(e).__name__}: {e})") from e
   finally:
     cc.skip_frame = "DEFAULT"
   return (out, rotation[0]) if len(out) == len(wanted) else None
