@@ -220,3 +220,15 @@ def test_off_grid_pts_switch_to_a_packet_table(videos, monkeypatch):
   monkeypatch.setattr(Timeline, "frame_of", off_grid)
   assert_frames(reader, [3, 200, 399])
   assert not source.timeline.grid and source.timeline.n == 400
+
+
+def test_rgb_converter_gives_to_ndarrays_pixels(videos):
+  """The reused swscale context (`pyav_source.rgb_converter`) converts exactly as `to_ndarray(format="rgb24")`."""
+  import av
+  from zoomer_jax.video.pyav_source import rgb_converter
+  rgb = rgb_converter()
+  with av.open(videos["h264_gop250"][0]) as container:
+    for k, frame in enumerate(container.decode(video=0)):
+      assert np.array_equal(rgb(frame), frame.to_ndarray(format="rgb24"))
+      if k == 20:
+        break

@@ -17,6 +17,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from zoomer_jax.video.meta import VideoError, in_parallel
 from zoomer_jax.video.sampling import plan_runs, split_runs
@@ -41,6 +42,14 @@ def read_timeline(path: str) -> Timeline:
     return build_timeline(lambda: open_container(path))
   except av.FFmpegError as e:
     raise VideoError(f"video {path}: cannot index its frames ({type(e).__name__}: {e})") from None
+
+
+def rgb_converter():
+  """frame -> uint8 RGB [H, W, 3], the pixels of `frame.to_ndarray(format="rgb24")`. One converter keeps its
+  swscale context across frames, where `to_ndarray(format=...)` builds one per frame (most of the time of a
+  small frame's conversion); not thread-safe: one per decode."""
+  reformatter = VideoReformatter()
+  return lambda frame: reformatter.reformat(frame, format="rgb24").to_ndarray()
 
 
 class AvSource:
@@ -131,6 +140,7 @@ class AvSource:
     else:
       container.seek(timeline.pts_of(seek), stream=stream, backward=True)
     frame_of = timeline.frame_of
+    rgb = rgb_converter()
     pending, unsent = set(run.tolist()), set(run.tolist())
     skipping, skip = cc.name in self.skip_codecs, None
     lost = False  # a wanted frame was passed over (not decodable from this keyframe)
@@ -144,7 +154,7 @@ class AvSource:
         if j < 0:
           continue  # not a frame of the index (edit-list pre-roll)
         if j in pending:
-          out[j] = frame.to_ndarray(format="rgb24")
+          out[j] = rgb(frame)
           pending.discard(j)
         elif pending and j > min(pending):  # frames come out in presentation order
           lost = True

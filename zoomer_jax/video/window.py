@@ -20,11 +20,11 @@ import av
 import numpy as np
 
 from zoomer_jax.video.meta import VideoError
+from zoomer_jax.video.pyav_source import AvSource, rgb_converter
 from zoomer_jax.video.sampling import TOL, on_screen, zoom_frame_count
 from zoomer_jax.video.timeline import _origin
 
 REORDER = 32  # packets shown after `end` that end the demux: more than any decoder's reorder depth
-SKIP_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mpeg1video", "vp8", "vp9", "mjpeg"})
 
 
 def window_clip(container: Any, start: float, end: float, fps: float, max_frames: int | None = None):
@@ -78,13 +78,13 @@ def _decode(stream: Any, packets: list, wanted: set[int], name: str):
   non-reference frames no one wants are skipped (as `pyav_source.AvSource` does). None when one does not come
   out."""
   cc = stream.codec_context
-  out, unsent, rotation = {}, set(wanted), [0]
-  skipping, skip = cc.name in SKIP_CODECS, None
+  out, unsent, rotation, rgb = {}, set(wanted), [0], rgb_converter()
+  skipping, skip = cc.name in AvSource.skip_codecs, None
 
   def take(frames) -> None:
     for frame in frames:
       if frame.pts in wanted and frame.pts not in out:
-        out[frame.pts] = frame.to_ndarray(format="rgb24")
+        out[frame.pts] = rgb(frame)
         rotation[0] = int(round(getattr(frame, "rotation", 0) or 0)) % 360
 
   try:
