@@ -21,7 +21,8 @@ Methods, timed interleaved in one process (median of --repeats), each from a pat
   ours_cv2        VideoReader(path, backend="cv2").frames(idx): the time index built in the timing.
 The targets are the frames sample_overview/sample_zoom choose by true time; every method's frames are checked
 against the index in their pixels on the first two repeats. Prints a table of medians and ratios (baseline time
-/ ours time; > 1 means ours is faster), then one `BENCH_JSON {...}` line.
+/ ours time; > 1 means ours is faster), the per-frame cost of PyAV's RGB conversion on a fresh file's frames
+against the reused converter the readers use, then one `BENCH_JSON {...}` line.
 
   PYTHONPATH=. python bench/bench_video.py                # videos written to a temp dir in /tmp, deleted after
   PYTHONPATH=. python bench/bench_video.py --keep         # ... kept (the path is printed)
@@ -53,6 +54,7 @@ import cv2  # noqa: E402
 
 import media  # noqa: E402
 from zoomer_jax.video import VideoReader, sample_overview, sample_zoom  # noqa: E402
+from zoomer_jax.video.pyav_source import rgb_converter  # noqa: E402
 
 FILES = {  # name -> (file name, writer arguments)
     "mp4v": ("bench_mp4v_640x360_30fps_600s.mp4", dict(n_frames=18000, fps=30, size=(360, 640), codec="mp4v")),
@@ -172,6 +174,30 @@ def _methods(name: str, warm) -> dict:
   return methods
 
 
+def rgb_conversion(path: str, frames: int = 16, repeats: int = 7) -> dict:
+  """ms per frame to RGB of a zoom's worth of frames from a freshly opened file (as a cold clip converts them):
+  PyAV's `to_ndarray(format="rgb24")` (a swscale context per frame) against `pyav_source.rgb_converter` (one
+  context reused), each repeat on a new container, interleaved."""
+  def decoded():
+    container = av.open(path)
+    container.streams.video[0].thread_type = "AUTO"
+    return container, [f for _, f in zip(range(frames), container.decode(video=0))]
+
+  times = {"to_ndarray": [], "converter": []}
+  for _ in range(repeats):
+    for name in times:
+      container, got = decoded()
+      t0 = time.perf_counter()
+      convert = rgb_converter() if name == "converter" else lambda f: f.to_ndarray(format="rgb24")
+      for f in got:
+        convert(f)
+      times[name].append((time.perf_counter() - t0) / len(got))
+      container.close()
+  med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+  return dict(ms_per_frame={k: round(v, 3) for k, v in med.items()},
+              ratio=round(med["to_ndarray"] / med["converter"], 1))
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--dir", help="where the videos live (reused if present); default: a temp dir")
@@ -191,6 +217,7 @@ def main() -> None:
       t0 = time.perf_counter()
       VideoReader(path).close()
       print(f"{name}: time index in {1e3 * (time.perf_counter() - t0):.0f} ms", flush=True)
+    conversion = {name: rgb_conversion(path) for name, path in paths.items()}
     warm = {name: VideoReader(path) for name, path in paths.items()}
     for task in args.tasks.split(","):
       repeats = args.repeats if task == "clip" else max(3, args.repeats // 3)
@@ -231,9 +258,13 @@ def main() -> None:
     ms = r["median_ms"]
     print(f"{key:20s} " + " ".join(f"{ms[c]:17.1f}" if c in ms else f"{'-':>17s}" for c in cols)
           + f" {r['ratio_vs_ours']['pyav']:10.2f} {r['ratio_vs_ours_warm']['pyav']:10.2f}")
+  for name, c in conversion.items():
+    ms = c["ms_per_frame"]
+    print(f"RGB conversion {name}: to_ndarray {ms['to_ndarray']:.3f} ms/frame, reused converter "
+          f"{ms['converter']:.3f} ms/frame, ratio {c['ratio']}")
   print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
   print("BENCH_JSON " + json.dumps(dict(
-      bench="video", files={n: FILES[n][0] for n in args.files.split(",")}, results=results,
+      bench="video", files={n: FILES[n][0] for n in args.files.split(",")}, results=results, rgb_conversion=conversion,
       load_before=round(load_before[0], 2), load_after=round(load_after[0], 2), cpus=os.cpu_count(),
       opencv=cv2.__version__, pyav=av.__version__, python=platform.python_version())))
 

@@ -46,10 +46,36 @@ def read_timeline(path: str) -> Timeline:
 
 def rgb_converter():
   """frame -> uint8 RGB [H, W, 3], the pixels of `frame.to_ndarray(format="rgb24")`. One converter keeps its
-  swscale context across frames, where `to_ndarray(format=...)` builds one per frame (most of the time of a
-  small frame's conversion); not thread-safe: one per decode."""
+  swscale context across frames, where `to_ndarray(format=...)` builds one per frame (bench/bench_video.py prints
+  the difference); not thread-safe: one per decode."""
   reformatter = VideoReformatter()
   return lambda frame: reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+
+def decode_wanted(cc: Any, packets, key, unsent: set, take, skipping: bool) -> None:
+  """Feeds `packets` (decode order, from a keyframe) to the decoder `cc`. A packet whose key(pts) is in `unsent`
+  decodes in full; with `skipping`, any other with skip_frame NONREF (references still decode, so every wanted
+  frame is exact). `take(frames)` gets what comes out and returns True once nothing more is needed; when every
+  wanted packet is in, the decoder is drained instead of fed further."""
+  skip = None
+  try:
+    for packet in packets:
+      if packet.size == 0:
+        break
+      if packet.pts is None:
+        continue
+      i = key(packet.pts)
+      mode = "DEFAULT" if i in unsent or not skipping else "NONREF"
+      if mode != skip:
+        cc.skip_frame = skip = mode
+      unsent.discard(i)
+      if take(cc.decode(packet)):
+        return
+      if not unsent:
+        break
+    take(cc.decode(None))
+  finally:
+    cc.skip_frame = "DEFAULT"
 
 
 class AvSource:
@@ -142,7 +168,7 @@ class AvSource:
     frame_of = timeline.frame_of
     rgb = rgb_converter()
     pending, unsent = set(run.tolist()), set(run.tolist())
-    skipping, skip = cc.name in self.skip_codecs, None
+    skipping = cc.name in self.skip_codecs
     lost = False  # a wanted frame was passed over (not decodable from this keyframe)
 
     def take(frames) -> bool:
@@ -160,19 +186,5 @@ class AvSource:
           lost = True
       return lost or not pending
 
-    for packet in container.demux(stream):
-      if packet.size == 0 or packet.pts is None:
-        if packet.size == 0:
-          break
-        continue
-      i = frame_of(packet.pts)
-      mode = "DEFAULT" if i in unsent or not skipping else "NONREF"
-      if mode != skip:
-        cc.skip_frame = skip = mode
-      unsent.discard(i)
-      # Once every wanted packet is in the decoder, drain it instead of decoding further.
-      if take(cc.decode(packet)) or not unsent:
-        break
-    if pending and not lost:
-      take(cc.decode(None))
+    decode_wanted(cc, container.demux(stream), frame_of, unsent, take, skipping)
     return pending

@@ -4,9 +4,8 @@ Opening a reader builds the file's time index once (timeline.py, docs/video.md; 
 presentation time, without decoding); `meta.times` holds it, and the sampling functions choose frames by it.
 Keep one reader per trajectory: each new reader indexes the file again. With `index="lazy"` the index is built
 at the first use that needs it; `zoom()` before then cuts its clip from the packets around the segment instead
-(window.py), which the index would give the same frames and times (one clip from a long file, not indexed). Frame i is the i-th frame in
-presentation order; frames come out upright (display rotation applied, as decord and players show portrait
-phone videos).
+(window.py), with the frames and times the index would give. Frame i is the i-th frame in presentation order;
+frames come out upright (display rotation applied, as decord and players show portrait phone videos).
 
   backend="auto" (default): PyAV decoding (faster for the overview and zoom clips, bench/bench_video.py); a
                  read that fails is retried with OpenCV, and the error names both.
@@ -25,9 +24,8 @@ import os
 import threading
 from collections.abc import Sequence
 
-import numpy as np
-
 import av
+import numpy as np
 
 from zoomer_jax.video.meta import NoIndex, VideoError, VideoMeta
 from zoomer_jax.video.opencv_source import Cv2Source
@@ -111,8 +109,7 @@ class VideoReader:
       got = self._window(start, end, fps, max_frames)
       if got is not None:
         frames, times, rotation = got
-        k = rotation // 90
-        return None, times, np.stack([np.rot90(f, k) for f in frames]) if k else frames
+        return None, times, _upright(frames, rotation)
     idx, times = sample_zoom(self.meta, start, end, fps, max_frames=max_frames)
     return idx, times, self.frames(idx)
 
@@ -124,7 +121,7 @@ class VideoReader:
     try:
       container.streams.video[0].thread_type = AvSource.threads
       return window_clip(container, start, end, fps, max_frames)
-    except (av.FFmpegError, VideoError):
+    except av.FFmpegError:
       return None  # the indexed read retries (earlier keyframes, OpenCV) and its error names what failed
     finally:
       container.close()
@@ -151,8 +148,7 @@ class VideoReader:
         self._last = "cv2"
       except VideoError as second:
         raise VideoError(f"{first}; OpenCV also failed: {second}") from None
-    k = self.meta.rotation // 90
-    return np.stack([np.rot90(out[int(i)], k) if k else out[int(i)] for i in idx])
+    return _upright([out[int(i)] for i in idx], self.meta.rotation)
 
   def _read(self, src, wanted: np.ndarray) -> dict[int, np.ndarray]:
     out: dict[int, np.ndarray] = {}
@@ -184,6 +180,12 @@ class VideoReader:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _upright(frames, rotation: int) -> np.ndarray:
+  """Decoded frames [n][H, W, 3] stacked and turned `rotation` degrees counterclockwise."""
+  k = rotation // 90
+  return np.stack([np.rot90(f, k) for f in frames] if k else frames)
 
 
 def read_meta(path: str | os.PathLike, backend: str = "auto") -> VideoMeta:

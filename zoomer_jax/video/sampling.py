@@ -93,13 +93,20 @@ def sample_zoom(meta: HasFrames, start: float, end: float, fps: float,
     return np.zeros(0, np.int64), np.zeros(0, np.float64)
   times = frame_times(meta)
   lo, hi = max(start, 0.0), min(end, duration_of(meta))
-  a = int(np.searchsorted(times, lo - TOL, side="left"))
-  b = int(np.searchsorted(times, hi + TOL, side="right")) - 1
-  if a <= b:
-    idx = np.clip(on_screen(times, np.linspace(times[a], times[b], n)), a, b)
-  else:  # no frame starts inside the segment
+  idx = frames_inside(times, lo, hi, n)
+  if idx is None:  # no frame starts inside the segment
     idx = np.full(n, on_screen(times, lo))
   return idx, times[idx]
+
+
+def frames_inside(times: np.ndarray, lo: float, hi: float, n: int) -> np.ndarray | None:
+  """The zoom's n frames of [lo, hi] among frames at `times` (ascending): the frames on screen at n times spread
+  evenly from the first frame inside to the last one; None when no frame starts inside."""
+  a = int(np.searchsorted(times, lo - TOL, side="left"))
+  b = int(np.searchsorted(times, hi + TOL, side="right")) - 1
+  if a > b:
+    return None
+  return np.clip(on_screen(times, np.linspace(times[a], times[b], n)), a, b)
 
 
 def plan_runs(wanted: np.ndarray, keyframes: np.ndarray | None = None, max_gap: int = 64,

@@ -133,6 +133,11 @@ def _table(container: Any, stream: Any) -> dict:
   return dict(pts=pts, keys=keys, last=dur[order[-1]] * stream.time_base, grid=False)
 
 
+def rotation_of(frame: Any) -> int:
+  """Degrees counterclockwise (0, 90, 180, 270) that turn a decoded PyAV frame upright (its display matrix)."""
+  return int(round(getattr(frame, "rotation", 0) or 0)) % 360
+
+
 def _first_frame(container: Any, stream: Any) -> Any:
   """The first frame in presentation order (decoded from the start of the file), or None."""
   for frame in container.decode(stream):
@@ -163,7 +168,7 @@ def build_timeline(open_container) -> Timeline:
   fps = rate if found["grid"] else (len(pts) - 1) / span if span > 0 else rate
   fps = fps if fps > 0 else 1.0
   last = float(found["last"]) or 1 / fps
-  rotation = int(round(first.rotation)) % 360 if first is not None and getattr(first, "rotation", None) else 0
+  rotation = rotation_of(first) if first is not None else 0
   return Timeline(pts=pts, keys=keys, time_base=tb, origin=origin, stream_start=stream_start,
                   fps=fps, last_duration=last, width=width, height=height, codec=codec, rotation=rotation,
                   grid=found["grid"])

@@ -16,22 +16,20 @@ from __future__ import annotations
 import fractions
 from typing import Any
 
-import av
 import numpy as np
 
-from zoomer_jax.video.meta import VideoError
-from zoomer_jax.video.pyav_source import AvSource, rgb_converter
-from zoomer_jax.video.sampling import TOL, on_screen, zoom_frame_count
-from zoomer_jax.video.timeline import _origin
+from zoomer_jax.video.pyav_source import AvSource, decode_wanted, rgb_converter
+from zoomer_jax.video.sampling import TOL, frames_inside, zoom_frame_count
+from zoomer_jax.video.timeline import _origin, rotation_of
 
 REORDER = 32  # packets shown after `end` that end the demux: more than any decoder's reorder depth
 
 
 def window_clip(container: Any, start: float, end: float, fps: float, max_frames: int | None = None):
-  """(uint8 RGB frames [n, H, W, 3] as decoded (not rotated), true times float64 [n], the frames' display rotation
+  """(n uint8 RGB frames [H, W, 3] as decoded (not rotated), true times float64 [n], the frames' display rotation
   in degrees) of the zoom [start, end] at `fps` (the rules of `sampling.sample_zoom`), read from an open PyAV
   container; None when the window cannot tell (module docstring) or a frame does not decode from its keyframe
-  (the time index's reader retries from earlier ones). n == 0 is left to the caller (None)."""
+  (the time index's reader retries from earlier ones). FFmpeg's errors propagate. n == 0 is left to the caller (None)."""
   n = zoom_frame_count(start, end, fps, max_frames)
   if n <= 0 or end <= max(start, 0.0):
     return None
@@ -61,45 +59,28 @@ def window_clip(container: Any, start: float, end: float, fps: float, max_frames
   times = (pts - origin) * tb.numerator / tb.denominator
   if times[0] > lo + TOL or times[-1] <= hi + TOL:
     return None  # a frame before the first one seen may lie in the segment, or none is known past its end
-  a = int(np.searchsorted(times, lo - TOL, side="left"))
-  b = int(np.searchsorted(times, hi + TOL, side="right")) - 1
-  if a > b:
+  idx = frames_inside(times, lo, hi, n)
+  if idx is None:
     return None  # no frame starts inside the segment: the frame on screen at `start` is the index's to say
-  idx = np.clip(on_screen(times, np.linspace(times[a], times[b], n)), a, b)
-  decoded = _decode(stream, packets, set(pts[np.unique(idx)].tolist()), container.name)
+  decoded = _decode(stream, packets, set(pts[np.unique(idx)].tolist()))
   if decoded is None:
     return None
   frames, rotation = decoded
-  return np.stack([frames[int(p)] for p in pts[idx]]), times[idx], rotation
+  return [frames[int(p)] for p in pts[idx]], times[idx], rotation
 
 
-def _decode(stream: Any, packets: list, wanted: set[int], name: str):
-  """({pts: frame} for the pts in `wanted`, their display rotation), decoded from `packets` (a keyframe's, on);
-  non-reference frames no one wants are skipped (as `pyav_source.AvSource` does). None when one does not come
-  out."""
+def _decode(stream: Any, packets: list, wanted: set[int]):
+  """({pts: frame} for the pts in `wanted`, their display rotation), decoded from `packets` (a keyframe's, on) as
+  `pyav_source.AvSource` decodes; None when one does not come out."""
   cc = stream.codec_context
-  out, unsent, rotation, rgb = {}, set(wanted), [0], rgb_converter()
-  skipping, skip = cc.name in AvSource.skip_codecs, None
+  out, rotation, rgb = {}, [0], rgb_converter()
 
-  def take(frames) -> None:
+  def take(frames) -> bool:
     for frame in frames:
       if frame.pts in wanted and frame.pts not in out:
         out[frame.pts] = rgb(frame)
-        rotation[0] = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+        rotation[0] = rotation_of(frame)
+    return len(out) == len(wanted)
 
-  try:
-    for packet in packets:
-      mode = "DEFAULT" if packet.pts in unsent or not skipping else "NONREF"
-      if mode != skip:
-        cc.skip_frame = skip = mode
-      unsent.discard(packet.pts)
-      take(cc.decode(packet))
-      if not unsent:
-        break
-    if len(out) < len(wanted):
-      take(cc.decode(None))
-  except av.FFmpegError as e:
-    raise VideoError(f"video {name}: decoding a clip failed ({type(e).__name__}: {e})") from e
-  finally:
-    cc.skip_frame = "DEFAULT"
+  decode_wanted(cc, packets, lambda pts: pts, set(wanted), take, cc.name in AvSource.skip_codecs)
   return (out, rotation[0]) if len(out) == len(wanted) else None
