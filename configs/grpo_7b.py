@@ -55,8 +55,9 @@ def get_config(arg=None):
       decode_burst=16,  # continuous: tokens per device call when every running sequence only decodes
       workers=16,  # host threads for frame extraction
       # The sampler's layout (data, fsdp, tensor degrees as in `mesh`): its weights are resharded into it once
-      # per RL step. () samples with the training layout.
-      mesh=dict(ici=(-1, 1, 1), dcn=(1, 1, 1)),
+      # per RL step. ici=() samples with the training layout. rules: the sampler's own logical-axis rules table
+      # (a tensor-parallel sampler beside context-parallel training); () takes `mesh.rules`.
+      mesh=dict(ici=(-1, 1, 1), dcn=(1, 1, 1), rules=()),
   ))
   cfg.actor = ml_collections.ConfigDict(dict(
       optim=dict(lr=1e-6, lr_scheduler="constant", warmup_ratio=0.0, warmup_steps=0, min_lr_ratio=0.0,

@@ -49,8 +49,8 @@ def _cfg(name, overrides=TPU_OVERRIDES):
 def test_tiny_programs_compile_for_tpu_and_fit(target, name, measure):
   rep = compile_job(_cfg(name), target, probes=False, log=lambda *a: None)
   want = {"grpo_tiny": {"grpo/old_logp", "grpo/ref_logp", "grpo/update", "grpo/apply", "rollout/reshard",
-                        "rollout/prefill", "rollout/extend", "rollout/decode", "engine/decode", "engine/prefill",
-                        "engine/extend"},
+                        "rollout/prefill", "rollout/extend", "rollout/decode", "engine/decode", "engine/burst",
+                        "engine/prefill", "engine/extend"},
           "sft_tiny": {"sft/grad", "sft/apply"}}[name]
   assert {r.name for r in rep["results"]} == want
   for r in rep["results"]:
@@ -92,6 +92,39 @@ def test_engine_decode_step_compiles_with_the_kernel_reading_the_pool_in_place(t
   measure("decode_fraction_mean", d["mean"]["fraction"])
   assert d["mean"]["kv"] == r.traffic["kv_mean"] > 0 and d["weights"] > 0
   assert 0 < d["mean"]["fraction"] < d["mean"]["xla_bytes_fraction"]
+
+
+@pytest.mark.slow
+def test_engine_burst_compiles_and_costs_k_decode_steps(target, measure):
+  """The decode burst (K one-token steps in a device while loop) compiles for TPU with the paged kernel once per
+  layer inside its loop body, and its cost probes, taken per iteration, give what one decode step costs: the RL
+  step counts its decode in bursts (per step: tokens / sequences / K), the one-token step 0 times."""
+  from zoomer_jax.aot import decode_bandwidth
+  from zoomer_jax.aot.engine_programs import engine_shapes
+  from zoomer_jax.aot.report import compile_program, xla_hbm_bytes
+  cfg = _cfg("grpo_tiny", KERNEL_OVERRIDES)
+  k = cfg.rollout.decode_burst
+  mesh, rmesh = P.meshes(cfg, list(target.devices))
+  progs = {p.name: p for p in P.job_programs(cfg, mesh, rollout_mesh=rmesh)}
+  burst, step = progs["engine/burst"], progs["engine/decode"]
+  assert k > 1 and burst.loop_steps == k and step.per_step == 0
+  es = engine_shapes(cfg, ModelConfig.from_config_dict(cfg.model.to_dict()), rmesh)
+  assert burst.per_step * k == pytest.approx(es.decode_steps)
+  assert burst.kernel_bytes == pytest.approx(k * step.kernel_bytes) and burst.model_flops == pytest.approx(
+      k * step.model_flops)
+  r, compiled = compile_program(burst, xla_hbm_bytes(target), 0.1)
+  assert r.fits and r.error == ""
+  hlo = Hlo(compiled.as_text())
+  assert hlo.count_ops("while") >= 1
+  (_, _, _, count), = hlo.kernels("ragged_paged_attention_kernel")
+  assert count == k * cfg.model.text.num_hidden_layers  # the loop body's kernels, times the loop's bound
+  rep = compile_job(cfg, target, only=("engine/decode", "engine/burst"), log=lambda *a: None)
+  per_step = decode_bandwidth(rep, "engine/decode")
+  per_iteration = decode_bandwidth(rep, "engine/burst")
+  ratio = per_iteration["xla_s"] / per_step["xla_s"]
+  measure("burst_iteration_over_step_xla_s", ratio)
+  assert per_iteration["steps_per_call"] == k and per_iteration["weights"] == per_step["weights"]
+  assert 0.5 < ratio < 2.0  # the same forward, the loop's bookkeeping aside
 
 
 @pytest.mark.slow

@@ -182,3 +182,44 @@ def test_misspelt_config_key_fails_with_the_closest_names(capsys, tmp_path):
   assert main(["train", "--config=grpo_tiny", "--config.algorithm.adv_estimator=gae",
                f"--config.workdir={tmp_path}"]) == 2
   assert "algorithm.adv_estimator 'gae' is not one of ['grpo', 'rloo']" in capsys.readouterr().err
+
+
+def test_the_sampler_runs_by_its_own_rules_table(tmp_path):
+  """`rollout.mesh.rules`: context-parallel training beside a tensor-parallel sampler on its own mesh. The two
+  models share parameters and compute the same logits; each lays its weights out by its own table; a table
+  without a mesh of its own is refused."""
+  from jax.sharding import NamedSharding
+  from flax import nnx
+  import tolerances as tol
+  from zoomer_jax.checkpoint.orbax_io import state_shardings
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES, check_rules
+  from zoomer_jax.train.grpo import grpo_loss_fns, rollout_mesh, rollout_rules
+  from zoomer_jax.train.trainer import Engine
+  cfg = load("grpo_tiny", SMALL + ["--config.mesh.ici=(1,4,2)", "--config.rollout.mesh.ici=(4,1,2)",
+                                   f"--config.workdir={tmp_path}", "--config.init.dtype=float32"])
+  cfg.mesh.rules = CONTEXT_PARALLEL + tuple(DEFAULT_RULES)
+  cfg.rollout.mesh.rules = tuple(DEFAULT_RULES)
+  loss, _ = grpo_loss_fns(cfg)
+  engine = Engine(cfg, loss, total_steps=1, optim=cfg.actor.optim, freeze_vision=False, save_freq=1, max_to_keep=1,
+                  rollout_mesh=rollout_mesh(cfg.rollout), rollout_rules=rollout_rules(cfg))
+  train, sampler = engine.model(), engine.rollout_model()
+  assert train.options.rules == check_rules(cfg.mesh.rules) and sampler.options.rules == check_rules(DEFAULT_RULES)
+  p_train, p_sampler = nnx.state(train, nnx.Param), nnx.state(sampler, nnx.Param)
+  want = state_shardings(p_sampler, engine.rollout_mesh, DEFAULT_RULES)
+  got = jax.tree.map(lambda x: x.sharding, p_sampler)
+  assert jax.tree.leaves(got) == jax.tree.leaves(want)
+  specs = lambda tree: [s.spec for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, tree))
+                        if isinstance(s, NamedSharding)]
+  assert "tensor" in str(specs(p_sampler)) and specs(p_sampler) != specs(p_train)
+  ids = np.arange(1, 25, dtype=np.int32).reshape(2, 12) % 50
+  pos = np.broadcast_to(np.arange(12, dtype=np.int32), (3, 2, 12))
+  mask = np.ones((2, 12), bool)
+  with jax.set_mesh(engine.mesh):
+    a = np.asarray(jax.jit(lambda m: m.forward(ids, pos, mask)[0])(train))
+  with jax.set_mesh(engine.rollout_mesh):
+    b = np.asarray(jax.jit(lambda m: m.forward(ids, pos, mask)[0])(sampler))
+  assert np.abs(a - b).max() <= tol.LOGITS_FP32
+
+  cfg.rollout.mesh.ici = ()
+  with pytest.raises(ValueError, match=r"rollout.mesh.rules is set but rollout.mesh.ici is \(\)"):
+    rollout_rules(cfg)

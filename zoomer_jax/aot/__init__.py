@@ -55,26 +55,29 @@ def decode_bandwidth(rep: dict, name: str = "engine/decode") -> dict | None:
   and values its kernel reads at the mean and at the longest context) over (its time x the chip's HBM
   bandwidth). Its time is XLA's estimate (cost probes) plus the kernel's KV bytes at that bandwidth (XLA prices
   the kernel at nothing); `with_collectives` adds its collectives. "xla_bytes": XLA's own bytes accessed (plus
-  the kernel's) in place of the minimum."""
+  the kernel's) in place of the minimum. A burst (`engine/burst`) is taken per iteration: its figures over its K
+  steps."""
   r = next((r for r in rep["results"] if r.name == name), None)
   if r is None or r.cost is None or not r.traffic:
     return None
-  bw, tr = rep["target"].chip.hbm_bw, r.traffic
-  out = dict(weights=tr["weights"], xla_bytes=r.cost.bytes, xla_s=r.cost.xla_s, collective_s=r.collective_s,
-             sequences=tr["sequences"], hbm_bw=bw)
+  bw, tr, k = rep["target"].chip.hbm_bw, r.traffic, max(1, r.loop_steps)
+  xla_s, xla_bytes, coll_s = r.cost.xla_s / k, r.cost.bytes / k, r.collective_s / k
+  out = dict(name=name, weights=tr["weights"], xla_bytes=xla_bytes, xla_s=xla_s, collective_s=coll_s,
+             sequences=tr["sequences"], hbm_bw=bw, steps_per_call=k)
   for at in ("mean", "max"):
     kv = tr[f"kv_{at}"]
-    t = r.cost.xla_s + kv / bw
+    t = xla_s + kv / bw
     out[at] = dict(context=tr[f"{at}_context"], kv=kv, min_bytes=tr["weights"] + kv, time_s=t,
-                   fraction=(tr["weights"] + kv) / (t * bw), xla_bytes_fraction=(r.cost.bytes + kv) / (t * bw),
-                   with_collectives=(tr["weights"] + kv) / ((t + r.collective_s) * bw),
-                   tokens_per_s=tr["sequences"] / (t + r.collective_s))  # one engine's
+                   fraction=(tr["weights"] + kv) / (t * bw), xla_bytes_fraction=(xla_bytes + kv) / (t * bw),
+                   with_collectives=(tr["weights"] + kv) / ((t + coll_s) * bw),
+                   tokens_per_s=tr["sequences"] / (t + coll_s))  # one engine's
   return out
 
 
 def decode_table(d: dict) -> str:
   gb = lambda x: f"{x / 1e9:.2f} GB"
-  out = [f"\nengine/decode: HBM bandwidth, per chip ({d['sequences']} sequences; weights read {gb(d['weights'])}; "
+  per = f", per step of {d['steps_per_call']}" if d["steps_per_call"] > 1 else ""
+  out = [f"\n{d['name']}: HBM bandwidth, per chip{per} ({d['sequences']} sequences; weights read {gb(d['weights'])}; "
          f"XLA: {gb(d['xla_bytes'])} accessed, {d['xla_s'] * 1e3:.2f} ms; the kernel's KV bytes at "
          f"{d['hbm_bw'] / 1e9:.0f} GB/s; collectives {d['collective_s'] * 1e3:.2f} ms):"]
   for at in ("mean", "max"):
@@ -156,10 +159,11 @@ def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=p
     rep["account_check"] = check(cfg, rep)
     log(check_table(rep["account_check"]))
   if summ:
-    bw = decode_bandwidth(rep)
-    if bw:
-      summ["decode_bandwidth"] = bw
-      log(decode_table(bw))
+    for name, key in (("engine/decode", "decode_bandwidth"), ("engine/burst", "burst_bandwidth")):
+      bw = decode_bandwidth(rep, name)
+      if bw:
+        summ[key] = bw
+        log(decode_table(bw))
     t, s = summ["train"], summ["step"]
     log(f"\ntraining programs: {t['time_s']:.1f} s per step, MFU {t['mfu']:.1%}, collectives {t['collective_share']:.1%}"
         f" of the time")

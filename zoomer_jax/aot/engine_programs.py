@@ -10,14 +10,16 @@ them (`agent.engine`): `running` = rollout.batch_size / replicas trajectories in
 `pool_pages`), the page table `pages_per_seq` from the agent's cache rule, the pool for `running + 1`
 sequences at their longest.
 
-  engine/decode   S sequences, one token each (T = S rows): the step the engine repeats for every generated
-                  token. A K-step decode burst is K of these in one program (another entry of `_programs`).
+  engine/decode   S sequences, one token each (T = S rows): one generated token per sequence, the step whose
+                  HBM bandwidth the report gives. Counted 0 times per RL step: the engine decodes in bursts.
+  engine/burst    K of those steps in one device call (`sampling/burst.py`, K = rollout.decode_burst): what the
+                  engine runs while every running sequence only decodes; the RL step counts its decode here.
   engine/prefill  a group's prompt alone, T = bucket(prompt tokens), its n sampling slots, the overview images.
   engine/extend   a zoom clip's observation alone, T = bucket(observation tokens + 2), its images.
 
 Counts per RL step, per replica (replicas run in parallel): prefills = the replica's groups (a group's prompt
-is computed once), extends = its trajectories x the expected zoom calls, decode steps = its expected generated
-tokens / the sequences in flight (a finished sequence's place refilled at once: continuous batching's ideal).
+is computed once), extends = its trajectories x the expected zoom calls, bursts = its expected generated tokens /
+the sequences in flight / K (a finished sequence's place refilled at once: continuous batching's ideal).
 
 The Pallas kernel is a custom call XLA's cost analysis does not price (neither its bytes nor its FLOPs), so
 its work is accounted from the shapes: in a decode step every layer reads each sequence's keys and values up to
@@ -41,6 +43,7 @@ from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model.page_allocator import bucket
 from zoomer_jax.model.paged import KERNEL_QUERIES_PER_BLOCK, PagePool, RaggedBatch, kernel_fits
 from zoomer_jax.parallel.rules import logical_to_spec
+from zoomer_jax.sampling import burst as B
 from zoomer_jax.sampling import ragged as R
 
 POOL_AXES = ("layers", None, None, "cache_kv_heads", "head_dim")  # [L, P, page_size, 2k, h]
@@ -133,6 +136,15 @@ def _step_input(mesh: Mesh, t: int, s: int, pages_per_seq: int, window: int, vis
                      windows=sds((s, window), jnp.uint8), forced=sds((s,)), draws=sds((s, 2)))
 
 
+def _burst_input(mesh: Mesh, s: int, k: int, pages_per_seq: int, window: int) -> B.BurstInput:
+  """An abstract `build_burst` result: S rows, K iterations, replicated on the replica's chips."""
+  rep = NamedSharding(mesh, PartitionSpec())
+  sds = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=rep)
+  return B.BurstInput(tokens=sds((s,)), positions=sds((s,)), kv_start=sds((s,)), limit=sds((s,)),
+                      page_indices=sds((s, pages_per_seq)), copy_src=sds((s,)), copy_dst=sds((s,)),
+                      windows=sds((s, window), jnp.uint8), forced=sds((s, k)), draws=sds((s, 2)))
+
+
 def pool(mc: ModelConfig, mesh: Mesh, rules, num_pages: int, page_size: int, dtype) -> jax.ShapeDtypeStruct:
   """The abstract pool [L, P, page_size, 2k, h], kv heads split as the rules say."""
   abstract = jax.eval_shape(lambda: PagePool.init(mc.text, num_pages, page_size, dtype).kv)
@@ -149,9 +161,9 @@ def engine_programs(cfg, ab, mc: ModelConfig, rmesh: Mesh, stop, params, end_tok
   es = engine_shapes(cfg, mc, rmesh)
   mesh = replica_mesh(rmesh)
   weights = jax.eval_shape(lambda p: cast_floats(p, ab.compute_dtype), ab.params)
-  weights = _abstract(weights, state_shardings(weights, mesh, ab.rules))
-  graphdef, state = nnx.split(nnx.merge(ab.graphdef, weights, ab.rest))
-  kv = pool(mc, mesh, ab.rules, es.num_pages, es.page_size, ab.compute_dtype)
+  weights = _abstract(weights, state_shardings(weights, mesh, ab.rollout_rules))
+  graphdef, state = nnx.split(nnx.merge(ab.rollout_graphdef, weights, ab.rest))
+  kv = pool(mc, mesh, ab.rollout_rules, es.num_pages, es.page_size, ab.compute_dtype)
   rep = NamedSharding(mesh, PartitionSpec())
   stop = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), stop)
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
@@ -169,23 +181,25 @@ def engine_programs(cfg, ab, mc: ModelConfig, rmesh: Mesh, stop, params, end_tok
   per_token = sum(F.text_matmul_flops_per_token(t).values()) + F.lm_head_flops_per_token(t)
   chunk = lambda n, ctx, images: sum(row_flops(mc, n, images, es.grid, context=ctx, logit_tokens=1).values())
   kernel = lambda n, start: dict(
-      kernel_bytes=kv_bytes(mc, mesh, ab.rules, 1, chunk_keys_read(n, start, es.page_size), itemsize),
+      kernel_bytes=kv_bytes(mc, mesh, ab.rollout_rules, 1, chunk_keys_read(n, start, es.page_size), itemsize),
       kernel_flops=F.text_attention_flops(t, n * start + n * (n + 1) // 2) / mesh.size)
-  decode_kv = kv_bytes(mc, mesh, ab.rules, es.running, es.mean_context, itemsize)
+  decode_kv = kv_bytes(mc, mesh, ab.rollout_rules, es.running, es.mean_context, itemsize)
   if not kernel_fits(kv):  # the plain-JAX attention: XLA's cost analysis sees its work
     kernel = lambda n, start: {}
   traffic = dict(weights=decode_weight_bytes(weights), kv_mean=decode_kv, mean_context=es.mean_context,
-                 kv_max=kv_bytes(mc, mesh, ab.rules, es.running, es.max_context, itemsize),
+                 kv_max=kv_bytes(mc, mesh, ab.rollout_rules, es.running, es.max_context, itemsize),
                  max_context=es.max_context, sequences=es.running)
-  return [
-      step("engine/decode", es.seqs, es.seqs, 0, es.decode_steps,
+  decode_flops = es.running * (per_token + F.text_attention_flops(t, es.mean_context))
+  decode_kernel = dict(kernel_bytes=decode_kv, kernel_flops=es.running * F.text_attention_flops(t, es.mean_context)
+                       / mesh.size) if kernel_fits(kv) else {}
+  k = int(cfg.rollout.decode_burst)
+  progs = [
+      # v6e's 2 -> 3 layer step of the decode probe is short of every later one (docs/tpu.md): probes at 3 and 4
+      step("engine/decode", es.seqs, es.seqs, 0, 0 if k > 1 else es.decode_steps,
            f"{es.running} of S={es.seqs} sequences x 1 token; {es.pages_per_seq} pages of {es.page_size} per "
-           f"sequence, pool {es.num_pages}; {es.replicas} engines",
-           es.running * (per_token + F.text_attention_flops(t, es.mean_context)), traffic=traffic,
-           # v6e's 2 -> 3 layer step of the decode probe is short of every later one (docs/tpu.md)
-           probe_layers=(3, 4),
-           **(dict(kernel_bytes=decode_kv, kernel_flops=es.running * F.text_attention_flops(t, es.mean_context)
-                   / mesh.size) if kernel_fits(kv) else {})),
+           f"sequence, pool {es.num_pages}; {es.replicas} engines" + ("; the RL step decodes in engine/burst"
+                                                                      if k > 1 else ""),
+           decode_flops, traffic=traffic, probe_layers=(3, 4), **decode_kernel),
       step("engine/prefill", es.prefill_tokens, bucket(es.prefill_slots), es.prefill_images, es.prefills,
            f"T={es.prefill_tokens} (a group's prompt of {es.prompt_real}), {es.prefill_images} images, "
            f"{es.prefill_slots} slots", chunk(es.prompt_real, es.prompt_real, es.prefill_images),
@@ -195,6 +209,14 @@ def engine_programs(cfg, ab, mc: ModelConfig, rmesh: Mesh, stop, params, end_tok
            chunk(es.clip_real, es.prompt_real + es.clip_real, es.extend_images),
            **kernel(es.clip_real, es.prompt_real)),
   ]
+  if k > 1:  # the burst's while loop is costed per iteration (`loop_steps`), its kernel's bytes K times
+    progs.insert(1, Program(
+        "engine/burst", B.burst_program, (graphdef, state, kv, _burst_input(mesh, es.seqs, k, es.pages_per_seq,
+                                                                             window), key, stop, params),
+        es.decode_steps / k, mesh, f"{es.running} of S={es.seqs} sequences x up to {k} tokens in one call",
+        k * decode_flops, loop_steps=k, traffic=traffic, probe_layers=(3, 4),
+        **{name: k * v for name, v in decode_kernel.items()}))
+  return progs
 
 
 def chunk_keys_read(n: int, start: int, page_size: int, rows_per_tile: int = KERNEL_QUERIES_PER_BLOCK) -> int:

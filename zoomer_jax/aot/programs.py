@@ -44,7 +44,7 @@ from zoomer_jax.parallel.rules import logical_to_spec
 from zoomer_jax.sampling.sampler import SamplingParams, StopCriteria, decode_program, round_up, step_program
 from zoomer_jax.train.batch import TrainBatch, batch_sharding
 from zoomer_jax.train.optim import make_optimizer
-from zoomer_jax.train.trainer import TrainSteps, cast_floats, model_options
+from zoomer_jax.train.trainer import TrainSteps, cast_floats, model_options, with_rules
 
 WORST_FRAME = (480, 640)  # 4:3 gives the most patches under the pixel budget (the cost account's worst case)
 STOP_WINDOW = 32  # StopCriteria's byte window (agent.rollout.stop_criteria)
@@ -118,17 +118,22 @@ class Abstract:
   compute_dtype: Any
   param_dtype: Any
   rules: Any
+  rollout_graphdef: Any = None  # the sampler's: the same model under the rollout's rules table
+  rollout_rules: Any = None
 
 
-def abstract_job(cfg, mesh: Mesh, model_cfg: ModelConfig | None = None) -> Abstract:
+def abstract_job(cfg, mesh: Mesh, model_cfg: ModelConfig | None = None, rollout_rules=None) -> Abstract:
+  """The job's model as the trainer splits it; `rollout_rules`: the sampler's table (default: the training one)."""
   options = model_options(cfg)
   model_cfg = model_cfg or ModelConfig.from_config_dict(cfg.model.to_dict())
   compute = resolve_dtype(cfg.init.dtype)
-  graphdef, params, rest = nnx.split(abstract_model(model_cfg, compute, options), nnx.Param, ...)
+  model = abstract_model(model_cfg, compute, options)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rollout_graphdef, rollout_rules = with_rules(graphdef, model, rollout_rules or options.rules)
   param_dtype = jnp.dtype(cfg.init.param_dtype or compute)
   params = jax.eval_shape(lambda p: cast_floats(p, param_dtype), params)
   params = _abstract(params, state_shardings(params, mesh, options.rules))
-  return Abstract(graphdef, params, rest, compute, param_dtype, options.rules)
+  return Abstract(graphdef, params, rest, compute, param_dtype, options.rules, rollout_graphdef, rollout_rules)
 
 
 def _train_steps(cfg, ab: Abstract, mesh: Mesh, loss_fn, optim, freeze_vision, total_steps, rollout_mesh=None):
@@ -136,7 +141,8 @@ def _train_steps(cfg, ab: Abstract, mesh: Mesh, loss_fn, optim, freeze_vision, t
   state = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), ab.params)
   shardings = state_shardings(state, mesh, ab.rules)
   state = _abstract(state, shardings)
-  rollout_shardings = None if rollout_mesh is None else state_shardings(ab.params, rollout_mesh, ab.rules)
+  rollout_shardings = None if rollout_mesh is None else state_shardings(ab.params, rollout_mesh,
+                                                                           ab.rollout_rules)
   steps = TrainSteps(ab.graphdef, ab.rest, loss_fn, tx, schedule, ab.compute_dtype, shardings, rollout_shardings)
   return steps, state
 
@@ -201,9 +207,9 @@ SFT_IMAGES = 128  # an SFT record holds the overview and every zoom clip: at mos
 
 def grpo_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config", rollout_mesh: Mesh | None = None,
                   ) -> list[Program]:
-  from zoomer_jax.train.grpo import grpo_loss_fns  # noqa: PLC0415
+  from zoomer_jax.train.grpo import grpo_loss_fns, rollout_rules  # noqa: PLC0415
   a, r = cfg.actor, cfg.rollout
-  ab = abstract_job(cfg, mesh, model_cfg)
+  ab = abstract_job(cfg, mesh, model_cfg, rollout_rules(cfg))
   mc = model_cfg or ModelConfig.from_config_dict(cfg.model.to_dict())
   loss, logp_fn = grpo_loss_fns(cfg, token_chunk=token_chunk)
   steps, state = _train_steps(cfg, ab, mesh, loss, a.optim, a.freeze_vision_tower, total_steps=1000,
@@ -281,20 +287,20 @@ def rollout_programs(cfg, ab: Abstract, steps: TrainSteps, mc: ModelConfig, mesh
   shapes = rollout_shapes(cfg, mc)
   rows = r.batch_size
   weights = jax.eval_shape(lambda p: cast_floats(p, ab.compute_dtype), ab.params)
-  weights = _abstract(weights, state_shardings(weights, rmesh, ab.rules))
-  state = nnx.merge(ab.graphdef, weights, ab.rest)
+  weights = _abstract(weights, state_shardings(weights, rmesh, ab.rollout_rules))
+  state = nnx.merge(ab.rollout_graphdef, weights, ab.rest)
   graphdef, state = nnx.split(state)
   out: list[Program] = []
   if rollout_mesh is not None:
     out.append(Program("rollout/reshard", steps.rollout_weights, (ab.params,), 1, mesh,
                        f"master weights -> {ab.compute_dtype.name} on the rollout mesh {dict(rmesh.shape)}"))
-  batch_spec = logical_to_spec(("activation_batch",), ab.rules, rmesh, (rows,))
+  batch_spec = logical_to_spec(("activation_batch",), ab.rollout_rules, rmesh, (rows,))
   split = bool(batch_spec[0])
   row_sh = lambda *tail: NamedSharding(rmesh, PartitionSpec(batch_spec[0], *tail))
   stacked = model_options(cfg).scan_layers
 
   def chunk_args(t: int, images: int, fresh: bool):
-    cache = _cache(mc, rmesh, ab.rules, rows, shapes["cache"], ab.compute_dtype, stacked)
+    cache = _cache(mc, rmesh, ab.rollout_rules, rows, shapes["cache"], ab.compute_dtype, stacked)
     ids = jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=row_sh(None))
     pos = jax.ShapeDtypeStruct((3, rows, t), jnp.int32,
                                sharding=NamedSharding(rmesh, PartitionSpec(None, batch_spec[0], None)))
@@ -315,7 +321,7 @@ def rollout_programs(cfg, ab: Abstract, steps: TrainSteps, mc: ModelConfig, mesh
                      n * shapes["zooms"], rmesh, f"{rows} rows x {shapes['clip']} tokens, {shapes['clip_frames']} "
                                                  f"images (expected {shapes['zooms']} zoom calls)",
                      rows * sum(ext.values())))
-  cache = _cache(mc, rmesh, ab.rules, rows, shapes["cache"], ab.compute_dtype, stacked)
+  cache = _cache(mc, rmesh, ab.rollout_rules, rows, shapes["cache"], ab.compute_dtype, stacked)
   v = mc.text.vocab_size
   rep = lambda shape, dtype: _sds(shape, dtype, rmesh)
   stop = StopCriteria(token_ids=rep((2,), jnp.int32), token_bytes=rep((v, STOP_WINDOW), jnp.uint8),

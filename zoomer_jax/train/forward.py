@@ -10,6 +10,7 @@ vocabulary when `vocab_chunk` is set, and `token_chunk` also walks the tokens in
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from zoomer_jax.model.stack import REMAT_POLICIES

@@ -202,6 +202,16 @@ def rollout_mesh(rollout_cfg):
   return make_mesh(tuple(rollout_cfg.mesh.ici), tuple(rollout_cfg.mesh.dcn))
 
 
+def rollout_rules(cfg):
+  """The logical-axis rules the sampler runs by on its mesh: `rollout.mesh.rules`, or the training table
+  (`mesh.rules`) when that is empty. A table of its own needs a mesh of its own (`rollout.mesh.ici`)."""
+  rules = tuple(cfg.rollout.mesh.rules)
+  if rules and not cfg.rollout.mesh.ici:
+    raise ValueError("config rollout.mesh.rules is set but rollout.mesh.ici is (): a sampler with its own rules "
+                     "table needs its own mesh (set rollout.mesh.ici, or leave rollout.mesh.rules empty)")
+  return rules or tuple(cfg.mesh.rules)
+
+
 def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
   """Greedy evaluation with the tool on the validation set (verl's `test_freq`); writes val_{step}.jsonl."""
   from zoomer_jax.eval.harness import evaluate  # noqa: PLC0415
@@ -234,7 +244,8 @@ def run_grpo(cfg) -> dict:
   updates_per_step = want // actor.ppo_mini_batch_size * actor.ppo_epochs
   total = cfg.trainer.total_steps
   engine = ctx.engine(loss, total_steps=total * updates_per_step, optim=actor.optim,
-                      freeze_vision=actor.freeze_vision_tower, rollout_mesh=rollout_mesh(r))
+                      freeze_vision=actor.freeze_vision_tower, rollout_mesh=rollout_mesh(r),
+                      rollout_rules=rollout_rules(cfg))
   ref_params = None
   if actor.use_kl_loss:  # the frozen reference: the starting weights, in the compute dtype
     ref_params = engine.compute_params()

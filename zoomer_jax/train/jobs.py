@@ -107,10 +107,11 @@ class JobContext:
                        workers=workers)
 
   # ------------------------------------------------------------------ loop
-  def engine(self, loss_fn, *, total_steps: int, optim, freeze_vision: bool, rollout_mesh=None) -> Engine:
+  def engine(self, loss_fn, *, total_steps: int, optim, freeze_vision: bool, rollout_mesh=None,
+             rollout_rules=None) -> Engine:
     t = self.cfg.trainer
     return Engine(self.cfg, loss_fn, total_steps=total_steps, optim=optim, freeze_vision=freeze_vision,
-                  save_freq=1, max_to_keep=t.max_to_keep, rollout_mesh=rollout_mesh)
+                  save_freq=1, max_to_keep=t.max_to_keep, rollout_mesh=rollout_mesh, rollout_rules=rollout_rules)
 
   def start(self, engine: Engine, it, total: int):
     """Resumes model, optimizer, RNG, step and data position from the latest checkpoint, if there is one."""

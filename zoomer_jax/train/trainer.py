@@ -19,6 +19,8 @@ process (`put`, GRPO) or already global arrays assembled from each process's own
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import signal
@@ -57,6 +59,17 @@ def build_model(cfg, mesh) -> zoomer_jax.Qwen25VL:
                               rngs=nnx.Rngs(cfg.seed), options=options)
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, put(state, state_shardings(state, mesh, options.rules)))
+
+
+def with_rules(graphdef, model: zoomer_jax.Qwen25VL, rules) -> tuple[Any, tuple]:
+  """(`graphdef` of `model` split as (Param, ...), with `rules` in its options (the same graphdef when they are
+  its own), the checked rules): the same modules and parameters, activations laid out by another table."""
+  options = dataclasses.replace(model.options, rules=rules)
+  if options.rules == model.options.rules:
+    return graphdef, options.rules
+  from zoomer_jax.checkpoint.hf_import import abstract_model  # noqa: PLC0415
+  other = nnx.split(abstract_model(model.config, model.dtype, options), nnx.Param, ...)[0]
+  return other, options.rules
 
 
 def cast_floats(tree, dtype):
@@ -137,9 +150,9 @@ class Preempted(Exception):
 
 class Engine:
   def __init__(self, cfg, loss_fn: LossFn, *, total_steps: int, optim: Mapping[str, Any], freeze_vision: bool,
-               save_freq: int, max_to_keep: int, rollout_mesh=None):
+               save_freq: int, max_to_keep: int, rollout_mesh=None, rollout_rules=None):
     """`rollout_mesh`: the mesh the sampler's weights are laid out on (`rollout_model`); None samples with the
-    training layout."""
+    training layout. `rollout_rules`: the rules table the sampler runs by there (default: the training one)."""
     self.cfg = cfg
     self.mesh = make_mesh(tuple(cfg.mesh.ici), tuple(cfg.mesh.dcn))
     self.rules = model_options(cfg).rules
@@ -162,7 +175,8 @@ class Engine:
     self._sigterm = False
     self.saved_step = None
     self.rollout_mesh = rollout_mesh
-    rollout_shardings = None if rollout_mesh is None else state_shardings(params, rollout_mesh, self.rules)
+    self.rollout_graphdef, rollout_rules = with_rules(self.graphdef, model, rollout_rules or self.rules)
+    rollout_shardings = None if rollout_mesh is None else state_shardings(params, rollout_mesh, rollout_rules)
     self.steps = TrainSteps(self.graphdef, self.rest, loss_fn, self.tx, self.schedule, self.compute_dtype,
                             self.shardings, rollout_shardings)
 
@@ -184,7 +198,7 @@ class Engine:
     `jax.set_mesh(self.rollout_mesh)`."""
     if self.rollout_mesh is None:
       return self.model()
-    return nnx.merge(self.graphdef, self.steps.rollout_weights(self.state.params), self.rest)
+    return nnx.merge(self.rollout_graphdef, self.steps.rollout_weights(self.state.params), self.rest)
 
   @property
   def step(self) -> int:
