@@ -11,7 +11,12 @@ that both engines do the same work and the workload is what GRPO sees: per traje
 video's own time range, thinking of random length, then an answer (turn lengths and zoom counts vary within and
 across groups; seeded). The scripted tokens are forced, the model still computes every forward.
 
-Each engine runs once to compile (not timed), then `--repeats` timed runs alternate between the two; several
+`--in-flight` caps the trajectories in flight (a host's memory holds the lockstep engine's dense caches for so many
+rows): the lockstep engine then runs the tasks in batches of that many rows one after another, as GRPO does with
+`rollout.batch_size`, and the continuous one admits that many at a time, refilling a finished one's place.
+
+Each engine runs once to compile (not timed; `--warmup-groups` runs it on fewer groups, which compiles the same
+bucketed shapes in less time), then `--repeats` timed runs alternate between the two; several
 configs (`--config tiny,bench-small`) run one after the other in the same process. Printed per engine: seconds
 (median), trajectories/s, trajectory tokens/s (every token of every finished trajectory: prompt, model and
 observation tokens, over the wall time), model tokens/s, prompt tokens put through the model (the lockstep engine
@@ -25,6 +30,7 @@ tokens it held at its end.
   PYTHONPATH=. python bench/bench_rollout.py                      # tiny, 8 groups x 8
   PYTHONPATH=. python bench/bench_rollout.py --config tiny,bench-small
   PYTHONPATH=. python bench/bench_rollout.py --groups 2 --n 4 --repeats 1
+  PYTHONPATH=. python bench/bench_rollout.py --config bench-small --in-flight 16 --warmup-groups 2
 """
 
 from __future__ import annotations
@@ -118,7 +124,14 @@ def main(argv=None):
   p.add_argument("--decode-chunk", type=int, default=32, help="the lockstep engine's tokens per device call")
   p.add_argument("--frames", type=int, default=8, help="most frames a zoom shows (tool_call_max_frames)")
   p.add_argument("--overview-frames", type=int, default=64, help="most overview frames (frames_upbound)")
+  p.add_argument("--in-flight", type=int, default=0,
+                 help="trajectories in flight (0: all): the lockstep engine runs batches of this many rows one after "
+                      "another (as GRPO's rollout.batch_size does), the continuous one admits this many at once")
+  p.add_argument("--warmup-groups", type=int, default=0,
+                 help="groups of the untimed compile round (0: the whole workload)")
   args = p.parse_args(argv)
+  if args.in_flight and args.in_flight % args.n:
+    raise ValueError(f"--in-flight {args.in_flight} is not a whole number of groups of n={args.n}")
   return [bench(args, name) for name in args.config.split(",")]
 
 
@@ -128,7 +141,8 @@ def bench(args, name: str) -> dict:
   tool = P.ToolConfig(max_generation_round=5, tool_call_max_frames=args.frames, frames_upbound=args.overview_frames)
   cfg = AgentConfig(tool=tool, sampling=SamplingParams(temperature=0.0, max_new_tokens=96),
                     decode_chunk=args.decode_chunk, max_pixels=56 * 56, min_pixels=56 * 56, workers=2)
-  engine = EngineConfig(page_size=args.page_size, step_tokens=args.step_tokens, decode_burst=args.decode_burst)
+  engine = EngineConfig(page_size=args.page_size, step_tokens=args.step_tokens, decode_burst=args.decode_burst,
+                        max_running=args.in_flight)
   with tempfile.TemporaryDirectory() as d:
     tasks, scripts = workload(d, args.groups, args.n, args.seed, tool.tool_call_max_frames)
     script = lambda row, rnd: scripts[row][rnd] if rnd < len(scripts[row]) else None
@@ -136,13 +150,19 @@ def bench(args, name: str) -> dict:
     got, stats = {}, {}
 
     def run(e, timed):
+      rows = len(tasks) if timed or not args.warmup_groups else args.warmup_groups * args.n
       t0 = time.perf_counter()
-      if e == "lockstep":
-        trajs = rollout(model, tok, tasks, cfg, jax.random.key(args.seed), script=script)
+      if e == "lockstep":  # batches of in-flight rows, one after another (keys as one call would give them)
+        size = args.in_flight or rows
+        trajs = []
+        for i in range(0, rows, size):
+          batch = tasks[i:min(i + size, rows)]
+          trajs += rollout(model, tok, batch, cfg, jax.random.key(args.seed),
+                           script=lambda row, rnd, i=i: script(i + row, rnd))
       else:
         stats[e] = EngineStats()
-        trajs = continuous_rollout(model, tok, tasks, cfg, jax.random.key(args.seed), script=script, engine=engine,
-                                   stats=stats[e])
+        trajs = continuous_rollout(model, tok, tasks[:rows], cfg, jax.random.key(args.seed), script=script,
+                                   engine=engine, stats=stats[e])
       if timed:
         runs[e].append(time.perf_counter() - t0)
       got[e] = trajs
@@ -182,7 +202,8 @@ def bench(args, name: str) -> dict:
 
   print(f"[{name}] workload: {len(tasks)} trajectories ({args.groups} groups x {args.n}), {total} tokens "
         f"({model_tokens} model tokens), zooms per trajectory {np.bincount(zooms).tolist()} (count of 0, 1, ...), "
-        f"prompt {min(prompts)}-{max(prompts)} tokens; CPU devices {jax.device_count()}")
+        f"prompt {min(prompts)}-{max(prompts)} tokens; {args.in_flight or len(tasks)} in flight; CPU devices "
+        f"{jax.device_count()}")
   print(f"{'engine':12s} {'seconds':>8s} {'traj/s':>8s} {'tok/s':>9s} {'model tok/s':>12s} {'prefill tokens':>15s}")
   for e in runs:
     r = res[e]
@@ -200,7 +221,8 @@ def bench(args, name: str) -> dict:
              trajectories=len(tasks), tokens=total, model_tokens=model_tokens, zooms=int(sum(zooms)),
              ratio=round(ratio, 3), trajectories_equal=equal, page_size=args.page_size,
              step_tokens=args.step_tokens, decode_burst=args.decode_burst, decode_chunk=args.decode_chunk,
-             frames=args.frames, overview_frames=args.overview_frames, continuous_engine=engine_res, **res)
+             frames=args.frames, overview_frames=args.overview_frames, in_flight=args.in_flight or len(tasks),
+             continuous_engine=engine_res, **res)
   print("BENCH_JSON " + json.dumps(out), flush=True)
   return out
 

@@ -11,6 +11,7 @@ like the decoder layers, 10% HBM headroom: 28.8 GB usable) and its expected traj
 """
 
 from zoomer_jax.config_loader import load
+from zoomer_jax.parallel.rules import CONTEXT_PARALLEL
 
 
 def get_config(arg=None):
@@ -19,43 +20,37 @@ def get_config(arg=None):
   cfg = load("grpo_7b")
   cfg.accelerator_type = "v6e-64"
   cfg.workdir = "/tmp/zoomer_jax/grpo_7b_v6e64"
-  # Mesh: FSDP 16 x tensor 4 (one slice, no DCN). With 32 GB per chip the limit is activations, not state
-  # (the ~150 GB of parameters, fp32 moments, accumulator and reference copy are 2.2 GiB per chip at 64 shards):
-  #  * pure FSDP (1, 64, 1) puts a whole 32k-token trajectory on each chip: 37.5 GB update peak, over the
-  #    28.8 GB budget; (1, 32, 2): 29.2 GB, still over. Tensor 4 splits the heads (28 -> 7, kv 4 -> 1),
-  #    the MLP (18944 -> 4736), the vocabulary and the vision heads/MLP four ways: 25.0 GB (23.3 GiB).
-  #  * tensor 4 divides every sharded width (kv_heads 4, vision heads 16, vision MLP 3420, merger 5120);
-  #    tensor 8 would not (kv_heads 4), and (1, 8, 8) gains nothing (26.3 GB, same time).
-  #  * ICI per micro-batch: FSDP gathers + reduce-scatter over 16 (~12 GB) and the tensor-parallel
-  #    all-reduces of the text and vision residual streams, 2 per layer per pass (~66 GB): ~0.32 s at 60% of
-  #    the 400 GB/s receive bandwidth against ~0.68 s of compute, so it overlaps (update: compute 87 s,
-  #    ICI 41 s).
+  # Mesh: FSDP 16 x 4 (one slice, no DCN). With 32 GB per chip the limit is activations, not state (the ~150 GB
+  # of parameters, fp32 moments, accumulator and reference copy are 2.2 GiB per chip at 64 shards): pure FSDP
+  # (1, 64, 1) puts a whole 32k-token trajectory on each chip (37.5 GB update peak, over the 28.8 GB budget).
+  # Training splits each row's tokens over the third axis (context parallelism, as sft_7b_v6e64: the decoder's
+  # weights sharded over all 64 chips, attention gathering the GQA keys and values), which moves less over ICI
+  # than splitting heads and MLP width (tensor parallelism: the residual stream all-reduced twice per layer and
+  # pass). docs/tpu.md has both layouts' compiled figures.
   cfg.mesh.ici = (1, 16, 4)
   cfg.mesh.dcn = (1, 1, 1)
-  # Sequence parallelism: the residual stream between layers (what remat keeps, 28 x 32k x 3584 bf16 = 6.1 GiB
-  # per row) is split over the tensor axis too.
-  cfg.mesh.rules = (("activation_norm_length", "tensor"),) + tuple(cfg.mesh.rules)
+  cfg.mesh.rules = CONTEXT_PARALLEL + tuple(cfg.mesh.rules)
   # Batch: the released recipe (docs/training.md): 128 prompts x 16 = 2048 trajectories per RL step, mini-batches
   # of 32 prompts (512 trajectories) = 4 optimizer steps.
   cfg.data.train_batch_size = 128
   cfg.rollout.n = 16
   cfg.actor.ppo_mini_batch_size = 32
-  # Micro-batch: rows are sharded over (data, fsdp) = 16, one trajectory per 4-chip tensor group. The worst
-  # row (32768 tokens, 128 images) peaks at 23.3 GiB per chip: 6.1 GiB kept decoder inputs (remat=full, the
-  # residual stream is replicated over tensor) + 3.7 GiB one layer's backward + 5.9 + 2.2 GiB vision
-  # + 1.5 GiB logits chunks + 0.9 GiB gathered layers/head + 2.2 GiB state.
+  # Micro-batch: rows are sharded over (data, fsdp) = 16, one trajectory per group of 4 chips, its tokens
+  # split four ways (the worst row: 32768 tokens, 128 images).
   cfg.actor.ppo_micro_batch_size = 16
   cfg.actor.max_token_len = 32768
   cfg.actor.remat = "full"
   # Log-probs in 4096-wide vocabulary chunks: 3 fp32 [32768, 4096] buffers = 1.5 GiB (16384 would be 6 GiB,
   # full logits 56 GiB -- more than the chip).
   cfg.actor.logprob_vocab_chunk = 4096
-  # Rollout: a bf16 copy of the weights per group of 4 chips (3.9 GiB per chip, kv heads 1 per chip),
-  # resharded once per step. 160 trajectories per device call = 10 per group: KV caches of 43008 slots
-  # (5.7 GiB per chip) + prefill activations (12.4 GiB) -> 23.5 GiB rollout peak; 176 would reach 27.2 GB.
-  # 2048 trajectories take 13 calls (the last padded), ~5 ms per decode step.
+  # Rollout: a bf16 copy of the weights per group of 4 chips, tensor-parallel (its own rules table: heads, MLP
+  # width and vocabulary split four ways, 3.9 GiB per chip, kv heads 1 per chip; the residual stream split over
+  # the group between layers), resharded once per step. 160 trajectories in flight = 10 per group (the
+  # lockstep engine: KV caches of 43008 slots, 5.7 GiB per chip, + prefill activations -> 23.5 GiB rollout peak;
+  # 176 would reach 27.2 GB).
   cfg.rollout.batch_size = 160
   cfg.rollout.mesh.ici = (16, 1, 4)
+  cfg.rollout.mesh.rules = (("activation_norm_length", "tensor"),) + tuple(load("qwen25vl_7b").rules)
   # Expected step (matmuls at 60% of peak, decode at 70% of HBM bandwidth, lock-step turns lasting 4x the
   # mean turn): ~820 s, of which decode ~680 s, update ~87 s, old + reference log-probs ~43 s, prefill ~16 s;
   # model FLOPs ~3.8 EFLOP per step -> MFU ~8% (~38% in the update alone). Decode dominates: v6e has 4x
