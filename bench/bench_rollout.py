@@ -111,6 +111,18 @@ def workload(out_dir: str, groups: int, n: int, seed: int, max_frames: int):
   return tasks, scripts
 
 
+COMPILE = {"seconds": 0.0, "count": 0}  # XLA compiles so far (jax's backend-compile event)
+
+
+def _on_event(event: str, seconds: float, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    COMPILE["seconds"] += seconds
+    COMPILE["count"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="tiny", help="tiny, bench-small, or both comma-separated (run in turn)")
@@ -147,10 +159,15 @@ def bench(args, name: str) -> dict:
     tasks, scripts = workload(d, args.groups, args.n, args.seed, tool.tool_call_max_frames)
     script = lambda row, rnd: scripts[row][rnd] if rnd < len(scripts[row]) else None
     runs = {"lockstep": [], "continuous": []}
+    compiles = {"lockstep": [0, 0.0], "continuous": [0, 0.0]}  # inside timed runs: count, seconds
     got, stats = {}, {}
 
     def run(e, timed):
-      rows = len(tasks) if timed or not args.warmup_groups else args.warmup_groups * args.n
+      # The continuous engine's shapes depend on which trajectories meet in a step: it compiles on the whole
+      # workload; the lockstep one's batches repeat one batch's shapes.
+      few = not timed and args.warmup_groups and e == "lockstep"
+      rows = args.warmup_groups * args.n if few else len(tasks)
+      c0 = dict(COMPILE)
       t0 = time.perf_counter()
       if e == "lockstep":  # batches of in-flight rows, one after another (keys as one call would give them)
         size = args.in_flight or rows
@@ -165,6 +182,8 @@ def bench(args, name: str) -> dict:
                                    engine=engine, stats=stats[e])
       if timed:
         runs[e].append(time.perf_counter() - t0)
+        compiles[e][0] += COMPILE["count"] - c0["count"]
+        compiles[e][1] += COMPILE["seconds"] - c0["seconds"]
       got[e] = trajs
 
     for timed in [False] + [True] * args.repeats:  # the first round compiles
@@ -182,7 +201,8 @@ def bench(args, name: str) -> dict:
   for e in runs:
     s = statistics.median(runs[e])
     res[e] = dict(seconds=round(s, 2), trajectories_per_s=round(len(tasks) / s, 3), tokens_per_s=round(total / s, 1),
-                  model_tokens_per_s=round(model_tokens / s, 1), runs=[round(x, 2) for x in runs[e]])
+                  model_tokens_per_s=round(model_tokens / s, 1), runs=[round(x, 2) for x in runs[e]],
+                  compiles_in_timed_runs=compiles[e][0], compile_s_in_timed_runs=round(compiles[e][1], 2))
   res["lockstep"]["prefill_tokens"] = prompt_pad
   st = stats["continuous"]
   res["continuous"]["prefill_tokens"] = st.prefill_tokens
@@ -204,11 +224,13 @@ def bench(args, name: str) -> dict:
         f"({model_tokens} model tokens), zooms per trajectory {np.bincount(zooms).tolist()} (count of 0, 1, ...), "
         f"prompt {min(prompts)}-{max(prompts)} tokens; {args.in_flight or len(tasks)} in flight; CPU devices "
         f"{jax.device_count()}")
-  print(f"{'engine':12s} {'seconds':>8s} {'traj/s':>8s} {'tok/s':>9s} {'model tok/s':>12s} {'prefill tokens':>15s}")
+  print(f"{'engine':12s} {'seconds':>8s} {'traj/s':>8s} {'tok/s':>9s} {'model tok/s':>12s} {'prefill tokens':>15s} "
+        f"{'compiles (s) in timed runs':>27s}")
   for e in runs:
     r = res[e]
     print(f"{e:12s} {r['seconds']:8.2f} {r['trajectories_per_s']:8.3f} {r['tokens_per_s']:9.1f} "
-          f"{r['model_tokens_per_s']:12.1f} {r['prefill_tokens']:15d}")
+          f"{r['model_tokens_per_s']:12.1f} {r['prefill_tokens']:15d} "
+          f"{r['compiles_in_timed_runs']:>17d} ({r['compile_s_in_timed_runs']:.1f})")
   er = engine_res
   print(f"continuous: {st.steps} device calls ({st.bursts} decode bursts of up to {args.decode_burst}), "
         f"{er['tokens_per_device_call']} tokens per call ({er['decode_tokens_per_device_call']} decoded), "
