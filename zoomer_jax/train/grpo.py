@@ -219,7 +219,8 @@ def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
   with jax.set_mesh(engine.rollout_mesh or engine.mesh):
     rep = evaluate(engine.rollout_model(), tok, val_tasks, agent_cfg, use_tool=True,
                    batch_size=cfg.rollout.batch_size, out_jsonl=out, key=jax.random.key(cfg.seed), progress=False,
-                   engine=EngineConfig(page_size=cfg.rollout.page_size, step_tokens=cfg.rollout.step_tokens))
+                   engine=EngineConfig(page_size=cfg.rollout.page_size, step_tokens=cfg.rollout.step_tokens,
+                                       decode_burst=cfg.rollout.decode_burst))
   m = {"val/acc": rep.accuracy, "val/format": rep.format, "val/tool_calls": rep.mean_tool_calls,
        "val/frames": rep.mean_frames}
   m.update({f"val/acc/{src}": v["accuracy"] for src, v in rep.per_source.items()})
