@@ -53,6 +53,9 @@ def get_config(arg=None):
       # batches of batch_size in lockstep over a dense cache, decode_chunk tokens per device call; the baseline)
       engine="continuous", page_size=16, step_tokens=512,
       decode_burst=16,  # continuous: tokens per device call when every running sequence only decodes
+      # continuous: pages of each engine's pool; 0 holds every trajectory in flight at its longest. Fewer runs more
+      # in flight on the same memory: a sequence short of pages preempts later ones, which recompute their prefix.
+      pool_pages=0,
       workers=16,  # host threads for frame extraction
       # The sampler's layout (data, fsdp, tensor degrees as in `mesh`): its weights are resharded into it once
       # per RL step. ici=() samples with the training layout. rules: the sampler's own logical-axis rules table

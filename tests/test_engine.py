@@ -257,3 +257,26 @@ def test_sampled_trajectories_do_not_depend_on_the_schedule(model, tok, video, m
       _same(a, b, measure, f"row{k}_{name}")
   assert [t.ids.tolist() for t in run(7, decode_burst=8)] != [t.ids.tolist() for t in base]
   assert len({tuple(t.ids.tolist()) for t in base[:3]}) > 1  # a group's samples differ from each other
+
+
+def test_a_pool_too_small_for_every_trajectory_preempts_and_recomputes(model, tok, video, measure):
+  """The smallest pool the engine accepts (one trajectory at its longest plus a page per sample of a group), three
+  GRPO groups of three with zooms, all in flight: sequences short of pages preempt later ones, which compute their
+  whole transcript again (overview and clips) and go on. The trajectories and log-probs are the lockstep engine's,
+  each group's prompt is still counted as prefilled once, and every page is free at the end."""
+  tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "g0")] * 3 + \
+      [Task(video, "<image>\nIs there a square? A. yes B. no", "A", "g1")] * 3 + \
+      [Task(video, "<image>\nWhere? A. left B. right", "A", "g2")] * 3
+  cfg = _config(max_generation_round=3)
+  with pytest.raises(ValueError, match=r"pool_pages=1 is too small: .* at least (\d+)") as err:
+    continuous_rollout(model, tok, tasks, cfg, engine=EngineConfig(page_size=8, pool_pages=1))
+  least = int(err.value.args[0].rsplit(" ", 1)[1])
+  want = rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT))
+  for burst in (1, 8):
+    stats = EngineStats()
+    got = continuous_rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT),
+                             engine=EngineConfig(page_size=8, pool_pages=least, decode_burst=burst), stats=stats)
+    assert stats.preemptions > 0 and stats.recompute_tokens > 0 and stats.pages_leaked == 0, stats
+    assert stats.prefills == 3
+    for k, (a, b) in enumerate(zip(want, got)):
+      _same(a, b, measure, f"row{k}_burst{burst}_preempted_vs_lockstep")

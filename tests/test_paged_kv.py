@@ -22,7 +22,7 @@ from zoomer_jax.model import paged
 from zoomer_jax.model.attention import AttentionMask, attend
 from zoomer_jax.model.config import TextConfig
 from zoomer_jax.model.kv_cache import KVCache, write_kv
-from zoomer_jax.model.page_allocator import PageAllocator, PagePoolExhausted, bucket
+from zoomer_jax.model.page_allocator import PageAllocator, PagePoolExhausted, bucket, seq_bucket, token_bucket
 from zoomer_jax.parallel.rules import DEFAULT_RULES
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 2, 8, 2, 128  # head_dim 128: shapes the TPU kernel tiles
@@ -342,6 +342,9 @@ def test_misuse_is_refused_by_name():
     paged.write(jnp.zeros((4, 4, 4, 128)), jnp.zeros((8, 1, 128)), jnp.zeros((8, 1, 128)),
                 a.step([("x", 1)], max_seqs=2, max_tokens=8))
   assert [bucket(n) for n in (0, 1, 8, 9, 33)] == [8, 8, 8, 16, 64]
+  # two buckets per octave from 96 rows and 12 sequences up: padding at most a third
+  assert [token_bucket(n) for n in (0, 9, 96, 97, 129, 192, 193, 660)] == [8, 16, 96, 128, 192, 192, 256, 768]
+  assert [seq_bucket(n) for n in (3, 9, 12, 13, 17, 25)] == [8, 12, 12, 16, 24, 32]
 
 
 def test_step_metadata_follows_the_kernels_conventions():

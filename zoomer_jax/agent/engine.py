@@ -4,7 +4,8 @@
 
 The same contract as `agent.rollout.rollout` (the lockstep engine): the same tasks in, the same `Trajectory`
 objects out, greedy trajectories token for token equal. `on_event` also sees ("tokens", row, ids): the ids each
-device step sampled for a row (a burst's several at once), before the "turn" that they end (streaming). What differs is the loop (docs/rollout_engine.md):
+device step sampled for a row (a burst's several at once), before the "turn" that they end (streaming). What
+differs is the loop (docs/rollout_engine.md):
 
   * every engine step is one ragged device step (`sampling/ragged.py`): the decode rows of the running sequences
     together with whole prefill and extend chunks of new or resumed ones, up to `step_tokens` tokens; a step
@@ -13,6 +14,10 @@ device step sampled for a row (a burst's several at once), before the "turn" tha
     (`rollout.Videos`: a zoom cuts a clip, a crop a region of one frame); the others keep decoding. It comes back
     with the observation (text and image pads) appended to its own pages at the positions that follow its own;
   * a finished sequence frees its pages at once, and a waiting task is admitted (`max_running` at a time);
+  * with a pool smaller than every trajectory in flight at its longest (`pool_pages`), a sequence that needs a
+    page when none is free takes it from the sequences admitted after it (the latest first): they are
+    preempted, their pages freed, and each goes on later by computing its whole transcript again, images
+    included, in one chunk (its sampled tokens and log-probs are kept);
   * the n samples of a GRPO prompt (consecutive tasks with the same video and question) prefill the prompt once:
     one sequence is prefilled, its n slots draw n first tokens from the same logits, and the n samples fork its
     pages (`PageAllocator.fork`; the shared last page is copied on the first write).
@@ -36,6 +41,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -67,13 +73,17 @@ class EngineConfig:
   """page_size: tokens per page. max_running: trajectories in flight (0: every task); the pool holds that many
   at the longest length a trajectory may reach. step_tokens: tokens per step, decode rows first, then whole
   chunks while they fit (a longer chunk runs alone). share_prompts: a group's prompt is prefilled once.
-  decode_burst: tokens per device call when a step holds only decode rows (`sampling/burst.py`; 1: one per step)."""
+  decode_burst: tokens per device call when a step holds only decode rows (`sampling/burst.py`; 1: one per step).
+  pool_pages: pages of the pool (0: `pool_pages(...)`, every trajectory in flight at its longest, so none is ever
+  preempted); fewer lets more trajectories run in flight on the same memory, at the cost of recomputing the
+  preempted ones (module docstring). At least one trajectory at its longest plus a page per sample of a group."""
 
   page_size: int = 16
   max_running: int = 0
   step_tokens: int = 256
   share_prompts: bool = True
   decode_burst: int = 16
+  pool_pages: int = 0
 
 
 @dataclasses.dataclass
@@ -91,14 +101,18 @@ class EngineStats:
   tokens_held: int = 0  # over trajectories: the tokens each held in its pages at its end
   pages_leaked: int = 0  # pages not free again when the run ended (0)
   shapes: set = dataclasses.field(default_factory=set)  # distinct step shapes: each is one compiled program
+  preemptions: int = 0  # sequences whose pages were taken for an older one's
+  recompute_tokens: int = 0  # tokens computed again after a preemption
+  step_seconds: float = 0.0  # wall time of the steps that fed chunks, from the call to the host's copy of the result
+  burst_seconds: float = 0.0  # the same for the decode bursts
 
   def as_dict(self) -> dict:
     return {**dataclasses.asdict(self), "shapes": len(self.shapes)}
 
 
 def pool_pages(running: int, largest_group: int, pages_per_seq: int) -> int:
-  """Pages of the pool: every trajectory in flight (at least a whole group: one is admitted alone if it must be)
-  at its longest, plus a group's prompt before its fork; there is no preemption."""
+  """Pages of a pool that never preempts: every trajectory in flight (at least a whole group: one is admitted
+  alone if it must be) at its longest, plus a group's prompt before its fork."""
   return (max(running, largest_group) + 1) * pages_per_seq
 
 
@@ -113,6 +127,17 @@ class _Seq:
     self.end_at: int | None = None  # index in row.logprobs of an appended <|im_end|>, scored at the next chunk
     self.images: tuple[np.ndarray, np.ndarray] | None = None  # the pending chunk's images
     self.clip: Any = None  # (ZoomCall, future) while the clip is cut
+    self.order = 0  # admission order: a sequence preempts only later ones
+    self.recompute = False  # preempted: its next chunk is its whole transcript
+    self.end_row: int | None = None  # index in row.tr.ids of the token whose logits score `end_at`
+
+
+def _images(row) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(pixels, grids) of every image a row's transcript shows, in order (None, None without any)."""
+  shown = [(p, np.asarray(g).reshape(-1, 3)) for p, g in zip(row.pixels, row.grids) if g is not None and len(g)]
+  if not shown:
+    return None, None
+  return np.concatenate([p for p, _ in shown]), np.concatenate([g for _, g in shown])
 
 
 class _Prompt:
@@ -214,7 +239,12 @@ class _Engine:
     ps = engine.page_size
     self.pages_per_seq = -(-_cache_size(rows, cfg) // ps)
     self.max_len = self.pages_per_seq * ps
-    num_pages = pool_pages(self.running, largest, self.pages_per_seq)
+    num_pages = engine.pool_pages or pool_pages(self.running, largest, self.pages_per_seq)
+    if num_pages < self.pages_per_seq + largest:
+      raise ValueError(f"engine.pool_pages={num_pages} is too small: one trajectory may hold {self.pages_per_seq} "
+                       f"pages and each of a group's {largest} samples copies one on write, so the pool needs at "
+                       f"least {self.pages_per_seq + largest}")
+    self.admissions = 0
     self.alloc = PageAllocator(num_pages, ps, self.pages_per_seq)
     self.kv = self._pool(num_pages)
     self.live: dict[int, _Seq] = {}
@@ -238,7 +268,8 @@ class _Engine:
       if not self.ready:
         continue
       feeds = self._schedule(decode_only=self.chunk_fed)
-      if not feeds:
+      if not feeds:  # none has room in the pool until an older sequence's clip returns: wait for clips a while
+        self._collect(block=True, timeout=JOIN_POLL_S)
         continue
       # One key for the rollout: each token's draw folds in its trajectory and index (`sampler.draw_keys`), so
       # sampled trajectories do not depend on which sequences share a step (when clips finish, `max_running`).
@@ -279,9 +310,12 @@ class _Engine:
     return bool(j.reading)
 
   def _admit(self) -> None:
-    while self.waiting and (not self.live or len(self.live) + len(self.waiting[0]) <= self.running):
+    while self.waiting and (not self.live or len(self.live) + len(self.waiting[0]) <= self.running
+                            and self._room(self.waiting[0])):
       seqs = [_Seq(i, self.rows[i]) for i in self.waiting.popleft()]
+      self.admissions += 1
       for s in seqs:
+        s.order = self.admissions
         self.live[s.i] = s
         s.row.in_cache = 0
         s.images = (s.row.pixels[0], s.row.grids[0])
@@ -293,6 +327,20 @@ class _Engine:
         prompt = _Prompt(seqs)
         self.alloc.new(prompt.key)
         self.ready.append(prompt)
+
+  def _room(self, group: list[int]) -> bool:
+    """Whether a group's prompt (and a page per sample) fits in the free pages beside the chunks of sequences not
+    in the cache yet (always, when the pool holds every trajectory at its longest)."""
+    if not self.engine.pool_pages:
+      return True
+    ps = self.engine.page_size
+    pages = lambda n, samples: -(-n // ps) + samples
+    pending = sum(pages(self._feed_len(f), len(f.members) if isinstance(f, _Prompt) else 1)
+                  for f in self.ready if self._row(f).in_cache == 0)
+    return self.alloc.free_pages - pending >= pages(len(self.rows[group[0]].tr.ids), len(group))
+
+  def _row(self, f):
+    return f.members[0].row if isinstance(f, _Prompt) else f.row
 
   def _start_turn(self, s: _Seq) -> None:
     r = s.row
@@ -315,8 +363,7 @@ class _Engine:
     decode_only &= any(self._burst_row(f) for f in self.ready)
     order = sorted(range(len(self.ready)), key=lambda k: (self._feed_len(self.ready[k]) > 1, k))
     feeds, tokens, keep, chunk = [], 0, [], False
-    for k in order:
-      f = self.ready[k]
+    for f in [self.ready[k] for k in order]:
       n = self._feed_len(f)
       if not isinstance(f, _Prompt) and self.alloc.length(f.i) + n > self.max_len:
         f.row.reason = "context_limit"
@@ -326,14 +373,54 @@ class _Engine:
           feeds and tokens + n > self.engine.step_tokens and (n <= self.engine.step_tokens or chunk)):
         keep.append(f)
         continue
+      if self.engine.pool_pages:
+        fits, dropped = self._fits(f, feeds)
+        keep += dropped  # preempted out of this step: they stay ready, with their whole transcript to compute
+        tokens = sum(map(self._feed_len, feeds))
+        if not fits:
+          keep.append(f)
+          continue
+        n = self._feed_len(f)  # f itself is never preempted here
       feeds.append(f)
       tokens += n
       chunk |= n > 1
     self.ready = [f for f in self.ready if f in keep]
     return feeds
 
+  def _fits(self, f, feeds: list) -> tuple[bool, list]:
+    """Whether the pool has room for `f` beside `feeds` (a decode row with room for a whole burst); if not,
+    sequences admitted after f are preempted, the latest first, until it has (those among `feeds` leave it and
+    are returned) or none is left."""
+    order = max(m.order for m in f.members) if isinstance(f, _Prompt) else f.order
+    dropped = []
+    while self.alloc.pages_needed([self._append(g) for g in feeds + [f]]) > self.alloc.free_pages:
+      later = [v for v in self.live.values() if v.order > order and v.i in self.alloc and self.alloc.pages(v.i)]
+      if not later:
+        return False, dropped
+      v = max(later, key=lambda v: (v.order, v.i))
+      if v in feeds:
+        feeds.remove(v)
+        dropped.append(v)
+      self._preempt(v)
+    return True, dropped
+
+  def _append(self, f) -> tuple[Any, int]:
+    """(allocator key, tokens) that feeding f appends: a decode row reserves a whole burst's room."""
+    if isinstance(f, _Prompt):
+      return f.key, self._feed_len(f)
+    if self.engine.decode_burst > 1 and self._burst_row(f):
+      return f.i, self._burst_limit(f)
+    return f.i, self._feed_len(f)
+
+  def _preempt(self, v: _Seq) -> None:
+    """Frees a sequence's pages: it goes on from its whole transcript, computed again as one chunk."""
+    self.alloc.free(v.i)
+    self.alloc.new(v.i)
+    v.row.in_cache, v.pos, v.recompute = 0, 0, True
+    self.stats.preemptions += 1
+
   def _feed_len(self, f) -> int:
-    r = f.members[0].row if isinstance(f, _Prompt) else f.row
+    r = self._row(f)
     return len(r.tr.ids) - r.in_cache
 
   def _chunk(self, f) -> tuple[R.Chunk, list]:
@@ -342,17 +429,23 @@ class _Engine:
     r = s.row
     ids = np.asarray(r.tr.ids[r.in_cache:], np.int32)
     pixels, grids = s.images if s.images is not None else (None, None)
+    if s.recompute:  # after a preemption: the whole transcript, every image it shows
+      pixels, grids = _images(r)
+      s.recompute = False
+      self.stats.recompute_tokens += len(ids)
+    else:
+      self.stats.prefills += r.in_cache == 0
+      kind = "prefill_tokens" if r.in_cache == 0 else "decode_tokens" if len(ids) == 1 else "extend_tokens"
+      setattr(self.stats, kind, getattr(self.stats, kind) + len(ids))
     positions, next_pos = R.chunk_positions(self.model.config, ids, grids, s.pos)
-    self.stats.prefills += r.in_cache == 0
-    kind = "prefill_tokens" if r.in_cache == 0 else "decode_tokens" if len(ids) == 1 else "extend_tokens"
-    setattr(self.stats, kind, getattr(self.stats, kind) + len(ids))
     members = f.members if isinstance(f, _Prompt) else [f]
+    start = r.in_cache
     slots, owners = [], []
     for m in members:
       m.pos, m.images = next_pos, None
       m.row.in_cache = len(m.row.tr.ids)
       if m.end_at is not None:  # the logits after the turn's last token score the <|im_end|> appended to it
-        slots.append(R.Slot(0))
+        slots.append(R.Slot(m.end_row - start))
         owners.append((m, "end"))
       slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m), (m.i, len(m.row.logprobs))))
       owners.append((m, "sample"))
@@ -368,9 +461,11 @@ class _Engine:
     self.stats.steps += 1
     self.stats.device_rows += inp.ids.shape[0]
     self.stats.shapes.add(R.step_shape(inp, self.kv))
+    t0 = time.perf_counter()
     self.kv, out = R.ragged_step(self.split, self.kv, self._global(inp), key, self.stop,
                                  self.cfg.sampling, end_token=self.tok.im_end)
     out = to_host(out)
+    self.stats.step_seconds += time.perf_counter() - t0
     for f in feeds:
       if isinstance(f, _Prompt):  # the members take the prompt's pages
         for m in f.members:
@@ -400,6 +495,11 @@ class _Engine:
   def _burst_row(self, f) -> bool:
     return isinstance(f, _Seq) and f.end_at is None and self._feed_len(f) == 1
 
+  def _burst_limit(self, s: _Seq) -> int:
+    """The most tokens a burst feeds the sequence: the burst's length, the turn's budget, its page table."""
+    return min(self.engine.decode_burst, self.cfg.sampling.max_new_tokens - s.row.turn_tokens,
+               self.max_len - self.alloc.length(s.i))
+
   def _burst(self, feeds: list[_Seq], key) -> None:
     """Up to `decode_burst` tokens for each sequence in one device call: pages reserved for each row's limit (its
     turn's budget, its page table), the unused room given back after; then each row's tokens are taken as one-token
@@ -408,7 +508,7 @@ class _Engine:
     forced = np.full((len(feeds), k), -1, np.int32)
     for j, s in enumerate(feeds):
       r = s.row
-      limit = min(k, self.cfg.sampling.max_new_tokens - r.turn_tokens, self.max_len - self.alloc.length(s.i))
+      limit = self._burst_limit(s)
       rows.append((s.i, r.tr.ids[-1], s.pos, limit))
       windows.append(s.window)
       if s.script is not None:
@@ -418,9 +518,11 @@ class _Engine:
     inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window,
                         [(s.i, len(s.row.logprobs)) for s in feeds])
     self._note_pages(feeds)
+    t0 = time.perf_counter()
     self.kv, out = B.burst_step(self.burst_split, self.kv, self._global(inp), key, self.stop,
                                 self.cfg.sampling)
     out = to_host(out)
+    self.stats.burst_seconds += time.perf_counter() - t0
     self.stats.steps += 1
     self.stats.bursts += 1
     self.stats.device_rows += inp.tokens.shape[0] * int(out.num.max())
@@ -467,7 +569,7 @@ class _Engine:
       return
     if r.tr.close_turn():
       r.logprobs.append(0.0)
-      s.end_at = len(r.logprobs) - 1
+      s.end_at, s.end_row = len(r.logprobs) - 1, len(r.tr.ids) - 2
     if isinstance(out, P.ToolError):
       r.calls.append(dict(round=out.round, tool=out.tool, error=out.message))  # tool None: the turn named several
       self.event("tool_error", i, out)

@@ -14,8 +14,8 @@ sequences at their longest.
                   HBM bandwidth the report gives. Counted 0 times per RL step: the engine decodes in bursts.
   engine/burst    K of those steps in one device call (`sampling/burst.py`, K = rollout.decode_burst): what the
                   engine runs while every running sequence only decodes; the RL step counts its decode here.
-  engine/prefill  a group's prompt alone, T = bucket(prompt tokens), its n sampling slots, the overview images.
-  engine/extend   a zoom clip's observation alone, T = bucket(observation tokens + 2), its images.
+  engine/prefill  a group's prompt alone, T = token_bucket(prompt tokens), its n sampling slots, the overview images.
+  engine/extend   a zoom clip's observation alone, T = token_bucket(observation tokens + 2), its images.
 
 Counts per RL step, per replica (replicas run in parallel): prefills = the replica's groups (a group's prompt
 is computed once), extends = its trajectories x the expected zoom calls, bursts = its expected generated tokens /
@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from zoomer_jax.agent.engine import pool_pages
 from zoomer_jax.cost import flops as F
 from zoomer_jax.model.config import ModelConfig
-from zoomer_jax.model.page_allocator import bucket
+from zoomer_jax.model.page_allocator import bucket, seq_bucket, token_bucket
 from zoomer_jax.model.paged import KERNEL_QUERIES_PER_BLOCK, PagePool, RaggedBatch, kernel_fits
 from zoomer_jax.parallel.rules import logical_to_spec
 from zoomer_jax.sampling import burst as B
@@ -54,7 +54,7 @@ MIN_IMAGES = 8  # build_step's image bucket floor
 class EngineShapes:
   replicas: int  # engines: the rollout mesh's data-parallel replicas
   running: int  # trajectories in flight per engine (at least a group)
-  seqs: int  # S of the decode step: bucket(running)
+  seqs: int  # S of the decode step: seq_bucket(running)
   page_size: int
   pages_per_seq: int
   num_pages: int  # the pool
@@ -94,10 +94,10 @@ def engine_shapes(cfg, mc: ModelConfig, rmesh: Mesh) -> EngineShapes:
   running = max(r.batch_size // replicas, r.n)
   pages_per_seq = -(-shapes["cache"] // r.page_size)
   return EngineShapes(
-      replicas=replicas, running=running, seqs=bucket(running), page_size=r.page_size, pages_per_seq=pages_per_seq,
-      num_pages=pool_pages(running, r.n, pages_per_seq), prefill_tokens=bucket(shapes["prompt"]),
+      replicas=replicas, running=running, seqs=seq_bucket(running), page_size=r.page_size, pages_per_seq=pages_per_seq,
+      num_pages=r.pool_pages or pool_pages(running, r.n, pages_per_seq), prefill_tokens=token_bucket(shapes["prompt"]),
       prefill_images=bucket(shapes["overview"], MIN_IMAGES), prefill_slots=r.n,
-      extend_tokens=bucket(shapes["clip"] + 2), extend_images=bucket(shapes["clip_frames"], MIN_IMAGES),
+      extend_tokens=token_bucket(shapes["clip"] + 2), extend_images=bucket(shapes["clip_frames"], MIN_IMAGES),
       prefills=per_engine / r.n, extends=per_engine * shapes["zooms"],
       decode_steps=per_engine * shapes["gen_tokens"] / min(running, per_engine), mean_context=shapes["context"],
       trajectories=per_engine, grid=tuple(shapes["grid"]), prompt_real=shapes["prompt"],
@@ -126,10 +126,15 @@ def decode_weight_bytes(weights) -> float:
   return total
 
 
-def _step_input(mesh: Mesh, t: int, s: int, pages_per_seq: int, window: int, vision=None) -> R.StepInput:
-  """An abstract `build_step` result: T rows, S sequences/slots, replicated on the replica's chips."""
+def _replicated(mesh: Mesh):
+  """`sds(shape, dtype=int32)`: an abstract host input, replicated on the replica's chips."""
   rep = NamedSharding(mesh, PartitionSpec())
-  sds = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=rep)
+  return lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=rep)
+
+
+def _step_input(mesh: Mesh, t: int, s: int, pages_per_seq: int, window: int, vision=None) -> R.StepInput:
+  """An abstract `build_step` result: T rows, S sequences/slots."""
+  sds = _replicated(mesh)
   batch = RaggedBatch(page_indices=sds((s, pages_per_seq)), kv_lens=sds((s,)), cu_q_lens=sds((s + 1,)),
                       num_seqs=sds((1,)), copy_src=sds((s,)), copy_dst=sds((s,)))
   return R.StepInput(ids=sds((t,)), positions=sds((3, t)), batch=batch, images=vision, slot_rows=sds((s,)),
@@ -137,9 +142,8 @@ def _step_input(mesh: Mesh, t: int, s: int, pages_per_seq: int, window: int, vis
 
 
 def _burst_input(mesh: Mesh, s: int, k: int, pages_per_seq: int, window: int) -> B.BurstInput:
-  """An abstract `build_burst` result: S rows, K iterations, replicated on the replica's chips."""
-  rep = NamedSharding(mesh, PartitionSpec())
-  sds = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=rep)
+  """An abstract `build_burst` result: S rows, K iterations."""
+  sds = _replicated(mesh)
   return B.BurstInput(tokens=sds((s,)), positions=sds((s,)), kv_start=sds((s,)), limit=sds((s,)),
                       page_indices=sds((s, pages_per_seq)), copy_src=sds((s,)), copy_dst=sds((s,)),
                       windows=sds((s, window), jnp.uint8), forced=sds((s, k)), draws=sds((s, 2)))
@@ -200,7 +204,7 @@ def engine_programs(cfg, ab, mc: ModelConfig, rmesh: Mesh, stop, params, end_tok
            f"sequence, pool {es.num_pages}; {es.replicas} engines" + ("; the RL step decodes in engine/burst"
                                                                       if k > 1 else ""),
            decode_flops, traffic=traffic, probe_layers=(3, 4), **decode_kernel),
-      step("engine/prefill", es.prefill_tokens, bucket(es.prefill_slots), es.prefill_images, es.prefills,
+      step("engine/prefill", es.prefill_tokens, seq_bucket(es.prefill_slots), es.prefill_images, es.prefills,
            f"T={es.prefill_tokens} (a group's prompt of {es.prompt_real}), {es.prefill_images} images, "
            f"{es.prefill_slots} slots", chunk(es.prompt_real, es.prompt_real, es.prefill_images),
            **kernel(es.prompt_real, 0)),

@@ -156,16 +156,21 @@ class PageAllocator:
     copies = [self.append(s, n) for s, n in appends]
     return self._batch(seqs, q_lens, [c for c in copies if c], max_seqs)
 
-  def _check_step_fits(self, appends) -> None:
-    """Raises before any append when the step as a whole needs more pages than are free (a copy on write lowers
-    the shared page's count, so a later sequence of the step may write that page in place)."""
+  def pages_needed(self, appends: Sequence[tuple[Hashable, int]]) -> int:
+    """Free pages that appending `n` tokens to each `(seq, n)`, in order, would take (copies on write included: a
+    copy lowers the shared page's count, so a later sequence may write that page in place)."""
     refs, need = {}, 0
     for s, n in appends:
-      k, cow = self._need(s, n, refs)
+      k, cow = self._need(self._known(s), n, refs)
       if cow:
         last = self._pages[s][-1]
         refs[last] = refs.get(last, int(self._refs[last])) - 1
       need += k
+    return need
+
+  def _check_step_fits(self, appends) -> None:
+    """Raises before any append when the step as a whole needs more pages than are free."""
+    need = self.pages_needed(appends)
     if need > len(self._free):
       raise PagePoolExhausted(f"page pool exhausted: the step's {len(appends)} sequences asked for {need} pages, "
                               f"{len(self._free)} of {self.num_pages} free")
@@ -187,8 +192,28 @@ class PageAllocator:
                        num_seqs=np.array([len(seqs)], np.int32), copy_src=src, copy_dst=dst)
 
 
-def bucket(n: int, minimum: int = 8) -> int:
-  """The power of two >= max(n, minimum): step sizes (tokens, sequences) a run compiles a handful of programs for."""
+TOKENS_FINE = 128  # token rows: from 128 up, 3/4 of a power of two too (96, 192, 384, 768, ...: multiples of 32)
+SEQS_FINE = 16  # sequences: 12, 24, 48, ...
+
+
+def bucket(n: int, minimum: int = 8, fine_from: int = 0) -> int:
+  """The power of two >= max(n, minimum): step sizes (tokens, sequences) a run compiles a handful of programs for.
+  With `fine_from`, powers of two from it up also have a bucket at three quarters of them: two programs per
+  octave, a third of padding at most where a power of two alone pads up to a half."""
   if n < 0:
     raise ValueError(f"cannot bucket a negative size {n}")
-  return max(minimum, 1 << max(0, n - 1).bit_length())
+  b = max(minimum, 1 << max(0, n - 1).bit_length())
+  if fine_from and b >= fine_from and 3 * b // 4 >= max(n, minimum):
+    return 3 * b // 4
+  return b
+
+
+def token_bucket(n: int, minimum: int = 8) -> int:
+  """A step's rows T for n tokens (`bucket` with three-quarter steps from TOKENS_FINE)."""
+  return bucket(n, minimum, TOKENS_FINE)
+
+
+def seq_bucket(n: int) -> int:
+  """A step's sequences (and slots) S, or a burst's rows, for n (`bucket` with three-quarter steps from
+  SEQS_FINE): a padding row costs a burst as much as a real one."""
+  return bucket(n, 8, SEQS_FINE)

@@ -28,6 +28,8 @@ from zoomer_jax.model.stack import loops_unrolled, scan
 from zoomer_jax.parallel.rules import logical_to_spec
 
 KEYS_PER_BLOCK = 512  # the plain-JAX path's online-softmax step: keys per block (whole pages)
+DECODE_KEYS_PER_BLOCK = 64  # the same for one-row tiles (decode): XLA's CPU dots of a tile's few query heads
+# against a block ran faster on such blocks than on 512-key ones
 # The kernel's tile: jax's untuned default on v5 and later (`get_tuned_block_sizes`), which cannot be looked up
 # here because it reads the host's device, a CPU when a TPU program is compiled on a CPU host.
 KERNEL_KV_PAGES_PER_BLOCK = 128
@@ -153,13 +155,14 @@ def query_tiles(batch: RaggedBatch, t: int, rows_per_tile: int) -> tuple[jax.Arr
 
 
 def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float,
-                         keys_per_block: int = KEYS_PER_BLOCK, rows_per_tile: int | None = None,
+                         keys_per_block: int | None = None, rows_per_tile: int | None = None,
                          precision=None, layer: int | None = None) -> jax.Array:
   """Causal GQA attention of a ragged step in plain JAX: q [T, n, h], one layer's pages [P, page_size, 2k, h] ->
   [T, n, h]. The rows are cut into tiles of one sequence (`query_tiles`; `rows_per_tile` defaults to T / S, at
   most 64); each tile gathers its sequence's pages once per block of `keys_per_block` keys (whole pages) and
   runs an online softmax over the blocks with [tile rows x group, block] score matrices, so a prefill chunk reads
-  its pages once per tile, not once per row. Only the blocks that the step's longest sequence reaches are read.
+  its pages once per tile, not once per row (`keys_per_block` defaults to KEYS_PER_BLOCK, DECODE_KEYS_PER_BLOCK
+  for one-row tiles). Only the blocks that the step's longest sequence reaches are read.
   With `layer`, kv is every layer's pages [L, P, ...] and layer `layer`'s are read."""
   t, n, h = q_tnh.shape
   ps, kk = kv.shape[-3], kv.shape[-2]
@@ -178,6 +181,8 @@ def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *,
   q_len = batch.cu_q_lens[seq + 1] - batch.cu_q_lens[seq]
   pos = batch.kv_lens[seq][:, None] - q_len[:, None] + row_idx - batch.cu_q_lens[seq][:, None]  # [N, Q]
   q_nqkgh = q_tnh[jnp.where(real, row_idx, 0)].reshape(-1, qt, kh, g, h)
+  if keys_per_block is None:  # cost probes unroll every block: the large blocks there
+    keys_per_block = DECODE_KEYS_PER_BLOCK if qt == 1 and not loops_unrolled() else KEYS_PER_BLOCK
   bp = max(1, min(keys_per_block // ps, batch.page_indices.shape[1]))  # pages per block
   n_blocks = -(-batch.page_indices.shape[1] // bp)
   table = jnp.pad(batch.page_indices, ((0, 0), (0, n_blocks * bp - batch.page_indices.shape[1])))[seq]  # [N, .]

@@ -15,8 +15,8 @@ budget, its page table); the loop ends when every row has stopped or after K ite
 Stopped rows write nothing: each iteration's ragged batch gives them no row (q_len 0), and the live rows are
 packed at the front of the S device rows, so a stopped row neither corrupts its pages nor reads another's.
 Pages for `limit` tokens per row are reserved on the host before the call (copies on write made once, at the
-start); the caller truncates each sequence to what was fed. Shapes: S rows (`bucket`), K and the page table fixed,
-so a rollout compiles one burst program per S bucket; `TRACES["burst"]` counts traces.
+start); the caller truncates each sequence to what was fed. Shapes: S rows (`seq_bucket`), K and the page table
+fixed, so a rollout compiles one burst program per S bucket; `TRACES["burst"]` counts traces.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from zoomer_jax.model.page_allocator import PageAllocator, bucket
+from zoomer_jax.model.page_allocator import PageAllocator, seq_bucket
 from zoomer_jax.model.paged import PagedCache, RaggedBatch, copy_pages
 from zoomer_jax.sampling.ragged import draw
 from zoomer_jax.sampling.sampler import SamplingParams, StopCriteria, draw_keys
@@ -64,12 +64,12 @@ class BurstOut:
 def build_burst(alloc: PageAllocator, rows: Sequence[tuple[Hashable, int, int, int]], windows: Sequence[np.ndarray],
                 forced: np.ndarray, window: int, draws: Sequence[tuple[int, int]] | None = None) -> BurstInput:
   """Reserves room for `limit` tokens of each `(seq, last token, position, limit)` in `alloc` (its length grows by
-  limit: truncate it after the call) and lays the burst out in S = bucket(rows) rows; `forced` [rows, K];
+  limit: truncate it after the call) and lays the burst out in S = seq_bucket(rows) rows; `forced` [rows, K];
   `draws` [rows] (trajectory, token index) of each row's first sampled token (`sampler.draw_keys`)."""
   n, k = len(rows), forced.shape[1]
   if any(lim < 1 or lim > k for *_, lim in rows):
     raise ValueError(f"every row of a burst feeds 1..{k} tokens: {[r[3] for r in rows]}")
-  s = bucket(n)
+  s = seq_bucket(n)
   out = dict(tokens=np.zeros(s, np.int32), positions=np.zeros(s, np.int32), kv_start=np.zeros(s, np.int32),
              limit=np.zeros(s, np.int32), page_indices=np.zeros((s, alloc.pages_per_seq), np.int32),
              copy_src=np.zeros(s, np.int32), copy_dst=np.full(s, alloc.num_pages, np.int32),

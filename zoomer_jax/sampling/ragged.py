@@ -12,8 +12,9 @@ draws a token as `sampler.decode`'s loop body does - the same `sample`, forced t
 matched on a byte window per slot. Each slot also returns `end_logprob`, the log-prob of `end_token` at its row
 under the unrestricted logits (the `<|im_end|>` the host appends to a turn that ended on a stop string).
 
-Shapes are bucketed (`page_allocator.bucket`): rows T, sequences and slots S (one size for both), and images per
-step, so that a long rollout compiles a handful of programs; `TRACES["ragged"]` counts traces.
+Shapes are bucketed (`page_allocator.token_bucket`, `seq_bucket`, `bucket`): rows T, sequences and slots S (one
+size for both), and images per step, so that a long rollout compiles a handful of programs; `TRACES["ragged"]`
+counts traces.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from flax import nnx, struct
 
 from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model.mrope import rope_index
-from zoomer_jax.model.page_allocator import PageAllocator, bucket
+from zoomer_jax.model.page_allocator import PageAllocator, bucket, seq_bucket, token_bucket
 from zoomer_jax.model.paged import PagedCache, RaggedBatch
 from zoomer_jax.model.qwen25vl import VisionInput, vision_input
 from zoomer_jax.model.vision_layout import layout_sizes
@@ -99,11 +100,11 @@ class StepOut:
 def build_step(cfg: ModelConfig, alloc: PageAllocator, chunks: Sequence[Chunk], window: int, *,
                min_tokens: int = 8, min_images: int = 8) -> StepInput:
   """Appends every chunk's tokens to its sequence in `alloc` and lays the step out in bucketed shapes (rows to
-  `bucket(tokens, min_tokens)`, sequences and slots to `bucket(max(both))`, images to
+  `token_bucket(tokens, min_tokens)`, sequences and slots to `seq_bucket(max(both))`, images to
   `bucket(images, min_images)`)."""
   n_tokens = sum(len(c.ids) for c in chunks)
   n_slots = sum(len(c.slots) for c in chunks)
-  t, s = bucket(n_tokens, min_tokens), bucket(max(len(chunks), n_slots))
+  t, s = token_bucket(n_tokens, min_tokens), seq_bucket(max(len(chunks), n_slots))
   batch = alloc.step([(c.seq, len(c.ids)) for c in chunks], max_seqs=s, max_tokens=t)
   ids = np.zeros(t, np.int32)
   positions = np.zeros((3, t), np.int32)

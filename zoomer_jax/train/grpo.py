@@ -141,7 +141,8 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
     records = [next(it) for _ in range(want)]
     tasks = [task_of(rec) for rec in records for _ in range(r.n)]
     trajs = generate(model, tok, tasks, agent_cfg, jax.random.fold_in(key, gen), r.batch_size, r.engine,
-                     EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens, decode_burst=r.decode_burst))
+                     EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens, decode_burst=r.decode_burst,
+                                  pool_pages=r.pool_pages))
     scores = score(trajs, reward_cfg, step, [rec.answer_type for rec in records for _ in range(r.n)])
     gen += 1
     all_trajs += trajs
@@ -220,7 +221,7 @@ def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
     rep = evaluate(engine.rollout_model(), tok, val_tasks, agent_cfg, use_tool=True,
                    batch_size=cfg.rollout.batch_size, out_jsonl=out, key=jax.random.key(cfg.seed), progress=False,
                    engine=EngineConfig(page_size=cfg.rollout.page_size, step_tokens=cfg.rollout.step_tokens,
-                                       decode_burst=cfg.rollout.decode_burst))
+                                       decode_burst=cfg.rollout.decode_burst, pool_pages=cfg.rollout.pool_pages))
   m = {"val/acc": rep.accuracy, "val/format": rep.format, "val/tool_calls": rep.mean_tool_calls,
        "val/frames": rep.mean_frames}
   m.update({f"val/acc/{src}": v["accuracy"] for src, v in rep.per_source.items()})
