@@ -190,6 +190,33 @@ def test_hlo_counts_loop_bodies_by_trip_count(target):
   assert gathers["moved"] == pytest.approx(6 * 0.75 * 128 * 256 * 2)
 
 
+def test_custom_calls_in_a_loop_count_per_trip_or_once_as_xlas_cost_analysis_does():
+  """A while loop of 16 trips whose body holds a ConcatBitcast: 16 run; XLA's cost analysis prices the body (and
+  its -1 s ConcatBitcast) once, so the give-back for a probe costed per iteration counts it once."""
+  text = """HloModule m
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %c = f32[4]{0} custom-call(f32[4]{0} %x), custom_call_target="ConcatBitcast"
+  ROOT %t = (s32[], f32[4]) tuple(s32[] %i, f32[4]{0} %c)
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]) parameter(0)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> (s32[], f32[4]) {
+  %a = f32[4]{0} parameter(0)
+  %c0 = f32[4]{0} custom-call(f32[4]{0} %a), custom_call_target="ConcatBitcast"
+  ROOT %w = (s32[], f32[4]) while((s32[], f32[4]) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"16"}}
+}
+"""
+  hlo = Hlo(text)
+  assert hlo.custom_calls("ConcatBitcast") == 1 + 16
+  assert hlo.custom_calls("ConcatBitcast", trips=False) == 1 + 1
+
+
 def test_splash_kernels_are_counted(target):
   from zoomer_jax.model import attention
   mesh = Mesh(np.asarray(target.devices).reshape(4), ("data",))

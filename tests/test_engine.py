@@ -268,7 +268,7 @@ def test_a_pool_too_small_for_every_trajectory_preempts_and_recomputes(model, to
       [Task(video, "<image>\nIs there a square? A. yes B. no", "A", "g1")] * 3 + \
       [Task(video, "<image>\nWhere? A. left B. right", "A", "g2")] * 3
   cfg = _config(max_generation_round=3)
-  with pytest.raises(ValueError, match=r"pool_pages=1 is too small: .* at least (\d+)") as err:
+  with pytest.raises(ValueError, match=r"pool_pages=1 \(EngineConfig; rollout.pool_pages .* at least \d+$") as err:
     continuous_rollout(model, tok, tasks, cfg, engine=EngineConfig(page_size=8, pool_pages=1))
   least = int(err.value.args[0].rsplit(" ", 1)[1])
   want = rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT))

@@ -241,9 +241,9 @@ class _Engine:
     self.max_len = self.pages_per_seq * ps
     num_pages = engine.pool_pages or pool_pages(self.running, largest, self.pages_per_seq)
     if num_pages < self.pages_per_seq + largest:
-      raise ValueError(f"engine.pool_pages={num_pages} is too small: one trajectory may hold {self.pages_per_seq} "
-                       f"pages and each of a group's {largest} samples copies one on write, so the pool needs at "
-                       f"least {self.pages_per_seq + largest}")
+      raise ValueError(f"pool_pages={num_pages} (EngineConfig; rollout.pool_pages in a GRPO config) is too small: "
+                       f"one trajectory may hold {self.pages_per_seq} pages and each of a group's {largest} samples "
+                       f"copies one on write, so the pool needs at least {self.pages_per_seq + largest}")
     self.admissions = 0
     self.alloc = PageAllocator(num_pages, ps, self.pages_per_seq)
     self.kv = self._pool(num_pages)

@@ -99,10 +99,10 @@ class Hlo:
         return consts[args[1]] + (direction.group(1) == "LE")
     return 1
 
-  def _walk(self, comp: str, visit, memo: dict | None = None) -> collections.Counter:
-    """Sum over the instructions reachable from `comp` of visit(instr) -> Counter, with multiplicities. The memo
-    lives for one walk: keyed by `id(visit)` across walks, a new closure could reuse a dead one's id and read its
-    counts."""
+  def _walk(self, comp: str, visit, memo: dict | None = None, trips: bool = True) -> collections.Counter:
+    """Sum over the instructions reachable from `comp` of visit(instr) -> Counter, with multiplicities (a loop's
+    body once when not `trips`, as XLA's cost analysis counts it). The memo lives for one walk: keyed by
+    `id(visit)` across walks, a new closure could reuse a dead one's id and read its counts."""
     memo = {} if memo is None else memo
     if comp in memo:
       return memo[comp]
@@ -110,10 +110,10 @@ class Hlo:
     for ins in self.comps.get(comp, []):
       total.update(visit(ins))
       for alts, n in self._children(ins):
-        best = max((self._walk(c, visit, memo) for c in alts), key=lambda c: sum(c.values()),
+        best = max((self._walk(c, visit, memo, trips) for c in alts), key=lambda c: sum(c.values()),
                    default=collections.Counter())
         for k, v in best.items():
-          total[k] += v * n
+          total[k] += v * (n if trips else 1)
     memo[comp] = total
     return total
 
@@ -166,12 +166,12 @@ class Hlo:
     """How many instructions of opcode `op` the program holds (each once, whatever loops they are in)."""
     return sum(1 for instrs in self.comps.values() for ins in instrs if ins.op == op)
 
-  def custom_calls(self, target: str) -> int:
-    """How many custom calls to `target` run (loop bodies times their trip count)."""
+  def custom_calls(self, target: str, trips: bool = True) -> int:
+    """How many custom calls to `target` run (loop bodies times their trip count; once if not `trips`)."""
     def visit(ins: Instr):
       hit = ins.op == "custom-call" and f'custom_call_target="{target}"' in ins.rest
       return collections.Counter({"n": 1}) if hit else collections.Counter()
-    return self._walk(self.entry, visit)["n"]
+    return self._walk(self.entry, visit, trips=trips)["n"]
 
 
 def _group_size(rest: str, devices: int) -> int:
