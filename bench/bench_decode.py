@@ -66,10 +66,6 @@ def bench_dtype(args, hf, ours, ids, dtype: str) -> list[dict]:
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new)
     logits, cache, pos = prefill(ours, prompt, cache_size=size)
 
-    def run_ours():
-      out = decode(decoder, cache, logits, pos, np.ones(b, bool), jax.random.key(0), stop, params)
-      return jax.block_until_ready(out.tokens)
-
     t_ids = torch.as_tensor(prompt)
     mask = torch.ones_like(t_ids)
 

@@ -237,7 +237,8 @@ def bench(args, name: str) -> dict:
         f"utilisation {er['utilisation']:.3f} (real tokens / device rows), prefills per group "
         f"{er['prefills_per_group']}; device time {st.step_seconds:.1f} s in steps with chunks, "
         f"{st.burst_seconds:.1f} s in bursts; KV per trajectory: peak "
-        f"{er['peak_kv_bytes_per_trajectory'] / 1e6:.2f} MB referenced vs {er['held_kv_bytes_per_trajectory'] / 1e6:.2f} MB of tokens held (ratio "
+        f"{er['peak_kv_bytes_per_trajectory'] / 1e6:.2f} MB referenced vs "
+        f"{er['held_kv_bytes_per_trajectory'] / 1e6:.2f} MB of tokens held (ratio "
         f"{er['kv_peak_over_held']}, page size {args.page_size}), pages leaked {st.pages_leaked}")
   print(f"[{name}] ratio (lockstep s / continuous s): {ratio:.3f}; trajectories equal: {equal}")
   out = dict(bench="rollout", config=name, baseline="lockstep", groups=args.groups, n=args.n,

@@ -7,8 +7,9 @@ threads of the `openai` client sending `--requests` agent requests (a video part
 `--videos` short synthetic clips, alternating greedy and sampled requests (two batch keys). Each setting first
 serves one untimed round (its programs compile), then `--repeats` timed rounds alternate between the two.
 Printed per setting: seconds (median), requests/s, batches (engine runs started), the mean batch (requests per
-engine run, those that joined included) and the fraction of the wall time the scheduler spent running batches (the rest is HTTP, the clients and waiting); every request must get one
-well-formed answer with its own id. Ratio = unbatched seconds / batched seconds (> 1: batching is faster).
+engine run, those that joined included) and the fraction of the wall time the scheduler spent running batches (the
+rest is HTTP, the clients and waiting); every request must get one well-formed answer with its own id. Ratio =
+unbatched seconds / batched seconds (> 1: batching is faster).
 
   PYTHONPATH=. python bench/bench_serve.py                               # 128 requests, 32 clients
   PYTHONPATH=. python bench/bench_serve.py --requests 32 --clients 8 --repeats 1

@@ -51,7 +51,7 @@ from flax import nnx
 from zoomer_jax import tools as T
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _append, _cache_size, _clip, _finish
-from zoomer_jax.agent.rollout import _new_row, _outcome, _overview, _overview_outcome, _shared, _start
+from zoomer_jax.agent.rollout import _images, _new_row, _outcome, _overview, _overview_outcome, _shared, _start
 from zoomer_jax.agent.rollout import _tokens_per_image, for_model, owned_rows
 from zoomer_jax.agent.rollout import stop_criteria
 from zoomer_jax.model.page_allocator import PageAllocator
@@ -130,14 +130,6 @@ class _Seq:
     self.order = 0  # admission order: a sequence preempts only later ones
     self.recompute = False  # preempted: its next chunk is its whole transcript
     self.end_row: int | None = None  # index in row.tr.ids of the token whose logits score `end_at`
-
-
-def _images(row) -> tuple[np.ndarray | None, np.ndarray | None]:
-  """(pixels, grids) of every image a row's transcript shows, in order (None, None without any)."""
-  shown = [(p, np.asarray(g).reshape(-1, 3)) for p, g in zip(row.pixels, row.grids) if g is not None and len(g)]
-  if not shown:
-    return None, None
-  return np.concatenate([p for p, _ in shown]), np.concatenate([g for _, g in shown])
 
 
 class _Prompt:

@@ -457,9 +457,15 @@ def _append(r: _Row, text: str, image_tokens):
   r.logprobs += [0.0] * (len(r.tr.ids) - before)
 
 
+def _images(r: _Row) -> tuple[np.ndarray, np.ndarray]:
+  """(pixels, grids int64 [n, 3]) of every image the row's transcript shows, in order."""
+  return np.concatenate(r.pixels), np.concatenate(r.grids).astype(np.int64)
+
+
 def _finish(r: _Row) -> Trajectory:
   assert len(r.logprobs) == len(r.tr.ids) == len(r.tr.mask), (len(r.logprobs), len(r.tr.ids), len(r.tr.mask))
+  pixels, grids = _images(r)
   return Trajectory(task=r.task, ids=np.asarray(r.tr.ids, np.int32), response_mask=np.asarray(r.tr.mask, np.int32),
-                    logprobs=np.asarray(r.logprobs, np.float32), pixel_values=np.concatenate(r.pixels),
-                    image_grid_thw=np.concatenate(r.grids).astype(np.int64), calls=r.calls, answer=r.answer,
+                    logprobs=np.asarray(r.logprobs, np.float32), pixel_values=pixels, image_grid_thw=grids,
+                    calls=r.calls, answer=r.answer,
                     finish_reason=r.reason or "context_limit", rounds=len(r.turns), turns=r.turns)

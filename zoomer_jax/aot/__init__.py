@@ -110,7 +110,8 @@ def table(rep: dict) -> str:
   line = "-" * len(fmt(rows[0]))
   out = [line, fmt(rows[0]), line] + [fmt(r) for r in rows[1:]] + [line]
   out.append(f"per chip; total = argument + output - alias + temp + resident (the optimizer state and reference "
-             f"weights the job keeps live beside the program); fits = total <= {1 - headroom:.0%} of HBM; FLOPs, bytes and xla ms are XLA's cost analysis "
+             f"weights the job keeps live beside the program); fits = total <= {1 - headroom:.0%} of HBM; "
+             "FLOPs, bytes and xla ms are XLA's cost analysis "
              "of depth probes extrapolated to the model (loops counted by trip count); kern = Pallas kernels at "
              "XLA's rate for their block matmuls; coll = collective bytes moved / ICI receive bandwidth")
   out.append("\ncollectives per program call (count, GB moved per chip):")
@@ -124,7 +125,8 @@ def table(rep: dict) -> str:
 def check_table(chk: dict) -> str:
   out = ["\nthe account (zoomer_jax.cost) beside XLA, per chip:"]
   for name, acc, xla, ratio in chk["flops"]:
-    out.append(f"  {name:16s} FLOPs  account {acc / 1e12:9.2f} T   XLA {xla / 1e12:9.2f} T   XLA / account {ratio:5.2f}")
+    out.append(f"  {name:16s} FLOPs  account {acc / 1e12:9.2f} T   XLA {xla / 1e12:9.2f} T   "
+               f"XLA / account {ratio:5.2f}")
   for phase, acc, xla, ratio in chk["memory"]:
     out.append(f"  {phase:16s} memory account {acc / GiB:8.2f} GiB XLA {xla / GiB:8.2f} GiB XLA / account {ratio:5.2f}")
   if "estimate" in chk:
@@ -165,8 +167,8 @@ def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=p
         summ[key] = bw
         log(decode_table(bw))
     t, s = summ["train"], summ["step"]
-    log(f"\ntraining programs: {t['time_s']:.1f} s per step, MFU {t['mfu']:.1%}, collectives {t['collective_share']:.1%}"
-        f" of the time")
+    log(f"\ntraining programs: {t['time_s']:.1f} s per step, MFU {t['mfu']:.1%}, "
+        f"collectives {t['collective_share']:.1%} of the time")
     for engine in ROLLOUT_PREFIXES:
       if engine in summ:
         e = summ[engine]

@@ -304,7 +304,6 @@ def _rollout_phases(job: Job, pc: PerChip, ro: Rollout, tr: Trainer, eff: Effici
   pre_m = dict(vision=0.0, text=0.0)
   pre_h = dict(vision=0.0, text=0.0)
   dec_m = dict(vision=0.0, text=0.0)
-  dec_h = dict(vision=0.0, text=0.0)
   ctx, per_tok_dense = 0, sum(F.text_matmul_flops_per_token(t).values())
   for kind, n in tc.segments():
     k = ctx + n

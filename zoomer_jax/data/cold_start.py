@@ -8,9 +8,9 @@ Each RL record of `data.synthetic` becomes one conversation in the SFT format of
 rendered with exactly the texts the agent sees at rollout time: `system_prompt(tool_cfg)`, `user_prompt(problem,
 overview timestamps)`, and each tool response is `Episode.observation(timestamps)` without the chat-turn tokens
 around it (the SFT renderer adds `<|im_start|>user\\n ... <|im_end|>\\n` itself). Each `<image>` follows its
-`<frame{i}_time{t}s>` tag; the PNGs are the frames `VideoReader` decodes at the indices `sample_overview` gives
-and those the zoom tool shows (`tools.ZOOM`: its call text and its frames), as in `agent.rollout`. Every turn goes through a fresh `Episode`, so a call the protocol would
-reject cannot be written.
+`<frame{i}_time{t}s>` tag; the PNGs are the frames `VideoReader` decodes at the indices `sample_overview` gives and
+those the zoom tool shows (`tools.ZOOM`: its call text and its frames), as in `agent.rollout`. Every turn goes
+through a fresh `Episode`, so a call the protocol would reject cannot be written.
 
 Kinds (think texts short and templated, every number read off the timestamp tags):
   direct:     think (where the border is) -> `<video_zoom>` on `synthetic.cue_zoom`'s segment -> frames ->

@@ -7,7 +7,8 @@ loopback: `distill` and `reflect` run against it without a real model (the demo'
 
 It knows each video's truth (`extra_info` of its record, `data/synthetic.py`: the planned zoom, the flash's frames,
 the object) and finds the task from the first user turn, which must be exactly the rollout's (frame tags and
-question, one image part per tag); tasks whose first turns are alike are told apart by their overview images. Two kinds of request:
+question, one image part per tag); tasks whose first turns are alike are told apart by their overview images. Two
+kinds of request:
 
   * an agent turn (system prompt: the agent's): first the zoom the cold start's direct trajectory makes (the cue's
     segment at the rate that shows the flash, with its think text); after a zoom whose frame tags fall inside the

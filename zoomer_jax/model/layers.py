@@ -161,7 +161,8 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, *, use_bias: bool, embed_axis: str, mlp_axis: str,
                dtype, rngs: nnx.Rngs, rules=None):
-    self.rules = rules  # when given, the hidden activations are constrained to ("activation_batch", ..., "activation_mlp")
+    # when given, the hidden activations are constrained to ("activation_batch", ..., "activation_mlp")
+    self.rules = rules
     kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.gate_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
     self.up_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)

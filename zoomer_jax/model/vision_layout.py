@@ -1,7 +1,8 @@
 """Host-side layout of the vision tower's patch sequence, computed in numpy from `grid_thw`.
 
 The ViT sees all patches of a batch of images/videos as one sequence of N rows (transformers'
-`Qwen2_5_VisionTransformerPretrainedModel`). Which rows attend to which is fixed by the grids: windowed blocks attend inside windows of <= 8x8 patches,
+`Qwen2_5_VisionTransformerPretrainedModel`). Which rows attend to which is fixed by the grids: windowed blocks
+attend inside windows of <= 8x8 patches,
 full blocks inside one frame pair. Rather than an [N, N] mask, each kind of block gathers its
 segments into a padded [segments, max_len] layout, runs dense attention per segment, and gathers
 back. Everything here depends only on the (static) grids, so it is computed once per input on the

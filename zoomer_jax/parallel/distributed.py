@@ -39,8 +39,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   none, or with `num_processes=1`, this process runs alone and nothing happens. Off a managed
   cluster (CPU tests), pass `coordinator="host:port"` (process 0 listens there), `num_processes`
   and `process_id` — or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which a
-  call without arguments (e.g. a training job's) reads. `cpu_collectives` selects the CPU backend's cross-process collectives
-  (None leaves jax's default). Must be called before any other JAX use.
+  call without arguments (e.g. a training job's) reads. `cpu_collectives` selects the CPU backend's
+  cross-process collectives (None leaves jax's default). Must be called before any other JAX use.
   """
   if jax.distributed.is_initialized():
     return True

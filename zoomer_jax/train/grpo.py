@@ -141,8 +141,7 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
     records = [next(it) for _ in range(want)]
     tasks = [task_of(rec) for rec in records for _ in range(r.n)]
     trajs = generate(model, tok, tasks, agent_cfg, jax.random.fold_in(key, gen), r.batch_size, r.engine,
-                     EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens, decode_burst=r.decode_burst,
-                                  pool_pages=r.pool_pages))
+                     engine_config(r))
     scores = score(trajs, reward_cfg, step, [rec.answer_type for rec in records for _ in range(r.n)])
     gen += 1
     all_trajs += trajs
@@ -213,6 +212,12 @@ def rollout_rules(cfg):
   return rules or tuple(cfg.mesh.rules)
 
 
+def engine_config(r) -> EngineConfig:
+  """The continuous engine's settings from a config's `rollout` section (the rollout and validation share them)."""
+  return EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens, decode_burst=r.decode_burst,
+                      pool_pages=r.pool_pages)
+
+
 def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
   """Greedy evaluation with the tool on the validation set (verl's `test_freq`); writes val_{step}.jsonl."""
   from zoomer_jax.eval.harness import evaluate  # noqa: PLC0415
@@ -220,8 +225,7 @@ def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
   with jax.set_mesh(engine.rollout_mesh or engine.mesh):
     rep = evaluate(engine.rollout_model(), tok, val_tasks, agent_cfg, use_tool=True,
                    batch_size=cfg.rollout.batch_size, out_jsonl=out, key=jax.random.key(cfg.seed), progress=False,
-                   engine=EngineConfig(page_size=cfg.rollout.page_size, step_tokens=cfg.rollout.step_tokens,
-                                       decode_burst=cfg.rollout.decode_burst, pool_pages=cfg.rollout.pool_pages))
+                   engine=engine_config(cfg.rollout))
   m = {"val/acc": rep.accuracy, "val/format": rep.format, "val/tool_calls": rep.mean_tool_calls,
        "val/frames": rep.mean_frames}
   m.update({f"val/acc/{src}": v["accuracy"] for src, v in rep.per_source.items()})

@@ -213,10 +213,10 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
   """PPO clipped surrogate max(-A r, -A clip(r, 1 - low, 1 + high)), r = exp(logp - old_logp).
 
   logp, old_logp, mask_bt [B, T]; advantages [B] (one per trajectory) or [B, T]. `tis_weights` [B, T]
-  multiplies the per-token loss. No dual-clip (the fork has none); the log-ratio is clamped to [-20, 20]
-  before exp as newer verl does (the fork does not; they differ only for ratios beyond e^20). Returns ((sum, denominator), metrics) with metrics pg_clipfrac (share of
-  tokens where the clipped branch is larger), ppo_kl (mean of old_logp - logp) and ratio_mean, each a mean
-  over the unmasked tokens of this call.
+  multiplies the per-token loss. No dual-clip (the fork has none); the log-ratio is clamped to [-20, 20] before exp
+  as newer verl does (the fork does not; they differ only for ratios beyond e^20). Returns ((sum, denominator),
+  metrics) with metrics pg_clipfrac (share of tokens where the clipped branch is larger), ppo_kl (mean of old_logp -
+  logp) and ratio_mean, each a mean over the unmasked tokens of this call.
   """
   mask_bt = jnp.asarray(mask_bt).astype(jnp.float32)
   valid = mask_bt > 0

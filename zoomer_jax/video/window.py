@@ -29,7 +29,8 @@ def window_clip(container: Any, start: float, end: float, fps: float, max_frames
   """(n uint8 RGB frames [H, W, 3] as decoded (not rotated), true times float64 [n], the frames' display rotation
   in degrees) of the zoom [start, end] at `fps` (the rules of `sampling.sample_zoom`), read from an open PyAV
   container; None when the window cannot tell (module docstring) or a frame does not decode from its keyframe
-  (the time index's reader retries from earlier ones). FFmpeg's errors propagate. n == 0 is left to the caller (None)."""
+  (the time index's reader retries from earlier ones). FFmpeg's errors propagate. n == 0 is left to the caller
+  (None)."""
   n = zoom_frame_count(start, end, fps, max_frames)
   if n <= 0 or end <= max(start, 0.0):
     return None
