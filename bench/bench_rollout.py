@@ -14,6 +14,10 @@ across groups; seeded). The scripted tokens are forced, the model still computes
 `--in-flight` caps the trajectories in flight (a host's memory holds the lockstep engine's dense caches for so many
 rows): the lockstep engine then runs the tasks in batches of that many rows one after another, as GRPO does with
 `rollout.batch_size`, and the continuous one admits that many at a time, refilling a finished one's place.
+`--continuous-in-flight` admits a different number into the continuous engine, and `--pool-pages` sizes its page
+pool (0: every trajectory in flight at its longest, no preemption; `lockstep`: the bytes of the lockstep engine's
+dense cache, so that both engines hold the same KV memory and the continuous one runs more trajectories in it,
+preempting when they outgrow it). Both engines' KV memory is printed.
 
 Each engine runs once to compile (not timed; `--warmup-groups` runs it on fewer groups, which compiles the same
 bucketed shapes in less time), then `--repeats` timed runs alternate between the two; several
@@ -31,6 +35,8 @@ tokens it held at its end.
   PYTHONPATH=. python bench/bench_rollout.py --config tiny,bench-small
   PYTHONPATH=. python bench/bench_rollout.py --groups 2 --n 4 --repeats 1
   PYTHONPATH=. python bench/bench_rollout.py --config bench-small --in-flight 16 --warmup-groups 2
+  PYTHONPATH=. python bench/bench_rollout.py --config bench-small --in-flight 16 --continuous-in-flight 32 \
+      --pool-pages lockstep --warmup-groups 2 --overview-frames 8 --frames 4   # the same KV memory
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from zoomer_jax.agent import protocol as P  # noqa: E402
-from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout  # noqa: E402
-from zoomer_jax.agent.rollout import AgentConfig, Task, rollout  # noqa: E402
+from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout, pool_pages  # noqa: E402
+from zoomer_jax.agent.rollout import AgentConfig, Task, cache_slots, rollout  # noqa: E402
 from zoomer_jax.config_loader import load  # noqa: E402
 from zoomer_jax.data import synthetic  # noqa: E402
 from zoomer_jax.model.config import ModelConfig  # noqa: E402
@@ -139,11 +145,20 @@ def main(argv=None):
   p.add_argument("--in-flight", type=int, default=0,
                  help="trajectories in flight (0: all): the lockstep engine runs batches of this many rows one after "
                       "another (as GRPO's rollout.batch_size does), the continuous one admits this many at once")
+  p.add_argument("--continuous-in-flight", type=int, default=0,
+                 help="trajectories in flight in the continuous engine (0: --in-flight)")
+  p.add_argument("--pool-pages", default="0",
+                 help="the continuous engine's pool: 0 (every trajectory in flight at its longest), a number of pages, "
+                      "or 'lockstep' (the bytes of the lockstep engine's dense cache)")
   p.add_argument("--warmup-groups", type=int, default=0,
                  help="groups of the untimed compile round (0: the whole workload)")
   args = p.parse_args(argv)
-  if args.in_flight and args.in_flight % args.n:
-    raise ValueError(f"--in-flight {args.in_flight} is not a whole number of groups of n={args.n}")
+  for flag in ("in_flight", "continuous_in_flight"):
+    if getattr(args, flag) % args.n:
+      name = "--" + flag.replace("_", "-")
+      raise ValueError(f"{name} {getattr(args, flag)} is not a whole number of groups of n={args.n}")
+  if args.pool_pages != "lockstep" and not args.pool_pages.isdigit():
+    raise ValueError(f"--pool-pages {args.pool_pages!r} is not a number of pages or 'lockstep'")
   return [bench(args, name) for name in args.config.split(",")]
 
 
@@ -153,10 +168,21 @@ def bench(args, name: str) -> dict:
   tool = P.ToolConfig(max_generation_round=5, tool_call_max_frames=args.frames, frames_upbound=args.overview_frames)
   cfg = AgentConfig(tool=tool, sampling=SamplingParams(temperature=0.0, max_new_tokens=96),
                     decode_chunk=args.decode_chunk, max_pixels=56 * 56, min_pixels=56 * 56, workers=2)
-  engine = EngineConfig(page_size=args.page_size, step_tokens=args.step_tokens, decode_burst=args.decode_burst,
-                        max_running=args.in_flight)
+  text = model.config.text
+  kv_token_bytes = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * np.dtype(
+      model.dtype).itemsize
   with tempfile.TemporaryDirectory() as d:
     tasks, scripts = workload(d, args.groups, args.n, args.seed, tool.tool_call_max_frames)
+    # KV memory: the lockstep engine's dense cache for its largest batch; the continuous engine's pool
+    lock_rows = args.in_flight or len(tasks)
+    lock_slots = max(cache_slots(tok, tasks[i:i + lock_rows], cfg) for i in range(0, len(tasks), lock_rows))
+    running = args.continuous_in_flight or args.in_flight
+    ps = args.page_size
+    pool = lock_rows * lock_slots // ps if args.pool_pages == "lockstep" else int(args.pool_pages)
+    pool_used = pool or pool_pages(running or len(tasks), args.n, -(-cache_slots(tok, tasks, cfg) // ps))
+    kv_bytes = dict(lockstep=lock_rows * lock_slots * kv_token_bytes, continuous=pool_used * ps * kv_token_bytes)
+    engine = EngineConfig(page_size=ps, step_tokens=args.step_tokens, decode_burst=args.decode_burst,
+                          max_running=running, pool_pages=pool)
     script = lambda row, rnd: scripts[row][rnd] if rnd < len(scripts[row]) else None
     runs = {"lockstep": [], "continuous": []}
     compiles = {"lockstep": [0, 0.0], "continuous": [0, 0.0]}  # inside timed runs: count, seconds
@@ -208,9 +234,6 @@ def bench(args, name: str) -> dict:
   res["continuous"]["prefill_tokens"] = st.prefill_tokens
   res["continuous"]["engine"] = st.as_dict()
   ratio = res["lockstep"]["seconds"] / res["continuous"]["seconds"]
-  text = model.config.text
-  kv_token_bytes = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * np.dtype(
-      model.dtype).itemsize
   fed = st.prefill_tokens + st.extend_tokens + st.decode_tokens
   engine_res = dict(
       tokens_per_device_call=round(fed / st.steps, 2), decode_tokens_per_device_call=round(
@@ -218,12 +241,15 @@ def bench(args, name: str) -> dict:
       prefills_per_group=round(st.prefills / args.groups, 3),
       peak_kv_bytes_per_trajectory=round(st.page_tokens_peak * kv_token_bytes / len(tasks)),
       held_kv_bytes_per_trajectory=round(st.tokens_held * kv_token_bytes / len(tasks)),
-      kv_peak_over_held=round(st.page_tokens_peak / st.tokens_held, 3), pages_leaked=st.pages_leaked)
+      kv_peak_over_held=round(st.page_tokens_peak / st.tokens_held, 3), pages_leaked=st.pages_leaked,
+      pool_pages=pool_used, preemptions=st.preemptions, recompute_tokens=st.recompute_tokens)
 
   print(f"[{name}] workload: {len(tasks)} trajectories ({args.groups} groups x {args.n}), {total} tokens "
         f"({model_tokens} model tokens), zooms per trajectory {np.bincount(zooms).tolist()} (count of 0, 1, ...), "
-        f"prompt {min(prompts)}-{max(prompts)} tokens; {args.in_flight or len(tasks)} in flight; CPU devices "
-        f"{jax.device_count()}")
+        f"prompt {min(prompts)}-{max(prompts)} tokens; in flight: lockstep {lock_rows}, continuous "
+        f"{running or len(tasks)}; CPU devices {jax.device_count()}")
+  print(f"KV memory: lockstep {kv_bytes['lockstep'] / 1e9:.3f} GB ({lock_rows} rows x {lock_slots} slots), "
+        f"continuous {kv_bytes['continuous'] / 1e9:.3f} GB ({pool_used} pages of {ps})")
   print(f"{'engine':12s} {'seconds':>8s} {'traj/s':>8s} {'tok/s':>9s} {'model tok/s':>12s} {'prefill tokens':>15s} "
         f"{'compiles (s) in timed runs':>27s}")
   for e in runs:
@@ -239,13 +265,15 @@ def bench(args, name: str) -> dict:
         f"{st.burst_seconds:.1f} s in bursts; KV per trajectory: peak "
         f"{er['peak_kv_bytes_per_trajectory'] / 1e6:.2f} MB referenced vs "
         f"{er['held_kv_bytes_per_trajectory'] / 1e6:.2f} MB of tokens held (ratio "
-        f"{er['kv_peak_over_held']}, page size {args.page_size}), pages leaked {st.pages_leaked}")
+        f"{er['kv_peak_over_held']}, page size {args.page_size}), pages leaked {st.pages_leaked}; "
+        f"preemptions {st.preemptions} ({st.recompute_tokens} tokens computed again)")
   print(f"[{name}] ratio (lockstep s / continuous s): {ratio:.3f}; trajectories equal: {equal}")
   out = dict(bench="rollout", config=name, baseline="lockstep", groups=args.groups, n=args.n,
              trajectories=len(tasks), tokens=total, model_tokens=model_tokens, zooms=int(sum(zooms)),
              ratio=round(ratio, 3), trajectories_equal=equal, page_size=args.page_size,
              step_tokens=args.step_tokens, decode_burst=args.decode_burst, decode_chunk=args.decode_chunk,
-             frames=args.frames, overview_frames=args.overview_frames, in_flight=args.in_flight or len(tasks),
+             frames=args.frames, overview_frames=args.overview_frames, in_flight=lock_rows,
+             continuous_in_flight=running or len(tasks), kv_bytes=kv_bytes,
              continuous_engine=engine_res, **res)
   print("BENCH_JSON " + json.dumps(out), flush=True)
   return out
