@@ -56,6 +56,9 @@ def get_config(arg=None):
       # continuous: pages of each engine's pool; 0 holds every trajectory in flight at its longest. Fewer runs more
       # in flight on the same memory: a sequence short of pages preempts later ones, which recompute their prefix.
       pool_pages=0,
+      # continuous: trajectories in flight (0: batch_size). With a pool under the worst case, more than the
+      # lockstep engine's batch fit in the same memory.
+      max_running=0,
       workers=16,  # host threads for frame extraction
       # The sampler's layout (data, fsdp, tensor degrees as in `mesh`): its weights are resharded into it once
       # per RL step. ici=() samples with the training layout. rules: the sampler's own logical-axis rules table

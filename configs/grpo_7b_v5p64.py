@@ -52,6 +52,11 @@ def get_config(arg=None):
   # agent sizes it for every round at its limits) and ~2.8 GiB of prefill activations -> 69.5 GiB rollout
   # peak. 2048 trajectories take 7 such calls (the last padded), ~12 ms per decode step.
   cfg.rollout.batch_size = 320
+  # The continuous engine (one per chip): 32 trajectories in flight each, in a pool of 36,000 pages (1.5x their
+  # mean context's pages; the worst case is 3.5x the mean). Preemption covers those that outgrow it
+  # (docs/rollout_engine.md, "Memory"); docs/tpu.md has the compiled figures.
+  cfg.rollout.max_running = 1024
+  cfg.rollout.pool_pages = 36000
   # Expected step (matmuls at 60% of peak, decode at 70% of HBM bandwidth, lock-step turns lasting 4x the
   # mean turn): ~1450 s, of which decode ~865 s, update ~346 s, old + reference log-probs ~173 s, prefill
   # ~62 s; model FLOPs ~3.8 EFLOP per step -> MFU ~18% (~38% in the update alone).

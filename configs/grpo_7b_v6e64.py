@@ -49,6 +49,12 @@ def get_config(arg=None):
   # lockstep engine: KV caches of 43008 slots, 5.7 GiB per chip, + prefill activations -> 23.5 GiB rollout peak;
   # 176 would reach 27.2 GB).
   cfg.rollout.batch_size = 160
+  # The continuous engine (one per group of 4 chips): 64 trajectories in flight each, in a pool of 72,000 pages
+  # (1.5x their mean context's pages; the worst case, every one at its longest, is 3.5x the mean): a decode
+  # burst then streams the weights for 64 rows at once. Sequences that outgrow the pool are preempted and
+  # recompute (docs/rollout_engine.md, "Memory"); docs/tpu.md has the compiled figures.
+  cfg.rollout.max_running = 1024
+  cfg.rollout.pool_pages = 72000
   cfg.rollout.mesh.ici = (16, 1, 4)
   cfg.rollout.mesh.rules = (("activation_norm_length", "tensor"),) + tuple(load("qwen25vl_7b").rules)
   # Expected step (matmuls at 60% of peak, decode at 70% of HBM bandwidth, lock-step turns lasting 4x the

@@ -65,6 +65,27 @@ KERNEL_OVERRIDES = TPU_OVERRIDES + ["model.text.hidden_size=512", "model.text.mr
                                     "model.vision.out_hidden_size=512"]
 
 
+def test_engine_shapes_take_the_continuous_engines_own_in_flight_count_and_pool(target):
+  """`rollout.max_running` (0: `rollout.batch_size`) trajectories in flight split over the rollout mesh's
+  data-parallel engines, and `rollout.pool_pages` sizes each engine's pool; a count that does not split is named."""
+  from zoomer_jax.aot.engine_programs import engine_shapes
+  from zoomer_jax.model.page_allocator import seq_bucket
+
+  def shapes(*overrides):
+    c = _cfg("grpo_tiny", TPU_OVERRIDES + list(overrides))
+    return engine_shapes(c, ModelConfig.from_config_dict(c.model.to_dict()), P.meshes(c, list(target.devices))[1])
+
+  cfg = _cfg("grpo_tiny")
+  n, base = cfg.rollout.n, shapes()
+  r = base.replicas
+  assert r > 1 and base.running == max(cfg.rollout.batch_size // r, n)
+  es = shapes(f"rollout.max_running={3 * n * r}", f"rollout.pool_pages={3 * base.pages_per_seq}")
+  assert (es.running, es.seqs, es.num_pages) == (3 * n, seq_bucket(3 * n), 3 * base.pages_per_seq)
+  assert es.pages_per_seq == base.pages_per_seq
+  with pytest.raises(ValueError, match=f"rollout.max_running={n * r + 1} does not split over {r}"):
+    shapes(f"rollout.max_running={n * r + 1}")
+
+
 @pytest.mark.slow
 def test_engine_decode_step_compiles_with_the_kernel_reading_the_pool_in_place(target, measure):
   """The continuous engine's one-token paged step at the config's sizes, through `compile_job` and its cost

@@ -12,6 +12,7 @@ import tolerances as tol
 from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.engine import EngineConfig, EngineStats, continuous_rollout
 from zoomer_jax.agent.rollout import AgentConfig, Task, cache_bound, rollout
+from zoomer_jax.config_loader import load
 from zoomer_jax.sampling import SamplingParams
 from zoomer_jax.sampling import burst as B
 from zoomer_jax.sampling import ragged as R
@@ -215,6 +216,18 @@ def test_grpo_generates_with_the_configured_engine(model, tok, video):
     grpo.generate(model, tok, tasks, cfg, jax.random.key(2), 2, "paged")
 
 
+def test_grpo_runs_max_running_trajectories_in_flight_else_batch_size(monkeypatch, tok):
+  """`rollout.max_running` (EngineConfig.max_running) sets the continuous engine's trajectories in flight; 0
+  leaves it at `rollout.batch_size`, the lockstep engine's batch."""
+  from zoomer_jax.train import grpo
+  seen = []
+  monkeypatch.setattr(grpo, "continuous_rollout", lambda *a, engine, **k: seen.append(engine.max_running) or [])
+  for engine_cfg in (EngineConfig(page_size=8), EngineConfig(page_size=8, max_running=24)):
+    grpo.generate(None, tok, [], _config(), jax.random.key(0), 8, "continuous", engine_cfg)
+  cfg = load("grpo_tiny")
+  assert seen == [8, 24] and grpo.engine_config(cfg.rollout).max_running == cfg.rollout.max_running == 0
+
+
 def test_decode_bursts_give_the_trajectories_of_one_token_steps(model, tok, video, measure):
   """Bursts of 8 against one token per step: scripted turns that end mid-burst on a stop string, greedy turns
   that end on the turn's budget (13 tokens, not a multiple of 8), zooms whose chunks interrupt other rows' bursts,
@@ -262,21 +275,27 @@ def test_sampled_trajectories_do_not_depend_on_the_schedule(model, tok, video, m
 def test_a_pool_too_small_for_every_trajectory_preempts_and_recomputes(model, tok, video, measure):
   """The smallest pool the engine accepts (one trajectory at its longest plus a page per sample of a group), three
   GRPO groups of three with zooms, all in flight: sequences short of pages preempt later ones, which compute their
-  whole transcript again (overview and clips) and go on. The trajectories and log-probs are the lockstep engine's,
-  each group's prompt is still counted as prefilled once, and every page is free at the end."""
+  transcript again (overview and clips; after the pages of their group's prompt that others still hold) and go
+  on. The trajectories and log-probs are the lockstep engine's, each group's prompt is still counted as
+  prefilled once, and every page is free at the end."""
   tasks = [Task(video, "<image>\nWhat colour is the square? A. red B. blue", "B", "g0")] * 3 + \
       [Task(video, "<image>\nIs there a square? A. yes B. no", "A", "g1")] * 3 + \
       [Task(video, "<image>\nWhere? A. left B. right", "A", "g2")] * 3
   cfg = _config(max_generation_round=3)
   with pytest.raises(ValueError, match=r"pool_pages=1 \(EngineConfig; rollout.pool_pages .* at least \d+$") as err:
     continuous_rollout(model, tok, tasks, cfg, engine=EngineConfig(page_size=8, pool_pages=1))
-  least = int(err.value.args[0].rsplit(" ", 1)[1])
   want = rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT))
-  for burst in (1, 8):
+  # Pages of 8 keep a prompt's shared pages past its images (the rest computed from its text), pages of 128 cut
+  # before its first image (the overview computed again).
+  for burst, page_size in ((1, 8), (8, 8), (8, 128)):
+    if page_size != 8:
+      with pytest.raises(ValueError, match="at least") as err:
+        continuous_rollout(model, tok, tasks, cfg, engine=EngineConfig(page_size=page_size, pool_pages=1))
     stats = EngineStats()
-    got = continuous_rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT),
-                             engine=EngineConfig(page_size=8, pool_pages=least, decode_burst=burst), stats=stats)
+    got = continuous_rollout(model, tok, tasks, cfg, jax.random.key(5), script=_script(GROUP_SCRIPT), stats=stats,
+                             engine=EngineConfig(page_size=page_size, decode_burst=burst,
+                                                 pool_pages=int(err.value.args[0].rsplit(" ", 1)[1])))
     assert stats.preemptions > 0 and stats.recompute_tokens > 0 and stats.pages_leaked == 0, stats
-    assert stats.prefills == 3
+    assert stats.prefills == 3 and stats.prefix_kept_tokens > 0, stats  # kept pages of the group's prompt
     for k, (a, b) in enumerate(zip(want, got)):
-      _same(a, b, measure, f"row{k}_burst{burst}_preempted_vs_lockstep")
+      _same(a, b, measure, f"row{k}_burst{burst}_pages{page_size}_preempted_vs_lockstep")

@@ -16,8 +16,9 @@ differs is the loop (docs/rollout_engine.md):
   * a finished sequence frees its pages at once, and a waiting task is admitted (`max_running` at a time);
   * with a pool smaller than every trajectory in flight at its longest (`pool_pages`), a sequence that needs a
     page when none is free takes it from the sequences admitted after it (the latest first): they are
-    preempted, their pages freed, and each goes on later by computing its whole transcript again, images
-    included, in one chunk (its sampled tokens and log-probs are kept);
+    preempted, their pages freed (but the group's prompt pages others still hold), and each goes on later by
+    computing the rest of its transcript again, images included, in one chunk (its sampled tokens and
+    log-probs are kept);
   * the n samples of a GRPO prompt (consecutive tasks with the same video and question) prefill the prompt once:
     one sequence is prefilled, its n slots draw n first tokens from the same logits, and the n samples fork its
     pages (`PageAllocator.fork`; the shared last page is copied on the first write).
@@ -103,6 +104,7 @@ class EngineStats:
   shapes: set = dataclasses.field(default_factory=set)  # distinct step shapes: each is one compiled program
   preemptions: int = 0  # sequences whose pages were taken for an older one's
   recompute_tokens: int = 0  # tokens computed again after a preemption
+  prefix_kept_tokens: int = 0  # tokens of a shared prompt that preempted sequences kept (not computed again)
   step_seconds: float = 0.0  # wall time of the steps that fed chunks, from the call to the host's copy of the result
   burst_seconds: float = 0.0  # the same for the decode bursts
 
@@ -128,7 +130,9 @@ class _Seq:
     self.images: tuple[np.ndarray, np.ndarray] | None = None  # the pending chunk's images
     self.clip: Any = None  # (ZoomCall, future) while the clip is cut
     self.order = 0  # admission order: a sequence preempts only later ones
-    self.recompute = False  # preempted: its next chunk is its whole transcript
+    self.recompute = False  # preempted: its next chunk is its transcript after the pages it kept
+    self.kept_overview = False  # ... which hold the overview's images (the chunk then shows only later ones)
+    self.prompt_end: tuple[int, int] | None = None  # a shared prompt's (tokens, next M-RoPE position), once forked
     self.end_row: int | None = None  # index in row.tr.ids of the token whose logits score `end_at`
 
 
@@ -405,11 +409,41 @@ class _Engine:
     return f.i, self._feed_len(f)
 
   def _preempt(self, v: _Seq) -> None:
-    """Frees a sequence's pages: it goes on from its whole transcript, computed again as one chunk."""
-    self.alloc.free(v.i)
-    self.alloc.new(v.i)
-    v.row.in_cache, v.pos, v.recompute = 0, 0, True
+    """Frees a sequence's pages, except the leading pages of its group's prompt that others still hold (freeing
+    them would free nothing); it goes on from the rest of its transcript, computed again as one chunk."""
+    keep, pos, v.kept_overview = self._kept_prefix(v)
+    if keep:
+      self.alloc.truncate(v.i, keep)
+      self.stats.prefix_kept_tokens += keep
+    else:
+      self.alloc.free(v.i)
+      self.alloc.new(v.i)
+    v.row.in_cache, v.pos, v.recompute = keep, pos, True
     self.stats.preemptions += 1
+
+  def _kept_prefix(self, v: _Seq) -> tuple[int, int, bool]:
+    """(tokens, the M-RoPE position that follows them, whether they hold the overview's images) of the whole pages
+    of v's shared prompt that other sequences hold too, cut where the positions are those of text (before the
+    prompt's first image or after its last); nothing when there are none, or when v holds nothing else (preempted
+    again, it frees everything)."""
+    if v.prompt_end is None:
+      return 0, 0, False
+    n, next_pos = v.prompt_end
+    ps, pages = self.alloc.page_size, self.alloc.pages(v.i)
+    shared = 0
+    while shared < min(n // ps, len(pages)) and self.alloc.refcount(pages[shared]) > 1:
+      shared += 1
+    keep = shared * ps
+    pads = np.flatnonzero(np.asarray(v.row.tr.ids[:n]) == self.tok.image_pad)
+    after_images = bool(not len(pads) or keep > pads[-1])
+    if after_images:  # text after the last image: one position per token
+      pos = next_pos - (n - keep)
+    else:  # cut before the first image, where a token's position is its index
+      keep = min(keep, int(pads[0]) // ps * ps)
+      pos = keep
+    if keep == 0 or keep >= self.alloc.length(v.i):
+      return 0, 0, False
+    return keep, pos, after_images
 
   def _feed_len(self, f) -> int:
     r = self._row(f)
@@ -421,8 +455,8 @@ class _Engine:
     r = s.row
     ids = np.asarray(r.tr.ids[r.in_cache:], np.int32)
     pixels, grids = s.images if s.images is not None else (None, None)
-    if s.recompute:  # after a preemption: the whole transcript, every image it shows
-      pixels, grids = _images(r)
+    if s.recompute:  # after a preemption: the transcript after the pages it kept, the images in it
+      pixels, grids = _images(r, first=1 if s.kept_overview else 0)
       s.recompute = False
       self.stats.recompute_tokens += len(ids)
     else:
@@ -434,6 +468,8 @@ class _Engine:
     start = r.in_cache
     slots, owners = [], []
     for m in members:
+      if isinstance(f, _Prompt):
+        m.prompt_end = (len(ids), next_pos)
       m.pos, m.images = next_pos, None
       m.row.in_cache = len(m.row.tr.ids)
       if m.end_at is not None:  # the logits after the turn's last token score the <|im_end|> appended to it

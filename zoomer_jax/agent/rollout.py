@@ -470,9 +470,12 @@ def _append(r: _Row, text: str, image_tokens):
   r.logprobs += [0.0] * (len(r.tr.ids) - before)
 
 
-def _images(r: _Row) -> tuple[np.ndarray, np.ndarray]:
-  """(pixels, grids int64 [n, 3]) of every image the row's transcript shows, in order."""
-  return np.concatenate(r.pixels), np.concatenate(r.grids).astype(np.int64)
+def _images(r: _Row, first: int = 0) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(pixels, grids int64 [n, 3]) of the images the row's transcript shows, in order, from its `first` entry (0:
+  the overview, then each observation's); (None, None) when there is none."""
+  if first >= len(r.pixels):
+    return None, None
+  return np.concatenate(r.pixels[first:]), np.concatenate(r.grids[first:]).astype(np.int64)
 
 
 def _finish(r: _Row) -> Trajectory:

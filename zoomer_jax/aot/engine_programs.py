@@ -6,9 +6,9 @@
 One engine per data-parallel replica of the rollout mesh (`rollout.mesh`): its trajectories, its own pool of
 pages, no traffic between replicas, so the programs compile on one replica's chips (`replica_mesh`: the data
 axis cut to 1, the tensor axis kept) and every replica runs the same ones at once. The engine's own rules size
-them (`agent.engine`): `running` = rollout.batch_size / replicas trajectories in flight (at least one GRPO group,
-`pool_pages`), the page table `pages_per_seq` from the agent's cache rule, the pool for `running + 1`
-sequences at their longest.
+them (`agent.engine`): `running` = rollout.max_running (0: rollout.batch_size) / replicas trajectories in flight
+(at least one GRPO group), the page table `pages_per_seq` from the agent's cache rule, the pool `rollout.pool_pages`
+(0: `running + 1` sequences at their longest).
 
   engine/decode   S sequences, one token each (T = S rows): one generated token per sequence, the step whose
                   HBM bandwidth the report gives. Counted 0 times per RL step: the engine decodes in bursts.
@@ -88,10 +88,11 @@ def engine_shapes(cfg, mc: ModelConfig, rmesh: Mesh) -> EngineShapes:
   r = cfg.rollout
   shapes = rollout_shapes(cfg, mc)
   replicas = int(rmesh.shape["data"])
-  if r.batch_size % replicas:
-    raise ValueError(f"rollout.batch_size={r.batch_size} does not split over {replicas} data-parallel engines")
+  in_flight, key = (r.max_running, "max_running") if r.max_running else (r.batch_size, "batch_size")
+  if in_flight % replicas:
+    raise ValueError(f"rollout.{key}={in_flight} does not split over {replicas} data-parallel engines")
   per_engine = cfg.data.train_batch_size * r.n / replicas
-  running = max(r.batch_size // replicas, r.n)
+  running = max(in_flight // replicas, r.n)
   pages_per_seq = -(-shapes["cache"] // r.page_size)
   return EngineShapes(
       replicas=replicas, running=running, seqs=seq_bucket(running), page_size=r.page_size, pages_per_seq=pages_per_seq,

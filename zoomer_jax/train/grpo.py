@@ -65,10 +65,11 @@ def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_s
              engine_cfg: EngineConfig = EngineConfig()) -> list[Trajectory]:
   """Trajectories of `tasks`. The lockstep engine runs device batches of exactly `batch_size` rows (the last one
   padded with repeats, whose results are dropped), so every call reuses the same compiled programs; the
-  continuous one (`agent/engine.py`) runs every task in one call with `batch_size` trajectories in flight."""
+  continuous one (`agent/engine.py`) runs every task in one call with `engine_cfg.max_running` (0: `batch_size`)
+  trajectories in flight."""
   if engine == "continuous":
-    return continuous_rollout(model, tok, tasks, agent_cfg, key,
-                              engine=dataclasses.replace(engine_cfg, max_running=batch_size))
+    return continuous_rollout(model, tok, tasks, agent_cfg, key, engine=dataclasses.replace(
+        engine_cfg, max_running=engine_cfg.max_running or batch_size))
   if engine != "lockstep":
     raise ValueError(f"rollout.engine {engine!r} is not one of {list(ENGINES)}")
   out = []
@@ -215,7 +216,7 @@ def rollout_rules(cfg):
 def engine_config(r) -> EngineConfig:
   """The continuous engine's settings from a config's `rollout` section (the rollout and validation share them)."""
   return EngineConfig(page_size=r.page_size, step_tokens=r.step_tokens, decode_burst=r.decode_burst,
-                      pool_pages=r.pool_pages)
+                      pool_pages=r.pool_pages, max_running=r.max_running)
 
 
 def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
@@ -224,7 +225,8 @@ def validate(engine, tok, val_tasks, agent_cfg, cfg, step: int) -> dict:
   out = os.path.join(cfg.workdir, "validation", f"val_{step}.jsonl")
   with jax.set_mesh(engine.rollout_mesh or engine.mesh):
     rep = evaluate(engine.rollout_model(), tok, val_tasks, agent_cfg, use_tool=True,
-                   batch_size=cfg.rollout.batch_size, out_jsonl=out, key=jax.random.key(cfg.seed), progress=False,
+                   batch_size=cfg.rollout.max_running or cfg.rollout.batch_size, out_jsonl=out,
+                   key=jax.random.key(cfg.seed), progress=False,
                    engine=engine_config(cfg.rollout))
   m = {"val/acc": rep.accuracy, "val/format": rep.format, "val/tool_calls": rep.mean_tool_calls,
        "val/frames": rep.mean_frames}

@@ -1,0 +1,107 @@
+"""The paged cache's attention on the CPU (`paged.ragged_attention_xla`) against the lockstep engine's dense cache,
+one decode step of every layer, bench-small's attention (24 layers, 14 query heads over 2 kv heads of 64), fp32.
+
+    PYTHONPATH=. python bench/bench_paged_cpu.py [--rows 16] [--context 1200] [--repeats 5]
+
+baseline "dense": keys [rows, kv heads, head_dim, slots] and values [rows, kv heads, slots, head_dim] (the
+  lockstep engine's cache layout, `attention.dense`), every row over the same `slots` (the longest context + 400,
+  as a batch's cache is sized for its longest row);
+candidates "paged/N": the same keys and values in pages of 16 tokens scattered over a pool, each row's own
+  context (context +- 400), read in blocks of N keys (`keys_per_block`; DECODE_KEYS_PER_BLOCK is the default for
+  one-row tiles).
+
+Each program runs the layers in a loop (each layer's queries depend on the last layer's output, so XLA cannot
+hoist them); the outputs of the paged variants agree with each other to fp32 rounding (checked). Printed: the
+median milliseconds per step of each, the ratio of each paged variant to "dense", and a BENCH_JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from zoomer_jax.model import paged  # noqa: E402
+
+LAYERS, KV_HEADS, GROUP, HEAD_DIM, PAGE = 24, 2, 7, 64, 16
+
+
+def _layers(attend):
+  """A jitted decode step of every layer: layer l's queries are the input plus a trace of layer l - 1's output."""
+  @jax.jit
+  def run(q, *state):
+    return jax.lax.fori_loop(0, LAYERS, lambda l, acc: acc + attend(q + 1e-3 * acc, l, *state), jnp.zeros_like(q))
+  return run
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--rows", type=int, default=16)
+  p.add_argument("--context", type=int, default=1200)
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args(argv)
+  rng = np.random.default_rng(0)
+  rows, heads = args.rows, KV_HEADS * GROUP
+  lens = rng.integers(max(1, args.context - 400), args.context + 400, rows).astype(np.int32)
+  slots = int(lens.max()) + 400
+  per_seq = -(-slots // PAGE)
+  num_pages = rows * per_seq + 1
+  table = (rng.permutation(num_pages - 1) + 1).reshape(rows, per_seq).astype(np.int32)  # page 0 unused
+  pool = rng.standard_normal((LAYERS, num_pages, PAGE, 2 * KV_HEADS, HEAD_DIM)).astype(np.float32)
+  q = jnp.asarray(rng.standard_normal((rows, heads, HEAD_DIM)), jnp.float32)
+  batch = paged.RaggedBatch(page_indices=jnp.asarray(table), kv_lens=jnp.asarray(lens),
+                            cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32), num_seqs=jnp.asarray([rows], jnp.int32),
+                            copy_src=jnp.zeros(rows, jnp.int32), copy_dst=jnp.full(rows, num_pages, jnp.int32))
+  # The dense cache holds the same keys and values as the pages, in the lockstep engine's layout.
+  tokens = pool[:, table].reshape(LAYERS, rows, per_seq * PAGE, KV_HEADS, 2, HEAD_DIM)[:, :, :slots]
+  k_dense = jnp.asarray(tokens[..., 0, :].transpose(0, 1, 3, 4, 2))  # [L, rows, k, h, slots]
+  v_dense = jnp.asarray(tokens[..., 1, :].transpose(0, 1, 3, 2, 4))  # [L, rows, k, slots, h]
+  pool = jnp.asarray(pool)
+  del tokens
+
+  def dense(qx, l, k, v, lens):
+    q_bkgh = qx.reshape(rows, KV_HEADS, GROUP, HEAD_DIM)
+    scores = jnp.einsum("bkgh,bkhs->bkgs", q_bkgh, k[l]) * HEAD_DIM**-0.5
+    scores = jnp.where(jnp.arange(slots) < lens[:, None, None, None], scores, -jnp.inf)
+    return jnp.einsum("bkgs,bksh->bkgh", jax.nn.softmax(scores, -1), v[l]).reshape(rows, heads, HEAD_DIM)
+
+  def paged_with(keys):
+    return lambda qx, l, kv, b: paged.ragged_attention_xla(qx, kv, b, sm_scale=HEAD_DIM**-0.5, layer=l,
+                                                           keys_per_block=keys)
+
+  programs = {"dense": (_layers(dense), (k_dense, v_dense, jnp.asarray(lens)))}
+  for keys in sorted({paged.DECODE_KEYS_PER_BLOCK, 128, paged.KEYS_PER_BLOCK}):
+    programs[f"paged/{keys}"] = (_layers(paged_with(keys)), (pool, batch))
+  outs = {name: np.asarray(fn(q, *state)) for name, (fn, state) in programs.items()}  # compiles
+  first = outs[f"paged/{paged.KEYS_PER_BLOCK}"]
+  for name, out in outs.items():
+    if name.startswith("paged") and not np.allclose(out, first, rtol=1e-4, atol=1e-4):
+      raise AssertionError(f"{name} differs from paged/{paged.KEYS_PER_BLOCK} by {np.abs(out - first).max()}")
+  times = {name: [] for name in programs}
+  for _ in range(args.repeats):  # interleaved: the host's speed drifts
+    for name, (fn, state) in programs.items():
+      t0 = time.perf_counter()
+      fn(q, *state).block_until_ready()
+      times[name].append(time.perf_counter() - t0)
+  ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  print(f"one decode step of {LAYERS} layers, {rows} rows, contexts {lens.min()}-{lens.max()} (dense: {slots} slots "
+        f"each), median of {args.repeats}:")
+  for name, v in ms.items():
+    print(f"  {name:12s} {v:8.1f} ms   / dense {v / ms['dense']:5.2f}")
+  print("BENCH_JSON " + json.dumps(dict(bench="paged_cpu", baseline="dense", rows=rows, context=args.context,
+                                        slots=slots, ms={k: round(v, 1) for k, v in ms.items()},
+                                        ratio_to_dense={k: round(v / ms["dense"], 3) for k, v in ms.items()})))
+
+
+if __name__ == "__main__":
+  main()
