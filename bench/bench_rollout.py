@@ -175,11 +175,13 @@ def bench(args, name: str) -> dict:
     tasks, scripts = workload(d, args.groups, args.n, args.seed, tool.tool_call_max_frames)
     # KV memory: the lockstep engine's dense cache for its largest batch; the continuous engine's pool
     lock_rows = args.in_flight or len(tasks)
-    lock_slots = max(cache_slots(tok, tasks[i:i + lock_rows], cfg) for i in range(0, len(tasks), lock_rows))
+    batches = [range(i, min(i + lock_rows, len(tasks))) for i in range(0, len(tasks), lock_rows)]
+    *batch_slots, all_slots = cache_slots(tok, tasks, cfg, batches + [range(len(tasks))])  # overviews read once
+    lock_slots = max(batch_slots)
     running = args.continuous_in_flight or args.in_flight
     ps = args.page_size
     pool = lock_rows * lock_slots // ps if args.pool_pages == "lockstep" else int(args.pool_pages)
-    pool_used = pool or pool_pages(running or len(tasks), args.n, -(-cache_slots(tok, tasks, cfg) // ps))
+    pool_used = pool or pool_pages(running or len(tasks), args.n, -(-all_slots // ps))
     kv_bytes = dict(lockstep=lock_rows * lock_slots * kv_token_bytes, continuous=pool_used * ps * kv_token_bytes)
     engine = EngineConfig(page_size=ps, step_tokens=args.step_tokens, decode_burst=args.decode_burst,
                           max_running=running, pool_pages=pool)

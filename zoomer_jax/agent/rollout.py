@@ -259,17 +259,19 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
   return [_finish(r) for r in rows]
 
 
-def cache_slots(tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = AgentConfig()) -> int:
-  """Cache slots per row that both engines give these tasks run together: the lockstep engine's dense cache is
-  [rows, this]; the continuous engine's page table holds this many, rounded up to whole pages. Reads each task's
-  overview (a task whose video fails counts as an empty prompt, as in a rollout)."""
+def cache_slots(tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = AgentConfig(),
+                groups: Sequence[Sequence[int]] | None = None) -> list[int]:
+  """Cache slots per row that both engines give each group of these tasks (indices; default: all of them) run
+  together: the lockstep engine's dense cache is [rows, this]; the continuous engine's page table holds this many,
+  rounded up to whole pages. Reads each task's overview once (a task whose video fails counts as an empty
+  prompt, as in a rollout)."""
   with cf.ThreadPoolExecutor(cfg.workers) as pool:
     videos = Videos(cfg, pool)
     try:
       rows = _start(tasks, cfg, tok, P.system_prompt(cfg.tool), videos, range(len(tasks)))
     finally:
       videos.close()
-  return _cache_size(rows, cfg)
+  return [_cache_size([rows[i] for i in g], cfg) for g in (groups or [range(len(tasks))])]
 
 
 def _start(tasks, cfg, tok, system, videos, mine) -> list[_Row]:
