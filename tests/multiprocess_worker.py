@@ -9,7 +9,8 @@ OUT_DIR/export_{ICI}/ per mesh; or
   python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID rollout CHECKPOINT TASKS_JSON OUT_DIR ENGINE
 
 runs the scripted agent rollout (`ROLLOUT_SCRIPT`, `rollout_config`) of the tasks on the 8-device mesh (2,2,2)
-with ENGINE (`run_rollout`: "lockstep" or "continuous") and writes OUT_DIR/rollout_{ENGINE}{PROCESS_ID}.json:
+with ENGINE (`run_rollout`: "lockstep", "continuous" or "replicas") and writes
+OUT_DIR/rollout_{ENGINE}{PROCESS_ID}.json:
 this process's trajectories, events and the videos it decoded, then the error that the same rollout raised when
 one row's clip extraction has a bug.
 """
@@ -52,11 +53,16 @@ def rollout_config():
 
 def run_rollout(engine: str, model, tok, tasks, key, **kw):
   """The rollout of `engine` ("lockstep": `rollout.rollout`; "continuous": `engine.continuous_rollout` with small
-  pages and steps, so that sequences come and go)."""
+  pages and steps, so that sequences come and go; "replicas": `replicas.replicated_rollout`, the same engines,
+  one per data-parallel replica of the model's mesh)."""
   from zoomer_jax.agent import engine as E
   from zoomer_jax.agent import rollout as R
   if engine == "lockstep":
     return R.rollout(model, tok, tasks, rollout_config(), key, **kw)
+  if engine == "replicas":
+    from zoomer_jax.agent.replicas import replicated_rollout
+    return replicated_rollout(model, tok, tasks, rollout_config(), key, engine=E.EngineConfig(page_size=8,
+                                                                                               step_tokens=64), **kw)
   return E.continuous_rollout(model, tok, tasks, rollout_config(), key, engine=E.EngineConfig(page_size=8,
                                                                                                step_tokens=64), **kw)
 

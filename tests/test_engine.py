@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import tolerances as tol
 from zoomer_jax.agent import protocol as P
@@ -221,7 +222,7 @@ def test_grpo_runs_max_running_trajectories_in_flight_else_batch_size(monkeypatc
   leaves it at `rollout.batch_size`, the lockstep engine's batch."""
   from zoomer_jax.train import grpo
   seen = []
-  monkeypatch.setattr(grpo, "continuous_rollout", lambda *a, engine, **k: seen.append(engine.max_running) or [])
+  monkeypatch.setattr(grpo, "replicated_rollout", lambda *a, engine, **k: seen.append(engine.max_running) or [])
   for engine_cfg in (EngineConfig(page_size=8), EngineConfig(page_size=8, max_running=24)):
     grpo.generate(None, tok, [], _config(), jax.random.key(0), 8, "continuous", engine_cfg)
   cfg = load("grpo_tiny")
@@ -299,3 +300,67 @@ def test_a_pool_too_small_for_every_trajectory_preempts_and_recomputes(model, to
     assert stats.prefills == 3 and stats.prefix_kept_tokens > 0, stats  # kept pages of the group's prompt
     for k, (a, b) in enumerate(zip(want, got)):
       _same(a, b, measure, f"row{k}_burst{burst}_pages{page_size}_preempted_vs_lockstep")
+
+
+REPLICA_SCRIPT = {
+    0: ['<video_zoom>{"segment": [2, 4], "fps": 2}</video_zoom>', "<answer>A</answer><|im_end|>"],
+    5: ['<think>look</think><video_zoom>{"segment": [6, 7], "fps": 3}</video_zoom>'],  # then sampled
+    8: ['<video_zoom>{"segment": [0, 20], "fps": 0.5}</video_zoom>', '<video_zoom>{"segment": [1, 2], "fps": 1}'],
+}  # the other rows sampled throughout (row 3's video is missing)
+
+
+def test_one_engine_per_data_parallel_replica_gives_one_engines_trajectories(model, tok, video, tmp_path, measure):
+  """GRPO-shaped groups on a (data 4, tensor 2) mesh: each replica runs its own engine on its own two chips, its
+  share of the groups, its own pool; the sampled trajectories, log-probs and events per row are those of one
+  engine over every task on one device, and each group's prompt is still prefilled once."""
+  import zoomer_jax
+  from zoomer_jax.agent import replicas as RP
+  from zoomer_jax.parallel.mesh import make_mesh
+
+  questions = ["<image>\nWhat colour is the square? A. red B. blue", "<image>\nIs it moving? A. yes B. no",
+               "<image>\nWhere? A. left B. right"]
+  tasks = [Task(video, q, "A", f"g{g}s{k}") for g, q in enumerate(questions) for k in range(3)]
+  tasks.insert(3, Task(str(tmp_path / "missing.mp4"), "<image>\nAnything?", "A", "missing"))
+  assert RP.split_groups(tasks, 4) == [[0, 1, 2], [3], [4, 5, 6], [7, 8, 9]]
+  cfg = _config(temperature=1.0)
+  engine = EngineConfig(page_size=8, step_tokens=64, max_running=8)
+  ev_a, ev_b = [], []
+  want = continuous_rollout(model, tok, tasks, cfg, jax.random.key(5), on_event=lambda *e: ev_a.append(e),
+                            script=_script(REPLICA_SCRIPT), engine=engine)
+  mesh = make_mesh((4, 1, 2))
+  sharded = zoomer_jax.load_hf(zoomer_jax.export_hf(model, tmp_path / "m"), mesh=mesh)
+  stats = EngineStats()
+  with jax.set_mesh(mesh):
+    got = RP.replicated_rollout(sharded, tok, tasks, cfg, jax.random.key(5), on_event=lambda *e: ev_b.append(e),
+                                script=_script(REPLICA_SCRIPT), engine=engine, stats=stats)
+  assert [t.finish_reason == "video_error" for t in got] == [k == 3 for k in range(len(tasks))]
+  assert all(len(got[i].calls) >= 1 for i in (0, 5, 8))
+  for a, b in zip(want, got):
+    _same(a, b, measure, f"{a.task.id}_replica_logprob_diff")
+  per_row = lambda ev: {i: [(k, str(x)) for k, j, x in ev if j == i and k not in ("tokens", "done")]
+                         for i in range(len(tasks))}
+  assert per_row(ev_a) == per_row(ev_b)
+  assert [j for k, j, _ in ev_b if k == "done"].count(4) == 1
+  # Four engines ran (the missing video's read its overview only), each group's prompt prefilled once.
+  assert (stats.engines, stats.prefills, stats.pages_leaked) == (4, 3, 0)
+
+  # A replica's weights are the sharded model's own buffers on its own two chips.
+  sub = RP.replica_meshes(mesh)[2]
+  view = RP.replica_model(sharded, sub)
+  for a, b in zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)), jax.tree.leaves(nnx.state(view, nnx.Param))):
+    assert b.sharding.mesh == sub and b.sharding.spec == a.sharding.spec
+    mine = {s.device: s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+    assert {s.device: s.data.unsafe_buffer_pointer() for s in b.addressable_shards} == {
+        d: mine[d] for d in sub.devices.flat}
+
+
+def test_replica_engines_refuse_weights_split_over_the_data_axis():
+  from jax.sharding import NamedSharding, PartitionSpec
+  from zoomer_jax.agent import replicas as RP
+  from zoomer_jax.parallel.mesh import make_mesh
+
+  mesh = make_mesh((4, 1, 2))
+  layer = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+  layer.kernel.value = jax.device_put(layer.kernel.value, NamedSharding(mesh, PartitionSpec("data", "tensor")))
+  with pytest.raises(ValueError, match=r"kernel.*split over the rollout mesh's data axis"):
+    RP.replica_model(layer, RP.replica_meshes(mesh)[0])

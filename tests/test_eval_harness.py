@@ -188,7 +188,8 @@ def test_a_failing_batch_is_retried_task_by_task(monkeypatch):
       raise ValueError("video duration must be a positive number of seconds, got 0.0")
     return [_fake_trajectory(tok, t, script(i, 0)) for i, t in enumerate(batch)]
 
-  monkeypatch.setattr(harness, "continuous_rollout", flaky)
+  monkeypatch.setattr(harness, "continuous_rollout", flaky)  # the one run (tasks join it)
+  monkeypatch.setattr(harness, "replicated_rollout", flaky)  # the batches after it
   tasks = [Task("a.mp4", "Q? A. x B. y", "A", "ok0", "S"), Task("b.mp4", "Q?", "A", "bad", "S"),
            Task("c.mp4", "Q? A. x B. y", "B", "ok1", "S"), Task("d.mp4", "Q? A. x B. y", "B", "ok2", "S")]
   turns = {"ok0": ["<think>a</think><answer>A</answer>"], "ok1": ["<think>b</think><answer>B</answer>"],

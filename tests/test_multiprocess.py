@@ -254,7 +254,7 @@ def test_owned_rows_are_contiguous_blocks_covering_the_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["continuous", "lockstep"])
+@pytest.mark.parametrize("engine", ["continuous", "lockstep", "replicas"])
 def test_two_process_rollout_decodes_each_video_on_its_owner_only(tmp_path, monkeypatch, measure, engine):
   """A scripted rollout of 4 rows on two processes (one 8-device mesh), with either engine: process p reads the
   overviews and cuts the clips of its own rows only (rows 0-1 on process 0, 2-3 on process 1), and both processes
@@ -262,7 +262,10 @@ def test_two_process_rollout_decodes_each_video_on_its_owner_only(tmp_path, monk
   a clip that fails to decode reported alike everywhere. Any other failure of one process's extraction is raised
   on both (no process is left waiting in a collective). The continuous engine's processes agree on when each clip
   arrives, so they see the same events in the same order; one process, whose clips arrive when they do, sees the
-  same events per row."""
+  same events per row. With "replicas" (one engine per data-parallel replica: here one per process, each on its own
+  4 chips), each process runs its own rows alone and sees their events only; the trajectories are exchanged at the
+  end, and a failure is raised on both all the same.
+  """
   import media
   import multiprocess_worker as W
   import zoomer_jax
@@ -334,14 +337,21 @@ def test_two_process_rollout_decodes_each_video_on_its_owner_only(tmp_path, monk
   # A bug (not a video error) in process 1's clip of row 2 is raised on both processes, by its type.
   for g in got:
     name, message = g["fatal"]
-    assert name == "TypeError" and "row 2" in message and "simulated bug in the clip extraction" in message
-  # Both processes hold the same trajectories and saw the same events, bit for bit ...
-  assert got[0]["trajs"] == got[1]["trajs"] and got[0]["events"] == got[1]["events"]
-  # ... and those of one process: the same tokens, frames and tool log, log-probs within the cross-process bound.
+    assert name == "TypeError" and "simulated bug in the clip extraction" in message
+    assert ("process 1" if engine == "replicas" else "row 2") in message, message
   per_row = lambda ev: {i: [e for e in ev if e[1] == i] for i in range(len(tasks))}
+  if engine == "replicas":  # each process saw its own rows' events, those of one process
+    for g in got:
+      assert {i: v for i, v in per_row(g["events"]).items() if v} == {i: per_row(want["events"])[i]
+                                                                       for i in g["owned"]}
+    assert got[0]["trajs"] == got[1]["trajs"]
+  else:  # both processes hold the same trajectories and saw the same events, bit for bit ...
+    assert got[0]["trajs"] == got[1]["trajs"] and got[0]["events"] == got[1]["events"]
+  # ... and those of one process: the same tokens, frames and tool log, log-probs within the cross-process bound.
   if engine == "lockstep":  # every turn and observation at the same point of a round
     assert got[0]["events"] == want["events"]
-  assert per_row(got[0]["events"]) == per_row(want["events"])
+  if engine != "replicas":
+    assert per_row(got[0]["events"]) == per_row(want["events"])
   for a, b in zip(got[0]["trajs"], want["trajs"]):
     la, lb = np.array(a.pop("logprobs")), np.array(b.pop("logprobs"))
     assert a == b, a["id"]

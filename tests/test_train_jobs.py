@@ -97,6 +97,10 @@ def test_grpo_steps_on_the_mesh_and_exact_resume(tmp_path, monkeypatch, keep_sig
               "actor/kl_loss", "actor/entropy", "grad_norm", "tokens_per_s", "frames/mean"):
     assert key in stats and all(np.isfinite(r[key]) for r in rows), key
   assert all(r["actor/kl_loss"] >= 0 for r in rows)
+  # The rollout mesh (data 8) ran one engine per replica that had a group (2 groups of 2 samples), each group's
+  # prompt prefilled once.
+  assert all(r["rollout/engines_per_process"] == 2 for r in rows), [r["rollout/engines_per_process"] for r in rows]
+  assert all(r["rollout/prefills"] == 2 * r["dynamic_sampling/gen_batches"] for r in rows)
   # One update per RL step (2 micro-batches accumulated): at step 1 the policy is the reference and the old
   # policy, so KL ~ 0, every ratio ~ 1 and nothing is clipped; later steps move away.
   assert rows[0]["actor/kl_loss"] < 1e-6 and abs(rows[0]["actor/ratio_mean"] - 1) < 1e-5

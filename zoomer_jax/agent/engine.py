@@ -26,15 +26,17 @@ differs is the loop (docs/rollout_engine.md):
 Turn parsing, budgets and observations are the protocol's (`agent.protocol.Episode`), and the rollout's own
 host pieces are reused (`_start` renders prompts and reads overviews, `_finish` builds trajectories).
 
-Several processes (one global mesh) run it as they run the lockstep engine: every process runs the same control
-flow on every row (admission, scheduling and parsing are deterministic given identical inputs), each device step
-is a global program fed identical host inputs (replicated over the model's mesh), and only the videos are split:
-row i's owner (`rollout.owned_rows`) reads its overview and cuts its clips. When a clip is cut is the one event
-that differs between processes, so it is agreed on: at every step at which clips are pending, the processes share
-the outcomes of the clips they finished (`rollout._shared`: a count first, the outcomes only when there are any),
-and every process delivers exactly that set. When no sequence can run, they repeat this, each waiting up to
-`CLIP_POLL_S` for one of its own clips, until a clip anywhere is done; a process that owns no pending clip joins
-each round with nothing. A failure that is no video error is raised on every process (`rollout._outcome`).
+On a pod, GRPO and evaluation run one such engine per data-parallel replica of the rollout mesh, each on its own
+chips (`agent/replicas.py`). One engine can also span several processes (one global mesh), run as the lockstep
+engine is: every process runs the same control flow on every row (admission, scheduling and parsing are
+deterministic given identical inputs), each device step is a global program fed identical host inputs (replicated
+over the model's mesh), and only the videos are split: row i's owner (`rollout.owned_rows`) reads its overview and
+cuts its clips. When a clip is cut is the one event that differs between processes, so it is agreed on: at every
+step at which clips are pending, the processes share the outcomes of the clips they finished (`rollout._shared`: a
+count first, the outcomes only when there are any), and every process delivers exactly that set. When no sequence
+can run, they repeat this, each waiting up to `CLIP_POLL_S` for one of its own clips, until a clip anywhere is done;
+a process that owns no pending clip joins each round with nothing. A failure that is no video error is raised on
+every process (`rollout._outcome`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from zoomer_jax.agent import protocol as P
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, Videos, _append, _cache_size, _clip, _finish
 from zoomer_jax.agent.rollout import _images, _new_row, _outcome, _overview, _overview_outcome, _shared, _start
 from zoomer_jax.agent.rollout import _tokens_per_image, for_model, owned_rows
-from zoomer_jax.agent.rollout import stop_criteria
+from zoomer_jax.agent.rollout import several_processes, stop_criteria
 from zoomer_jax.model.page_allocator import PageAllocator
 from zoomer_jax.model.paged import PagePool
 from zoomer_jax.parallel.distributed import host_allgather, mesh_of, replicate, to_host
@@ -107,9 +109,17 @@ class EngineStats:
   prefix_kept_tokens: int = 0  # tokens of a shared prompt that preempted sequences kept (not computed again)
   step_seconds: float = 0.0  # wall time of the steps that fed chunks, from the call to the host's copy of the result
   burst_seconds: float = 0.0  # the same for the decode bursts
+  engines: int = 1  # engines whose runs these figures sum (`agent/replicas.py`)
 
   def as_dict(self) -> dict:
     return {**dataclasses.asdict(self), "shapes": len(self.shapes)}
+
+
+def add_stats(total: EngineStats, more: EngineStats) -> None:
+  """Adds another run's figures to `total` (counts and seconds summed, step shapes joined)."""
+  for f in dataclasses.fields(EngineStats):
+    a, b = getattr(total, f.name), getattr(more, f.name)
+    setattr(total, f.name, a | b if isinstance(a, set) else a + b)
 
 
 def pool_pages(running: int, largest_group: int, pages_per_seq: int) -> int:
@@ -146,7 +156,7 @@ class _Prompt:
 
 def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
                        on_event=None, script=None, engine: EngineConfig = EngineConfig(),
-                       stats: EngineStats | None = None, admit=None) -> list[Trajectory]:
+                       stats: EngineStats | None = None, admit=None, first_row: int = 0) -> list[Trajectory]:
   """`rollout`'s contract (its arguments, `script` and `on_event` included) on the continuous engine; `stats`, if
   given, is filled with what the run did. With several processes, every process calls it with the same
   arguments (module docstring).
@@ -158,11 +168,14 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
   polled between steps with the number of free places (`engine.max_running` less the trajectories in flight
   or having their overview read), and the run ends when nothing is in flight and it returns none. A joining
   task's row index follows the rows before it. It needs `engine.max_running` and `cfg.cache_size` (the pool and
-  its page tables are sized before the later prompts are known)."""
+  its page tables are sized before the later prompts are known).
+
+  `first_row`: the index of tasks[0] in a larger batch whose other rows other engines run (`agent/replicas.py`):
+  a token's sampling key folds in its row's index in the whole batch, so the split does not change samples."""
   key = jax.random.key(0) if key is None else key
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (jax.random.PRNGKey)
     key = jax.random.wrap_key_data(key)
-  if admit is not None and (not engine.max_running or not cfg.cache_size or jax.process_count() > 1):
+  if admit is not None and (not engine.max_running or not cfg.cache_size or several_processes()):
     raise ValueError("admitting tasks while the engine runs needs engine.max_running > 0 and cfg.cache_size > 0 "
                      f"(got {engine.max_running}, {cfg.cache_size}) and one process ({jax.process_count()})")
   finished: dict[int, Trajectory] = {}
@@ -184,7 +197,7 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
           event("done", i, _finish(r))
       if admit is not None or any(not r.done for r in rows):
         _Engine(model, tok, rows, cfg, engine, videos, event, script, stats or EngineStats(), mine,
-                _Admission(admit, system) if admit else None).run(key)
+                _Admission(admit, system) if admit else None, first_row).run(key)
     finally:
       videos.close()
   return [finished[i] if i in finished else _finish(r) for i, r in enumerate(rows)]
@@ -221,10 +234,10 @@ def groups(rows, share: bool) -> list[list[int]]:
 
 class _Engine:
   def __init__(self, model, tok, rows, cfg: AgentConfig, engine: EngineConfig, videos: Videos, event, script,
-               stats: EngineStats, mine: set[int], joining: _Admission | None = None):
+               stats: EngineStats, mine: set[int], joining: _Admission | None = None, first_row: int = 0):
     self.model, self.tok, self.rows, self.cfg, self.engine = model, tok, rows, cfg, engine
     self.videos, self.event, self.script, self.stats, self.mine = videos, event, script, stats, mine
-    self.joining = joining
+    self.joining, self.first_row = joining, first_row
     self.mesh = mesh_of(nnx.state(model, nnx.Param))
     self.stop = self._global(stop_criteria(tok, cfg.tool.tools))  # once, not at every step
     self.split = nnx.split(model)
@@ -475,7 +488,7 @@ class _Engine:
       if m.end_at is not None:  # the logits after the turn's last token score the <|im_end|> appended to it
         slots.append(R.Slot(m.end_row - start))
         owners.append((m, "end"))
-      slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m), (m.i, len(m.row.logprobs))))
+      slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m), (self.first_row + m.i, len(m.row.logprobs))))
       owners.append((m, "sample"))
     return R.Chunk(f.key if isinstance(f, _Prompt) else s.i, ids, positions, pixels, grids, slots), owners
 
@@ -544,7 +557,7 @@ class _Engine:
         forced[j, :len(part)] = part
     starts = [self.alloc.length(s.i) for s in feeds]
     inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window,
-                        [(s.i, len(s.row.logprobs)) for s in feeds])
+                        [(self.first_row + s.i, len(s.row.logprobs)) for s in feeds])
     self._note_pages(feeds)
     t0 = time.perf_counter()
     self.kv, out = B.burst_step(self.burst_split, self.kv, self._global(inp), key, self.stop,
@@ -641,7 +654,7 @@ class _Engine:
     (identical everywhere) with several; `block`: this process waits for one of its own first (in one process
     until one is done or `timeout`, with several up to `CLIP_POLL_S`)."""
     futures = {s.clip[1]: i for i, s in waiting.items() if s.clip[1] is not None}
-    several = jax.process_count() > 1
+    several = several_processes()
     if block and futures:
       done = cf.wait(list(futures), timeout=CLIP_POLL_S if several else timeout,
                      return_when=cf.FIRST_COMPLETED).done
@@ -655,12 +668,13 @@ class _Engine:
     return _shared(outcomes, "running the tool call", [r.task for r in self.rows])
 
   def _pool(self, num_pages: int) -> jax.Array:
-    """The pool's pages, made on the device; replicated over the mesh when it spans several processes."""
+    """The pool's pages, made on the model's chips with the kv heads split as its rules say (`PagePool.sharding`),
+    on the default device when the model has no mesh."""
     make = lambda: PagePool.init(self.model.config.text, num_pages, self.engine.page_size, self.model.dtype).kv
-    if self.mesh is None or not self.mesh.is_multi_process:
+    if self.mesh is None:
       return make()
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(make, out_shardings=replicated)()
+    shape = jax.eval_shape(make).shape
+    return jax.jit(make, out_shardings=PagePool.sharding(self.mesh, self.model.options.rules, shape))()
 
   def _global(self, tree):
     """Host inputs of a device step as global arrays replicated over the model's mesh when it spans several

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import builtins
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import threading
 import traceback
@@ -105,13 +106,34 @@ def stop_criteria(tok: Tokenizer, tools: Sequence[str] = T.DEFAULT) -> StopCrite
                             vocab_limit=tok.vocab_size)
 
 
+_ALONE = threading.local()  # `alone()`: set in a thread whose rollout no other process shares
+
+
+@contextlib.contextmanager
+def alone():
+  """In this thread, a rollout is one process's own (`agent/replicas.py`: the engine of a replica held by this
+  process), even in a multi-process run: it reads every row's videos and shares nothing with other processes."""
+  before = getattr(_ALONE, "on", False)
+  _ALONE.on = True
+  try:
+    yield
+  finally:
+    _ALONE.on = before
+
+
+def several_processes() -> bool:
+  """Whether a rollout in this thread runs on several processes at once (every one calls it with the same rows)."""
+  return jax.process_count() > 1 and not getattr(_ALONE, "on", False)
+
+
 def owned_rows(b: int, process: int | None = None, processes: int | None = None) -> list[int]:
   """The rows of a batch of `b` whose videos `process` (default: this one) reads: row i belongs to process
   i * processes // b, so each process owns one contiguous block of b / processes rows (sizes differ by at most
   one). Contiguous, not strided: GRPO puts a prompt's n samples side by side, so a group's rows (the same
   video) are read on one host, and each host opens fewer distinct files."""
-  process = jax.process_index() if process is None else process
-  processes = jax.process_count() if processes is None else processes
+  several = several_processes()
+  process = (jax.process_index() if several else 0) if process is None else process
+  processes = (jax.process_count() if several else 1) if processes is None else processes
   return [i for i in range(b) if i * processes // b == process]
 
 
@@ -126,7 +148,7 @@ def _outcome(fut: cf.Future, expected: tuple, convert=lambda v: v) -> dict:
   except expected as e:
     return {"error": str(e)}
   except Exception as e:
-    if jax.process_count() == 1:
+    if not several_processes():
       raise
     return {"fatal": [type(e).__name__, "".join(traceback.format_exception(e)).rstrip()]}
 
@@ -134,20 +156,25 @@ def _outcome(fut: cf.Future, expected: tuple, convert=lambda v: v) -> dict:
 def _shared(outcomes: dict[int, dict], what: str, tasks: Sequence[Task]) -> dict[int, dict]:
   """Every process's `_outcome`s by row, identical everywhere (a collective when there are several processes;
   `outcomes` itself in one). A fatal outcome is raised on every process, as its builtin type where it has one."""
-  if jax.process_count() == 1:
+  if not several_processes():
     return outcomes
   outcomes = share_by_key(outcomes)
   for i, out in sorted(outcomes.items()):
     if "fatal" in out:
-      name, text = out["fatal"]
-      cls = getattr(builtins, name, None)
-      message = f"{what} of row {i} ({tasks[i].video}) failed on the process that owns it:\n{text}"
-      try:
-        err = cls(message) if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError(message)
-      except Exception:  # a builtin type with other constructor arguments
-        err = RuntimeError(message)
-      raise err
+      raise_fatal(*out["fatal"], f"{what} of row {i} ({tasks[i].video}) failed on the process that owns it")
   return outcomes
+
+
+def raise_fatal(name: str, text: str, what: str):
+  """Raises another process's failure (its exception's type name and traceback text) here, as its builtin type
+  where it has one."""
+  cls = getattr(builtins, name, None)
+  message = f"{what}:\n{text}"
+  try:
+    err = cls(message) if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError(message)
+  except Exception:  # a builtin type with other constructor arguments
+    err = RuntimeError(message)
+  raise err
 
 
 class Videos:
@@ -244,7 +271,7 @@ def rollout(model, tok: Tokenizer, tasks: Sequence[Task], cfg: AgentConfig = Age
   key = jax.random.key(0) if key is None else key
   event = on_event or (lambda *a: None)
   stop = stop_criteria(tok, cfg.tool.tools)
-  if jax.process_count() > 1:  # the stop tables as global arrays once, not at every decode call
+  if several_processes():  # the stop tables as global arrays once, not at every decode call
     stop = replicate(stop, mesh_of(nnx.state(model, nnx.Param)))
   system = P.system_prompt(cfg.tool)
   mine = set(owned_rows(len(tasks)))

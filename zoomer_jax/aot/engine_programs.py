@@ -46,7 +46,6 @@ from zoomer_jax.parallel.rules import logical_to_spec
 from zoomer_jax.sampling import burst as B
 from zoomer_jax.sampling import ragged as R
 
-POOL_AXES = ("layers", None, None, "cache_kv_heads", "head_dim")  # [L, P, page_size, 2k, h]
 MIN_IMAGES = 8  # build_step's image bucket floor
 
 
@@ -153,8 +152,7 @@ def _burst_input(mesh: Mesh, s: int, k: int, pages_per_seq: int, window: int) ->
 def pool(mc: ModelConfig, mesh: Mesh, rules, num_pages: int, page_size: int, dtype) -> jax.ShapeDtypeStruct:
   """The abstract pool [L, P, page_size, 2k, h], kv heads split as the rules say."""
   abstract = jax.eval_shape(lambda: PagePool.init(mc.text, num_pages, page_size, dtype).kv)
-  spec = logical_to_spec(POOL_AXES, rules, mesh, abstract.shape)
-  return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=NamedSharding(mesh, spec))
+  return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=PagePool.sharding(mesh, rules, abstract.shape))
 
 
 def engine_programs(cfg, ab, mc: ModelConfig, rmesh: Mesh, stop, params, end_token: int = 0) -> list:

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
+from zoomer_jax.agent.replicas import replica_engines, replicated_rollout
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, cache_bound, prompt_text_bound
 from zoomer_jax.agent.rewards import format_reward, judge_multi_choice
 from zoomer_jax.video import VideoError
@@ -218,11 +219,11 @@ _TASK_ERRORS = (VideoError, OSError, ValueError)
 
 
 def _run_batch(model, tok, batch, cfg, key, script, engine: EngineConfig) -> list[Trajectory | str]:
-  """`continuous_rollout` of one batch (all of it in flight); if it raises, its tasks run one by one, and a task
-  that fails alone gives its error message instead of a trajectory."""
+  """`replicated_rollout` of one batch (all of it in flight; one engine per data-parallel replica); if it raises,
+  its tasks run one by one, and a task that fails alone gives its error message instead of a trajectory."""
   row_script = None if script is None else (lambda row, rnd, b=batch: script(b[row], rnd))
   try:
-    return continuous_rollout(model, tok, batch, cfg, key, script=row_script, engine=engine)
+    return replicated_rollout(model, tok, batch, cfg, key, script=row_script, engine=engine)
   except _TASK_ERRORS as e:
     if len(batch) == 1:
       return [f"{type(e).__name__}: {e}"]
@@ -289,14 +290,16 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
   try:
     key, sub = jax.random.split(key)
     try:  # one engine run: batch_size trajectories in flight, the next task joins as one ends
-      _run_all(model, tok, tasks, cfg, sub, script, engine, batch_size, record)
+      if replica_engines(model) == 1:  # (engines per replica run batches: tasks cannot join them)
+        _run_all(model, tok, tasks, cfg, sub, script, engine, batch_size, record)
     except _TASK_ERRORS:  # pinned on its task by running what is left in batches, then one by one
-      left = [i for i in range(len(tasks)) if i not in records]
-      for start in range(0, len(left), batch_size):
-        idx = left[start:start + batch_size]
-        key, sub = jax.random.split(key)
-        for i, traj in zip(idx, _run_batch(model, tok, [tasks[i] for i in idx], cfg, sub, script, engine)):
-          record(i, traj)
+      pass
+    left = [i for i in range(len(tasks)) if i not in records]
+    for start in range(0, len(left), batch_size):
+      idx = left[start:start + batch_size]
+      key, sub = jax.random.split(key)
+      for i, traj in zip(idx, _run_batch(model, tok, [tasks[i] for i in idx], cfg, sub, script, engine)):
+        record(i, traj)
   finally:
     bar.close()
     if sink:  # a run that stopped early: the lines that ended after a gap are written too

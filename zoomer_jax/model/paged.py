@@ -34,6 +34,7 @@ DECODE_KEYS_PER_BLOCK = 64  # the same for one-row tiles (decode): XLA's CPU dot
 # here because it reads the host's device, a CPU when a TPU program is compiled on a CPU host.
 KERNEL_KV_PAGES_PER_BLOCK = 128
 KERNEL_QUERIES_PER_BLOCK = 32
+POOL_AXES = ("layers", None, None, "cache_kv_heads", "head_dim")  # the logical axes of kv [L, P, page_size, 2k, h]
 
 
 @struct.dataclass
@@ -46,6 +47,12 @@ class PagePool:
   def init(cls, cfg: TextConfig, num_pages: int, page_size: int, dtype) -> "PagePool":
     shape = (cfg.num_hidden_layers, num_pages, page_size, 2 * cfg.num_key_value_heads, cfg.head_dim)
     return cls(kv=jnp.zeros(shape, dtype))
+
+  @staticmethod
+  def sharding(mesh, rules, shape) -> jax.sharding.NamedSharding:
+    """The pool's layout on `mesh`: the kv heads split as the rules say (`POOL_AXES`), the pages not (every
+    chip of the engine holds its share of every page)."""
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(POOL_AXES, rules, mesh, shape))
 
   @property
   def num_pages(self) -> int:

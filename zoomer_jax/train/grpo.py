@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from zoomer_jax.agent import rewards
-from zoomer_jax.agent.engine import ENGINES, EngineConfig, continuous_rollout
+from zoomer_jax.agent.engine import ENGINES, EngineConfig, EngineStats, add_stats
+from zoomer_jax.agent.replicas import replicated_rollout
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.rewards import RewardConfig, score_batch
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
@@ -62,14 +63,15 @@ def task_of(record) -> Task:
 
 
 def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_size: int, engine: str = "continuous",
-             engine_cfg: EngineConfig = EngineConfig()) -> list[Trajectory]:
+             engine_cfg: EngineConfig = EngineConfig(), stats: EngineStats | None = None) -> list[Trajectory]:
   """Trajectories of `tasks`. The lockstep engine runs device batches of exactly `batch_size` rows (the last one
   padded with repeats, whose results are dropped), so every call reuses the same compiled programs; the
   continuous one (`agent/engine.py`) runs every task in one call with `engine_cfg.max_running` (0: `batch_size`)
-  trajectories in flight."""
+  trajectories in flight, one engine per data-parallel replica of the model's mesh (`agent/replicas.py`), and
+  adds what this process's engines did to `stats`."""
   if engine == "continuous":
-    return continuous_rollout(model, tok, tasks, agent_cfg, key, engine=dataclasses.replace(
-        engine_cfg, max_running=engine_cfg.max_running or batch_size))
+    return replicated_rollout(model, tok, tasks, agent_cfg, key, engine=dataclasses.replace(
+        engine_cfg, max_running=engine_cfg.max_running or batch_size), stats=stats)
   if engine != "lockstep":
     raise ValueError(f"rollout.engine {engine!r} is not one of {list(ENGINES)}")
   out = []
@@ -130,6 +132,7 @@ class Rollouts:
   gen_batches: int
   all_scores: list[dict]  # every generated trajectory's score (before dynamic sampling), for metrics
   all_trajs: list[Trajectory]
+  engine: EngineStats  # this process's engines, summed over the generation batches (the continuous engine)
 
 
 def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollouts:
@@ -137,12 +140,14 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
   a, r = cfg.algorithm, cfg.rollout
   want = cfg.data.train_batch_size
   kept: list[tuple[list[Trajectory], list[dict]]] = []
-  all_trajs, all_scores, gen = [], [], 0
+  all_trajs, all_scores, gen, stats = [], [], 0, EngineStats(engines=0)
   while len(kept) < want:
     records = [next(it) for _ in range(want)]
     tasks = [task_of(rec) for rec in records for _ in range(r.n)]
+    batch_stats = EngineStats()
     trajs = generate(model, tok, tasks, agent_cfg, jax.random.fold_in(key, gen), r.batch_size, r.engine,
-                     engine_config(r))
+                     engine_config(r), batch_stats)
+    add_stats(stats, batch_stats)
     scores = score(trajs, reward_cfg, step, [rec.answer_type for rec in records for _ in range(r.n)])
     gen += 1
     all_trajs += trajs
@@ -163,7 +168,7 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
   groups = np.repeat(np.arange(len(kept)), r.n)
   adv = outcome_advantages(a.adv_estimator, np.array([s["score"] for s in scores], np.float64), groups,
                            norm_adv_by_std=a.norm_adv_by_std_in_grpo)
-  return Rollouts(trajs, scores, groups, adv, gen, all_scores, all_trajs)
+  return Rollouts(trajs, scores, groups, adv, gen, all_scores, all_trajs, stats)
 
 
 def example_of(t: Trajectory, advantage: float) -> Example:
@@ -189,6 +194,10 @@ def rollout_metrics(ro: Rollouts, max_round: int) -> dict:
   for reason, n in collections.Counter(t.finish_reason for t in trajs).items():
     m[f"finish/{reason}"] = n / len(trajs)
   m["dynamic_sampling/gen_batches"] = ro.gen_batches
+  if ro.engine.engines:  # the continuous engine ran: engines per generation batch on this process, and its work
+    e = ro.engine
+    m["rollout/engines_per_process"] = e.engines / ro.gen_batches
+    m.update({f"rollout/{k}": float(getattr(e, k)) for k in ("prefills", "preemptions", "recompute_tokens")})
   m["dynamic_sampling/kept_groups"] = int(ro.groups.max() + 1) if len(ro.groups) else 0
   m["advantage/abs_mean"] = float(np.abs(ro.advantages).mean())
   return m

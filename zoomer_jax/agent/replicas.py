@@ -1,0 +1,231 @@
+"""One rollout engine per data-parallel replica of the rollout mesh.
+
+    trajs = replicated_rollout(model, tok, tasks, agent_cfg, key, engine=EngineConfig(max_running=1024))
+
+The rollout mesh's `data` axis holds whole copies of the sampler's weights (each split over its own `tensor`
+chips). One engine over the whole mesh would make every chip hold the same page pool and every device step a
+program over every chip; instead each replica runs an engine of its own (`agent/engine.py`) on its own chips:
+its share of the tasks (whole groups of the same prompt, in contiguous blocks), its own pool (`max_running` /
+replicas trajectories in flight, `pool_pages` pages; the kv heads split over the replica's chips as the rules
+say), its own videos and clips, and no traffic with the other replicas while it runs. This is the layout the
+compile command's engine programs assume (`aot/engine_programs.py`).
+
+A process runs the engines of the replicas whose chips it holds, each in a thread of its own (a v5p host whose 4
+chips are 4 replicas runs 4 engines; dispatch releases the GIL while a device computes). When all are done the
+processes exchange their trajectories (one collective), so that every process returns every trajectory, as one
+engine over the whole mesh does. A failure in one process's engine is raised on every process.
+
+The replicas' weights are the model's own buffers seen on each replica's mesh (no copy): each replica must hold
+whole weights (no rule splits a weight over `data`) and lie within one process (the data axis spans hosts, the
+tensor axis does not). A model whose mesh has one replica, or none, runs one `continuous_rollout` (and so, with a
+warning, does one whose replicas span processes: every process then runs the one engine on every row, as
+`agent/engine.py` says).
+
+The split does not change the results: a token's sampling key folds in its row's index in the whole batch
+(`continuous_rollout`'s `first_row`), so trajectories equal one engine's over every task, sampled ones included
+(up to the rounding of another layout). Events reach `on_event` with the row's index in the whole batch, from
+the engines' threads one at a time, for this process's rows only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import threading
+import traceback
+import warnings
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from zoomer_jax.agent.engine import EngineConfig, EngineStats, add_stats, continuous_rollout
+from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, alone, raise_fatal
+from zoomer_jax.parallel.distributed import mesh_of, share_by_key
+
+DATA = "data"
+
+
+def replica_meshes(mesh: Mesh) -> list[Mesh]:
+  """The chips of each data-parallel replica of `mesh`, with its axes (data of size 1)."""
+  axis = mesh.axis_names.index(DATA)
+  return [Mesh(np.take(mesh.devices, [d], axis=axis), mesh.axis_names, axis_types=mesh.axis_types)
+          for d in range(mesh.devices.shape[axis])]
+
+
+def spanning_replica(mesh: Mesh) -> str | None:
+  """Why `mesh`'s replicas cannot each run an engine in one process (a replica whose chips are on several
+  processes), or None."""
+  if DATA not in mesh.axis_names:
+    return None
+  for d, sub in enumerate(replica_meshes(mesh)):
+    procs = {dev.process_index for dev in sub.devices.flat}
+    if len(procs) > 1:
+      return (f"replica {d} of the rollout mesh {dict(mesh.shape)} spans processes {sorted(procs)} (rollout.mesh: "
+              f"put the data axis across hosts and keep the tensor axis within one)")
+  return None
+
+
+def local_replicas(mesh: Mesh) -> list[int]:
+  """The replicas of `mesh` whose chips are all this process's."""
+  return [d for d, sub in enumerate(replica_meshes(mesh))
+          if {dev.process_index for dev in sub.devices.flat} == {jax.process_index()}]
+
+
+def _spec_axes(spec: PartitionSpec) -> set[str]:
+  out = set()
+  for entry in spec:
+    out |= set(entry) if isinstance(entry, tuple) else {entry} if entry else set()
+  return out
+
+
+def replica_model(model, sub: Mesh, name: str = "the model"):
+  """`model` on one replica's mesh `sub` (a `replica_meshes` entry): every array laid out on the parent mesh is
+  seen on `sub` through the shards this replica's chips already hold (no copy); an array elsewhere (a process's
+  own, not on the mesh) is copied onto `sub`, replicated."""
+  parent = mesh_of(nnx.state(model, nnx.Param))
+  graphdef, state = nnx.split(model)
+  devices = set(sub.devices.flat)
+
+  def view(path, x):
+    if not isinstance(x, jax.Array):
+      return x
+    s = x.sharding
+    if not (isinstance(s, NamedSharding) and s.mesh == parent):
+      if not x.is_fully_addressable:
+        raise ValueError(f"{name}'s array {jax.tree_util.keystr(path)} spans processes on another mesh than its "
+                         f"weights' ({s}): it cannot be placed on one replica")
+      return jax.device_put(x, NamedSharding(sub, PartitionSpec()))
+    if DATA in _spec_axes(s.spec) and s.mesh.shape[DATA] > 1:
+      raise ValueError(f"{name}'s array {jax.tree_util.keystr(path)} is split over the rollout mesh's data axis "
+                       f"({s.spec}): one engine per replica needs whole weights on each replica (rollout.mesh.rules)")
+    target = NamedSharding(sub, s.spec)
+    shards = {sh.device: sh.data for sh in x.addressable_shards if sh.device in devices}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, target, [shards[d] for d in target.addressable_devices_indices_map(x.shape)])
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(view, state))
+
+
+def task_groups(tasks) -> list[list[int]]:
+  """Consecutive tasks with the same video, question and subtitles (a GRPO prompt's samples, which share its
+  prefill), as lists of indices."""
+  groups: list[list[int]] = []
+  for i, t in enumerate(tasks):
+    if groups and _same(tasks[groups[-1][0]], t):
+      groups[-1].append(i)
+    else:
+      groups.append([i])
+  return groups
+
+
+def split_groups(tasks, replicas: int) -> list[list[int]]:
+  """Each replica's task indices: whole `task_groups`, in contiguous blocks of about equal numbers of groups."""
+  groups = task_groups(tasks)
+  out: list[list[int]] = [[] for _ in range(replicas)]
+  for g, members in enumerate(groups):
+    out[g * replicas // len(groups)] += members
+  return out
+
+
+def _same(a: Task, b: Task) -> bool:
+  return (a.video, a.problem, a.subtitles) == (b.video, b.problem, b.subtitles)
+
+
+def replica_engines(model) -> int:
+  """How many engines `replicated_rollout` runs `model`'s rollouts on, over every process (1: one
+  `continuous_rollout`)."""
+  mesh = mesh_of(nnx.state(model, nnx.Param)) if model is not None else None
+  if mesh is None or DATA not in mesh.axis_names or mesh.shape[DATA] == 1 or spanning_replica(mesh):
+    return 1
+  return int(mesh.shape[DATA])
+
+
+def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
+                       on_event=None, script=None, engine: EngineConfig = EngineConfig(),
+                       stats: EngineStats | None = None) -> list[Trajectory]:
+  """`continuous_rollout`'s contract with one engine per data-parallel replica of the model's mesh (module
+  docstring); every process calls it with the same arguments. `engine.max_running` counts trajectories in flight
+  over all replicas (0: every task), `engine.pool_pages` each engine's pool. `stats` sums this process's
+  engines' (and `stats.engines` counts them)."""
+  mesh = mesh_of(nnx.state(model, nnx.Param))
+  if replica_engines(model) == 1:
+    if mesh is not None and (why := spanning_replica(mesh)):
+      warnings.warn(f"one rollout engine over the whole mesh: {why}", stacklevel=2)
+    return continuous_rollout(model, tok, tasks, cfg, key, on_event=on_event, script=script, engine=engine,
+                              stats=stats)
+  key = jax.random.key(0) if key is None else key
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  key_data = np.asarray(jax.random.key_data(key))  # placed on each replica's chips by its engine
+  subs = replica_meshes(mesh)
+  mine = local_replicas(mesh)
+  parts = split_groups(tasks, len(subs))
+  largest = max(map(len, task_groups(tasks)), default=1)
+  running = max(-(-(engine.max_running or len(tasks)) // len(subs)), largest)
+  lock = threading.Lock()
+  results: dict[int, Trajectory] = {}
+  total = stats if stats is not None else EngineStats()
+  total.engines = 0
+
+  def run(d: int, model_d) -> tuple[list[Trajectory], EngineStats]:
+    rows = parts[d]
+    st = EngineStats()
+    events = None if on_event is None else _Serial(on_event, rows, lock)
+    row_script = None if script is None else (lambda i, rnd: script(rows[i], rnd))
+    with alone(), jax.set_mesh(subs[d]):
+      k = jax.device_put(jax.random.wrap_key_data(key_data), NamedSharding(subs[d], PartitionSpec()))
+      out = continuous_rollout(model_d, tok, [tasks[i] for i in rows], cfg, k, on_event=events,
+                               script=row_script, engine=dataclasses.replace(engine, max_running=running),
+                               stats=st, first_row=rows[0])
+    return out, st
+
+  busy = [d for d in mine if parts[d]]
+  fatal = None
+  try:
+    models = {d: replica_model(model, subs[d]) for d in busy}  # here: nnx's graph walks are not thread-safe
+    with cf.ThreadPoolExecutor(max(1, len(busy)), thread_name_prefix="replica") as pool:
+      futures = {d: pool.submit(run, d, models[d]) for d in busy}
+      for d, fut in futures.items():
+        trajs, st = fut.result()
+        results.update(zip(parts[d], trajs))
+        add_stats(total, st)
+  except Exception as e:
+    if jax.process_count() == 1:
+      raise
+    fatal = [type(e).__name__, "".join(traceback.format_exception(e)).rstrip()]
+  if jax.process_count() > 1:
+    local = {f"fatal{jax.process_index()}": fatal} if fatal else {}
+    local.update({str(i): _pack(t) for i, t in results.items()})
+    shared = share_by_key(local)
+    for k, v in shared.items():
+      if k.startswith("fatal"):
+        raise_fatal(*v, f"the rollout engines of process {k[len('fatal'):]} failed")
+    results = {int(k): _unpack(v) for k, v in shared.items()}
+  return [results[i] for i in range(len(tasks))]
+
+
+class _Serial:
+  """An engine's events for the caller: rows renumbered to the whole batch, one engine's call at a time."""
+
+  def __init__(self, on_event, rows: list[int], lock: threading.Lock):
+    self.on_event, self.rows, self.lock = on_event, rows, lock
+
+  def __call__(self, kind, i, info):
+    with self.lock:
+      self.on_event(kind, self.rows[i], info)
+
+
+_ARRAYS = ("ids", "response_mask", "logprobs", "pixel_values", "image_grid_thw")
+
+
+def _pack(t: Trajectory) -> dict:
+  """A trajectory as `distributed.pack` takes it (arrays bit for bit)."""
+  return dict(task=dataclasses.asdict(t.task), **{k: getattr(t, k) for k in _ARRAYS}, calls=t.calls,
+              answer=t.answer, finish_reason=t.finish_reason, rounds=t.rounds, turns=t.turns)
+
+
+def _unpack(d: dict) -> Trajectory:
+  task = dict(d["task"], subtitles=tuple(tuple(s) for s in d["task"]["subtitles"]))
+  return Trajectory(task=Task(**task), **{k: d[k] for k in _ARRAYS}, calls=d["calls"], answer=d["answer"],
+                    finish_reason=d["finish_reason"], rounds=d["rounds"], turns=d["turns"])
