@@ -364,3 +364,24 @@ def test_replica_engines_refuse_weights_split_over_the_data_axis():
   layer.kernel.value = jax.device_put(layer.kernel.value, NamedSharding(mesh, PartitionSpec("data", "tensor")))
   with pytest.raises(ValueError, match=r"kernel.*split over the rollout mesh's data axis"):
     RP.replica_model(layer, RP.replica_meshes(mesh)[0])
+
+
+def test_replicas_that_span_processes_fall_back_to_one_engine_with_a_warning(monkeypatch, model, tok, video,
+                                                                             tmp_path):
+  """A rollout mesh whose replicas are not each on one process (simulated: `spanning_replica` says so) runs one
+  engine over the whole mesh, and says why."""
+  import zoomer_jax
+  from zoomer_jax.agent import replicas as RP
+  from zoomer_jax.parallel.mesh import make_mesh
+
+  mesh = make_mesh((4, 1, 2))
+  sharded = zoomer_jax.load_hf(zoomer_jax.export_hf(model, tmp_path / "m"), mesh=mesh)
+  assert RP.replica_engines(sharded) == 4 and RP.replica_engines(model) == 1
+  monkeypatch.setattr(RP, "spanning_replica", lambda m: "replica 0 spans processes [0, 1]")
+  assert RP.replica_engines(sharded) == 1
+  stats = EngineStats()
+  tasks = [Task(video, "<image>\nWhat colour?", "A", "a"), Task(video, "<image>\nWhere?", "B", "b")]
+  with jax.set_mesh(mesh), pytest.warns(UserWarning, match="one rollout engine over the whole mesh: replica 0"):
+    got = RP.replicated_rollout(sharded, tok, tasks, _config(max_new_tokens=8), jax.random.key(1),
+                                engine=EngineConfig(page_size=8), stats=stats)
+  assert stats.engines == 1 and stats.prefills == 2 and [t.task.id for t in got] == ["a", "b"]
