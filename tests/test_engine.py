@@ -321,7 +321,7 @@ def test_one_engine_per_data_parallel_replica_gives_one_engines_trajectories(mod
                "<image>\nWhere? A. left B. right"]
   tasks = [Task(video, q, "A", f"g{g}s{k}") for g, q in enumerate(questions) for k in range(3)]
   tasks.insert(3, Task(str(tmp_path / "missing.mp4"), "<image>\nAnything?", "A", "missing"))
-  assert RP.split_groups(tasks, 4) == [[0, 1, 2], [3], [4, 5, 6], [7, 8, 9]]
+  assert RP.split_groups(RP.task_groups(tasks), 4) == [[0, 1, 2], [3], [4, 5, 6], [7, 8, 9]]
   cfg = _config(temperature=1.0)
   engine = EngineConfig(page_size=8, step_tokens=64, max_running=8)
   ev_a, ev_b = [], []

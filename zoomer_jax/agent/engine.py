@@ -115,6 +115,12 @@ class EngineStats:
     return {**dataclasses.asdict(self), "shapes": len(self.shapes)}
 
 
+def as_key(key: jax.Array | None) -> jax.Array:
+  """A typed PRNG key: key(0) for None, a raw uint32 key (jax.random.PRNGKey) wrapped."""
+  key = jax.random.key(0) if key is None else key
+  return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
 def add_stats(total: EngineStats, more: EngineStats) -> None:
   """Adds another run's figures to `total` (counts and seconds summed, step shapes joined)."""
   for f in dataclasses.fields(EngineStats):
@@ -172,9 +178,7 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
 
   `first_row`: the index of tasks[0] in a larger batch whose other rows other engines run (`agent/replicas.py`):
   a token's sampling key folds in its row's index in the whole batch, so the split does not change samples."""
-  key = jax.random.key(0) if key is None else key
-  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # a raw uint32 key (jax.random.PRNGKey)
-    key = jax.random.wrap_key_data(key)
+  key = as_key(key)
   if admit is not None and (not engine.max_running or not cfg.cache_size or several_processes()):
     raise ValueError("admitting tasks while the engine runs needs engine.max_running > 0 and cfg.cache_size > 0 "
                      f"(got {engine.max_running}, {cfg.cache_size}) and one process ({jax.process_count()})")
@@ -212,10 +216,15 @@ class _Admission:
     self.reading: dict[int, tuple[Task, cf.Future]] = {}  # row -> its task, its overview being read
 
 
+def same_task_prompt(a: Task, b: Task) -> bool:
+  """Whether two tasks ask the same question of the same video (with the same subtitles)."""
+  return (a.video, a.problem, a.subtitles) == (b.video, b.problem, b.subtitles)
+
+
 def same_prompt(a, b) -> bool:
   """Whether two rows (`rollout._Row`) start from the same prompt: task, ids and overview pixels."""
-  return ((a.task.video, a.task.problem, a.task.subtitles) == (b.task.video, b.task.problem, b.task.subtitles)
-          and a.tr.ids == b.tr.ids and np.array_equal(a.pixels[0], b.pixels[0]))
+  return (same_task_prompt(a.task, b.task) and a.tr.ids == b.tr.ids
+          and np.array_equal(a.pixels[0], b.pixels[0]))
 
 
 def groups(rows, share: bool) -> list[list[int]]:

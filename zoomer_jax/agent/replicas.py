@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from zoomer_jax.agent.engine import EngineConfig, EngineStats, add_stats, continuous_rollout
+from zoomer_jax.agent.engine import EngineConfig, EngineStats, add_stats, as_key, continuous_rollout, same_task_prompt
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, alone, raise_fatal
 from zoomer_jax.parallel.distributed import mesh_of, share_by_key
 
@@ -112,33 +112,31 @@ def task_groups(tasks) -> list[list[int]]:
   prefill), as lists of indices."""
   groups: list[list[int]] = []
   for i, t in enumerate(tasks):
-    if groups and _same(tasks[groups[-1][0]], t):
+    if groups and same_task_prompt(tasks[groups[-1][0]], t):
       groups[-1].append(i)
     else:
       groups.append([i])
   return groups
 
 
-def split_groups(tasks, replicas: int) -> list[list[int]]:
-  """Each replica's task indices: whole `task_groups`, in contiguous blocks of about equal numbers of groups."""
-  groups = task_groups(tasks)
+def split_groups(groups: list[list[int]], replicas: int) -> list[list[int]]:
+  """Each replica's task indices: whole groups (`task_groups`), in contiguous blocks of about equal numbers of
+  groups."""
   out: list[list[int]] = [[] for _ in range(replicas)]
   for g, members in enumerate(groups):
     out[g * replicas // len(groups)] += members
   return out
 
 
-def _same(a: Task, b: Task) -> bool:
-  return (a.video, a.problem, a.subtitles) == (b.video, b.problem, b.subtitles)
-
-
 def replica_engines(model) -> int:
   """How many engines `replicated_rollout` runs `model`'s rollouts on, over every process (1: one
   `continuous_rollout`)."""
   mesh = mesh_of(nnx.state(model, nnx.Param)) if model is not None else None
-  if mesh is None or DATA not in mesh.axis_names or mesh.shape[DATA] == 1 or spanning_replica(mesh):
-    return 1
-  return int(mesh.shape[DATA])
+  return 1 if _one_engine(mesh) else int(mesh.shape[DATA])
+
+
+def _one_engine(mesh) -> bool:
+  return mesh is None or DATA not in mesh.axis_names or mesh.shape[DATA] == 1 or bool(spanning_replica(mesh))
 
 
 def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
@@ -149,19 +147,17 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   over all replicas (0: every task), `engine.pool_pages` each engine's pool. `stats` sums this process's
   engines' (and `stats.engines` counts them)."""
   mesh = mesh_of(nnx.state(model, nnx.Param))
-  if replica_engines(model) == 1:
+  if _one_engine(mesh):
     if mesh is not None and (why := spanning_replica(mesh)):
       warnings.warn(f"one rollout engine over the whole mesh: {why}", stacklevel=2)
     return continuous_rollout(model, tok, tasks, cfg, key, on_event=on_event, script=script, engine=engine,
                               stats=stats)
-  key = jax.random.key(0) if key is None else key
-  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key)
-  key_data = np.asarray(jax.random.key_data(key))  # placed on each replica's chips by its engine
+  key_data = np.asarray(jax.random.key_data(as_key(key)))  # placed on each replica's chips by its engine
   subs = replica_meshes(mesh)
   mine = local_replicas(mesh)
-  parts = split_groups(tasks, len(subs))
-  largest = max(map(len, task_groups(tasks)), default=1)
+  groups = task_groups(tasks)
+  parts = split_groups(groups, len(subs))
+  largest = max(map(len, groups), default=1)
   running = max(-(-(engine.max_running or len(tasks)) // len(subs)), largest)
   lock = threading.Lock()
   results: dict[int, Trajectory] = {}
