@@ -12,7 +12,12 @@ runs the scripted agent rollout (`ROLLOUT_SCRIPT`, `rollout_config`) of the task
 with ENGINE (`run_rollout`: "lockstep", "continuous" or "replicas") and writes
 OUT_DIR/rollout_{ENGINE}{PROCESS_ID}.json:
 this process's trajectories, events and the videos it decoded, then the error that the same rollout raised when
-one row's clip extraction has a bug.
+one row's clip extraction has a bug; or
+
+  python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID placement OUT_DIR
+
+builds GRPO's training micro-batches from trajectories whose pixels only the process that made them holds
+(`placement_main`).
 """
 
 import hashlib
@@ -142,9 +147,83 @@ def rollout_main(argv):
     json.dump(record, f)
 
 
+PLACEMENT_REPLICAS = [0] * 9 + [1] * 3  # replica 0's groups kept 9 trajectories, replica 1's 3
+
+
+def placement_trajectories():
+  """The placement test's 12 trajectories (tiny tokenizer, 1-2 overview images and a zoom's frame each), made by
+  `PLACEMENT_REPLICAS`; the same on every process (a seeded generator)."""
+  import numpy as np
+
+  from zoomer_jax.agent.rollout import Task, Trajectory
+  from zoomer_jax.text import build_tiny_tokenizer
+  from zoomer_jax.train.sft import encode_conversation
+  tok, rng, out = build_tiny_tokenizer(), np.random.default_rng(5), []
+  for k, replica in enumerate(PLACEMENT_REPLICAS):
+    overview = 1 + k % 2
+    imgs = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(overview + 1)]
+    msgs = [{"role": "user", "content": "Frames: " + " <image>" * overview + f"\nWhich colour? {k}"},
+            {"role": "assistant", "content": '<video_zoom>{"segment": [1, 3], "fps": 1}</video_zoom>'},
+            {"role": "user", "content": "<tool_response>\n<frame0_time2.0s><image>\n</tool_response>"},
+            {"role": "assistant", "content": "<answer>" + "B" * (1 + k % 3) + "</answer>"}]
+    ex = encode_conversation(tok, msgs, imgs, max_pixels=56 * 56, min_pixels=28 * 28)
+    out.append(Trajectory(task=Task("v.mp4", "q", "B", str(k)), ids=ex.ids, response_mask=ex.loss_mask.astype(np.int32),
+                          logprobs=rng.normal(size=len(ex.ids)).astype(np.float32), pixel_values=ex.pixel_values,
+                          image_grid_thw=ex.image_grid_thw, calls=[], answer="B", finish_reason="answer", rounds=2,
+                          turns=[], replica=replica))
+  return out
+
+
+def placement_main(argv):
+  """GRPO's training rows from trajectories whose pixels only their replica's process holds: writes
+  OUT_DIR/placement{PROCESS_ID}.json (the order, bytes sent, which pixels the process ends with, and whether each
+  micro-batch equals one process's batch of the same trajectories)."""
+  coordinator, n, pid, out_dir = argv
+  distributed.initialize(coordinator, int(n), int(pid))
+
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  from zoomer_jax.agent.replicas import replica_meshes
+  from zoomer_jax.config_loader import load
+  from zoomer_jax.model.config import ModelConfig
+  from zoomer_jax.parallel.mesh import make_mesh
+  from zoomer_jax.train import placement as PL
+  from zoomer_jax.train.batch import make_batch
+  from zoomer_jax.train.grpo import example_of, training_batch
+
+  mc = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model)
+  mesh, rows = make_mesh((2, 4, 1)), 8  # grpo_tiny's: the rollout's replicas are its data axis
+  every = placement_trajectories()
+  maker = {r: int(sub.devices.flat[0].process_index) for r, sub in enumerate(replica_meshes(mesh))}
+  me = jax.process_index()
+  mine = [t if maker[t.replica] == me else dataclasses.replace(t, pixel_values=None) for t in every]
+  order = PL.place([t.replica for t in mine], PL.home_replicas(mesh, mesh, rows))
+  trajs, sent = PL.share_pixels(mine, order, mesh, mesh, rows)
+  adv = np.linspace(-1.0, 1.0, len(every))
+  equal = []
+  for i in range(0, len(order), rows):
+    part = [example_of(trajs[k], adv[k]) for k in order[i:i + rows]]
+    got = distributed.to_host(training_batch(mc, part, mesh, rows=rows, token_bucket=16, image_bucket=4, pad_id=0))
+    want = make_batch(mc, [example_of(every[k], adv[k]) for k in order[i:i + rows]], rows=rows, token_bucket=16,
+                      image_bucket=4, pad_id=0)
+    a, b = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
+    equal.append([jax.tree_util.keystr(pa) for (pa, x), (_, y) in zip(a, b)
+                  if np.shape(x) != np.shape(y) or not np.array_equal(x, y)] if len(a) == len(b) else ["structure"])
+  record = dict(order=order, sent=sent, maker={str(k): v for k, v in maker.items()},
+                homes=PL.home_replicas(mesh, mesh, rows), held=[k for k, t in enumerate(trajs) if t.pixel_values is not None],
+                unequal=equal, pixel_bytes=[int(t.pixel_values.nbytes) for t in every])
+  with open(os.path.join(out_dir, f"placement{pid}.json"), "w") as f:
+    json.dump(record, f)
+
+
 def main(argv):
   if len(argv) > 3 and argv[3] == "rollout":
     return rollout_main(argv[:3] + argv[4:])
+  if len(argv) > 3 and argv[3] == "placement":
+    return placement_main(argv[:3] + argv[4:])
   coordinator, n, pid, checkpoint, prompt_path, out_dir, *meshes = argv
   distributed.initialize(coordinator, int(n), int(pid))
 

@@ -335,6 +335,7 @@ def test_one_engine_per_data_parallel_replica_gives_one_engines_trajectories(mod
                                 script=_script(REPLICA_SCRIPT), engine=engine, stats=stats)
   assert [t.finish_reason == "video_error" for t in got] == [k == 3 for k in range(len(tasks))]
   assert all(len(got[i].calls) >= 1 for i in (0, 5, 8))
+  assert [t.replica for t in got] == [0, 0, 0, 1, 2, 2, 2, 3, 3, 3] and {t.replica for t in want} == {-1}
   for a, b in zip(want, got):
     _same(a, b, measure, f"{a.task.id}_replica_logprob_diff")
   per_row = lambda ev: {i: [(k, str(x)) for k, j, x in ev if j == i and k not in ("tokens", "done")]

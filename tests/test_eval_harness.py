@@ -179,7 +179,7 @@ def test_a_failing_batch_is_retried_task_by_task(monkeypatch):
   tok = build_tiny_tokenizer()
   calls = []
 
-  def flaky(model, tok, batch, cfg, key, script=None, engine=None, admit=None, on_event=None):
+  def flaky(model, tok, batch, cfg, key, script=None, engine=None, admit=None, on_event=None, pixels="all"):
     calls.append([t.id for t in batch])
     if admit is not None:  # the one run: batch_size in flight, the rest would join; the first ends, then the error
       assert engine.max_running == 3 and cfg.cache_size > 0

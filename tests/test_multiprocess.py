@@ -197,15 +197,16 @@ def test_two_process_sft_job_matches_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_grpo_job_matches_one_process(tmp_path):
-  """GRPO on two processes with the continuous engine: every process runs the same rollouts with each step's inputs
-  placed as global arrays over the 8-device mesh; rewards, response lengths and frames equal one process's exactly,
-  losses closely."""
+  """GRPO on two processes with the continuous engine, one per data-parallel replica (a replica per process): each
+  process rolls out its replica's group, keeps its pixels, and trains them on the rows its chips hold (8 rows, one
+  per chip), so no pixels cross between the processes; rewards, response lengths and frames equal one process's
+  exactly, losses closely."""
   from train_data import write_rl_records
   data = write_rl_records(str(tmp_path / "data"), 4)
   args = ["--config=grpo_tiny", f"--config.data.train_files=('{data}',)", "--config.trainer.total_steps=2",
-          "--config.data.train_batch_size=2", "--config.rollout.n=2", "--config.rollout.response_length=8",
-          "--config.rollout.max_generation_round=2", "--config.rollout.batch_size=4",
-          "--config.actor.ppo_mini_batch_size=2", "--config.actor.ppo_micro_batch_size=2",
+          "--config.data.train_batch_size=2", "--config.rollout.n=4", "--config.rollout.response_length=8",
+          "--config.rollout.max_generation_round=2", "--config.rollout.batch_size=8",
+          "--config.actor.ppo_mini_batch_size=2", "--config.actor.ppo_micro_batch_size=8",
           "--config.algorithm.rejection_sample=False", "--config.trainer.save_freq=5",
           "--config.rollout.engine=continuous", *SMALL_MODEL]
   two, one = _job_on_one_and_two_processes(tmp_path, args)
@@ -217,8 +218,34 @@ def test_two_process_grpo_job_matches_one_process(tmp_path):
     for key in ("loss", "actor/entropy", "actor/kl_loss", "actor/pg_loss"):
       np.testing.assert_allclose(a[key], b[key], rtol=tol.MULTIPROCESS_LOSS_REL, atol=1e-9, err_msg=key)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=tol.MULTIPROCESS_GRAD_REL)
+    assert a["rollout/engines_per_process"] == 1 and a["rollout/pixel_bytes_sent"] == 0
+    assert 0 < a["rollout/pixel_bytes_held"] < b["rollout/pixel_bytes_held"]  # its own group's images only
   assert one[1]["actor/kl_loss"] > 0 and one[0]["frames/mean"] > 0  # the policy moved; frames were read
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2"]
+
+
+@pytest.mark.slow
+def test_two_process_grpo_rows_are_built_where_their_pixels_are(tmp_path):
+  """GRPO's training micro-batches from trajectories whose pixels only the process that made them holds (one
+  rollout engine per replica, `pixels="own"`): each row takes a trajectory of the replica whose chip holds it, so
+  a process builds its rows from its own pixels; of 12 trajectories (9 from replica 0, 3 from replica 1) the one
+  surplus trajectory trained on replica 1's chips is the only one whose pixels travel, and the global batches
+  equal one process's batches of the same trajectories."""
+  import multiprocess_worker as W
+  from zoomer_jax.train.placement import place
+  _run_workers(["placement", str(tmp_path)], str(tmp_path))
+  got = [json.loads((tmp_path / f"placement{p}.json").read_text()) for p in range(2)]
+  homes, order, maker = got[0]["homes"], got[0]["order"], got[0]["maker"]
+  assert all((g["homes"], g["order"], g["maker"]) == (homes, order, maker) for g in got)
+  assert homes == [0] * 4 + [1] * 4 and sorted(maker.values()) == [0, 1]  # a replica per process
+  assert order == place(W.PLACEMENT_REPLICAS, homes)
+  moved = [k for pos, k in enumerate(order) if W.PLACEMENT_REPLICAS[k] != homes[pos % 8]]
+  assert moved == [4]
+  p0, p1 = maker["0"], maker["1"]
+  assert got[p0]["sent"] == got[0]["pixel_bytes"][4] > 0 and got[p1]["sent"] == 0
+  assert got[p0]["held"] == list(range(9))  # its own; nothing else arrived
+  assert got[p1]["held"] == [4, 9, 10, 11]  # its own, and the one its row 7 trains on
+  assert [g["unequal"] for g in got] == [[[], []], [[], []]]
 
 
 def test_pack_round_trips_exactly_and_share_is_local_in_one_process():

@@ -13,7 +13,11 @@ compile command's engine programs assume (`aot/engine_programs.py`).
 A process runs the engines of the replicas whose chips it holds, each in a thread of its own (a v5p host whose 4
 chips are 4 replicas runs 4 engines; dispatch releases the GIL while a device computes). When all are done the
 processes exchange their trajectories (one collective), so that every process returns every trajectory, as one
-engine over the whole mesh does. A failure in one process's engine is raised on every process.
+engine over the whole mesh does, each tagged with its replica (`Trajectory.replica`). With `pixels="own"` the
+exchange leaves the images out: a trajectory made on another process comes back with `pixel_values` None (its
+grids, tokens and log-probs are there), which is what GRPO and evaluation need (at the 7B image budgets every
+trajectory's pixels on every host would be tens of GB per host per RL step; `train/placement.py` trains each
+trajectory on the process that made it). A failure in one process's engine is raised on every process.
 
 The replicas' weights are the model's own buffers seen on each replica's mesh (no copy): each replica must hold
 whole weights (no rule splits a weight over `data`) and lie within one process (the data axis spans hosts, the
@@ -141,11 +145,14 @@ def _one_engine(mesh) -> bool:
 
 def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
                        on_event=None, script=None, engine: EngineConfig = EngineConfig(),
-                       stats: EngineStats | None = None) -> list[Trajectory]:
+                       stats: EngineStats | None = None, pixels: str = "all") -> list[Trajectory]:
   """`continuous_rollout`'s contract with one engine per data-parallel replica of the model's mesh (module
   docstring); every process calls it with the same arguments. `engine.max_running` counts trajectories in flight
   over all replicas (0: every task), `engine.pool_pages` each engine's pool. `stats` sums this process's
-  engines' (and `stats.engines` counts them)."""
+  engines' (and `stats.engines` counts them). `pixels`: "all" (every process gets every trajectory's images) or
+  "own" (only those its own engines made; the others' `pixel_values` are None)."""
+  if pixels not in ("all", "own"):
+    raise ValueError(f"replicated_rollout: pixels must be 'all' or 'own', got {pixels!r}")
   mesh = mesh_of(nnx.state(model, nnx.Param))
   if _one_engine(mesh):
     if mesh is not None and (why := spanning_replica(mesh)):
@@ -184,7 +191,7 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
       futures = {d: pool.submit(run, d, models[d]) for d in busy}
       for d, fut in futures.items():
         trajs, st = fut.result()
-        results.update(zip(parts[d], trajs))
+        results.update((i, dataclasses.replace(t, replica=d)) for i, t in zip(parts[d], trajs))
         add_stats(total, st)
   except Exception as e:
     if jax.process_count() == 1:
@@ -192,12 +199,13 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
     fatal = [type(e).__name__, "".join(traceback.format_exception(e)).rstrip()]
   if jax.process_count() > 1:
     local = {f"fatal{jax.process_index()}": fatal} if fatal else {}
-    local.update({str(i): _pack(t) for i, t in results.items()})
+    local.update({str(i): _pack(t, with_pixels=pixels == "all") for i, t in results.items()})
     shared = share_by_key(local)
     for k, v in shared.items():
       if k.startswith("fatal"):
         raise_fatal(*v, f"the rollout engines of process {k[len('fatal'):]} failed")
-    results = {int(k): _unpack(v) for k, v in shared.items()}
+    results = {int(k): results[int(k)] if int(k) in results else _unpack(v)  # its own: with their pixels
+               for k, v in shared.items()}
   return [results[i] for i in range(len(tasks))]
 
 
@@ -215,13 +223,16 @@ class _Serial:
 _ARRAYS = ("ids", "response_mask", "logprobs", "pixel_values", "image_grid_thw")
 
 
-def _pack(t: Trajectory) -> dict:
-  """A trajectory as `distributed.pack` takes it (arrays bit for bit)."""
-  return dict(task=dataclasses.asdict(t.task), **{k: getattr(t, k) for k in _ARRAYS}, calls=t.calls,
-              answer=t.answer, finish_reason=t.finish_reason, rounds=t.rounds, turns=t.turns)
+def _pack(t: Trajectory, with_pixels: bool = True) -> dict:
+  """A trajectory as `distributed.pack` takes it (arrays bit for bit; `pixel_values` None unless `with_pixels`)."""
+  arrays = {k: getattr(t, k) for k in _ARRAYS}
+  if not with_pixels:
+    arrays["pixel_values"] = None
+  return dict(task=dataclasses.asdict(t.task), **arrays, calls=t.calls, answer=t.answer,
+              finish_reason=t.finish_reason, rounds=t.rounds, turns=t.turns, replica=t.replica)
 
 
 def _unpack(d: dict) -> Trajectory:
   task = dict(d["task"], subtitles=tuple(tuple(s) for s in d["task"]["subtitles"]))
   return Trajectory(task=Task(**task), **{k: d[k] for k in _ARRAYS}, calls=d["calls"], answer=d["answer"],
-                    finish_reason=d["finish_reason"], rounds=d["rounds"], turns=d["turns"])
+                    finish_reason=d["finish_reason"], rounds=d["rounds"], turns=d["turns"], replica=d["replica"])

@@ -86,13 +86,15 @@ class Trajectory:
   ids: np.ndarray  # int32 [L]
   response_mask: np.ndarray  # int32 [L]: 1 on model tokens
   logprobs: np.ndarray  # float32 [L]: the sampler's log-prob where response_mask is 1, else 0
-  pixel_values: np.ndarray  # float32 [P, 1176]: all images, overview then each call's
+  pixel_values: np.ndarray | None  # float32 [P, 1176]: all images, overview then each call's (None: another
+  #   process holds them, `replicated_rollout(pixels="own")`)
   image_grid_thw: np.ndarray  # int64 [n_images, 3]
   calls: list[dict]
   answer: str | None
   finish_reason: str  # "answer", "no_call", "round_limit", "context_limit", "video_error"
   rounds: int
   turns: list[str]  # each assistant turn's text
+  replica: int = -1  # the data-parallel replica whose engine made it (`agent/replicas.py`); -1: one engine
 
   @property
   def n_frames(self) -> int:

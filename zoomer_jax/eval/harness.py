@@ -223,7 +223,7 @@ def _run_batch(model, tok, batch, cfg, key, script, engine: EngineConfig) -> lis
   its tasks run one by one, and a task that fails alone gives its error message instead of a trajectory."""
   row_script = None if script is None else (lambda row, rnd, b=batch: script(b[row], rnd))
   try:
-    return replicated_rollout(model, tok, batch, cfg, key, script=row_script, engine=engine)
+    return replicated_rollout(model, tok, batch, cfg, key, script=row_script, engine=engine, pixels="own")
   except _TASK_ERRORS as e:
     if len(batch) == 1:
       return [f"{type(e).__name__}: {e}"]

@@ -82,15 +82,18 @@ class TrainBatch:
     return tuple(self.ids.shape)
 
 
-def batch_length(examples: Sequence[Example], token_bucket: int) -> int:
-  return round_up(max(len(e.ids) for e in examples), token_bucket)
+def batch_length(examples: Sequence[Example | None], token_bucket: int) -> int:
+  return round_up(max(len(e.ids) for e in examples if e is not None), token_bucket)
 
 
-def make_batch(cfg: ModelConfig, examples: Sequence[Example], *, rows: int | None = None, token_bucket: int = 0,
-               image_bucket: int = 0, pad_id: int = 0, length: int | None = None,
-               sizes: LayoutSizes | None = None) -> TrainBatch:
-  """`examples` as a right-padded [rows, length] host batch (numpy leaves); see the module docstring. `sizes`
-  fixes the images' padded shapes (several processes agree on them, `make_global_batch`)."""
+def make_batch(cfg: ModelConfig, examples: Sequence[Example | None], *, rows: int | None = None,
+               token_bucket: int = 0, image_bucket: int = 0, pad_id: int = 0, length: int | None = None,
+               sizes: LayoutSizes | None = None, token_names: Sequence[str] | None = None,
+               seq_names: Sequence[str] | None = None) -> TrainBatch:
+  """`examples` as a right-padded [rows, length] host batch (numpy leaves); see the module docstring. A None
+  example is an empty row, as are rows past the examples. `sizes` fixes the images' padded shapes, `token_names` /
+  `seq_names` the per-token / per-sequence values (by default those the examples have): several processes agree
+  on them (`make_global_batch`)."""
   if not examples:
     raise ValueError("make_batch needs at least one example")
   rows = len(examples) if rows is None else rows
@@ -100,12 +103,15 @@ def make_batch(cfg: ModelConfig, examples: Sequence[Example], *, rows: int | Non
   ids = np.full((rows, length), pad_id, np.int32)
   token_mask = np.zeros((rows, length), bool)
   loss_mask = np.zeros((rows, length), np.float32)
-  token_names = sorted({k for e in examples for k in e.token_values})
-  seq_names = sorted({k for e in examples for k in e.seq_values})
+  real = [e for e in examples if e is not None]
+  token_names = sorted({k for e in real for k in e.token_values} if token_names is None else token_names)
+  seq_names = sorted({k for e in real for k in e.seq_values} if seq_names is None else seq_names)
   token_values = {k: np.zeros((rows, length), np.float32) for k in token_names}
   seq_values = {k: np.zeros((rows,), np.float32) for k in seq_names}
   pixels, grids = [None] * rows, [None] * rows
   for i, e in enumerate(examples):
+    if e is None:
+      continue
     n = len(e.ids)
     if n > length:
       raise ValueError(f"example {i} has {n} tokens, more than the batch length {length}")
@@ -163,25 +169,28 @@ def local_rows(mesh: Mesh | None, rows: int) -> list[int]:
   return sorted({r for idx in held.values() for r in range(*idx[0].indices(rows))})
 
 
-def make_global_batch(cfg: ModelConfig, local: dict[int, Example], mesh: Mesh, *, rows: int, length: int,
-                      image_bucket: int = 0, pad_id: int = 0) -> TrainBatch:
+def make_global_batch(cfg: ModelConfig, local: dict[int, Example | None], mesh: Mesh, *, rows: int, length: int,
+                      image_bucket: int = 0, pad_id: int = 0, token_names: Sequence[str] | None = None,
+                      seq_names: Sequence[str] | None = None) -> TrainBatch:
   """A global batch (jax arrays laid out by `batch_sharding`) from this process's rows only.
 
-  `local` maps each row this process holds (`local_rows(mesh, rows)`) to its example; every process must pass
-  the same `length` (e.g. bucketed from the global longest row, which `RecordStream.take` gives every
-  process). Every leaf, images included, is built from the local rows alone; the processes agree on the images'
-  padded shapes by exchanging their rows' grids (a collective when no process holds every row).
+  `local` maps each row this process holds (`local_rows(mesh, rows)`) to its example (None: an empty row); every
+  process must pass the same `length` (e.g. bucketed from the global longest row, which `RecordStream.take` gives
+  every process), and the same `token_names` / `seq_names` when some process's rows may lack a value (all empty).
+  Every leaf, images included, is built from the local rows alone; the processes agree on the images' padded
+  shapes by exchanging their rows' grids (a collective when no process holds every row).
   """
   want = local_rows(mesh, rows)
   missing = [r for r in want if r not in local]
   if missing:
     raise ValueError(f"make_global_batch: this process holds rows {missing} but was given no example for them")
   mine = [local[r] for r in want]
+  names = dict(token_names=token_names, seq_names=seq_names)
   if len(want) == rows:  # every row is here (one process, or replicated rows): the whole batch
-    host = make_batch(cfg, mine, rows=rows, length=length, image_bucket=image_bucket, pad_id=pad_id)
+    host = make_batch(cfg, mine, rows=rows, length=length, image_bucket=image_bucket, pad_id=pad_id, **names)
     return _global_arrays(host, mesh, list(range(rows)), rows)
   sizes = _global_sizes(cfg, mine, image_bucket)
-  host = make_batch(cfg, mine, rows=len(want), length=length, pad_id=pad_id, sizes=sizes)
+  host = make_batch(cfg, mine, rows=len(want), length=length, pad_id=pad_id, sizes=sizes, **names)
   return _global_arrays(host, mesh, want, rows)
 
 
@@ -190,7 +199,7 @@ def _global_sizes(cfg: ModelConfig, examples: Sequence[Example], image_bucket: i
   sends its rows' grids, [n, 4] (row, t, h, w), and all fit the sizes to all of them."""
   from zoomer_jax.parallel.distributed import ragged_allgather  # noqa: PLC0415
   grids = [np.concatenate([np.full((e.n_images, 1), i), np.asarray(e.image_grid_thw, np.int64).reshape(-1, 3)], 1)
-           for i, e in enumerate(examples) if e.n_images]
+           for i, e in enumerate(examples) if e is not None and e.n_images]
   every = ragged_allgather(np.concatenate(grids) if grids else np.zeros((0, 4), np.int64))
   per_row = [g[g[:, 0] == r, 1:] for g in every for r in np.unique(g[:, 0])]
   return layout_sizes(per_row, cfg.vision, image_bucket) if per_row else None

@@ -13,7 +13,9 @@ One RL step:
   4. `ppo_epochs` passes over mini-batches of `ppo_mini_batch_size` prompts (x n trajectories), each one
      optimizer step accumulated over micro-batches of `ppo_micro_batch_size` trajectories; the loss is the
      clipped surrogate (clip_ratio_low / high) + kl_loss_coef * KL(ref) - entropy_coeff * entropy, over model
-     tokens only (prompt and tool-observation tokens are masked), aggregated by `loss_agg_mode`.
+     tokens only (prompt and tool-observation tokens are masked), aggregated by `loss_agg_mode`. With one rollout
+     engine per data-parallel replica, each trajectory takes a training row on the chips of the replica that
+     made it (`train/placement.py`), so its images never leave the host that decoded them.
 Checkpoints count RL steps (`extra["job_step"]`), so a resumed run continues with the next RL step.
 """
 
@@ -35,9 +37,11 @@ from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.rewards import RewardConfig, score_batch
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
 from zoomer_jax.sampling.sampler import SamplingParams
-from zoomer_jax.train.batch import Example, make_batch
+from zoomer_jax.train.batch import Example, TrainBatch, batch_length, local_rows, make_batch, make_global_batch
 from zoomer_jax.train.forward import sequence_logprobs
 from zoomer_jax.train.grpo_loss import GRPOLossConfig, check_adv_estimator, grpo_loss, keep_groups, outcome_advantages
+from zoomer_jax.train.placement import home_replicas, place, share_pixels
+from zoomer_jax.train.trainer import global_batch
 
 LOSS_KEYS = ("clip_ratio_low", "clip_ratio_high", "loss_agg_mode", "use_kl_loss", "kl_loss_coef", "kl_loss_type",
              "entropy_coeff", "tis_cap")
@@ -68,10 +72,11 @@ def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_s
   padded with repeats, whose results are dropped), so every call reuses the same compiled programs; the
   continuous one (`agent/engine.py`) runs every task in one call with `engine_cfg.max_running` (0: `batch_size`)
   trajectories in flight, one engine per data-parallel replica of the model's mesh (`agent/replicas.py`), and
-  adds what this process's engines did to `stats`."""
+  adds what this process's engines did to `stats`; a trajectory another process's engine made comes without its
+  pixels (`train/placement.py` trains it there)."""
   if engine == "continuous":
     return replicated_rollout(model, tok, tasks, agent_cfg, key, engine=dataclasses.replace(
-        engine_cfg, max_running=engine_cfg.max_running or batch_size), stats=stats)
+        engine_cfg, max_running=engine_cfg.max_running or batch_size), stats=stats, pixels="own")
   if engine != "lockstep":
     raise ValueError(f"rollout.engine {engine!r} is not one of {list(ENGINES)}")
   out = []
@@ -169,6 +174,19 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
   adv = outcome_advantages(a.adv_estimator, np.array([s["score"] for s in scores], np.float64), groups,
                            norm_adv_by_std=a.norm_adv_by_std_in_grpo)
   return Rollouts(trajs, scores, groups, adv, gen, all_scores, all_trajs, stats)
+
+
+def training_batch(mc, examples: list[Example], mesh, *, rows: int, token_bucket: int, image_bucket: int,
+                   pad_id: int) -> TrainBatch:
+  """A micro-batch of `examples` (trajectories in `placement.place` order) as global arrays; with several
+  processes each builds only the rows its chips hold, whose pixels it has (`placement.share_pixels`)."""
+  if jax.process_count() == 1:
+    return global_batch(make_batch(mc, examples, rows=rows, token_bucket=token_bucket, image_bucket=image_bucket,
+                                   pad_id=pad_id), mesh)
+  local = {r: examples[r] if r < len(examples) else None for r in local_rows(mesh, rows)}
+  return make_global_batch(mc, local, mesh, rows=rows, length=batch_length(examples, token_bucket),
+                           image_bucket=image_bucket, pad_id=pad_id, token_names=("sampler_logp",),
+                           seq_names=("advantage",))
 
 
 def example_of(t: Trajectory, advantage: float) -> Example:
@@ -290,12 +308,14 @@ def run_grpo(cfg) -> dict:
         ro = collect(engine.rollout_model(), ctx.tok, it, cfg, reward_cfg, agent_cfg,
                      jax.random.fold_in(jax.random.key(cfg.seed), step), step)
       t_roll = time.perf_counter() - t0
-      examples = [example_of(t, a) for t, a in zip(ro.trajs, ro.advantages)]
+      roll_mesh = engine.rollout_mesh or engine.mesh
+      order = place([t.replica for t in ro.trajs], home_replicas(engine.mesh, roll_mesh, rows))
+      trajs, sent = share_pixels(ro.trajs, order, engine.mesh, roll_mesh, rows)
+      examples = [example_of(trajs[k], ro.advantages[k]) for k in order]
       batches = []
       for i in range(0, len(examples), rows):
-        batch = make_batch(mc, examples[i:i + rows], rows=rows, token_bucket=actor.token_bucket,
-                           image_bucket=actor.image_bucket, pad_id=ctx.tok.endoftext)
-        dev = engine.put(batch)
+        dev = training_batch(mc, examples[i:i + rows], engine.mesh, rows=rows, token_bucket=actor.token_bucket,
+                             image_bucket=actor.image_bucket, pad_id=ctx.tok.endoftext)
         tv = dict(dev.token_values, old_logp=engine.evaluate(dev, logp_fn))
         if ref_params is not None:
           tv["ref_logp"] = engine.evaluate(dev, logp_fn, params=ref_params)
@@ -314,6 +334,10 @@ def run_grpo(cfg) -> dict:
       stats["loss"] = stats["actor/loss"]
       n_tok = sum(len(t.ids) for t in ro.all_trajs) + 3 * sum(len(e.ids) for e in examples)
       stats.update(step_s=dt, rollout_s=t_roll, update_s=dt - t_roll, tokens_per_s=n_tok / dt)
+      # This process's: the images it holds after the rollout (its own engines'), and those it sent to others' rows.
+      stats["rollout/pixel_bytes_held"] = float(sum(t.pixel_values.nbytes for t in ro.trajs
+                                                     if t.pixel_values is not None))
+      stats["rollout/pixel_bytes_sent"] = float(sent)
       ctx.job_step = step + 1
       if test_freq and (ctx.job_step % test_freq == 0 or ctx.job_step == total):
         stats.update(validate(engine, ctx.tok, val_tasks, agent_config(r, greedy=True), cfg, ctx.job_step))
