@@ -330,3 +330,22 @@ def test_a_probe_in_the_configs_token_blocks_costs_what_one_block_does(target, m
   rel = abs(blocks.flops / one.flops - 1)
   measure("flops_rel", rel)
   assert rel <= tol.AOT_PROBE_REL
+
+
+@pytest.mark.parametrize("config,topology", [("grpo_7b_v5p64", "v5p:4x4x2"), ("grpo_7b_v6e64", "v6e:8x8")])
+def test_pod_rollout_replicas_and_training_rows_each_lie_on_one_host(config, topology):
+  """On the 7B configs' slices every rollout replica's chips are one host's (so each runs its own engine there,
+  `agent/replicas.py`), and every training row's chips are exactly its home replica's (so it is built from images
+  that host decoded, `train/placement.py`). On v6e-64 the torus order alone would run each tensor-4 group across
+  two hosts' 2 x 2 blocks (`parallel.mesh._host_local`)."""
+  from zoomer_jax.agent.replicas import replica_meshes, spanning_replica
+  from zoomer_jax.train.placement import home_replicas, row_devices
+  cfg = load(config, [])
+  mesh, rollout = P.meshes(cfg, list(tpu_target(topology).devices))
+  assert spanning_replica(rollout) is None
+  rows = cfg.actor.ppo_micro_batch_size
+  homes = home_replicas(mesh, rollout, rows)
+  chips = [set(sub.devices.flat) for sub in replica_meshes(rollout)]
+  assert sorted(homes) == list(range(len(chips)))  # a row per replica
+  for row, home in zip(row_devices(mesh, rows), homes):
+    assert row == chips[home] and len({d.process_index for d in row}) == 1

@@ -1,11 +1,14 @@
 """Device mesh from config: axes (data, fsdp, tensor) with ICI (within a slice) and DCN (across slices) degrees.
 
 One degree per axis may be -1, meaning "whatever is left" of the devices. With every DCN degree 1 the mesh
-is a plain `jax.make_mesh`; otherwise devices are arranged slice-major with `create_hybrid_device_mesh`.
+follows the slice's torus (`create_device_mesh`); otherwise devices are arranged slice-major with
+`create_hybrid_device_mesh`. Either way a data-parallel slice (or else a tensor group) that fits one host is
+kept on one host (`_host_local`).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Sequence
 
@@ -44,4 +47,29 @@ def make_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1),
     arranged = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
   else:
     arranged = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
-  return Mesh(np.asarray(arranged), tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
+  return Mesh(_host_local(np.asarray(arranged)), tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
+
+
+def _host_local(arranged: np.ndarray) -> np.ndarray:
+  """`arranged` with the chips of each data-parallel slice (every axis after the first), or failing that of each
+  group along the last axis (tensor), on one host, when such blocks divide the hosts' chips.
+
+  `create_device_mesh` follows the physical torus, which may run a block across hosts: on v6e-64 (a host holds a
+  2 x 2 block of chips) a mesh (16, 1, 4) gets 1 x 4 lines, each on two hosts. A rollout replica must lie within
+  one process (`agent/replicas.py`), and a training row held by a tensor group is best built on one host
+  (`train/placement.py`). The devices are then taken host by host, each host's in the torus order (a stable
+  sort); a mesh whose blocks already lie within hosts, or cannot, is left as it is.
+  """
+  shape = arranged.shape
+  hosts = collections.Counter(d.process_index for d in arranged.flat)
+  if len(hosts) == 1 or len(set(hosts.values())) > 1:
+    return arranged
+  per_host = next(iter(hosts.values()))
+  for block in (math.prod(shape[1:]), shape[-1]):
+    if block == 1 or per_host % block:
+      continue
+    flat = list(arranged.flat)
+    if all(len({d.process_index for d in flat[i:i + block]}) == 1 for i in range(0, len(flat), block)):
+      return arranged
+    return np.array(sorted(flat, key=lambda d: d.process_index), dtype=object).reshape(shape)
+  return arranged
