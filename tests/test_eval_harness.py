@@ -13,6 +13,7 @@ from flax import nnx
 
 import media
 from zoomer_jax.agent import protocol as P
+from zoomer_jax.agent import replicas
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory
 from zoomer_jax.config_loader import load
 from zoomer_jax.eval import harness
@@ -54,8 +55,8 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_tool_run_counts_and_jsonl_agree(model, videos, tmp_path):
-  tok = build_tiny_tokenizer()
+def _tool_tasks(videos):
+  """Six tasks and their scripted turns (zooms, a missing video, a malformed call, answers right and wrong)."""
   tasks = [Task(videos["a"], "<image>\nWhich? A. x B. y", "B", "t0", "S1"),
            Task(videos["b"], "<image>\nWhich? A. x B. y C. z", "A", "t1", "S1"),
            Task(videos["missing"], "<image>\nWhich? A. x B. y", "A", "t2", "S2"),
@@ -75,6 +76,12 @@ def test_tool_run_counts_and_jsonl_agree(model, videos, tmp_path):
              '<think>three</think><video_zoom>{"segment": [5, 6], "fps": 2}</video_zoom>'],
       "t5": ["<think>t</think><answer>\\boxed{A}</answer>" + END],  # a boxed answer: acc 1, format 1
   }
+  return tasks, turns
+
+
+def test_tool_run_counts_and_jsonl_agree(model, videos, tmp_path):
+  tok = build_tiny_tokenizer()
+  tasks, turns = _tool_tasks(videos)
   out = str(tmp_path / "run" / "tool.jsonl")
   report = evaluate(model, tok, tasks, CFG, batch_size=3, out_jsonl=out, key=jax.random.key(1), progress=False,
                     script=_script(turns))
@@ -238,6 +245,46 @@ def test_main_runs_the_tiny_config_on_a_benchmark_file(videos, tmp_path, capsys)
   out = capsys.readouterr().out
   assert "overall" in out and "0 resolved, 1 skipped" in out and "missing video " in out
   assert np.isclose(saved["accuracy"], sum(r["acc"] for r in lines) / 2)
+
+
+def test_evaluation_over_replicas_joins_tasks_into_one_engine_per_replica(model, videos, tmp_path, monkeypatch):
+  """A model with 4 data-parallel replicas: one `replicated_rollout` with joining (each replica's engine takes a
+  block of the tasks, one in flight, the next joining as it ends; no batches), and the JSONL lines equal one
+  device's."""
+  import zoomer_jax
+  from zoomer_jax.parallel.mesh import make_mesh
+  tok = build_tiny_tokenizer()
+  tasks, turns = _tool_tasks(videos)
+
+  def run(m, name):
+    evaluate(m, tok, tasks, CFG, batch_size=4, out_jsonl=str(tmp_path / name), key=jax.random.key(1), progress=False,
+             script=_script(turns))
+    return _read_jsonl(tmp_path / name)
+  want = run(model, "one.jsonl")
+  calls, admitted = [], []
+  inner_rollout, inner_engine = harness.replicated_rollout, replicas.continuous_rollout
+
+  def spy(*a, **k):
+    calls.append(k.get("join"))
+    return inner_rollout(*a, **k)
+
+  def engine_spy(*a, admit=None, **k):
+    return inner_engine(*a, admit=None if admit is None else (lambda free: _count(admit, free, admitted)), **k)
+  monkeypatch.setattr(harness, "replicated_rollout", spy)
+  monkeypatch.setattr(replicas, "continuous_rollout", engine_spy)
+  mesh = make_mesh((4, 1, 2))
+  sharded = zoomer_jax.load_hf(zoomer_jax.export_hf(model, tmp_path / "m"), mesh=mesh)
+  with jax.set_mesh(mesh):
+    got = run(sharded, "replicas.jsonl")
+  assert calls == [True]  # one run, joining
+  assert sorted(t.id for t in admitted) == ["t1", "t4"]  # blocks [t0 t1] [t2] [t3 t4] [t5]: the second of each joined
+  assert got == want
+
+
+def _count(admit, free, seen):
+  new = admit(free)
+  seen.extend(new)
+  return new
 
 
 @pytest.mark.slow

@@ -145,12 +145,15 @@ def _one_engine(mesh) -> bool:
 
 def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
                        on_event=None, script=None, engine: EngineConfig = EngineConfig(),
-                       stats: EngineStats | None = None, pixels: str = "all") -> list[Trajectory]:
+                       stats: EngineStats | None = None, pixels: str = "all", join: bool = False) -> list[Trajectory]:
   """`continuous_rollout`'s contract with one engine per data-parallel replica of the model's mesh (module
   docstring); every process calls it with the same arguments. `engine.max_running` counts trajectories in flight
   over all replicas (0: every task), `engine.pool_pages` each engine's pool. `stats` sums this process's
   engines' (and `stats.engines` counts them). `pixels`: "all" (every process gets every trajectory's images) or
-  "own" (only those its own engines made; the others' `pixel_values` are None)."""
+  "own" (only those its own engines made; the others' `pixel_values` are None). `join`: each engine starts with
+  the first of its tasks that fit in flight and the rest join as places free (`continuous_rollout`'s `admit`;
+  needs `cfg.cache_size`), so no engine waits for a batch's slowest trajectory and a task's video is read only when
+  it joins; without it (and with one engine over the whole mesh) every task's overview is read at the start."""
   if pixels not in ("all", "own"):
     raise ValueError(f"replicated_rollout: pixels must be 'all' or 'own', got {pixels!r}")
   mesh = mesh_of(nnx.state(model, nnx.Param))
@@ -176,11 +179,15 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
     st = EngineStats()
     events = None if on_event is None else _Serial(on_event, rows, lock)
     row_script = None if script is None else (lambda i, rnd: script(rows[i], rnd))
+    first, later = (rows[:running], rows[running:][::-1]) if join else (rows, [])
+
+    def admit(free: int) -> list[Task]:  # in order: a joining task's row follows the rows before it
+      return [tasks[later.pop()] for _ in range(min(free, len(later)))]
     with alone(), jax.set_mesh(subs[d]):
       k = jax.device_put(jax.random.wrap_key_data(key_data), NamedSharding(subs[d], PartitionSpec()))
-      out = continuous_rollout(model_d, tok, [tasks[i] for i in rows], cfg, k, on_event=events,
+      out = continuous_rollout(model_d, tok, [tasks[i] for i in first], cfg, k, on_event=events,
                                script=row_script, engine=dataclasses.replace(engine, max_running=running),
-                               stats=st, first_row=rows[0])
+                               stats=st, first_row=rows[0], admit=admit if join else None)
     return out, st
 
   busy = [d for d in mine if parts[d]]

@@ -243,7 +243,9 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
   batch position order: task 0 k times, then task 1, ...). `script(task, round) -> str | None` (optional)
   dictates a turn's text instead of generating it, as `rollout`'s `script` does (tests and demonstrations).
   The tasks run on the continuous engine (`agent/engine.py`, settings `engine`) in one run with `batch_size`
-  trajectories in flight: a task joins as soon as another ends (no batch waits for its slowest trajectory); the
+  trajectories in flight (over a model with data-parallel replicas, one engine per replica, each on its block of
+  the tasks: `agent/replicas.py`): a task joins as soon as another ends (no batch waits for its slowest
+  trajectory); the
   JSONL is in task order, each line written once the tasks before it have ended; a task's k samples share its
   prompt's prefill when they join together. A failure that is not a video
   error is pinned on its task by running the tasks left in batches of `batch_size`, then one by one.
@@ -290,8 +292,10 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
   try:
     key, sub = jax.random.split(key)
     try:  # one engine run: batch_size trajectories in flight, the next task joins as one ends
-      if replica_engines(model) == 1:  # (engines per replica run batches: tasks cannot join them)
+      if replica_engines(model) == 1:
         _run_all(model, tok, tasks, cfg, sub, script, engine, batch_size, record)
+      else:  # an engine per data-parallel replica, each with its block of the tasks joining it
+        _run_replicas(model, tok, tasks, cfg, sub, script, engine, batch_size, record)
     except _TASK_ERRORS:  # pinned on its task by running what is left in batches, then one by one
       pass
     left = [i for i in range(len(tasks)) if i not in records]
@@ -308,6 +312,28 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
       sink.close()
   return Report.from_records([records[i] for i in sorted(records)], mode, cfg.tool,
                              wall_s=time.perf_counter() - t0, out_jsonl=out_jsonl)
+
+
+def _run_replicas(model, tok, tasks, cfg, key, script, engine: EngineConfig, in_flight: int, record) -> None:
+  """Every task through `replicated_rollout` with joining: each replica's engine takes a contiguous block of the
+  tasks, `in_flight` / replicas at a time, the rest joining as places free; this process's tasks are recorded as
+  they end, the other processes' when all are done."""
+  if not tasks:
+    return
+  cfg = dataclasses.replace(cfg, cache_size=cfg.cache_size or cache_bound(cfg, prompt_text_bound(tok, tasks,
+                                                                                                     cfg.tool)))
+  done: set[int] = set()
+
+  def on_event(kind, i, info):
+    if kind == "done":
+      done.add(i)
+      record(i, info)
+  row_script = None if script is None else (lambda row, rnd: script(tasks[row], rnd))
+  trajs = replicated_rollout(model, tok, list(tasks), cfg, key, script=row_script, on_event=on_event,
+                             engine=dataclasses.replace(engine, max_running=in_flight), pixels="own", join=True)
+  for i, traj in enumerate(trajs):
+    if i not in done:
+      record(i, traj)
 
 
 def _run_all(model, tok, tasks, cfg, key, script, engine: EngineConfig, in_flight: int, record) -> None:
