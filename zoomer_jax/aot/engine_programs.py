@@ -77,8 +77,10 @@ class EngineShapes:
 
 
 def replica_mesh(rmesh: Mesh) -> Mesh:
-  """The chips of one data-parallel replica of the rollout mesh, with its axes (data of size 1)."""
-  return Mesh(rmesh.devices[:1], rmesh.axis_names, axis_types=rmesh.axis_types)
+  """The chips of one data-parallel replica of the rollout mesh (the last: every replica runs the same programs,
+  and libtpu's compile without a TPU rejects the v6e-64 host block that holds chip 0, {0, 1, 8, 9}, with a
+  RET_CHECK on its device ids where every other block compiles), with its axes (data of size 1)."""
+  return Mesh(rmesh.devices[-1:], rmesh.axis_names, axis_types=rmesh.axis_types)
 
 
 def engine_shapes(cfg, mc: ModelConfig, rmesh: Mesh) -> EngineShapes:
