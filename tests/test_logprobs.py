@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
 import tolerances as tol
 from zoomer_jax.config_loader import load
 from zoomer_jax.model.config import ModelConfig
 from zoomer_jax.model.qwen25vl import Qwen25VL, prepare_inputs
+from zoomer_jax.parallel.rules import logical_to_spec
 from zoomer_jax.train.logprobs import head_weight, sequence_logprobs, token_logprobs
 
 
@@ -217,3 +219,47 @@ def test_compiled_temp_memory_is_far_below_full_logits():
   assert full > logits_bytes, (full, logits_bytes)
   assert chunked < logits_bytes / 4, (chunked, logits_bytes)  # ~3 live [T, 8192] fp32 blocks
   assert blocked < logits_bytes / 16, (blocked, logits_bytes)  # ~3 live [1024, 8192] fp32 blocks
+
+
+# --------------------------------------------------------------------------------------------- on a mesh
+@pytest.mark.parametrize("context", [False, True])
+def test_sharded_head_equals_one_device_and_gathers_the_head_once(context, measure):
+  """`token_logprobs(rules=...)` under a mesh (shard_map: each device its rows and, with context parallelism, its
+  tokens; the head gathered once, its gradient reduce-scattered once): log-probs, entropies and both gradients
+  equal one device's, and the head's collectives move a fraction of what the partitioner's per-chunk gathers and
+  all-reduces do (the same function without rules)."""
+  from zoomer_jax.aot.hlo import Hlo
+  from zoomer_jax.parallel.mesh import make_mesh
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES
+  rules = (CONTEXT_PARALLEL + DEFAULT_RULES) if context else DEFAULT_RULES
+  rng = np.random.default_rng(3)
+  b, t, d, v = 4, 64, 32, 512
+  h = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
+  tg = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+  c = jnp.asarray(rng.normal(size=(b, t)), jnp.float32)
+
+  def loss(h, w, rules):
+    logp, ent = token_logprobs(h, w, tg, vocab_chunk=128, token_chunk=16, rules=rules)
+    return jnp.sum(logp * c + 0.1 * ent), (logp, ent)
+
+  grad = jax.jit(jax.grad(loss, (0, 1), has_aux=True), static_argnums=2)
+  (want_h, want_w), (want_lp, want_ent) = grad(h, w, None)
+  mesh = make_mesh((1, 4, 2))
+  with jax.set_mesh(mesh):
+    hs = jax.device_put(h, NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_length", None),
+                                                               rules, mesh, h.shape)))
+    ws = jax.device_put(w, NamedSharding(mesh, logical_to_spec(("embed", "vocab"), rules, mesh, w.shape)))
+    (got_h, got_w), (got_lp, got_ent) = grad(hs, ws, rules)
+    moved = {r: sum(k["moved"] for k in Hlo(grad.lower(hs, ws, r).compile().as_text()).collectives(8).values())
+             for r in (None, rules)}
+  for name, a, b_ in (("logp", got_lp, want_lp), ("entropy", got_ent, want_ent)):
+    err = float(jnp.abs(a - b_).max())
+    measure(f"{name}_diff", err)
+    assert err <= tol.CHUNKED_LOGPROB_FP32, name
+  for name, a, b_ in (("dh", got_h, want_h), ("dw", got_w, want_w)):
+    rel = float(jnp.abs(a - b_).max() / jnp.abs(b_).max())
+    measure(f"{name}_rel", rel)
+    assert rel <= tol.CHUNKED_GRAD_FP32_REL, name
+  measure("bytes_moved_sharded_over_partitioner", moved[rules] / moved[None])
+  assert moved[rules] < 0.5 * moved[None], moved

@@ -42,8 +42,11 @@ def sequence_logprobs(model, batch: TrainBatch, *, remat: str = "none", vocab_ch
   w_dv = head_weight(model)
   if vocab_limit is not None and vocab_limit < w_dv.shape[1]:
     w_dv = w_dv[:, :vocab_limit]
-  logp, ent = token_logprobs(h_btd[:, :-1], w_dv, batch.ids[:, 1:], vocab_chunk=vocab_chunk or None,
-                             token_chunk=token_chunk or None, temperature=temperature, with_entropy=with_entropy,
-                             dtype_rounding=logits_dtype(model))
-  pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (1, 0)))
-  return pad(logp), pad(ent)
+  # Every position is scored (the last against a dummy 0, dropped) so the token axis keeps the length the mesh
+  # splits (`token_logprobs` under shard_map, `rules`); position t scores ids[t + 1].
+  targets = jnp.concatenate([batch.ids[:, 1:], jnp.zeros_like(batch.ids[:, :1])], axis=1)
+  logp, ent = token_logprobs(h_btd, w_dv, targets, vocab_chunk=vocab_chunk or None, token_chunk=token_chunk or None,
+                             temperature=temperature, with_entropy=with_entropy, dtype_rounding=logits_dtype(model),
+                             rules=model.options.rules)
+  shift = lambda x: None if x is None else jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
+  return shift(logp), shift(ent)

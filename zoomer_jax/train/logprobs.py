@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from zoomer_jax.model.layers import precision_for
+from zoomer_jax.parallel.rules import logical_to_spec
 from zoomer_jax.model.stack import scan
 from zoomer_jax.model.qwen25vl import Qwen25VL, VisionInput
 
@@ -90,12 +91,13 @@ def _vocab_slice(w_dv, i, vocab_chunk):
   return jax.lax.dynamic_slice_in_dim(w_dv, start, vocab_chunk, axis=1), start, col_c, col_c >= i * vocab_chunk
 
 
-def _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding):
+def _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding, matmul_dtype):
   """Online logsumexp: (lse, target logit, E_softmax[z]) per token, each [k, C]; no [C, V] array is live."""
   n_chunks = -(-w_dv.shape[1] // vocab_chunk)
 
   def vocab_step(stats, i):
     w_dc, _, col_c, new_c = _vocab_slice(w_dv, i, vocab_chunk)
+    w_dc = w_dc.astype(matmul_dtype or w_dv.dtype)
 
     def block_step(_, xs):
       h_cd, tg_c, m_c, s_c, u_c, zt_c = xs
@@ -118,22 +120,23 @@ def _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
   return lse_kc, zt_kc, u_kc / s_kc
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding):
-  """([k, C] log-probs, [k, C] entropies (zeros unless with_entropy)) over vocabulary chunks."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding, matmul_dtype=None):
+  """([k, C] log-probs, [k, C] entropies (zeros unless with_entropy)) over vocabulary chunks. `matmul_dtype`: the
+  logits' matmuls run in it (default w's dtype), while w and its gradient keep w's (fp32: `_sharded`)."""
   lse_kc, zt_kc, ez_kc = _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
-                                          dtype_rounding)
+                                          dtype_rounding, matmul_dtype)
   return zt_kc - lse_kc, (lse_kc - ez_kc) if with_entropy else jnp.zeros_like(lse_kc)
 
 
-def _chunked_fwd(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding):
+def _chunked_fwd(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding, matmul_dtype=None):
   lse_kc, zt_kc, ez_kc = _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
-                                          dtype_rounding)
+                                          dtype_rounding, matmul_dtype)
   out = (zt_kc - lse_kc, (lse_kc - ez_kc) if with_entropy else jnp.zeros_like(lse_kc))
   return out, (h_kcd, w_dv, tg_kc, temperature, lse_kc, ez_kc)
 
 
-def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
+def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, matmul_dtype, res, cts):
   """Recomputes each [C, vocab_chunk] block of logits; dz = g_logp (onehot - p) + g_ent p (E[z] - z).
 
   dw is written chunk by chunk into one [d, V] buffer (accumulated in fp32 over token blocks), dh into one
@@ -144,9 +147,12 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
   d = h_kcd.shape[-1]
   n_chunks = -(-w_dv.shape[1] // vocab_chunk)
 
+  mm = matmul_dtype or w_dv.dtype
+
   def vocab_step(carry, i):
     dh_kcd, dw_dv = carry
     w_dc, start, col_c, new_c = _vocab_slice(w_dv, i, vocab_chunk)
+    w_dc = w_dc.astype(mm)
 
     def block_step(dw_dc, xs):
       h_cd, tg_c, lse_c, ez_c, g_lp_c, g_ent_c = xs
@@ -156,12 +162,12 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
       dz_cv = g_lp_c[..., None] * (hit - p_cv)
       if with_entropy:
         dz_cv = dz_cv + g_ent_c[..., None] * p_cv * (ez_c[..., None] - z_cv)
-      dx_cv = (dz_cv / temperature).astype(w_dv.dtype)  # through the rounding cast: identity, as autodiff
-      prec = precision_for(w_dv.dtype)
+      dx_cv = (dz_cv / temperature).astype(mm)  # through the rounding cast: identity, as autodiff
+      prec = precision_for(mm)
       lead = tuple(range(dx_cv.ndim - 1))  # the block's rows (and tokens)
       dh_cd = jax.lax.dot_general(dx_cv, w_dc, (((dx_cv.ndim - 1,), (1,)), ((), ())), precision=prec,
                                   preferred_element_type=jnp.float32)
-      dw_dc = dw_dc + jax.lax.dot_general(h_cd.astype(w_dv.dtype), dx_cv, ((lead, lead), ((), ())),
+      dw_dc = dw_dc + jax.lax.dot_general(h_cd.astype(mm), dx_cv, ((lead, lead), ((), ())),
                                           precision=prec, preferred_element_type=jnp.float32)
       return dw_dc, dh_cd
 
@@ -180,9 +186,67 @@ def _chunked_bwd(vocab_chunk, with_entropy, dtype_rounding, res, cts):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+HEAD_AXES = ("embed", "vocab")  # `head_weight`'s [d, V] (lm_head's kernel, or the tied table transposed)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gathered(w_dv, spec):
+  """Inside `shard_map`: this device's shard of w gathered whole (as `spec` splits it), in fp32."""
+  for dim, axes in enumerate(spec):
+    if axes is not None:
+      w_dv = jax.lax.all_gather(w_dv, axes, axis=dim, tiled=True)
+  return w_dv.astype(jnp.float32)
+
+
+def _gathered_fwd(w_dv, spec):
+  return _gathered(w_dv, spec), jnp.zeros((0,), w_dv.dtype)
+
+
+def _gathered_bwd(spec, res, ct_dv):
+  """Each device's fp32 gradient summed and scattered back to the shards in one reduce-scatter per split dim,
+  then rounded to w's dtype (as an all-reduce in fp32 and a cast would)."""
+  for dim, axes in reversed(list(enumerate(spec))):
+    if axes is not None:
+      ct_dv = jax.lax.psum_scatter(ct_dv, axes, scatter_dimension=dim, tiled=True)
+  return (ct_dv.astype(res.dtype),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def _sharded(h_btd, w_dv, tg_bt, rules, *, vocab_chunk, token_chunk, temperature, with_entropy, dtype_rounding):
+  """`token_logprobs`' chunked path under `shard_map`, or None when the mesh in context splits nothing here.
+
+  Left to the partitioner, the vocabulary loop gathers each [d, vocab_chunk] slice of the head at every step
+  and all-reduces its fp32 gradient there too (per vocabulary chunk and token block, over the batch shards).
+  Here each device gathers the whole head once (fp32, so its gradient is summed in fp32), runs the chunks over
+  its own rows and tokens, and the gradient leaves in one reduce-scatter (`_gathered`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  b, t, _ = h_btd.shape
+  batch, length = logical_to_spec(("activation_batch", "activation_length"), rules, mesh, (b, t))
+  w_spec = logical_to_spec(HEAD_AXES, rules, mesh, w_dv.shape)
+  if batch is None and length is None and not any(w_spec):
+    return None
+  P = jax.sharding.PartitionSpec
+
+  def local(h, w, tg):
+    h_kcd, tg_kc = _rows_in_blocks(h, tg, token_chunk)
+    out = _chunked(h_kcd, _gathered(w, w_spec), tg_kc, jnp.asarray(temperature, jnp.float32),
+                   min(vocab_chunk, w.shape[1]), with_entropy, dtype_rounding, w.dtype)
+    unblock = lambda a: a.transpose(1, 0, 2).reshape(h.shape[0], -1)[:, :h.shape[1]]  # noqa: E731
+    return tuple(unblock(a) for a in out)
+
+  rows = P(batch, length)
+  logp, ent = jax.shard_map(local, mesh=mesh, in_specs=(P(batch, length, None), w_spec, rows),
+                            out_specs=(rows, rows), check_vma=False)(h_btd, w_dv, tg_bt)
+  return logp, (ent if with_entropy else None)
+
+
 def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, vocab_chunk: int | None,
                    token_chunk: int | None = None, temperature=1.0, with_entropy: bool = True,
-                   dtype_rounding=None) -> tuple[jax.Array, jax.Array | None]:
+                   dtype_rounding=None, rules=None) -> tuple[jax.Array, jax.Array | None]:
   """log_softmax(h @ w / temperature) at `targets` and the softmax's entropy: ([B, T] fp32, [B, T] fp32).
 
   h_btd [B, T, d] hidden states; w_dv [d, V] output projection; targets_bt [B, T] int ids (an id outside
@@ -190,7 +254,8 @@ def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, 
   is walked in chunks of that width (any width, divisor of V or not) and the backward pass recomputes each
   chunk. `token_chunk` also walks each row's T tokens in blocks of that many. `dtype_rounding` rounds the
   fp32-accumulated logits to that dtype first (`logits_dtype(model)` reproduces `model.logits`). The
-  entropy is None when `with_entropy` is False. Differentiable in h and w.
+  entropy is None when `with_entropy` is False. Differentiable in h and w. With `rules` (the model's) and a mesh
+  in context, the chunked path runs under `shard_map`, each device on its own rows and tokens (`_sharded`).
   """
   b, t, d = h_btd.shape
   if w_dv.ndim != 2 or w_dv.shape[0] != d:
@@ -202,6 +267,12 @@ def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, 
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
   if isinstance(temperature, (int, float)) and temperature <= 0:
     raise ValueError(f"temperature must be > 0 (score greedy samples at 1.0), got {temperature}")
+  if vocab_chunk is not None and rules is not None:
+    out = _sharded(h_btd, w_dv, targets_bt.astype(jnp.int32), rules, vocab_chunk=vocab_chunk,
+                   token_chunk=token_chunk, temperature=temperature, with_entropy=with_entropy,
+                   dtype_rounding=dtype_rounding)
+    if out is not None:
+      return out
   h_kcd, tg_kc = _rows_in_blocks(h_btd, targets_bt.astype(jnp.int32), token_chunk)
   if vocab_chunk is None:
     block = functools.partial(_full_rows, w_dv=w_dv, temperature=temperature, with_entropy=with_entropy,
@@ -212,7 +283,7 @@ def token_logprobs(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, 
       logp_kc, ent_kc = jax.lax.map(jax.checkpoint(lambda a: block(a[0], tg_n=a[1])), (h_kcd, tg_kc))
   else:
     logp_kc, ent_kc = _chunked(h_kcd, w_dv, tg_kc, jnp.asarray(temperature, jnp.float32),
-                               min(vocab_chunk, w_dv.shape[1]), with_entropy, dtype_rounding)
+                               min(vocab_chunk, w_dv.shape[1]), with_entropy, dtype_rounding, None)
   unblock = lambda a: a.transpose(1, 0, 2).reshape(b, -1)[:, :t]  # noqa: E731  ([k, B, C] -> [B, T])
   return unblock(logp_kc), (unblock(ent_kc) if with_entropy else None)
 
