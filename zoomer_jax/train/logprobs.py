@@ -203,8 +203,9 @@ def _gathered_fwd(w_dv, spec):
 
 
 def _gathered_bwd(spec, res, ct_dv):
-  """Each device's fp32 gradient summed and scattered back to the shards in one reduce-scatter per split dim,
-  then rounded to w's dtype (as an all-reduce in fp32 and a cast would)."""
+  """Each device's fp32 gradient summed over the devices and scattered back to the shards (one reduce-scatter per
+  split dim), then rounded to w's dtype. On TPU, XLA emits this as one all-reduce taking the fp32 sum to a bf16
+  result, sliced to the shard."""
   for dim, axes in reversed(list(enumerate(spec))):
     if axes is not None:
       ct_dv = jax.lax.psum_scatter(ct_dv, axes, scatter_dimension=dim, tiled=True)
@@ -219,8 +220,8 @@ def _sharded(h_btd, w_dv, tg_bt, rules, *, vocab_chunk, token_chunk, temperature
 
   Left to the partitioner, the vocabulary loop gathers each [d, vocab_chunk] slice of the head at every step
   and all-reduces its fp32 gradient there too (per vocabulary chunk and token block, over the batch shards).
-  Here each device gathers the whole head once (fp32, so its gradient is summed in fp32), runs the chunks over
-  its own rows and tokens, and the gradient leaves in one reduce-scatter (`_gathered`)."""
+  Here each device gathers the whole head once, runs the chunks over its own rows and tokens, accumulating the
+  head's gradient in fp32, which leaves in one collective (`_gathered`)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
