@@ -346,3 +346,18 @@ def test_param_table_lists_every_model_parameter(rng, tie):
     real[key] = (entry, n + 1)
   table = {e.path: ((e.shape, e.axes), e.repeat) for e in param_table(cfg)}
   assert table == real
+
+
+def test_context_parallelism_divides_the_decoders_tokens_in_the_update_memory():
+  """A rules table that splits `activation_length` over tensor (sft_7b_v6e64) gives each chip a quarter of a
+  row's tokens with whole heads and whole gathered layers: against the same job with the tensor axis on heads
+  (the 7B model's table), the decoder's kept residual stream and the logits chunk are a quarter, the gathered
+  layers and head four times, the vision tower's working set (still split over heads) the same."""
+  job = job_from_config(load("sft_7b_v6e64", []))
+  heads = job_from_config(load("sft_7b_v6e64", ["--config.mesh.rules=" + repr(tuple(load("qwen25vl_7b", []).rules))]))
+  assert (job.context, heads.context, job_from_config(load("sft_7b", [])).context) == (4, 1, 1)
+  cp, tp = account(job).memory["update"].items, account(heads).memory["update"].items
+  assert cp["text activations kept (remat=full)"] == pytest.approx(tp["text activations kept (remat=full)"] / 4)
+  assert cp["logits (chunk 16384)"] == pytest.approx(tp["logits (chunk 16384)"] / 4)
+  assert cp["FSDP-gathered layers + head"] == pytest.approx(tp["FSDP-gathered layers + head"] * 4)
+  assert cp["vision block working set"] == tp["vision block working set"]

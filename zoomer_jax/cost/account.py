@@ -386,18 +386,23 @@ def _memory(job: Job, pc: PerChip, tr: Trainer, ro: Rollout, traj: Trajectory, t
   if job.mini_batch > job.micro_batch:
     upd.add("gradient accumulator", pc.trainable * st.grad_accum_bytes)
   upd.add("micro-batch gradient", pc.trainable * st.grad_bytes)
+  # Context parallelism (job.context > 1) spends the tensor axis on the decoder's tokens: each chip keeps its
+  # share of a row's tokens with whole heads, MLP width and vocabulary, and gathers whole layers and head; the
+  # vision tower stays split over heads (`tp`).
+  cp = job.context
+  ttp = max(1, tp // cp)
   if mesh.fsdp > 1:
     layer = max(text_layer_params(job.model), vision_block_params(job.model))
     per = st.param_bytes + st.grad_bytes
-    upd.add("FSDP-gathered layers + head", (tr.gathered_layers * layer + t.vocab_size * t.hidden_size) * per / tp)
+    upd.add("FSDP-gathered layers + head", (tr.gathered_layers * layer + t.vocab_size * t.hidden_size) * per / ttp)
   tokens_max, images_max, grid = traj.worst_case(job)
   rows = job.micro_per_chip
-  tokens = rows * tokens_max
+  tokens = rows * tokens_max // cp
   patches = rows * images_max * math.prod(grid)
-  act = M.text_activation_bytes(t, tokens, job.remat, tp=tp, act_bytes=tr.act_bytes)
+  act = M.text_activation_bytes(t, tokens, job.remat, tp=ttp, act_bytes=tr.act_bytes)
   upd.add(f"text activations kept (remat={job.remat})", act["saved"])
   upd.add("text layer working set (backward)", act["working"])
-  heads = t.num_attention_heads // tp if t.num_attention_heads % tp == 0 else t.num_attention_heads
+  heads = t.num_attention_heads // ttp if t.num_attention_heads % ttp == 0 else t.num_attention_heads
   kept = t.num_hidden_layers if job.remat == "none" else 0
   sc = M.attention_score_bytes(heads, rows, tokens_max, tokens_max, saved_layers=kept, attention=tr.attention)
   if tr.attention == "dense":
@@ -414,7 +419,7 @@ def _memory(job: Job, pc: PerChip, tr: Trainer, ro: Rollout, traj: Trajectory, t
     vsaved = 0 if job.freeze_vision or vremat != "none" else v.depth
     upd.add("vision attention scores (dense)", frames * vheads * fp * fp * (2 * vsaved + 10))
   upd.add(f"logits ({'chunk ' + str(job.vocab_chunk) if job.vocab_chunk else 'full vocab'})",
-          M.logits_bytes(tokens, t.vocab_size, job.vocab_chunk, tp))
+          M.logits_bytes(tokens, t.vocab_size, job.vocab_chunk, ttp))
   upd.add("inputs, embeddings, final hidden", patches * v.patch_dim * 4 + 2 * tokens * t.hidden_size * tr.act_bytes)
   tables = {"update": upd}
   if job.kind != "grpo":

@@ -95,6 +95,7 @@ class Job:
   frames_per_call_max: int = 0
   rollout_batch: int = 0
   decode_chunk: int = 0
+  context: int = 1  # training splits each row's tokens this many ways (rules map activation_length to tensor)
 
   @property
   def trajectories(self) -> int:
@@ -142,12 +143,24 @@ def job_from_config(cfg: Mapping[str, Any], accelerator: str | None = None) -> J
               min_pixels=int(d["min_pixels"]), max_total_frames=128)  # SFT records: 64 overview + zoom frames, <= 128
   else:
     raise ValueError(f"config job={kind!r}: the account knows 'grpo' and 'sft'")
+  job = dataclasses.replace(job, context=_context_degree(cfg["mesh"]["rules"], mesh))
   if job.mini_batch <= 0 or job.trajectories % job.mini_batch:
     raise ValueError(f"{job.trajectories} trajectories per step do not split into mini-batches of {job.mini_batch}")
   if job.mini_batch % job.micro_batch:
     raise ValueError(f"mini-batch of {job.mini_batch} trajectories is not a multiple of the micro-batch "
                      f"{job.micro_batch}")
   return job
+
+
+def _context_degree(rules, mesh: MeshShape) -> int:
+  """How many ways the rules split a row's tokens in training: the first rule for `activation_length`, over the
+  mesh axes it names (context parallelism, `parallel.rules.CONTEXT_PARALLEL`)."""
+  degrees = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+  for name, target in rules:
+    if name == "activation_length":
+      axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+      return math.prod(degrees.get(a, 1) for a in axes)
+  return 1
 
 
 def frame_grid(height: int, width: int, max_pixels: int, min_pixels: int, patch: int = 14) -> tuple[int, int, int]:
