@@ -209,6 +209,10 @@ def test_hlo_counts_loop_bodies_by_trip_count(target):
   gathers = hlo.collectives(4)["all-gather"]
   assert gathers["count"] == 6
   assert gathers["moved"] == pytest.approx(6 * 0.75 * 128 * 256 * 2)
+  # By shape: the same op, named by its group and gathered type.
+  ops = {k: v for k, v in hlo.collectives(4, by_shape=True).items() if k.startswith("all-gather")}
+  (name, op), = ops.items()
+  assert name.startswith("all-gather g4 bf16[") and name.endswith("128,256]") and op == gathers, ops
 
 
 def test_custom_calls_in_a_loop_count_per_trip_or_once_as_xlas_cost_analysis_does():

@@ -233,7 +233,8 @@ def serve(args) -> dict:
 
 def compile_(args) -> dict:
   from zoomer_jax.aot import run  # noqa: PLC0415
-  return run(_job_config(args), args.topology, probes=not args.no_probes, only=tuple(args.only or ()))
+  return run(_job_config(args), args.topology, probes=not args.no_probes, only=tuple(args.only or ()),
+             collective_ops=args.collective_ops)
 
 
 def _add_job_parser(sub, name: str, help_: str, default: str):
@@ -268,6 +269,8 @@ def main(argv=None) -> int:
   cp.add_argument("--topology", help="e.g. v5p:4x4x2 or v6e-64 (default: the config's accelerator_type)")
   cp.add_argument("--no-probes", action="store_true", help="memory and collectives only (skip the cost probes)")
   cp.add_argument("--only", action="append", metavar="PROGRAM", help="compile only this program (repeatable)")
+  cp.add_argument("--collective-ops", type=int, default=0, metavar="N",
+                  help="also print each program's N largest collectives by kind, group size and shape")
   fw = sub.add_parser("forward", help="one forward pass on a generated clip")
   fw.add_argument("--checkpoint", help="HF Qwen2.5-VL directory (default: the built-in tiny random model)")
   fw.add_argument("--config", default="qwen25vl_tiny", help="model config when no checkpoint is given")

@@ -122,6 +122,17 @@ def table(rep: dict) -> str:
   return "\n".join(out)
 
 
+def collective_ops_table(rep: dict, n: int) -> str:
+  """Each program's `n` largest collectives by kind, group size and shape (loops counted by trip count)."""
+  out = ["\nlargest collectives per program call (GB moved per chip, count, kind, group size g, shapes):"]
+  for r in rep["results"]:
+    if r.collective_ops:
+      out.append(f"  {r.name}:")
+      top = sorted(r.collective_ops.items(), key=lambda kv: -kv[1]["moved"])[:n]
+      out += [f"    {v['moved'] / 1e9:8.2f} GB  {v['count']:6d} x  {k}" for k, v in top]
+  return "\n".join(out)
+
+
 def check_table(chk: dict) -> str:
   out = ["\nthe account (zoomer_jax.cost) beside XLA, per chip:"]
   for name, acc, xla, ratio in chk["flops"]:
@@ -149,13 +160,16 @@ def bench_json(rep: dict, summ: dict) -> str:
                                     default=float)
 
 
-def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), log=print) -> dict:
-  """Compiles `cfg`'s programs for `topology` (default: `cfg.accelerator_type`'s), prints the report, returns it
-  with its summary."""
+def run(cfg, topology: str | None = None, *, probes: bool = True, only=(), collective_ops: int = 0,
+        log=print) -> dict:
+  """Compiles `cfg`'s programs for `topology` (default: `cfg.accelerator_type`'s), prints the report (with each
+  program's `collective_ops` largest collectives by shape), returns it with its summary."""
   topology = topology_for(topology or cfg.accelerator_type or "")
   rep = compile_job(cfg, tpu_target(topology), probes=probes, only=only, log=log)
   summ = summary(rep) if probes else {}
   log(table(rep))
+  if collective_ops:
+    log(collective_ops_table(rep, collective_ops))
   if probes:
     from zoomer_jax.aot.account_check import check  # noqa: PLC0415
     rep["account_check"] = check(cfg, rep)

@@ -117,9 +117,10 @@ class Hlo:
     memo[comp] = total
     return total
 
-  def collectives(self, devices: int) -> dict[str, dict]:
+  def collectives(self, devices: int, by_shape: bool = False) -> dict[str, dict]:
     """{kind: {"count", "bytes" (the op's payload per chip), "moved" (bytes each chip sends or receives, by the
-    ring algorithm over its group)}} over the whole program."""
+    ring algorithm over its group)}} over the whole program; with `by_shape`, keyed by "kind g<group size>
+    <result type>" instead (which op moves what)."""
     def visit(ins: Instr):
       kind = ins.op.removesuffix("-start")
       if kind not in COLLECTIVES or ins.op.endswith("-done"):
@@ -135,10 +136,11 @@ class Hlo:
         payload = max(sizes)
       p = _group_size(ins.rest, devices)
       factor = {"all-reduce": 2 * (p - 1) / p, "collective-permute": 1.0}.get(kind, (p - 1) / p)
-      return collections.Counter({f"{kind}/count": 1, f"{kind}/bytes": payload, f"{kind}/moved": payload * factor})
+      key = (f"{kind} g{p} " + " ".join(f"{d}[{dims}]" for d, dims in _SHAPE.findall(ins.type))) if by_shape else kind
+      return collections.Counter({f"{key}/count": 1, f"{key}/bytes": payload, f"{key}/moved": payload * factor})
 
     c = self._walk(self.entry, visit)
-    kinds = sorted({k.split("/")[0] for k in c})
+    kinds = sorted({k.rsplit("/", 1)[0] for k in c})
     return {k: {"count": c[f"{k}/count"], "bytes": c[f"{k}/bytes"], "moved": c[f"{k}/moved"]} for k in kinds}
 
   def kernels(self, prefix: str) -> list[tuple[str, list[int], list[tuple[str, tuple[int, ...]]], int]]:

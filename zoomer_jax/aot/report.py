@@ -87,6 +87,7 @@ class Result:
   raw: dict = dataclasses.field(default_factory=dict)  # XLA's cost analysis of the scanned program (loop-once)
   cost: Cost | None = None  # probe-extrapolated
   collectives: dict = dataclasses.field(default_factory=dict)
+  collective_ops: dict = dataclasses.field(default_factory=dict)  # by kind, group and shape (`Hlo.collectives`)
   kernel_s: float = 0.0
   collective_s: float = 0.0
   error: str = ""
@@ -293,6 +294,7 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
     if compiled is not None:
       hlo = Hlo(compiled.as_text())
       r.collectives = hlo.collectives(target.chips)
+      r.collective_ops = hlo.collectives(target.chips, by_shape=True)
       r.collective_s = r.collective_bytes / target.chip.ici_in_bw
     log(f"  {p.name}: compiled in {r.compile_s:.0f} s, {r.required / GiB:.2f} GiB per chip"
         + ("" if r.fits else "  (does not fit)"))

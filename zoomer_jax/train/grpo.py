@@ -37,11 +37,10 @@ from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.rewards import RewardConfig, score_batch
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
 from zoomer_jax.sampling.sampler import SamplingParams
-from zoomer_jax.train.batch import Example, TrainBatch, batch_length, local_rows, make_batch, make_global_batch
+from zoomer_jax.train.batch import Example, TrainBatch, batch_length, local_rows, make_global_batch
 from zoomer_jax.train.forward import sequence_logprobs
 from zoomer_jax.train.grpo_loss import GRPOLossConfig, check_adv_estimator, grpo_loss, keep_groups, outcome_advantages
 from zoomer_jax.train.placement import home_replicas, place, share_pixels
-from zoomer_jax.train.trainer import global_batch
 
 LOSS_KEYS = ("clip_ratio_low", "clip_ratio_high", "loss_agg_mode", "use_kl_loss", "kl_loss_coef", "kl_loss_type",
              "entropy_coeff", "tis_cap")
@@ -178,11 +177,8 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
 
 def training_batch(mc, examples: list[Example], mesh, *, rows: int, token_bucket: int, image_bucket: int,
                    pad_id: int) -> TrainBatch:
-  """A micro-batch of `examples` (trajectories in `placement.place` order) as global arrays; with several
-  processes each builds only the rows its chips hold, whose pixels it has (`placement.share_pixels`)."""
-  if jax.process_count() == 1:
-    return global_batch(make_batch(mc, examples, rows=rows, token_bucket=token_bucket, image_bucket=image_bucket,
-                                   pad_id=pad_id), mesh)
+  """A micro-batch of `examples` (trajectories in `placement.place` order) as global arrays; each process builds
+  only the rows its chips hold, whose pixels it has (`placement.share_pixels`)."""
   local = {r: examples[r] if r < len(examples) else None for r in local_rows(mesh, rows)}
   return make_global_batch(mc, local, mesh, rows=rows, length=batch_length(examples, token_bucket),
                            image_bucket=image_bucket, pad_id=pad_id, token_names=("sampler_logp",),

@@ -121,15 +121,15 @@ def _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _chunked(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding, matmul_dtype=None):
+def _chunked(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding, matmul_dtype):
   """([k, C] log-probs, [k, C] entropies (zeros unless with_entropy)) over vocabulary chunks. `matmul_dtype`: the
-  logits' matmuls run in it (default w's dtype), while w and its gradient keep w's (fp32: `_sharded`)."""
+  logits' matmuls run in it (None: w's dtype), while w and its gradient keep w's (fp32: `_sharded`)."""
   lse_kc, zt_kc, ez_kc = _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
                                           dtype_rounding, matmul_dtype)
   return zt_kc - lse_kc, (lse_kc - ez_kc) if with_entropy else jnp.zeros_like(lse_kc)
 
 
-def _chunked_fwd(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding, matmul_dtype=None):
+def _chunked_fwd(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy, dtype_rounding, matmul_dtype):
   lse_kc, zt_kc, ez_kc = _chunked_forward(h_kcd, w_dv, tg_kc, temperature, vocab_chunk, with_entropy,
                                           dtype_rounding, matmul_dtype)
   out = (zt_kc - lse_kc, (lse_kc - ez_kc) if with_entropy else jnp.zeros_like(lse_kc))
