@@ -33,7 +33,7 @@ def get_config(arg=None):
       ("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
       ("q_heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
       ("vision_patch", None), ("vision_embed", "fsdp"), ("vision_mlp", "tensor"), ("vision_heads", "tensor"),
-      ("vision_merged", "fsdp"), ("vision_merged_out", "tensor"), ("layers", None),
+      ("vision_merged", "fsdp"), ("vision_merged_out", "tensor"), ("vision_pieces", None), ("layers", None),
       ("activation_batch", ("data", "fsdp")), ("activation_length", None), ("activation_norm_length", None),
       ("activation_embed", None),
       ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"), ("activation_mlp", "tensor"),

@@ -87,6 +87,33 @@ def test_sft_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path,
     assert resumed[s] == full[s], (s, resumed[s], full[s])
 
 
+def test_sft_with_each_rows_frames_split_over_its_chips_matches_whole_rows(tmp_path, measure):
+  """SFT under the context-parallel rules on a (1, 4, 2) mesh: every row's images are cut into 2 pieces
+  (`rules.vision_pieces`), each encoded on one of the row's chips, the vision tower training. Losses and gradient
+  norms equal the same job's with the tower's heads split over those chips instead (the rows whole)."""
+  import tolerances as tol
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES, vision_pieces
+  from zoomer_jax.parallel.mesh import make_mesh
+  from zoomer_jax.train.sft import run_sft
+  data = write_sft_records(str(tmp_path / "data"), 8)
+  old = tuple(r for r in CONTEXT_PARALLEL if not r[0].startswith("vision")) + tuple(DEFAULT_RULES)
+  runs = {}
+  for name, rules in (("pieces", CONTEXT_PARALLEL + tuple(DEFAULT_RULES)), ("whole", old)):
+    cfg = sft_config(data, tmp_path / name, steps=2)
+    cfg.mesh.ici = (1, 4, 2)
+    cfg.data.batch_size = cfg.data.micro_batch_size = 4
+    cfg.mesh.rules = rules
+    assert vision_pieces(make_mesh(cfg.mesh.ici), rules) == (2 if name == "pieces" else 1)
+    assert not cfg.train.freeze_vision_tower
+    run_sft(cfg)
+    runs[name] = (_losses(tmp_path / name), _losses(tmp_path / name, "grad_norm"))
+  for key, got, want in zip(("loss", "grad_norm"), runs["pieces"], runs["whole"]):
+    assert sorted(got) == [1, 2]
+    measure(f"{key}_rel", max(abs(got[s] - want[s]) / abs(want[s]) for s in got))
+    for s in got:
+      assert abs(got[s] - want[s]) <= tol.LAYOUT_FP32_REL * abs(want[s]), (s, got[s], want[s])
+
+
 @pytest.mark.slow
 def test_grpo_steps_on_the_mesh_and_exact_resume(tmp_path, monkeypatch, keep_sigterm_handler):
   data = write_rl_records(str(tmp_path / "data"), 4)

@@ -52,6 +52,9 @@ BF16_ROUNDING_REL = 1e-2
 # grad norm). GRPO rollouts are compared exactly (the same tokens: host-side metrics must be equal).
 MULTIPROCESS_LOSS_REL = 1e-5
 MULTIPROCESS_GRAD_REL = 1e-4
+# One fp32 job under two layouts of the same mesh (a row's images in pieces on its chips vs the vision tower's
+# heads split over them): the same arithmetic, summed in another order. Relative (loss, gradient norm).
+LAYOUT_FP32_REL = 1e-5
 # Agent rollout log-probs on two processes vs one (same 8-device mesh, the same forced tokens): only the order of
 # cross-process reductions differs (measured 0: bit-identical on 2 x 4 CPU devices).
 MULTIPROCESS_LOGPROB_FP32 = 1e-5

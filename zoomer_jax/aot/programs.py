@@ -40,7 +40,7 @@ from zoomer_jax.model.kv_cache import KVCache, cache_shardings
 from zoomer_jax.model.qwen25vl import VisionInput, resolve_dtype
 from zoomer_jax.model.vision_layout import layout_sizes, padded_layout
 from zoomer_jax.parallel.mesh import make_mesh
-from zoomer_jax.parallel.rules import logical_to_spec
+from zoomer_jax.parallel.rules import logical_to_spec, vision_pieces
 from zoomer_jax.sampling.sampler import SamplingParams, StopCriteria, decode_program, round_up, step_program
 from zoomer_jax.train.batch import TrainBatch, batch_sharding
 from zoomer_jax.train.optim import make_optimizer
@@ -80,10 +80,11 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _vision(cfg: ModelConfig, rows: int, images: int, grid, mesh: Mesh, image_bucket: int, split_rows: bool):
+def _vision(cfg: ModelConfig, rows: int, images: int, grid, mesh: Mesh, image_bucket: int, split_rows: bool,
+            pieces: int = 1):
   """Abstract per-row images: `images` frames of `grid` in every row, laid out as make_batch / extend do."""
   grids = np.asarray([grid] * images, np.int64)
-  sizes = layout_sizes([grids], cfg.vision, image_bucket)
+  sizes = layout_sizes([grids], cfg.vision, image_bucket, pieces)
   one = padded_layout(grids, cfg.vision, sizes)
   spec = PartitionSpec(("data", "fsdp")) if split_rows else PartitionSpec()
   layout = jax.tree.map(lambda a: _sds((rows,) + a.shape, a.dtype, mesh, spec), one)
@@ -92,7 +93,7 @@ def _vision(cfg: ModelConfig, rows: int, images: int, grid, mesh: Mesh, image_bu
 
 
 def train_batch(cfg: ModelConfig, mesh: Mesh, *, rows: int, length: int, images: int, grid, image_bucket: int,
-                token_values=(), seq_values=()) -> TrainBatch:
+                token_values=(), seq_values=(), pieces: int = 1) -> TrainBatch:
   """An abstract `make_batch` result laid out by `batch_sharding`."""
   host = TrainBatch(ids=np.zeros((rows, 1), np.int32), positions=None, token_mask=None, loss_mask=None, images=None,
                     token_values={}, seq_values={})
@@ -103,7 +104,7 @@ def train_batch(cfg: ModelConfig, mesh: Mesh, *, rows: int, length: int, images:
   return TrainBatch(
       ids=row(jnp.int32), positions=jax.ShapeDtypeStruct((3, rows, length), jnp.int32, sharding=pos_sh),
       token_mask=row(bool), loss_mask=row(jnp.float32),
-      images=_vision(cfg, rows, images, grid, mesh, image_bucket, split) if images else None,
+      images=_vision(cfg, rows, images, grid, mesh, image_bucket, split, pieces) if images else None,
       token_values={k: row(jnp.float32) for k in token_values},
       seq_values={k: jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sh) for k in seq_values})
 
@@ -187,7 +188,8 @@ def sft_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config") -> li
                               cfg.train.freeze_vision_tower, total_steps=1000)
   grid = frame_grid(*WORST_FRAME, d.max_pixels, d.min_pixels)
   batch = train_batch(mc, mesh, rows=d.micro_batch_size, length=round_up(d.cutoff_len, d.token_bucket),
-                      images=SFT_IMAGES, grid=grid, image_bucket=d.image_bucket)
+                      images=SFT_IMAGES, grid=grid, image_bucket=d.image_bucket,
+                      pieces=vision_pieces(mesh, ab.rules))
   acc = jax.tree.map(lambda p: p, ab.params)
   micro = d.batch_size // d.micro_batch_size
   length = batch.ids.shape[1]
@@ -216,7 +218,8 @@ def grpo_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config", roll
                               rollout_mesh=rollout_mesh)
   grid = frame_grid(*WORST_FRAME, r.max_pixels, r.min_pixels)
   rows, length = a.ppo_micro_batch_size, round_up(a.max_token_len, a.token_bucket)
-  kw = dict(rows=rows, length=length, images=r.max_total_frames, grid=grid, image_bucket=a.image_bucket)
+  kw = dict(rows=rows, length=length, images=r.max_total_frames, grid=grid, image_bucket=a.image_bucket,
+            pieces=vision_pieces(mesh, ab.rules))
   logp_batch = train_batch(mc, mesh, **kw, token_values=("sampler_logp",), seq_values=("advantage",))
   tv = ("sampler_logp", "old_logp") + (("ref_logp",) if a.use_kl_loss else ())
   update_batch = train_batch(mc, mesh, **kw, token_values=tv, seq_values=("advantage",))

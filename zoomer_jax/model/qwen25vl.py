@@ -25,7 +25,8 @@ from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.paged import PagedCache
 from zoomer_jax.model.text import TextDecoder
 from zoomer_jax.model.vision import VisionTower
-from zoomer_jax.model.vision_layout import LayoutSizes, VisionLayout, batch_layout, layout_sizes, num_tokens
+from zoomer_jax.model.vision_layout import (LayoutSizes, VisionLayout, batch_layout, layout_sizes, num_tokens,
+                                           piece_rows)
 from zoomer_jax.parallel.rules import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -43,22 +44,23 @@ def resolve_dtype(dtype) -> jnp.dtype:
 class VisionInput:
   """Pixel rows of one modality (images or videos), per batch row, and their layouts.
 
-  pixels [R, N, patch_dim]: row r's images, in placeholder order, padded with blank rows to N; layout leaves
-  [R, ...] (`vision_layout.batch_layout`). Row r's features go to row r's pad tokens."""
+  pixels [R, N, patch_dim]: row r's images, in placeholder order, split into the layout's pieces (each padded
+  with blank rows to N / pieces); layout leaves [R, ...] (`vision_layout.batch_layout`). Row r's features go to
+  row r's pad tokens."""
 
   pixels: jax.Array  # [R, N, patch_dim]
   layout: VisionLayout
 
 
 def vision_input(cfg: ModelConfig, pixels: Sequence[np.ndarray | None], grids: Sequence[np.ndarray | None], *,
-                 image_bucket: int = 0, sizes: LayoutSizes | None = None) -> VisionInput | None:
+                 image_bucket: int = 0, sizes: LayoutSizes | None = None, pieces: int = 1) -> VisionInput | None:
   """Per-row pixel rows and grids (None or empty for rows without images) as one padded `VisionInput` (numpy
   leaves); None when no row has an image. The padded shapes are `sizes`, or fitted to these rows
-  (`vision_layout.layout_sizes`, with `image_bucket`)."""
+  (`vision_layout.layout_sizes`, with `image_bucket` and `pieces`)."""
   grids = [np.zeros((0, 3), np.int64) if g is None else np.asarray(g, np.int64).reshape(-1, 3) for g in grids]
   if sizes is None and not any(len(g) for g in grids):
     return None
-  sizes = layout_sizes(grids, cfg.vision, image_bucket) if sizes is None else sizes
+  sizes = layout_sizes(grids, cfg.vision, image_bucket, pieces) if sizes is None else sizes
   out = np.zeros((len(grids), sizes.patches, cfg.vision.patch_dim), np.float32)
   for r, (p, g) in enumerate(zip(pixels, grids)):
     n = int(g.prod(-1).sum())
@@ -67,7 +69,8 @@ def vision_input(cfg: ModelConfig, pixels: Sequence[np.ndarray | None], grids: S
       if p.shape != (n, cfg.vision.patch_dim):
         raise ValueError(f"row {r}: pixel values have shape {tuple(p.shape)}, its grids {g.tolist()} need "
                          f"({n}, {cfg.vision.patch_dim})")
-      out[r, :n] = p
+      for src, dst, k in piece_rows(g, sizes):
+        out[r, dst:dst + k] = p[src:src + k]
   return VisionInput(pixels=out, layout=batch_layout(grids, cfg.vision, sizes))
 
 

@@ -3,8 +3,10 @@
 pixel rows [N, 1176] -> patch embed -> window permutation -> blocks (windowed or per-frame
 attention, 2-D rotary) -> RMSNorm + 2x2 patch merger -> inverse permutation -> [N/4, out_hidden].
 
-Every row of a batch carries its own images ([R, N, 1176] with a per-row layout, `vision_layout.VisionBatch`),
-so the tower runs per row (vmapped) and its activations shard with the batch's rows.
+Every row of a batch carries its own images ([R, N, 1176] with a per-row layout, `vision_layout.batch_layout`),
+cut at frame boundaries into pieces; attention never crosses a frame, so the tower runs per row and piece
+(vmapped) and its activations shard with the rows and, where the rules table says, the pieces (a row's frames
+spread over the chips that split its tokens, with the tower's weights gathered as FSDP gathers the decoder's).
 """
 
 from __future__ import annotations
@@ -120,24 +122,36 @@ class VisionTower(nnx.Module):
 
   def __call__(self, pixels_rnp: jax.Array, layout: VisionLayout, *, frozen_blocks: bool = False,
                remat_policy: str = "none") -> jax.Array:
-    """`frozen_blocks`: no gradient reaches the patch embedding and the blocks (only the merger trains);
-    `remat_policy` rematerialises each block in the backward pass."""
-    rows = ("activation_batch", "activation_length", "activation_embed")
-    pixels_rnp = constrain(pixels_rnp, rows, self.options.rules)
-    out = jax.vmap(lambda p, lay: self._one_row(p, lay, frozen_blocks, remat_policy))(pixels_rnp, layout)
-    return constrain(out, rows, self.options.rules)
+    """`layout`: a batch of padded layouts (`vision_layout.batch_layout`, leaves [R, pieces, ...]). Each piece
+    runs on its own, its activations split over the mesh axes `vision_pieces` maps to. `frozen_blocks`: no
+    gradient reaches the patch embedding and the blocks (only the merger trains); `remat_policy`
+    rematerialises each block in the backward pass."""
+    rules = self.options.rules
+    r, n, patch_dim = pixels_rnp.shape
+    pieces = layout.perm.shape[1]
+    pixels_rcpq = pixels_rnp.reshape(r, pieces, n // pieces, patch_dim)
+    pixels_rcpq = constrain(pixels_rcpq, ("activation_batch", "vision_pieces", None, None), rules)
+    piece = lambda p, perm, rot, win, frm: self._one_piece(p, perm, rot, win, frm, frozen_blocks, remat_policy)
+    merged_rcmd = jax.vmap(jax.vmap(piece))(pixels_rcpq, layout.perm, layout.rot_pos, layout.windows,
+                                            layout.frames)
+    merged_rcmd = constrain(merged_rcmd, ("activation_batch", "vision_pieces", None, None), rules)
+    merged_rmd = merged_rcmd.reshape(r, -1, merged_rcmd.shape[-1])
+    out = jnp.take_along_axis(merged_rmd, layout.unperm[..., None], axis=1)  # placeholder order
+    return constrain(out, ("activation_batch", "activation_length", "activation_embed"), rules)
 
-  def _one_row(self, pixels_np, layout: VisionLayout, frozen_blocks: bool, remat_policy: str) -> jax.Array:
+  def _one_piece(self, pixels_np, perm, rot_pos, windows: Segments, frames: Segments, frozen_blocks: bool,
+                 remat_policy: str) -> jax.Array:
+    """One piece's pixel rows [P, patch_dim] -> its merged tokens [P/4, out_hidden] in window order."""
     # Pixels are rounded to the tower's dtype first (HF casts pixel_values to visual.dtype).
-    x_nd = self.patch_embed(pixels_np.astype(self.dtype)[layout.perm])
-    cos_nh, sin_nh = vision_rotary(layout.rot_pos, self.cfg)
+    x_nd = self.patch_embed(pixels_np.astype(self.dtype)[perm])
+    cos_nh, sin_nh = vision_rotary(rot_pos, self.cfg)
     full = frozenset(self.cfg.fullatt_block_indexes)
 
     def run(block, x, is_full):
       if isinstance(is_full, bool):
-        return block(x, cos_nh, sin_nh, layout.frames if is_full else layout.windows)
-      return jax.lax.cond(is_full, lambda x: block(x, cos_nh, sin_nh, layout.frames),
-                          lambda x: block(x, cos_nh, sin_nh, layout.windows), x)
+        return block(x, cos_nh, sin_nh, frames if is_full else windows)
+      return jax.lax.cond(is_full, lambda x: block(x, cos_nh, sin_nh, frames),
+                          lambda x: block(x, cos_nh, sin_nh, windows), x)
 
     if self.options.scan_layers:
       kinds = jnp.asarray([i in full for i in range(self.cfg.depth)])
@@ -152,4 +166,4 @@ class VisionTower(nnx.Module):
           x_nd = remat(lambda state, x, f=i in full: run(nnx.merge(graphdef, state), x, f), remat_policy)(state, x_nd)
     if frozen_blocks:
       x_nd = jax.lax.stop_gradient(x_nd)
-    return self.merger(x_nd)[layout.unperm]
+    return self.merger(x_nd)

@@ -43,6 +43,7 @@ class VisionLayout:
   rot_pos: [N, 2] (row, col) of each permuted patch inside its frame, for the 2-D rotary;
   windows / frames: segment packings for windowed and full-attention blocks;
   unperm: [N/4] merged row in window order for each output token (argsort of the unit permutation).
+  A padded layout (`padded_layout`) has a leading piece axis on every leaf but `unperm`.
   """
 
   perm: np.ndarray
@@ -143,41 +144,88 @@ def num_tokens(grid_thw: np.ndarray, merge: int) -> int:
 
 @struct.dataclass
 class LayoutSizes:
-  """The padded shapes every row of a batch shares: patches per row, windowed and per-frame segments and their
-  widths. Rows with fewer patches are padded with blank rows that sit in segments of their own."""
+  """The padded shapes every row of a batch shares: patches per row, and per piece the windowed and per-frame
+  segments and their widths. Rows with fewer patches are padded with blank rows that sit in segments of their
+  own. A row's frames are split into `pieces` runs (`split_frames`), each padded to `patches // pieces` rows:
+  attention never crosses a frame, so the tower runs each piece on its own (on its own chips, when the rules
+  table maps `vision_pieces` to a mesh axis)."""
 
   patches: int
   windows: int
   window_len: int
   frames: int
   frame_len: int
+  pieces: int = 1
+
+  @property
+  def piece_patches(self) -> int:
+    return self.patches // self.pieces
 
 
-def layout_sizes(grids: Sequence[np.ndarray], cfg: VisionConfig, image_bucket: int = 0) -> LayoutSizes:
-  """Sizes that fit every row's grids; with `image_bucket`, room for image counts rounded up to a multiple of
-  it (images of the batch's largest), so batches whose counts differ within a bucket share one program."""
-  merge, unit = cfg.spatial_merge_size, cfg.spatial_merge_size**2
+def split_frames(grid_thw: np.ndarray, pieces: int) -> list[np.ndarray]:
+  """A row's frames (temporal patch groups, in processor order) in `pieces` consecutive runs, the largest run as
+  small as a split at frame boundaries allows; each run as grids [k, 3] (an item cut between runs becomes one
+  grid in each). Runs at the end may be empty."""
+  grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  if pieces < 1:
+    raise ValueError(f"pieces must be >= 1, got {pieces}")
+  if pieces == 1 or not len(grid):
+    return [grid] + [np.zeros((0, 3), np.int64)] * (pieces - 1)
+  item = np.repeat(np.arange(len(grid)), grid[:, 0])  # the item of every frame
+  size = (grid[:, 1] * grid[:, 2])[item]
+
+  def runs(cap):  # greedy: each run takes frames while they fit
+    out, total = [[]], 0
+    for f, n in enumerate(size):
+      if total + n > cap and out[-1]:
+        out.append([])
+        total = 0
+      out[-1].append(f)
+      total += n
+    return out
+
+  lo, hi = int(size.max()), int(size.sum())
+  while lo < hi:  # the smallest capacity the greedy split fits into `pieces` runs
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if len(runs(mid)) <= pieces else (mid + 1, hi)
+  out = []
+  for frames in runs(lo):
+    items, counts = np.unique(item[frames], return_counts=True)  # frames of one run are consecutive
+    out.append(np.stack([counts, grid[items, 1], grid[items, 2]], 1).astype(np.int64))
+  return out + [np.zeros((0, 3), np.int64)] * (pieces - len(out))
+
+
+def layout_sizes(grids: Sequence[np.ndarray], cfg: VisionConfig, image_bucket: int = 0,
+                 pieces: int = 1) -> LayoutSizes:
+  """Sizes that fit every row's grids, split into `pieces` runs each; with `image_bucket`, room for image counts
+  rounded up to a multiple of it (images of the batch's largest; with pieces, frames of its largest, a multiple
+  of ceil(image_bucket / pieces) per piece), so batches whose counts differ within a bucket share one program."""
+  merge = cfg.spatial_merge_size
   grids = [_check_grid(g, merge) if len(np.asarray(g).reshape(-1, 3)) else np.zeros((0, 3), np.int64)
            for g in grids]
   every = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
   if not len(every):
     raise ValueError("layout_sizes needs at least one image")
-  per_image = every.prod(-1)
-  wins_per_image = [len(window_index(g[None], merge, cfg.window_units)[1]) for g in every]
-  bucket = lambda n, one: n if image_bucket <= 0 else -(-n // (image_bucket * one)) * (image_bucket * one)
-  patches = max(int(g.prod(-1).sum()) for g in grids)
-  windows = max(len(window_index(g, merge, cfg.window_units)[1]) if len(g) else 0 for g in grids)
-  frames = max(int(g[:, 0].sum()) if len(g) else 0 for g in grids)
-  return LayoutSizes(patches=bucket(patches, int(per_image.max())), windows=bucket(windows, max(wins_per_image)),
-                     window_len=(cfg.window_units * merge) ** 2, frames=bucket(frames, int(every[:, 0].max())),
-                     frame_len=int((every[:, 1] * every[:, 2]).max()) if unit else 0)
+  # The bucket's unit: the largest image (a piece holds frames, so with pieces the largest frame).
+  units = every if pieces == 1 else np.concatenate([np.ones_like(every[:, :1]), every[:, 1:]], 1)
+  wins_per_unit = [len(window_index(g[None], merge, cfg.window_units)[1]) for g in units]
+  step = image_bucket if pieces == 1 or image_bucket <= 0 else -(-image_bucket // pieces)
+  bucket = lambda n, one: n if step <= 0 else -(-n // (step * one)) * (step * one)
+  runs = [run for g in grids for run in split_frames(g, pieces)]
+  patches = max(int(g.prod(-1).sum()) for g in runs)
+  windows = max(len(window_index(g, merge, cfg.window_units)[1]) if len(g) else 0 for g in runs)
+  frames = max(int(g[:, 0].sum()) if len(g) else 0 for g in runs)
+  return LayoutSizes(patches=pieces * bucket(patches, int(units.prod(-1).max())),
+                     windows=bucket(windows, max(wins_per_unit)), window_len=(cfg.window_units * merge) ** 2,
+                     frames=bucket(frames, int(units[:, 0].max())),
+                     frame_len=int((every[:, 1] * every[:, 2]).max()), pieces=pieces)
 
 
-def padded_layout(grid_thw: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:
-  """`vision_layout` of one row's grids (possibly none), padded to `sizes` (rows beyond the real patches are
-  blank: identity-permuted, in segments of their own, never gathered into the real output)."""
-  grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+def _padded_piece(grid: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:
+  """`vision_layout` of one piece's grids (possibly none), padded to a piece of `sizes` (rows beyond the real
+  patches are blank: identity-permuted, in segments of their own, never gathered into the real output)."""
   unit = cfg.spatial_merge_size**2
+  rows = sizes.piece_patches
   if len(grid):
     real = vision_layout(grid, cfg)
     win_lengths = window_index(grid, cfg.spatial_merge_size, cfg.window_units)[1] * unit
@@ -187,14 +235,45 @@ def padded_layout(grid_thw: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -
     win_lengths = frame_lengths = np.zeros(0, np.int64)
     perm, rot_pos, unperm = np.zeros(0, np.int32), np.zeros((0, 2), np.int32), np.zeros(0, np.int32)
   n = len(perm)
-  if n > sizes.patches:
-    raise ValueError(f"a row of {n} patches does not fit a batch layout of {sizes.patches}")
+  if n > rows:
+    raise ValueError(f"a row piece of {n} patches does not fit a batch layout of {rows} per piece")
   return VisionLayout(
-      perm=np.concatenate([perm, np.arange(n, sizes.patches)]).astype(np.int32),
-      rot_pos=np.concatenate([rot_pos, np.zeros((sizes.patches - n, 2), np.int32)]).astype(np.int32),
-      windows=_pack(win_lengths, sizes.window_len, sizes.windows, sizes.patches),
-      frames=_pack(frame_lengths, sizes.frame_len, sizes.frames, sizes.patches),
-      unperm=np.concatenate([unperm, np.arange(n // unit, sizes.patches // unit)]).astype(np.int32))
+      perm=np.concatenate([perm, np.arange(n, rows)]).astype(np.int32),
+      rot_pos=np.concatenate([rot_pos, np.zeros((rows - n, 2), np.int32)]).astype(np.int32),
+      windows=_pack(win_lengths, sizes.window_len, sizes.windows, rows),
+      frames=_pack(frame_lengths, sizes.frame_len, sizes.frames, rows),
+      unperm=np.concatenate([unperm, np.arange(n // unit, rows // unit)]).astype(np.int32))
+
+
+def padded_layout(grid_thw: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:
+  """One row's layout (possibly no images) padded to `sizes`, split into `sizes.pieces` pieces: perm, rot_pos
+  and the segments' leaves get a leading piece axis and index inside their piece; `unperm` [patches / 4] picks
+  each output token, in placeholder order (then the blank ones), from the pieces' outputs laid end to end."""
+  grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  unit = cfg.spatial_merge_size**2
+  pieces = [_padded_piece(g, cfg, sizes) for g in split_frames(grid, sizes.pieces)]
+  width = sizes.piece_patches // unit
+  real = [int(g.prod(-1).sum()) // unit for g in split_frames(grid, sizes.pieces)]
+  unperm = np.concatenate([c * width + p.unperm[:k] for c, (p, k) in enumerate(zip(pieces, real))]
+                          + [c * width + p.unperm[k:] for c, (p, k) in enumerate(zip(pieces, real))])
+  stack = lambda get: np.stack([get(p) for p in pieces])
+  segs = lambda name: Segments(gather=stack(lambda p: getattr(p, name).gather),
+                               valid=stack(lambda p: getattr(p, name).valid),
+                               scatter=stack(lambda p: getattr(p, name).scatter),
+                               identity=all(getattr(p, name).identity for p in pieces))
+  return VisionLayout(perm=stack(lambda p: p.perm), rot_pos=stack(lambda p: p.rot_pos), windows=segs("windows"),
+                      frames=segs("frames"), unperm=unperm.astype(np.int32))
+
+
+def piece_rows(grid_thw: np.ndarray, sizes: LayoutSizes) -> list[tuple[int, int, int]]:
+  """Where a row's pixel rows go in its padded pixel array: (first source row, first destination row, count)
+  per piece."""
+  out, src = [], 0
+  for c, g in enumerate(split_frames(grid_thw, sizes.pieces)):
+    n = int(g.prod(-1).sum())
+    out.append((src, c * sizes.piece_patches, n))
+    src += n
+  return out
 
 
 def batch_layout(grids: Sequence[np.ndarray], cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:

@@ -32,6 +32,7 @@ DEFAULT_RULES: Rules = (
     ("vision_heads", "tensor"),
     ("vision_merged", "fsdp"),
     ("vision_merged_out", "tensor"),
+    ("vision_pieces", None),  # a row's images cut into pieces at frame boundaries (`vision_layout.split_frames`)
     ("layers", None),  # the stacked axis of scanned layers: every chip holds its slice of every layer
     # activations
     ("activation_batch", ("data", "fsdp")),
@@ -49,14 +50,31 @@ DEFAULT_RULES: Rules = (
 
 # Context parallelism over the `tensor` mesh axis (put first in a rules table): the decoder's and the head's
 # weights sharded over fsdp x tensor (FSDP over every chip), activations split along the sequence over tensor,
-# heads, MLP width and vocabulary whole. Attention gathers keys and values over tensor (`attention.splash`); the
-# vision tower keeps its tensor split.
+# heads, MLP width and vocabulary whole. Attention gathers keys and values over tensor (`attention.splash`). The
+# vision tower splits the same way: each of a row's chips encodes its piece of the row's frames (attention stays
+# inside a frame, so nothing moves between them) with the tower's weights gathered per block; splitting its heads
+# and MLP width instead would all-reduce every patch's activations twice per block.
 CONTEXT_PARALLEL: Rules = (
     ("embed", ("fsdp", "tensor")),
     ("vocab", None), ("mlp", None), ("q_heads", None), ("kv_heads", None),
+    ("vision_embed", ("fsdp", "tensor")), ("vision_merged", ("fsdp", "tensor")),
+    ("vision_mlp", None), ("vision_heads", None), ("vision_merged_out", None), ("vision_pieces", "tensor"),
     ("activation_length", "tensor"), ("activation_norm_length", "tensor"),
     ("activation_heads", None), ("activation_kv_heads", None), ("activation_mlp", None), ("activation_vocab", None),
 )
+
+
+def vision_pieces(mesh: Mesh | None, rules: Rules) -> int:
+  """How many pieces a row's images are cut into: the number of chips `vision_pieces` maps to on `mesh` (1
+  without a mesh or a rule)."""
+  if mesh is None:
+    return 1
+  spec = logical_to_spec(("vision_pieces",), rules, mesh)
+  axes = () if spec[0] is None else ((spec[0],) if isinstance(spec[0], str) else spec[0])
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return n
 
 
 def check_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

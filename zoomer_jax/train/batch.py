@@ -89,9 +89,10 @@ def batch_length(examples: Sequence[Example | None], token_bucket: int) -> int:
 def make_batch(cfg: ModelConfig, examples: Sequence[Example | None], *, rows: int | None = None,
                token_bucket: int = 0, image_bucket: int = 0, pad_id: int = 0, length: int | None = None,
                sizes: LayoutSizes | None = None, token_names: Sequence[str] | None = None,
-               seq_names: Sequence[str] | None = None) -> TrainBatch:
+               seq_names: Sequence[str] | None = None, pieces: int = 1) -> TrainBatch:
   """`examples` as a right-padded [rows, length] host batch (numpy leaves); see the module docstring. A None
-  example is an empty row, as are rows past the examples. `sizes` fixes the images' padded shapes, `token_names` /
+  example is an empty row, as are rows past the examples. `pieces`: how many pieces each row's images are cut
+  into (`rules.vision_pieces` of the mesh it runs on). `sizes` fixes the images' padded shapes, `token_names` /
   `seq_names` the per-token / per-sequence values (by default those the examples have): several processes agree
   on them (`make_global_batch`)."""
   if not examples:
@@ -130,7 +131,7 @@ def make_batch(cfg: ModelConfig, examples: Sequence[Example | None], *, rows: in
   every = [g for g in grids if g is not None]
   positions, _ = rope_index(ids, cfg, attention_mask=token_mask,
                             image_grid_thw=np.concatenate(every) if every else None)
-  images = vision_input(cfg, pixels, grids, image_bucket=image_bucket, sizes=sizes)
+  images = vision_input(cfg, pixels, grids, image_bucket=image_bucket, sizes=sizes, pieces=pieces)
   return TrainBatch(ids=ids, positions=positions.astype(np.int32), token_mask=token_mask, loss_mask=loss_mask,
                     images=images, token_values=token_values, seq_values=seq_values)
 
@@ -171,7 +172,7 @@ def local_rows(mesh: Mesh | None, rows: int) -> list[int]:
 
 def make_global_batch(cfg: ModelConfig, local: dict[int, Example | None], mesh: Mesh, *, rows: int, length: int,
                       image_bucket: int = 0, pad_id: int = 0, token_names: Sequence[str] | None = None,
-                      seq_names: Sequence[str] | None = None) -> TrainBatch:
+                      seq_names: Sequence[str] | None = None, pieces: int = 1) -> TrainBatch:
   """A global batch (jax arrays laid out by `batch_sharding`) from this process's rows only.
 
   `local` maps each row this process holds (`local_rows(mesh, rows)`) to its example (None: an empty row); every
@@ -185,16 +186,17 @@ def make_global_batch(cfg: ModelConfig, local: dict[int, Example | None], mesh: 
   if missing:
     raise ValueError(f"make_global_batch: this process holds rows {missing} but was given no example for them")
   mine = [local[r] for r in want]
-  names = dict(token_names=token_names, seq_names=seq_names)
+  names = dict(token_names=token_names, seq_names=seq_names, pieces=pieces)
   if len(want) == rows:  # every row is here (one process, or replicated rows): the whole batch
     host = make_batch(cfg, mine, rows=rows, length=length, image_bucket=image_bucket, pad_id=pad_id, **names)
     return _global_arrays(host, mesh, list(range(rows)), rows)
-  sizes = _global_sizes(cfg, mine, image_bucket)
+  sizes = _global_sizes(cfg, mine, image_bucket, pieces)
   host = make_batch(cfg, mine, rows=len(want), length=length, pad_id=pad_id, sizes=sizes, **names)
   return _global_arrays(host, mesh, want, rows)
 
 
-def _global_sizes(cfg: ModelConfig, examples: Sequence[Example], image_bucket: int) -> LayoutSizes | None:
+def _global_sizes(cfg: ModelConfig, examples: Sequence[Example], image_bucket: int,
+                  pieces: int) -> LayoutSizes | None:
   """The images' padded shapes fitted to every process's rows (None when no row has an image): each process
   sends its rows' grids, [n, 4] (row, t, h, w), and all fit the sizes to all of them."""
   from zoomer_jax.parallel.distributed import ragged_allgather  # noqa: PLC0415
@@ -202,7 +204,7 @@ def _global_sizes(cfg: ModelConfig, examples: Sequence[Example], image_bucket: i
            for i, e in enumerate(examples) if e is not None and e.n_images]
   every = ragged_allgather(np.concatenate(grids) if grids else np.zeros((0, 4), np.int64))
   per_row = [g[g[:, 0] == r, 1:] for g in every for r in np.unique(g[:, 0])]
-  return layout_sizes(per_row, cfg.vision, image_bucket) if per_row else None
+  return layout_sizes(per_row, cfg.vision, image_bucket, pieces) if per_row else None
 
 
 def _global_arrays(host: TrainBatch, mesh: Mesh, held: list[int], rows: int) -> TrainBatch:

@@ -36,6 +36,7 @@ from zoomer_jax.agent.replicas import replicated_rollout
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.rewards import RewardConfig, score_batch
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
+from zoomer_jax.parallel.rules import vision_pieces
 from zoomer_jax.sampling.sampler import SamplingParams
 from zoomer_jax.train.batch import Example, TrainBatch, batch_length, local_rows, make_global_batch
 from zoomer_jax.train.forward import sequence_logprobs
@@ -176,13 +177,14 @@ def collect(model, tok, it, cfg, reward_cfg, agent_cfg, key, step: int) -> Rollo
 
 
 def training_batch(mc, examples: list[Example], mesh, *, rows: int, token_bucket: int, image_bucket: int,
-                   pad_id: int) -> TrainBatch:
+                   pad_id: int, pieces: int = 1) -> TrainBatch:
   """A micro-batch of `examples` (trajectories in `placement.place` order) as global arrays; each process builds
-  only the rows its chips hold, whose pixels it has (`placement.share_pixels`)."""
+  only the rows its chips hold, whose pixels it has (`placement.share_pixels`); `pieces`: see
+  `batch.make_batch`."""
   local = {r: examples[r] if r < len(examples) else None for r in local_rows(mesh, rows)}
   return make_global_batch(mc, local, mesh, rows=rows, length=batch_length(examples, token_bucket),
                            image_bucket=image_bucket, pad_id=pad_id, token_names=("sampler_logp",),
-                           seq_names=("advantage",))
+                           seq_names=("advantage",), pieces=pieces)
 
 
 def example_of(t: Trajectory, advantage: float) -> Example:
@@ -311,7 +313,8 @@ def run_grpo(cfg) -> dict:
       batches = []
       for i in range(0, len(examples), rows):
         dev = training_batch(mc, examples[i:i + rows], engine.mesh, rows=rows, token_bucket=actor.token_bucket,
-                             image_bucket=actor.image_bucket, pad_id=ctx.tok.endoftext)
+                             image_bucket=actor.image_bucket, pad_id=ctx.tok.endoftext,
+                             pieces=vision_pieces(engine.mesh, engine.rules))
         tv = dict(dev.token_values, old_logp=engine.evaluate(dev, logp_fn))
         if ref_params is not None:
           tv["ref_logp"] = engine.evaluate(dev, logp_fn, params=ref_params)

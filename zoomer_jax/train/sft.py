@@ -24,6 +24,7 @@ import numpy as np
 from zoomer_jax.text.chat import IMAGE_PLACEHOLDER, Transcript
 from zoomer_jax.text.tokenizer import Tokenizer
 from zoomer_jax.sampling.sampler import round_up
+from zoomer_jax.parallel.rules import vision_pieces
 from zoomer_jax.train.batch import Example, local_rows, make_global_batch
 from zoomer_jax.train.forward import sequence_logprobs
 from zoomer_jax.video.preprocess import preprocess_frames
@@ -123,15 +124,17 @@ def read_step(stream, mesh, data_cfg) -> tuple[dict[int, Example], np.ndarray, i
                      accept=lambda m: m[0] <= data_cfg.cutoff_len)
 
 
-def global_micro_batches(cfg_model, local: dict[int, Example], info: np.ndarray, mesh, data_cfg, pad_id: int):
+def global_micro_batches(cfg_model, local: dict[int, Example], info: np.ndarray, mesh, data_cfg, pad_id: int,
+                         pieces: int = 1):
   """The step's micro-batches as global arrays, each process contributing its rows; every process pads to the
-  same length, bucketed from the micro-batch's longest row over all processes (`info`)."""
+  same length, bucketed from the micro-batch's longest row over all processes (`info`); `pieces`: see
+  `batch.make_batch`."""
   mb = data_cfg.micro_batch_size
   for m in range(0, data_cfg.batch_size, mb):
     length = round_up(int(info[m:m + mb, 0].max()), data_cfg.token_bucket)
     part = {r - m: e for r, e in local.items() if m <= r < m + mb}
     yield make_global_batch(cfg_model, part, mesh, rows=mb, length=length, image_bucket=data_cfg.image_bucket,
-                            pad_id=pad_id)
+                            pad_id=pad_id, pieces=pieces)
 
 
 def run_sft(cfg) -> dict:
@@ -164,7 +167,8 @@ def run_sft(cfg) -> dict:
       t0 = time.perf_counter()
       decoded = it.decoded
       local, info, skipped = read_step(it, engine.mesh, data)
-      for batch in global_micro_batches(mc, local, info, engine.mesh, data, tok.endoftext):
+      for batch in global_micro_batches(mc, local, info, engine.mesh, data, tok.endoftext,
+                                        vision_pieces(engine.mesh, engine.rules)):
         engine.accumulate(batch)
       stats = engine.apply()
       dt = time.perf_counter() - t0
