@@ -20,7 +20,7 @@ from zoomer_jax.cost import memory as M
 from zoomer_jax.cost.params import param_table, params_per_chip
 from zoomer_jax.model.config import ModelConfig, TextConfig, VisionConfig
 from zoomer_jax.model.qwen25vl import Qwen25VL
-from zoomer_jax.model.vision_layout import vision_layout
+from zoomer_jax.model.vision_layout import layout_sizes, padded_layout, vision_layout
 from zoomer_jax.parallel.mesh import make_mesh
 
 
@@ -110,7 +110,7 @@ def test_vision_forward_flops_match_xla(rng, measure):
   graphdef, state = nnx.split(model)
   # Uneven grids: edge windows shorter than 8x8, frames of different sizes, a two-frame video.
   grids = [(1, 10, 12), (2, 8, 8), (1, 16, 30), (1, 6, 22)]
-  layout = vision_layout(np.asarray(grids), v)
+  layout = padded_layout(np.asarray(grids), v, layout_sizes([np.asarray(grids)], v))  # no padding: exact sizes
   pixels = jnp.zeros((sum(math.prod(g) for g in grids), v.patch_dim))
   one_row = lambda a: a[None]  # the tower takes a batch of rows, each with its images
   xla = _xla_flops(lambda s, px, lay: nnx.merge(graphdef, s).visual(px, lay), state, pixels[None],
@@ -352,12 +352,20 @@ def test_context_parallelism_divides_the_decoders_tokens_in_the_update_memory():
   """A rules table that splits `activation_length` over tensor (sft_7b_v6e64) gives each chip a quarter of a
   row's tokens with whole heads and whole gathered layers: against the same job with the tensor axis on heads
   (the 7B model's table), the decoder's kept residual stream and the logits chunk are a quarter, the gathered
-  layers and head four times, the vision tower's working set (still split over heads) the same."""
-  job = job_from_config(load("sft_7b_v6e64", []))
-  heads = job_from_config(load("sft_7b_v6e64", ["--config.mesh.rules=" + repr(tuple(load("qwen25vl_7b", []).rules))]))
+  layers and head four times; the vision tower's working set is a quarter of the row's patches with whole heads
+  (`vision_pieces`), where the other table splits every patch's heads and MLP width."""
+  full = ["--config.train.remat=full"]  # what remat keeps: the residual stream alone
+  job = job_from_config(load("sft_7b_v6e64", full))
+  heads = job_from_config(load("sft_7b_v6e64", full + [
+      "--config.mesh.rules=" + repr(tuple(load("qwen25vl_7b", []).rules))]))
   assert (job.context, heads.context, job_from_config(load("sft_7b", [])).context) == (4, 1, 1)
   cp, tp = account(job).memory["update"].items, account(heads).memory["update"].items
   assert cp["text activations kept (remat=full)"] == pytest.approx(tp["text activations kept (remat=full)"] / 4)
   assert cp["logits (chunk 16384)"] == pytest.approx(tp["logits (chunk 16384)"] / 4)
   assert cp["FSDP-gathered layers + head"] == pytest.approx(tp["FSDP-gathered layers + head"] * 4)
-  assert cp["vision block working set"] == tp["vision block working set"]
+  from zoomer_jax.cost.memory import vision_saved_per_patch_block
+  v = job.model.vision
+  per_patch = lambda shards: vision_saved_per_patch_block(v, shards)
+  assert cp["vision block working set"] / tp["vision block working set"] == pytest.approx(
+      per_patch(1) / 4 / per_patch(4))
+  assert cp["vision block working set"] < tp["vision block working set"]

@@ -119,6 +119,36 @@ def test_splash_attention_matches_softmax(rng, measure):
   assert diff <= tol.ATTENTION_FP32
 
 
+def test_save_attention_keeps_the_kernels_residuals(rng, capsys):
+  """Under the "save_attention" remat policy the backward reads the splash kernel's output and log-sum-exp and
+  its named inputs from the forward (so no attention forward runs again); "full" keeps neither."""
+  from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
+  from zoomer_jax.model.stack import ATTENTION_RESIDUALS, remat
+  b, t, n, kh, h = 1, 256, 4, 2, 128
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((b, t, kh, h)), jnp.float32) for _ in range(2))
+
+  def f(q, k, v):
+    q, k, v = (checkpoint_name(jnp.sin(a), ATTENTION_RESIDUALS) for a in (q, k, v))
+    return jnp.sum(attention.splash(q, k, v, jnp.ones((b, t), bool), rules=(), interpret=True) ** 2)
+
+  old = attention.SPLASH_BLOCK
+  attention.SPLASH_BLOCK = 128
+  try:
+    saved = {}
+    for policy in ("full", "save_attention"):
+      capsys.readouterr()
+      print_saved_residuals(remat(f, policy), q, k, v)
+      saved[policy] = capsys.readouterr().out
+  finally:
+    attention.SPLASH_BLOCK = old
+  assert "splash" not in saved["full"] and ATTENTION_RESIDUALS not in saved["full"]
+  kept = saved["save_attention"]
+  assert kept.count(ATTENTION_RESIDUALS) == 3  # q, k, v
+  assert f"f32[{b},{n},{t},{h}] output of jitted function '_splash_attention'" in kept  # the output
+  assert f"f32[{b},{n},{t}] output of jitted function '_splash_attention'" in kept  # its log-sum-exp
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("t,balanced", [(512, False), (1024, True)])
 def test_splash_context_parallel_matches_the_unsplit_kernel(rng, measure, t, balanced):

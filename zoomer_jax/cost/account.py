@@ -227,8 +227,10 @@ def _train_forward(job: Job, tr: Trainer, tc: TrajectoryCounts) -> tuple[dict, d
                text=_sum(F.text_forward_flops(t, tokens, causal=True)))
   hw_text = F.text_forward_flops(t, padded, causal=tr.attention == "flash")
   hw = dict(vision=_vision(job, tc.grid, tc.images, True), text=_sum(hw_text))
+  mm = F.text_matmul_flops_per_token(t)
   pieces = dict(text_layers=hw_text["dense"] + hw_text["attention"], text_attention=hw_text["attention"],
                 text_down_proj=padded * F.text_down_proj_flops_per_token(t),
+                text_qkv=padded * (mm["q_proj"] + mm["kv_proj"]),
                 lm_head=hw_text["lm_head"], vision_blocks=_vision_blocks(job, tc.grid, tc.images, True),
                 padded_tokens=padded)
   return model, hw, pieces
@@ -249,6 +251,8 @@ def _update_flops(job: Job, tr: Trainer, tc: TrajectoryCounts) -> tuple[dict, di
     hw["text"] += pieces["text_layers"] - pieces["text_down_proj"]
   elif job.remat == "save_dots":
     hw["text"] += pieces["text_attention"]
+  elif job.remat == "save_attention":  # q, k, v and the kernel's output kept: neither is computed again
+    hw["text"] += pieces["text_layers"] - pieces["text_down_proj"] - pieces["text_attention"] - pieces["text_qkv"]
   if job.vocab_chunk:  # the chunked log-prob scan body is checkpointed: logits are recomputed
     hw["text"] += pieces["lm_head"]
   if not job.freeze_vision and tr.remat_vision and job.remat != "none":
@@ -260,20 +264,23 @@ def _train_comm_bytes(job: Job, pc: PerChip, tr: Trainer, tc: TrajectoryCounts, 
                       with_grads: bool, tokens: int) -> float:
   """Bytes one chip receives per micro-batch: FSDP all-gathers of the weights (forward, and again for the
   backward) and the gradient reduce-scatter, plus tensor-parallel all-reduces of the residual stream (2 per
-  layer per pass: forward, backward, and the remat recompute). `passes` = 1 (forward only) or 2 (update)."""
+  layer per pass: forward, backward, and the remat recompute), or under context parallelism the gathers of
+  each layer's keys and values. `passes` = 1 (forward only) or 2 (update)."""
   mesh, st = job.mesh, tr.state
   out = 0.0
   if mesh.fsdp > 1:
     out += passes * (pc.gathered - pc.all) * st.param_bytes
     if with_grads:
       out += (pc.gathered_trainable - pc.trainable) * st.grad_bytes
-  if mesh.tensor > 1:
+  rows, t, v = job.micro_per_chip, job.model.text, job.model.vision
+  tp_passes = passes + (1 if passes > 1 and job.remat != "none" else 0)
+  if mesh.tensor > 1 and job.context > 1:  # keys and values gathered (and their gradients scattered back)
+    kv_buf = rows * tokens * 2 * t.num_key_value_heads * t.head_dim * tr.act_bytes
+    out += tp_passes * t.num_hidden_layers * kv_buf * (job.context - 1) / job.context
+  elif mesh.tensor > 1:
     ar = 2 * (mesh.tensor - 1) / mesh.tensor  # a ring all-reduce moves 2 (n-1)/n of the buffer
-    rows = job.micro_per_chip
-    t, v = job.model.text, job.model.vision
     text_buf = rows * tokens * t.hidden_size * tr.act_bytes
     vis_buf = rows * tc.patches * v.hidden_size * tr.act_bytes
-    tp_passes = passes + (1 if passes > 1 and job.remat != "none" else 0)
     out += tp_passes * 2 * ar * (t.num_hidden_layers * text_buf + v.depth * vis_buf)
   return out
 
@@ -388,7 +395,7 @@ def _memory(job: Job, pc: PerChip, tr: Trainer, ro: Rollout, traj: Trajectory, t
   upd.add("micro-batch gradient", pc.trainable * st.grad_bytes)
   # Context parallelism (job.context > 1) spends the tensor axis on the decoder's tokens: each chip keeps its
   # share of a row's tokens with whole heads, MLP width and vocabulary, and gathers whole layers and head; the
-  # vision tower stays split over heads (`tp`).
+  # vision tower encodes its share of the row's frames (`vision_pieces`), with whole heads too.
   cp = job.context
   ttp = max(1, tp // cp)
   if mesh.fsdp > 1:
@@ -408,14 +415,15 @@ def _memory(job: Job, pc: PerChip, tr: Trainer, ro: Rollout, traj: Trajectory, t
   if tr.attention == "dense":
     upd.add("text attention scores (dense)", sc["saved"] + sc["working"])
   vremat = job.remat if tr.remat_vision else "none"
-  va = M.vision_activation_bytes(v, patches, vremat, tp=tp, trainable=not job.freeze_vision,
+  vtp = ttp if cp > 1 else tp
+  va = M.vision_activation_bytes(v, patches // cp, vremat, tp=vtp, trainable=not job.freeze_vision,
                                  act_bytes=tr.act_bytes)
   upd.add(f"vision activations kept (remat={vremat if not job.freeze_vision else 'frozen'})", va["saved"])
   upd.add("vision block working set", va["working"])
   if tr.attention == "dense":
-    vheads = v.num_heads // tp if v.num_heads % tp == 0 else v.num_heads
+    vheads = v.num_heads // vtp if v.num_heads % vtp == 0 else v.num_heads
     fp = math.prod(grid)
-    frames = rows * images_max
+    frames = rows * images_max // cp
     vsaved = 0 if job.freeze_vision or vremat != "none" else v.depth
     upd.add("vision attention scores (dense)", frames * vheads * fp * fp * (2 * vsaved + 10))
   upd.add(f"logits ({'chunk ' + str(job.vocab_chunk) if job.vocab_chunk else 'full vocab'})",

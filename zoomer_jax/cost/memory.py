@@ -14,7 +14,7 @@ import dataclasses
 
 from zoomer_jax.model.config import TextConfig, VisionConfig
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention")
 LOGIT_BUFFERS = 3  # fp32 logits of a chunk, exp(z - m) of it, and in the backward its gradient
 
 
@@ -51,6 +51,13 @@ def text_dots_per_token_layer(t: TextConfig, tp: int) -> int:
   return q + 2 * kv + 3 * t.hidden_size + 2 * _div(t.intermediate_size, tp)
 
 
+def text_attention_saved_per_token_layer(t: TextConfig, tp: int) -> int:
+  """Elements kept under `save_attention` (the attention kernel's q, k, v and output) plus the layer input."""
+  h = t.head_dim
+  q, kv = _div(t.num_attention_heads, tp) * h, _div(t.num_key_value_heads, tp) * h
+  return 2 * q + 2 * kv + t.hidden_size
+
+
 def vision_saved_per_patch_block(v: VisionConfig, tp: int) -> int:
   """As `text_saved_per_token_layer` for a vision block (q, k, v all full width: no GQA)."""
   heads = _div(v.num_heads, tp) * v.head_dim
@@ -64,7 +71,8 @@ def text_activation_bytes(t: TextConfig, tokens: int, remat: str, *, tp: int, ac
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES}")
   full = text_saved_per_token_layer(t, tp)
-  saved_per = dict(none=full, full=t.hidden_size, save_dots=text_dots_per_token_layer(t, tp))[remat]
+  saved_per = dict(none=full, full=t.hidden_size, save_dots=text_dots_per_token_layer(t, tp),
+                   save_attention=text_attention_saved_per_token_layer(t, tp))[remat]
   return dict(saved=t.num_hidden_layers * tokens * saved_per * act_bytes, working=2 * tokens * full * act_bytes)
 
 
@@ -87,7 +95,7 @@ def vision_activation_bytes(v: VisionConfig, patches: int, remat: str, *, tp: in
   full = vision_saved_per_patch_block(v, tp)
   if not trainable:
     return dict(saved=0, working=patches * full * act_bytes)
-  saved_per = dict(none=full, full=v.hidden_size, save_dots=full)[remat]
+  saved_per = dict(none=full, full=v.hidden_size, save_dots=full, save_attention=v.hidden_size)[remat]
   merger = 5 * v.hidden_size  # ln_q in/out per patch, fc1 out and GELU out per merged token (4d / 4 patches)
   return dict(saved=(v.depth * saved_per + merger) * patches * act_bytes, working=2 * patches * full * act_bytes)
 

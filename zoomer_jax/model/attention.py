@@ -26,7 +26,7 @@ import numpy as np
 from flax import struct
 
 from zoomer_jax.model.layers import attention_weights
-from zoomer_jax.model.stack import loops_unrolled, scan
+from zoomer_jax.model.stack import ATTENTION_RESIDUALS, loops_unrolled, scan
 from zoomer_jax.parallel.rules import Rules, logical_to_spec
 
 QUERY_BLOCK = 64  # queries per attention block on CPU: [B, k, 64 * group, S] fp32 scores stay in L2/L3
@@ -165,7 +165,7 @@ def _splash_kernel(heads: int, t: int, interpret: bool, q_seq_shards: int = 1, q
     causal.q_sequence = np.asarray(q_order, np.int32)
   mask = sm.MultiHeadMask([causal for _ in range(heads)])
   return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=q_seq_shards,
-                            interpret=interpret)
+                            residual_checkpoint_name=ATTENTION_RESIDUALS, interpret=interpret)
 
 
 def balanced_order(t: int, shards: int) -> np.ndarray | None:

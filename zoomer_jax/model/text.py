@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from zoomer_jax.model.attention import AttentionMask, attend, context_split
 from zoomer_jax.model.config import TextConfig
@@ -15,7 +16,7 @@ from zoomer_jax.model.mrope import mrope_cos_sin
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.paged import PagedCache, PagedLayer, copy_pages, ragged_attention
 from zoomer_jax.model.paged import write as write_pages
-from zoomer_jax.model.stack import num_stacked, remat, scan_modules, stack_modules
+from zoomer_jax.model.stack import ATTENTION_RESIDUALS, num_stacked, remat, scan_modules, stack_modules
 from zoomer_jax.parallel.rules import constrain
 
 # The residual stream between layers. Its length axis has a name of its own so that a rule can shard it over the
@@ -65,6 +66,9 @@ class Attention(nnx.Module):
     q_btnh = constrain(q_btnh, heads, rules)
     k_btkh = constrain(k_btkh, heads[:2] + ("activation_kv_heads", None), rules)
     v_btkh = constrain(v_btkh, heads[:2] + ("activation_kv_heads", None), rules)
+    # What the "save_attention" remat policy keeps (`stack.REMAT_POLICIES`): the kernel's inputs, and (named by
+    # the kernel) its output and log-sum-exp, so the backward runs no attention forward again.
+    q_btnh, k_btkh, v_btkh = (checkpoint_name(a, ATTENTION_RESIDUALS) for a in (q_btnh, k_btkh, v_btkh))
     if isinstance(kv, PagedLayer):  # each row reads its own sequence's pages (`paged.ragged_attention`)
       pages = write_pages(kv.pages, k_btkh[0], v_btkh[0], kv.batch, kv.layer)
       out_btnh = ragged_attention(q_btnh[0], pages, kv.batch, kv.layer, rules=rules)[None]
