@@ -100,6 +100,14 @@ class DecoderLayer(nnx.Module):
     return constrain(x_btd + self.mlp(self.post_attention_layernorm(x_btd)), BTD, self.rules), kv
 
 
+def permute_tokens(a: jax.Array, index: np.ndarray, rules) -> jax.Array:
+  """`a[:, index]` ([B, T, ...]) with each row gathered over the chips that hold it only: left to itself, the
+  partitioner gathers the whole batch onto every chip to permute a sequence split over the mesh."""
+  rest = (None,) * (a.ndim - 2)
+  out = jnp.take(constrain(a, ("activation_batch", None) + rest, rules), index, axis=1)
+  return constrain(out, ("activation_batch", "activation_length") + rest, rules)
+
+
 class TextDecoder(nnx.Module):
   """Embeddings in, final-norm hidden states out: [B, T, d] -> [B, T, d] (and the updated cache).
 
@@ -128,7 +136,7 @@ class TextDecoder(nnx.Module):
     if cache is None and self.options.attention == "flash":
       order = context_split(x_btd.shape[0], x_btd.shape[1], self.cfg.num_key_value_heads, self.options.rules)[2]
     if order is not None:  # context parallelism: the layers run in the balanced order, permuted once per forward
-      x_btd, cos_bth, sin_bth, token_mask_bt = (jnp.take(a, order, axis=1)
+      x_btd, cos_bth, sin_bth, token_mask_bt = (permute_tokens(a, order, self.options.rules)
                                                 for a in (x_btd, cos_bth, sin_bth, token_mask_bt))
     if cache is None:
       mask = AttentionMask(key_valid=token_mask_bt, q_start=jnp.zeros((), jnp.int32), balanced=order is not None)
@@ -160,7 +168,7 @@ class TextDecoder(nnx.Module):
     if cache is not None:
       cache = cache.replace(k=kv[0], v=kv[1], valid=valid_bs, length=length)
     if order is not None:
-      x_btd = jnp.take(x_btd, np.argsort(order), axis=1)
+      x_btd = permute_tokens(x_btd, np.argsort(order), self.options.rules)
     return self.norm(x_btd), cache
 
   def _paged(self, x_btd, cos_bth, sin_bth, cache: PagedCache) -> tuple[jax.Array, PagedCache]:

@@ -134,7 +134,8 @@ class VisionTower(nnx.Module):
     piece = lambda p, perm, rot, win, frm: self._one_piece(p, perm, rot, win, frm, frozen_blocks, remat_policy)
     merged_rcmd = jax.vmap(jax.vmap(piece))(pixels_rcpq, layout.perm, layout.rot_pos, layout.windows,
                                             layout.frames)
-    merged_rcmd = constrain(merged_rcmd, ("activation_batch", "vision_pieces", None, None), rules)
+    # Each row's pieces gathered onto the row's chips (not the whole batch onto every chip) for the reorder.
+    merged_rcmd = constrain(merged_rcmd, ("activation_batch", None, None, None), rules)
     merged_rmd = merged_rcmd.reshape(r, -1, merged_rcmd.shape[-1])
     out = jnp.take_along_axis(merged_rmd, layout.unperm[..., None], axis=1)  # placeholder order
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"), rules)
