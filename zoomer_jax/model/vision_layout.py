@@ -251,18 +251,25 @@ def padded_layout(grid_thw: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -
   each output token, in placeholder order (then the blank ones), from the pieces' outputs laid end to end."""
   grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
   unit = cfg.spatial_merge_size**2
-  pieces = [_padded_piece(g, cfg, sizes) for g in split_frames(grid, sizes.pieces)]
+  runs = split_frames(grid, sizes.pieces)
+  pieces = [_padded_piece(g, cfg, sizes) for g in runs]
   width = sizes.piece_patches // unit
-  real = [int(g.prod(-1).sum()) // unit for g in split_frames(grid, sizes.pieces)]
+  real = [int(g.prod(-1).sum()) // unit for g in runs]
   unperm = np.concatenate([c * width + p.unperm[:k] for c, (p, k) in enumerate(zip(pieces, real))]
                           + [c * width + p.unperm[k:] for c, (p, k) in enumerate(zip(pieces, real))])
-  stack = lambda get: np.stack([get(p) for p in pieces])
-  segs = lambda name: Segments(gather=stack(lambda p: getattr(p, name).gather),
-                               valid=stack(lambda p: getattr(p, name).valid),
-                               scatter=stack(lambda p: getattr(p, name).scatter),
-                               identity=all(getattr(p, name).identity for p in pieces))
-  return VisionLayout(perm=stack(lambda p: p.perm), rot_pos=stack(lambda p: p.rot_pos), windows=segs("windows"),
-                      frames=segs("frames"), unperm=unperm.astype(np.int32))
+  return _stacked(pieces, unperm.astype(np.int32))
+
+
+def _stacked(layouts: Sequence[VisionLayout], unperm: np.ndarray | None = None) -> VisionLayout:
+  """`layouts`' leaves stacked on a new leading axis (`unperm` too, unless given); `identity` holds only if it
+  holds for every one."""
+  stack = lambda get: np.stack([get(lay) for lay in layouts])
+  segs = lambda name: Segments(gather=stack(lambda l: getattr(l, name).gather),
+                               valid=stack(lambda l: getattr(l, name).valid),
+                               scatter=stack(lambda l: getattr(l, name).scatter),
+                               identity=all(getattr(l, name).identity for l in layouts))
+  return VisionLayout(perm=stack(lambda l: l.perm), rot_pos=stack(lambda l: l.rot_pos), windows=segs("windows"),
+                      frames=segs("frames"), unperm=stack(lambda l: l.unperm) if unperm is None else unperm)
 
 
 def piece_rows(grid_thw: np.ndarray, sizes: LayoutSizes) -> list[tuple[int, int, int]]:
@@ -278,11 +285,4 @@ def piece_rows(grid_thw: np.ndarray, sizes: LayoutSizes) -> list[tuple[int, int,
 
 def batch_layout(grids: Sequence[np.ndarray], cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:
   """Every row's `padded_layout`, stacked: leaves [R, ...]; `identity` holds only if it holds for every row."""
-  layouts = [padded_layout(g, cfg, sizes) for g in grids]
-  stack = lambda get: np.stack([get(lay) for lay in layouts])
-  segs = lambda name: Segments(gather=stack(lambda l: getattr(l, name).gather),
-                               valid=stack(lambda l: getattr(l, name).valid),
-                               scatter=stack(lambda l: getattr(l, name).scatter),
-                               identity=all(getattr(l, name).identity for l in layouts))
-  return VisionLayout(perm=stack(lambda l: l.perm), rot_pos=stack(lambda l: l.rot_pos), windows=segs("windows"),
-                      frames=segs("frames"), unperm=stack(lambda l: l.unperm))
+  return _stacked([padded_layout(g, cfg, sizes) for g in grids])
