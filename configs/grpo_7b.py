@@ -78,7 +78,8 @@ def get_config(arg=None):
       tis_cap=0.0,  # truncated importance sampling against the sampler's log-probs; 0 = off
       freeze_vision_tower=False,
       # "none" | "full" (recompute each decoder layer in the backward pass) | "save_dots" (keep its matmul
-      # outputs) | "save_attention" (keep the attention kernel's inputs and outputs): model.stack.REMAT_POLICIES
+      # outputs) | "save_attention" (keep the attention kernel's inputs and outputs) | "save_attention_up" (and
+      # the MLP's up projection): model.stack.REMAT_POLICIES
       remat="full",
       logprob_vocab_chunk=16384,  # log-probs and entropy over vocabulary chunks; 0 = full logits
       logprob_token_chunk=4096,  # ... and over blocks of this many tokens; 0 = all tokens at once

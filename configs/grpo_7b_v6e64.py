@@ -39,7 +39,8 @@ def get_config(arg=None):
   # split four ways (the worst row: 32768 tokens, 128 images).
   cfg.actor.ppo_micro_batch_size = 16
   cfg.actor.max_token_len = 32768
-  cfg.actor.remat = "save_attention"  # as sft_7b_v6e64: the attention kernel's inputs and outputs kept
+  cfg.actor.remat = "save_attention"  # the attention kernel's inputs and outputs kept
+  cfg.impl.attention_block = 1024  # splash tiles, as sft_7b_v6e64
   # Log-probs in 4096-wide vocabulary chunks: 3 fp32 [32768, 4096] buffers = 1.5 GiB (16384 would be 6 GiB,
   # full logits 56 GiB -- more than the chip).
   cfg.actor.logprob_vocab_chunk = 4096

@@ -23,6 +23,9 @@ def get_config(arg=None):
   cfg.mesh.ici = (1, 16, 4)
   cfg.mesh.rules = CONTEXT_PARALLEL + tuple(cfg.mesh.rules)
   # A 32 GB chip cannot keep every matmul output of a row's 8k tokens per chip (sft_7b's save_dots: ~23 GB);
-  # it keeps the attention kernel's inputs and outputs (the backward runs no attention forward again).
-  cfg.train.remat = "save_attention"
+  # it keeps the attention kernel's inputs and outputs (the backward runs no attention forward again) and each
+  # layer's MLP up projection (the backward recomputes the gate projection only).
+  cfg.train.remat = "save_attention_up"
+  # Splash tiles of 1024 (MaxText's v6e recipes run large tiles); 2048 outgrows the kernel's 32 MiB of VMEM.
+  cfg.impl.attention_block = 1024
   return cfg

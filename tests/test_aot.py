@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import tolerances as tol
 from zoomer_jax.aot import programs as P
 from zoomer_jax.aot.hlo import Hlo
-from zoomer_jax.aot.report import PROBE_OPTIONS, Cost, _cost_of, compile_job, splash_flops
+from zoomer_jax.aot.report import (PROBE_OPTIONS, Cost, _cost_of, compile_job, splash_flops, splash_kernels,
+                                   splash_seconds)
 from zoomer_jax.aot.target import tpu_target
 from zoomer_jax.config_loader import load
 from zoomer_jax.model.config import ModelConfig
@@ -268,6 +269,13 @@ def test_splash_kernels_are_counted(target):
     bwd.custom_calls("ConcatBitcast")
     bwd.collectives(4)
     assert splash_flops(bwd) == (4 + 14) * 8 * 128 * pairs
+  # The model's tile (`impl.attention_block`) reaches the kernel, and each kernel is counted and timed at it: four
+  # 256-token tiles visit 10 block-causal pairs.
+  with jax.set_mesh(mesh):
+    small = Hlo(jax.jit(lambda *a: attention.splash(*a, rules=rules, block=256)).lower(q, k, k, m).compile()
+                .as_text())
+  assert list(splash_kernels(small, 256)) == [(4 * 8 * 128 * 256 * 256 * 10, 256)]
+  assert splash_seconds(small, 256, lambda tile: {256: 2.0}[tile]) == 4 * 8 * 128 * 256 * 256 * 10 / 2.0
 
 
 @pytest.mark.parametrize("t,blocks", [(2048, (7 + 2) / 4), (1536, 3 + 1)])

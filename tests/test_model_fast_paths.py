@@ -105,13 +105,8 @@ def test_splash_attention_matches_softmax(rng, measure):
   valid[1, 200:] = False
   allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
   q32, k32, v32 = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
-  old = attention.SPLASH_BLOCK
-  attention.SPLASH_BLOCK = 128
-  try:
-    got = jax.jit(lambda q, k, v, m: attention.splash(q, k, v, m, rules=(), interpret=True))(
-        q32, k32, v32, jnp.asarray(valid))
-  finally:
-    attention.SPLASH_BLOCK = old
+  got = jax.jit(lambda q, k, v, m: attention.splash(q, k, v, m, rules=(), interpret=True, block=128))(
+      q32, k32, v32, jnp.asarray(valid))
   want = np.stack([_softmax_attention(q[i], np.repeat(k[i], n // kh, axis=1), np.repeat(v[i], n // kh, axis=1),
                                       allowed[i]) for i in range(b)])
   diff = float(np.abs(np.asarray(got, np.float64) - want)[valid].max())
@@ -130,23 +125,51 @@ def test_save_attention_keeps_the_kernels_residuals(rng, capsys):
 
   def f(q, k, v):
     q, k, v = (checkpoint_name(jnp.sin(a), ATTENTION_RESIDUALS) for a in (q, k, v))
-    return jnp.sum(attention.splash(q, k, v, jnp.ones((b, t), bool), rules=(), interpret=True) ** 2)
+    return jnp.sum(attention.splash(q, k, v, jnp.ones((b, t), bool), rules=(), interpret=True, block=128) ** 2)
 
-  old = attention.SPLASH_BLOCK
-  attention.SPLASH_BLOCK = 128
-  try:
-    saved = {}
-    for policy in ("full", "save_attention"):
-      capsys.readouterr()
-      print_saved_residuals(remat(f, policy), q, k, v)
-      saved[policy] = capsys.readouterr().out
-  finally:
-    attention.SPLASH_BLOCK = old
+  saved = {}
+  for policy in ("full", "save_attention"):
+    capsys.readouterr()
+    print_saved_residuals(remat(f, policy), q, k, v)
+    saved[policy] = capsys.readouterr().out
   assert "splash" not in saved["full"] and ATTENTION_RESIDUALS not in saved["full"]
   kept = saved["save_attention"]
   assert kept.count(ATTENTION_RESIDUALS) == 3  # q, k, v
   assert f"f32[{b},{n},{t},{h}] output of jitted function '_splash_attention'" in kept  # the output
   assert f"f32[{b},{n},{t}] output of jitted function '_splash_attention'" in kept  # its log-sum-exp
+
+
+def test_save_attention_up_keeps_the_decoder_mlp_up_projection(rng, capsys, measure):
+  """"save_attention_up" keeps each decoder layer's MLP up projection output beside what "save_attention" keeps
+  (the backward recomputes the gate projection only), and the decoder's gradients stay those of "full"."""
+  from jax.ad_checkpoint import print_saved_residuals
+  from zoomer_jax.model.stack import DECODER_MLP_UP
+  cfg = ModelConfig.from_hf_dict(O.tiny_hf_config())
+  model = Qwen25VL(cfg, dtype="float32", rngs=nnx.Rngs(0))
+  b, t, d = 2, 24, cfg.text.hidden_size
+  x = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(t), (3, b, t))
+  mask = jnp.ones((b, t), bool)
+  graphdef, state = nnx.split(model.model)
+
+  def loss(state, x, policy):
+    decoder = nnx.merge(graphdef, state)
+    return jnp.sum(decoder(x, positions, mask, remat_policy=policy)[0] ** 2)
+
+  saved = {}
+  for policy in ("save_attention", "save_attention_up"):
+    capsys.readouterr()
+    print_saved_residuals(lambda s, x, p=policy: loss(s, x, p), state, x)
+    saved[policy] = capsys.readouterr().out
+  up = f"f32[{b},{t},{cfg.text.intermediate_size}] named '{DECODER_MLP_UP}'"
+  assert f"named '{DECODER_MLP_UP}'" not in saved["save_attention"]
+  assert saved["save_attention_up"].count(up) == cfg.text.num_hidden_layers, saved["save_attention_up"]
+  grads = {p: jax.jit(jax.grad(loss), static_argnums=2)(state, x, p) for p in ("full", "save_attention_up")}
+  want, got = (jax.tree.leaves(grads[p]) for p in ("full", "save_attention_up"))
+  diff = max(float(np.abs(np.asarray(a) - np.asarray(b_)).max()) for a, b_ in zip(want, got)) / max(
+      float(np.abs(np.asarray(a)).max()) for a in want)
+  measure("save_attention_up_grad_rel", diff)
+  assert diff <= tol.LAYOUT_FP32_REL
 
 
 @pytest.mark.slow
@@ -168,11 +191,9 @@ def test_splash_context_parallel_matches_the_unsplit_kernel(rng, measure, t, bal
   make_kernel = attention._splash_kernel
 
   def loss_and_out(q, k, v, rules):
-    out = attention.splash(q, k, v, jnp.asarray(valid), rules=rules, interpret=True)
+    out = attention.splash(q, k, v, jnp.asarray(valid), rules=rules, interpret=True, block=128)
     return (out * w).sum(), out
 
-  old = attention.SPLASH_BLOCK
-  attention.SPLASH_BLOCK = 128
   attention._splash_kernel = lambda *a, **kw: built.append(
       (kw.get("q_seq_shards", 1), kw.get("q_order") is not None)) or make_kernel(*a, **kw)
   try:
@@ -182,13 +203,13 @@ def test_splash_context_parallel_matches_the_unsplit_kernel(rng, measure, t, bal
     with jax.set_mesh(mesh):
       (dq, dk, dv), out = grad(q, k, v, rules)
       if balanced:  # inputs already in the balanced order (the decoder's): the output stays in it
-        order = attention.balanced_order(t, 4)
+        order = attention.balanced_order(t, 4, block=128)
         permuted = jax.jit(lambda q, k, v, m: attention.splash(q, k, v, m, rules=rules, interpret=True,
-                                                               permuted=True))(
+                                                               permuted=True, block=128))(
             q[:, order], k[:, order], v[:, order], jnp.asarray(valid)[:, order])
         out_p = np.asarray(permuted)[:, np.argsort(order)]
   finally:
-    attention.SPLASH_BLOCK, attention._splash_kernel = old, make_kernel
+    attention._splash_kernel = make_kernel
   assert built[:2] == [(1, False), (4, balanced)]  # the second run split the queries four ways
   if balanced:
     diffs_p = float(np.abs(np.where(valid[:, :, None, None], out_p - np.asarray(out0), 0)).max())

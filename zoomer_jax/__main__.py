@@ -116,8 +116,8 @@ def _model_and_tokenizer(args):
 
 def _options(cfg):
   """A model config's `impl` (scanned layers, attention kernel) and logical-axis `rules`."""
-  from zoomer_jax.model.options import ModelOptions
-  return ModelOptions(scan_layers=cfg.impl.scan_layers, attention=cfg.impl.attention, rules=cfg.rules)
+  from zoomer_jax.model.options import options_from_config
+  return options_from_config(cfg.impl, cfg.rules)
 
 
 def infer(args) -> dict:

@@ -13,8 +13,8 @@ Per program (`programs.job_programs`):
     depths (costs are linear in the number of layers). On TPU, XLA prices a `ConcatBitcast` custom call at
     -1 s; those seconds are given back;
   * Pallas kernels (splash attention) are custom calls XLA gives no cost: their FLOPs are counted from the kernels
-    the probe runs (causal block pairs) and timed at XLA's own estimated rate for one attention block's matmuls
-    on the chip (`kernel_rate`);
+    the probe runs (causal block pairs) and timed at XLA's own estimated rate for one attention tile's matmuls
+    on the chip, at the kernel's tile (`kernel_rate`, `impl.attention_block`);
   * collectives by kind from the optimized HLO (loop bodies times their trip count) with the bytes each chip moves
     (ring algorithm over the op's group); XLA's estimate leaves them out, so they are timed at the chip's ICI
     receive bandwidth and added (no overlap assumed: an upper bound).
@@ -61,6 +61,7 @@ class Cost:
   bytes: float = 0.0
   xla_s: float = 0.0
   kernel_flops: float = 0.0
+  kernel_s: float = 0.0  # the splash kernels' FLOPs, each kernel's at the rate for its tile (`kernel_rate`)
 
   def __add__(self, o):
     return Cost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
@@ -135,15 +136,25 @@ def kernel_rate(target: Target, heads: int, block: int = 512, head_dim: int = 12
   return 4 * heads * block * block * head_dim / float(ca["optimal_seconds"])
 
 
-def splash_flops(hlo: Hlo) -> float:
+def splash_flops(hlo: Hlo, block: int = 512) -> float:
   """FLOPs of the splash kernels a program runs, 2 x heads x head_dim x the causal block pairs its tiles visit per
   matmul: the forward kernel's two (scores, values); the backward's seven, counted at its dq kernel (scores, dP,
   dQ) whose output [..., heads, T, h] names the query heads, the dkv kernel's four (scores, dP, dV, dK) with it.
   A kernel whose queries are a shard of the keys' sequence (context parallelism) reads, in `balanced_order`, its
   two chunks' causal blocks and every earlier key; without it (a sequence that does not split so), counted at the
-  slowest shard, the last."""
-  from zoomer_jax.model.attention import SPLASH_BLOCK, balanced_order  # noqa: PLC0415
-  total = 0.0
+  slowest shard, the last. `block`: the model's tile (`ModelOptions.attention_block`), capped as the kernel caps
+  it."""
+  return sum(flops for flops, _ in splash_kernels(hlo, block))
+
+
+def splash_seconds(hlo: Hlo, block: int, rate_of) -> float:
+  """The splash kernels' time: each kernel's FLOPs at `rate_of(tile)` FLOP/s."""
+  return sum(flops / rate_of(tile) for flops, tile in splash_kernels(hlo, block))
+
+
+def splash_kernels(hlo: Hlo, block: int = 512):
+  """(FLOPs, tile) of each splash kernel call (`splash_flops`)."""
+  from zoomer_jax.model.attention import balanced_order  # noqa: PLC0415
   for name, operands, shapes, count in hlo.kernels(SPLASH):
     if "dkv" in name:
       continue
@@ -156,20 +167,20 @@ def splash_flops(hlo: Hlo) -> float:
     t_kv = max([t] + [d[-2] for dtype, d in operands if dtype in ("bf16", "f32") and len(d) >= 3 and d[-1] == h])
     heads = int(np.prod(q[:-2]))
     shards = t_kv // t
-    if shards > 1 and balanced_order(t_kv, shards) is not None:
-      blk = min(SPLASH_BLOCK, t // 2)
+    if shards > 1 and balanced_order(t_kv, shards, block) is not None:
+      blk = min(block, t // 2)
       m = t // 2 // blk  # blocks per chunk; chunks i and 2 shards - 1 - i read 2 shards - 1 chunks of earlier keys
       pairs = blk * blk * ((2 * shards - 1) * m * m + m * (m + 1))
     else:
-      blk = min(SPLASH_BLOCK, t)
+      blk = min(block, t)
       nb = -(-t // blk)
       pairs = blk * blk * (nb * (nb + 1) / 2 + nb * (-(-t_kv // blk) - nb))
-    total += count * (14 if "dq" in name else 4) * heads * h * pairs
-  return total
+    yield count * (14 if "dq" in name else 4) * heads * h * pairs, blk
 
 
-def _cost_of(compiled, loops: int = 0) -> Cost:
-  """XLA's cost analysis of a probe that runs `loops` while loops of its own (the decode loop, costed per step)."""
+def _cost_of(compiled, loops: int = 0, block: int = 512, rate_of=None) -> Cost:
+  """XLA's cost analysis of a probe that runs `loops` while loops of its own (the decode loop, costed per step);
+  its splash kernels (tiles of `block`) timed at `rate_of(tile)` FLOP/s when given."""
   ca = compiled.cost_analysis() or {}
   hlo = Hlo(compiled.as_text())
   found = hlo.count_ops("while")
@@ -179,12 +190,14 @@ def _cost_of(compiled, loops: int = 0) -> Cost:
   # XLA's TPU cost model prices a ConcatBitcast at -1 s, a loop body's once (as it counts the body): give them back
   fix = hlo.custom_calls("ConcatBitcast", trips=False)
   return Cost(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)),
-              xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=splash_flops(hlo))
+              xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=splash_flops(hlo, block),
+              kernel_s=splash_seconds(hlo, block, rate_of) if rate_of else 0.0)
 
 
-def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, Cost]:
+def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=(), rate_of=None) -> dict[str, Cost]:
   """Extrapolated costs of every program (or those named in `only`; module docstring): four probe compiles per
-  program. A program whose probe does not fit HBM even in the config's token blocks gets no cost (reported)."""
+  program. A program whose probe does not fit HBM even in the config's token blocks gets no cost (reported).
+  `rate_of(tile)`: the FLOP/s its splash kernels are timed at."""
   from zoomer_jax.model.config import ModelConfig  # noqa: PLC0415
   full = ModelConfig.from_config_dict(cfg.model.to_dict())
   t, w, f = P.block_counts(full)
@@ -233,7 +246,8 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=()) -> dict[str, 
             failed[p.name] = f"its {key} probe needs {m.group(1)}{m.group(2)} of temporaries"
             log(f"  probe {p.name} ({key}) does not fit HBM ({failed[p.name]}): no cost for {p.name}")
             continue
-        costs.setdefault(p.name, {})[key] = _cost_of(compiled, loops=int(p.loop_steps > 1))
+        costs.setdefault(p.name, {})[key] = _cost_of(compiled, loops=int(p.loop_steps > 1),
+                                                     block=cfg.impl.attention_block, rate_of=rate_of)
     log(f"  cost probe (text layers, window blocks, full blocks) = ({key}): {time.perf_counter() - t0:.0f} s")
   out = {}
   for name, c in costs.items():
@@ -300,17 +314,21 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
         + ("" if r.fits else "  (does not fit)"))
     results.append(r)
   if probes:
-    costs = probe_costs(cfg, mesh, rollout_mesh, log=log, only=only)
     heads = cfg.model.text.num_attention_heads // max(1, int(mesh.shape.get("tensor", 1)))
-    needed = any(c.kernel_flops for c in costs.values()) or any(r.kernel_flops for r in results)
-    rate = kernel_rate(target, heads) if needed else 0.0
+    rates = {}
+
+    def rate_of(tile: int) -> float:
+      if tile not in rates:
+        rates[tile] = kernel_rate(target, heads, block=tile)
+      return rates[tile]
+
+    costs = probe_costs(cfg, mesh, rollout_mesh, log=log, only=only, rate_of=rate_of)
     for r in results:
       r.cost = costs.get(r.name)
       if r.cost is not None:  # a while loop (decode) is costed once per iteration
         r.cost = r.cost * r.loop_steps
-      if r.cost is not None and rate:
-        r.kernel_s = r.cost.kernel_flops / rate
+        r.kernel_s = r.cost.kernel_s
       if r.cost is not None and (r.kernel_bytes or r.kernel_flops):  # the paged kernel: bound by HBM or FLOPs
-        r.kernel_s += max(r.kernel_bytes / target.chip.hbm_bw, r.kernel_flops / rate if rate else 0.0)
+        r.kernel_s += max(r.kernel_bytes / target.chip.hbm_bw, r.kernel_flops / rate_of(512))
   return dict(config=cfg, target=target, hbm=hbm, headroom=headroom, mesh=dict(mesh.shape),
               rollout_mesh=dict(rollout_mesh.shape) if rollout_mesh else None, results=results)

@@ -251,8 +251,10 @@ def _update_flops(job: Job, tr: Trainer, tc: TrajectoryCounts) -> tuple[dict, di
     hw["text"] += pieces["text_layers"] - pieces["text_down_proj"]
   elif job.remat == "save_dots":
     hw["text"] += pieces["text_attention"]
-  elif job.remat == "save_attention":  # q, k, v and the kernel's output kept: neither is computed again
+  elif job.remat in ("save_attention", "save_attention_up"):  # q, k, v and the kernel's output kept
     hw["text"] += pieces["text_layers"] - pieces["text_down_proj"] - pieces["text_attention"] - pieces["text_qkv"]
+    if job.remat == "save_attention_up":  # the up projection kept too (its FLOPs are the down projection's)
+      hw["text"] -= pieces["text_down_proj"]
   if job.vocab_chunk:  # the chunked log-prob scan body is checkpointed: logits are recomputed
     hw["text"] += pieces["lm_head"]
   if not job.freeze_vision and tr.remat_vision and job.remat != "none":

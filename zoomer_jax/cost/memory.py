@@ -14,7 +14,7 @@ import dataclasses
 
 from zoomer_jax.model.config import TextConfig, VisionConfig
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention", "save_attention_up")
 LOGIT_BUFFERS = 3  # fp32 logits of a chunk, exp(z - m) of it, and in the backward its gradient
 
 
@@ -72,7 +72,8 @@ def text_activation_bytes(t: TextConfig, tokens: int, remat: str, *, tp: int, ac
     raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES}")
   full = text_saved_per_token_layer(t, tp)
   saved_per = dict(none=full, full=t.hidden_size, save_dots=text_dots_per_token_layer(t, tp),
-                   save_attention=text_attention_saved_per_token_layer(t, tp))[remat]
+                   save_attention=text_attention_saved_per_token_layer(t, tp),
+                   save_attention_up=text_attention_saved_per_token_layer(t, tp) + _div(t.intermediate_size, tp))[remat]
   return dict(saved=t.num_hidden_layers * tokens * saved_per * act_bytes, working=2 * tokens * full * act_bytes)
 
 
@@ -95,7 +96,9 @@ def vision_activation_bytes(v: VisionConfig, patches: int, remat: str, *, tp: in
   full = vision_saved_per_patch_block(v, tp)
   if not trainable:
     return dict(saved=0, working=patches * full * act_bytes)
-  saved_per = dict(none=full, full=v.hidden_size, save_dots=full, save_attention=v.hidden_size)[remat]
+  # The tower's MLP is not named: save_attention_up keeps what save_attention does there (its input).
+  saved_per = dict(none=full, full=v.hidden_size, save_dots=full, save_attention=v.hidden_size,
+                   save_attention_up=v.hidden_size)[remat]
   merger = 5 * v.hidden_size  # ln_q in/out per patch, fc1 out and GELU out per merged token (4d / 4 patches)
   return dict(saved=(v.depth * saved_per + merger) * patches * act_bytes, working=2 * patches * full * act_bytes)
 

@@ -365,9 +365,9 @@ def _model_and_tokenizer(cfg):
   """The HF checkpoint `cfg.checkpoint` sharded over `cfg.mesh`, or the random model `cfg.model` with the
   built-in tiny tokenizer; returns (model, tokenizer, mesh or None)."""
   import zoomer_jax  # noqa: PLC0415
-  from zoomer_jax.model.options import ModelOptions  # noqa: PLC0415
+  from zoomer_jax.model.options import options_from_config  # noqa: PLC0415
   from zoomer_jax.text import build_tiny_tokenizer, load_tokenizer  # noqa: PLC0415
-  options = ModelOptions(scan_layers=cfg.impl.scan_layers, attention=cfg.impl.attention, rules=cfg.mesh.rules)
+  options = options_from_config(cfg.impl, cfg.mesh.rules)
   if cfg.checkpoint:
     from zoomer_jax.parallel.mesh import make_mesh  # noqa: PLC0415
     mesh = make_mesh(tuple(cfg.mesh.ici), tuple(cfg.mesh.dcn))

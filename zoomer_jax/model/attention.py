@@ -27,13 +27,13 @@ from flax import struct
 
 from zoomer_jax.model.layers import attention_weights
 from zoomer_jax.model.stack import ATTENTION_RESIDUALS, loops_unrolled, scan
-from zoomer_jax.parallel.rules import Rules, logical_to_spec
+from zoomer_jax.parallel.rules import Rules, axes_size, logical_to_spec
 
 QUERY_BLOCK = 64  # queries per attention block on CPU: [B, k, 64 * group, S] fp32 scores stay in L2/L3
 MAX_QUERY_BLOCKS = 32  # longer sequences take larger blocks, so a layer unrolls at most this many
 FLASH_QUERY_BLOCK = 1024  # blockwise attention: queries per block (x group rows) ...
 FLASH_KEY_BLOCK = 512  # ... and keys per online-softmax step
-SPLASH_BLOCK = 512  # splash attention tile (q, kv, and the backward's), capped by the sequence length
+SPLASH_BLOCK = 512  # splash attention tile (q, kv, and the backward's) by default, capped by the sequence length
 
 
 @struct.dataclass
@@ -147,15 +147,16 @@ def blockwise(q_btnh, k_bkhs, v_bksh, mask: AttentionMask, *, dtype, precision,
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def _splash_kernel(heads: int, t: int, interpret: bool, q_seq_shards: int = 1, q_order=None):
-  """The kernel for `heads` heads of `t` tokens, its mask tables split into `q_seq_shards` query blocks (context
-  parallelism); `q_order` [t] is the original position of each query row when the queries come permuted (the
-  keys never are). Built inside the trace that uses it (not cached: its mask tables become that trace's
-  constants)."""
+def _splash_kernel(heads: int, t: int, interpret: bool, q_seq_shards: int = 1, q_order=None,
+                   block: int = SPLASH_BLOCK):
+  """The kernel for `heads` heads of `t` tokens in tiles of `block` (query and key, forward and backward), its
+  mask tables split into `q_seq_shards` query blocks (context parallelism); `q_order` [t] is the original
+  position of each query row when the queries come permuted (the keys never are). Built inside the trace that
+  uses it (not cached: its mask tables become that trace's constants)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415
   # A tile never spans two chunks of a balanced order (`balanced_order`), whose positions are not contiguous.
-  blk = min(SPLASH_BLOCK, t // q_seq_shards // (1 if q_order is None else 2))
+  blk = min(block, t // q_seq_shards // (1 if q_order is None else 2))
   # Separate dq and dkv backward kernels: the fused one keeps a dq partial per key block ([T / blk, heads, T, h],
   # 3.5 GiB per chip at 32k tokens and 7 heads), where dq's own kernel accumulates in place.
   sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
@@ -168,24 +169,24 @@ def _splash_kernel(heads: int, t: int, interpret: bool, q_seq_shards: int = 1, q
                             residual_checkpoint_name=ATTENTION_RESIDUALS, interpret=interpret)
 
 
-def balanced_order(t: int, shards: int) -> np.ndarray | None:
+def balanced_order(t: int, shards: int, block: int = SPLASH_BLOCK) -> np.ndarray | None:
   """Causal load balance for queries split over `shards` chips: the sequence cut into 2 x shards chunks, shard i
   taking chunks i and 2 x shards - 1 - i, so every shard reads the same number of key blocks (in order, the last
   shard reads 2 x shards - 1 times the first's). The original position of each row of the permuted order, or
   None when the chunks would not tile (`splash_fits`)."""
   chunk = t // (2 * shards)
-  if shards < 2 or t % (2 * shards) or not splash_fits(chunk):
+  if shards < 2 or t % (2 * shards) or not splash_fits(chunk, block):
     return None
   return np.concatenate([np.r_[i * chunk:(i + 1) * chunk, (2 * shards - 1 - i) * chunk:(2 * shards - i) * chunk]
                          for i in range(shards)])
 
 
-def splash_fits(t: int) -> bool:
-  """Whether splash tiles a sequence of t tokens (a multiple of 128 and of the tile)."""
-  return t % 128 == 0 and t % min(SPLASH_BLOCK, t) == 0
+def splash_fits(t: int, block: int = SPLASH_BLOCK) -> bool:
+  """Whether splash tiles a sequence of t tokens in tiles of `block` (a multiple of 128 and of the tile)."""
+  return t % 128 == 0 and t % min(block, t) == 0
 
 
-def context_split(b: int, t: int, kh: int, rules: Rules):
+def context_split(b: int, t: int, kh: int, rules: Rules, block: int = SPLASH_BLOCK):
   """(query shards, the mesh axes of `activation_length`, `balanced_order` or None) of the splash kernel for a
   [b, t] batch with kh kv heads on the mesh in context; (1, None, None) when the queries are not split (no mesh,
   heads and queries both split, or a shard too short to tile)."""
@@ -194,20 +195,21 @@ def context_split(b: int, t: int, kh: int, rules: Rules):
     return 1, None, None
   heads = logical_to_spec(("activation_kv_heads",), rules, mesh, (kh,))[0]
   length = logical_to_spec(("activation_batch", "activation_length"), rules, mesh, (b, t))[1]
-  shards = _size(mesh, length)
-  if shards == 1 or heads is not None or not splash_fits(t // shards):
+  shards = axes_size(mesh, length)
+  if shards == 1 or heads is not None or not splash_fits(t // shards, block):
     return 1, None, None
-  return shards, length, balanced_order(t, shards)
+  return shards, length, balanced_order(t, shards, block)
 
 
 def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bool = False,
-           permuted: bool = False) -> jax.Array:
+           permuted: bool = False, block: int = SPLASH_BLOCK) -> jax.Array:
   """Causal self-attention (no cache) with the splash kernel; padded tokens (segment 0) and real ones (1) never
   read each other. Sharded by `shard_map` over the batch and head axes the rules give the mesh in context, and
   over the query sequence when `activation_length` is split (context parallelism, `context_split`: each shard's
   queries read every key, the keys and values gathered, the kernel's mask tables split with the queries, the
   queries in `balanced_order`). `permuted`: q, k, v and the mask come in that order already (the decoder runs in
-  it, `TextDecoder`), and the output stays in it; the keys are put back in order after their gather (local)."""
+  it, `TextDecoder`), and the output stays in it; the keys are put back in order after their gather (local).
+  `block`: the kernel's tile (`ModelOptions.attention_block`)."""
   b, t, n, h = q_btnh.shape
   kh = k_btkh.shape[2]
   seg = token_mask_bt.astype(jnp.int32)
@@ -216,19 +218,19 @@ def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bo
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    kernel = _splash_kernel(n, t, interpret)
+    kernel = _splash_kernel(n, t, interpret, block=block)
     return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=_segments(s, s)))(q, k, v, seg).transpose(
         0, 2, 1, 3)
   P = jax.sharding.PartitionSpec
   batch = logical_to_spec(("activation_batch",), rules, mesh, (b,))[0]
-  shards, length, order = context_split(b, t, kh, rules)
+  shards, length, order = context_split(b, t, kh, rules, block)
   if permuted and order is None:
     raise ValueError(f"splash: inputs in a balanced order, but {t} tokens over this mesh have none")
   if shards == 1:
     heads = logical_to_spec(("activation_kv_heads",), rules, mesh, (kh,))[0]
 
     def local(q, k, v, seg):
-      kernel = _splash_kernel(q.shape[1], t, interpret)
+      kernel = _splash_kernel(q.shape[1], t, interpret, block=block)
       return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=_segments(s, s)))(q, k, v, seg)
 
     spec = P(batch, heads, None, None)
@@ -236,7 +238,7 @@ def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bo
                         check_vma=False)(q, k, v, seg)
     return out.transpose(0, 2, 1, 3)
 
-  kernel = _splash_kernel(n, t, interpret, q_seq_shards=shards, q_order=order)
+  kernel = _splash_kernel(n, t, interpret, q_seq_shards=shards, q_order=order, block=block)
   kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, length)))
   inverse = None if order is None else np.argsort(order)
 
@@ -262,15 +264,6 @@ def _segments(q_seg, kv_seg):
   return SegmentIds(q=q_seg, kv=kv_seg)
 
 
-def _size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  n = 1
-  for a in (axes,) if isinstance(axes, str) else axes:
-    n *= mesh.shape[a]
-  return n
-
-
 def cudnn(q_btnh, k_btkh, v_btkh, token_mask_bt) -> jax.Array:
   """Causal self-attention (no cache) with cuDNN's fused kernel (`jax.nn.dot_product_attention`), for GPU runs
   (`ModelOptions.attention="cudnn"`). Rows are right-padded (training batches): each attends within its length."""
@@ -280,10 +273,10 @@ def cudnn(q_btnh, k_btkh, v_btkh, token_mask_bt) -> jax.Array:
 
 
 def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, kind: str, rules: Rules,
-           dtype, precision) -> jax.Array:
+           dtype, precision, block: int = SPLASH_BLOCK) -> jax.Array:
   """Dispatch (module docstring): decode steps and "dot_product" take `dense` (query blocks on CPU), cached
-  chunks with "flash" or "cudnn" take `blockwise`, uncached "flash" takes `splash` on TPU and `dense` elsewhere,
-  uncached "cudnn" takes `cudnn` (GPU only)."""
+  chunks with "flash" or "cudnn" take `blockwise`, uncached "flash" takes `splash` (tiles of `block`) on TPU and
+  `dense` elsewhere, uncached "cudnn" takes `cudnn` (GPU only)."""
   t = q_btnh.shape[1]
   flash = kind in ("flash", "cudnn")
   kw = dict(cache_layout=cached, causal_prefix=not cached, dtype=dtype, precision=precision)
@@ -295,7 +288,7 @@ def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, ki
     return dense(q, k, v, mask, bounds=[0, t], **kw)
 
   if mask.balanced:  # splash reads this order as it comes; the other paths see the sequence in order
-    order = context_split(q_btnh.shape[0], t, k.shape[2], rules)[2]
+    order = context_split(q_btnh.shape[0], t, k.shape[2], rules, block)[2]
     if cached or kind != "flash" or order is None:
       raise ValueError("attention: a balanced order needs uncached flash attention over a context split")
     inverse = np.argsort(order)
@@ -308,13 +301,13 @@ def attend(q_btnh, k, v, mask: AttentionMask, *, token_mask_bt, cached: bool, ki
 
     return jax.lax.platform_dependent(
         q_btnh, k, v, mask, cpu=in_order(dense_cpu), default=in_order(dense_one),
-        tpu=lambda q, k, v, mask: splash(q, k, v, token_mask_bt, rules=rules, permuted=True))
+        tpu=lambda q, k, v, mask: splash(q, k, v, token_mask_bt, rules=rules, permuted=True, block=block))
   if cached and flash and t > 1:
     return blockwise(q_btnh, k, v, mask, dtype=dtype, precision=precision)
   if not cached and kind == "cudnn":
     return cudnn(q_btnh, k, v, token_mask_bt).astype(dtype)
-  if not cached and flash and splash_fits(t):  # shorter or ragged chunks are small enough for `dense`
+  if not cached and flash and splash_fits(t, block):  # shorter or ragged chunks are small enough for `dense`
     return jax.lax.platform_dependent(
         q_btnh, k, v, mask, cpu=dense_cpu, default=dense_one,
-        tpu=lambda q, k, v, mask: splash(q, k, v, token_mask_bt, rules=rules))
+        tpu=lambda q, k, v, mask: splash(q, k, v, token_mask_bt, rules=rules, block=block))
   return jax.lax.platform_dependent(q_btnh, k, v, mask, cpu=dense_cpu, default=dense_one)

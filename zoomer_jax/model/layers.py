@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from zoomer_jax.parallel.rules import constrain
 
@@ -160,16 +161,20 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)); [..., d] -> [..., d]."""
 
   def __init__(self, dim: int, hidden: int, *, use_bias: bool, embed_axis: str, mlp_axis: str,
-               dtype, rngs: nnx.Rngs, rules=None):
+               dtype, rngs: nnx.Rngs, rules=None, up_name: str | None = None):
     # when given, the hidden activations are constrained to ("activation_batch", ..., "activation_mlp")
     self.rules = rules
+    self.up_name = up_name  # the up projection's `checkpoint_name` (a remat policy may keep it)
     kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.gate_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
     self.up_proj = Linear((dim,), (hidden,), axes=(embed_axis, mlp_axis), **kw)
     self.down_proj = Linear((hidden,), (dim,), axes=(mlp_axis, embed_axis), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    up = self.up_proj(x)
+    if self.up_name is not None:
+      up = checkpoint_name(up, self.up_name)
+    hidden = jax.nn.silu(self.gate_proj(x)) * up
     if self.rules is not None:
       hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"), self.rules)
     return self.down_proj(hidden)

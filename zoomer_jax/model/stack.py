@@ -21,6 +21,7 @@ from flax import nnx
 
 LAYERS_AXIS = "layers"
 ATTENTION_RESIDUALS = "attention_residuals"  # `checkpoint_name` of what the attention kernel's backward reads
+DECODER_MLP_UP = "decoder_mlp_up"  # `checkpoint_name` of a decoder layer's MLP up projection output
 
 REMAT_POLICIES = {
     "none": None,
@@ -29,6 +30,9 @@ REMAT_POLICIES = {
     # Keep the attention kernel's inputs, output and log-sum-exp (splash names them), recompute the rest: the
     # backward then runs no attention forward again, for about a quarter of save_dots' memory.
     "save_attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS),
+    # ... and each decoder layer's MLP up projection: the backward then recomputes the gate projection only, one
+    # of the layer's two widest matmuls, for [tokens, intermediate] more per layer.
+    "save_attention_up": jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS, DECODER_MLP_UP),
 }
 
 _LOCAL = threading.local()

@@ -16,7 +16,8 @@ from zoomer_jax.model.mrope import mrope_cos_sin
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.paged import PagedCache, PagedLayer, copy_pages, ragged_attention
 from zoomer_jax.model.paged import write as write_pages
-from zoomer_jax.model.stack import ATTENTION_RESIDUALS, num_stacked, remat, scan_modules, stack_modules
+from zoomer_jax.model.stack import (ATTENTION_RESIDUALS, DECODER_MLP_UP, num_stacked, remat, scan_modules,
+                                    stack_modules)
 from zoomer_jax.parallel.rules import constrain
 
 # The residual stream between layers. Its length axis has a name of its own so that a rule can shard it over the
@@ -78,7 +79,7 @@ class Attention(nnx.Module):
       k_btkh, v_btkh = kv
     out_btnh = attend(q_btnh, k_btkh, v_btkh, mask, token_mask_bt=token_mask_bt, cached=kv is not None,
                       kind=self.options.attention, rules=rules, dtype=self.dtype,
-                      precision=self.precision)
+                      precision=self.precision, block=self.options.attention_block)
     return self.o_proj(constrain(out_btnh, heads, rules)), kv
 
 
@@ -92,7 +93,7 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed",
                                             dtype=dtype)
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=False, embed_axis="embed",
-                      mlp_axis="mlp", dtype=dtype, rngs=rngs, rules=options.rules)
+                      mlp_axis="mlp", dtype=dtype, rngs=rngs, rules=options.rules, up_name=DECODER_MLP_UP)
 
   def __call__(self, x_btd, cos_bth, sin_bth, mask: AttentionMask, token_mask_bt, kv=None):
     attn, kv = self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, mask, token_mask_bt, kv)
@@ -134,7 +135,8 @@ class TextDecoder(nnx.Module):
     token_mask_bt = token_mask_bt.astype(bool)
     order = None
     if cache is None and self.options.attention == "flash":
-      order = context_split(x_btd.shape[0], x_btd.shape[1], self.cfg.num_key_value_heads, self.options.rules)[2]
+      order = context_split(x_btd.shape[0], x_btd.shape[1], self.cfg.num_key_value_heads, self.options.rules,
+                            self.options.attention_block)[2]
     if order is not None:  # context parallelism: the layers run in the balanced order, permuted once per forward
       x_btd, cos_bth, sin_bth, token_mask_bt = (permute_tokens(a, order, self.options.rules)
                                                 for a in (x_btd, cos_bth, sin_bth, token_mask_bt))

@@ -69,10 +69,13 @@ def vision_pieces(mesh: Mesh | None, rules: Rules) -> int:
   without a mesh or a rule)."""
   if mesh is None:
     return 1
-  spec = logical_to_spec(("vision_pieces",), rules, mesh)
-  axes = () if spec[0] is None else ((spec[0],) if isinstance(spec[0], str) else spec[0])
+  return axes_size(mesh, logical_to_spec(("vision_pieces",), rules, mesh)[0])
+
+
+def axes_size(mesh, axes) -> int:
+  """How many chips a partition spec entry spans: the product of its mesh axes' sizes (1 for None)."""
   n = 1
-  for a in axes:
+  for a in () if axes is None else (axes,) if isinstance(axes, str) else axes:
     n *= mesh.shape[a]
   return n
 

@@ -35,7 +35,7 @@ from flax import nnx
 import zoomer_jax
 from zoomer_jax.checkpoint.orbax_io import Checkpointer, TrainState, abstract_on_mesh, state_shardings
 from zoomer_jax.model.config import ModelConfig
-from zoomer_jax.model.options import ModelOptions
+from zoomer_jax.model.options import ModelOptions, options_from_config
 from zoomer_jax.parallel.distributed import put, to_host
 from zoomer_jax.parallel.mesh import make_mesh
 from zoomer_jax.train.batch import TrainBatch, batch_sharding
@@ -47,7 +47,7 @@ LossFn = Callable[[Any, TrainBatch], tuple[jax.Array, jax.Array, Mapping[str, ja
 
 def model_options(cfg) -> ModelOptions:
   """How a job's model computes: `cfg.impl` (scanned layers, attention kernel) and the rules `cfg.mesh.rules`."""
-  return ModelOptions(scan_layers=cfg.impl.scan_layers, attention=cfg.impl.attention, rules=cfg.mesh.rules)
+  return options_from_config(cfg.impl, cfg.mesh.rules)
 
 
 def build_model(cfg, mesh) -> zoomer_jax.Qwen25VL:
