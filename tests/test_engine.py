@@ -355,6 +355,47 @@ def test_one_engine_per_data_parallel_replica_gives_one_engines_trajectories(mod
         d: mine[d] for d in sub.devices.flat}
 
 
+def test_replica_engines_take_waiting_tasks_from_one_queue(model, tok, video, tmp_path, measure):
+  """Joining (evaluation's `join=True`) on two replicas of one process: replica 0's first task is held (its script
+  waits until the last task is done), so replica 1 takes every task still waiting, replica 0's block included,
+  instead of leaving them to it; every trajectory (sampled) equals one engine's over every task."""
+  import threading
+  import zoomer_jax
+  from zoomer_jax.agent import replicas as RP
+  from zoomer_jax.parallel.mesh import make_mesh
+
+  questions = ["What colour is the square? A. red B. blue", "Is there a square? A. yes B. no",
+               "Where? A. left B. right", "When?", "How many? A. one B. two", "Which way? A. up B. down"]
+  tasks = [Task(video, f"<image>\n{q}", "A", f"q{i}") for i, q in enumerate(questions)]
+  assert RP.split_groups(RP.task_groups(tasks), 2) == [[0, 1, 2], [3, 4, 5]]
+  cfg = dataclasses.replace(_config(temperature=1.0, max_new_tokens=8, max_generation_round=2), cache_size=0)
+  cfg = dataclasses.replace(cfg, cache_size=cache_bound(cfg, 64))
+  engine = EngineConfig(page_size=8, step_tokens=64, max_running=2)  # one task in flight per replica
+  answer = {i: ["<answer>A</answer><|im_end|>"] for i in (0, 2, 3, 5)}  # rows 1 and 4 sampled
+  want = continuous_rollout(model, tok, tasks, cfg, jax.random.key(7), script=_script(answer), engine=engine)
+  last_done = threading.Event()
+
+  def script(row, rnd):
+    if row == 0 and rnd == 0:
+      assert last_done.wait(timeout=300), "the other replica never finished the waiting tasks"
+    return _script(answer)(row, rnd)
+
+  def on_event(kind, i, info):
+    if kind == "done" and i == len(tasks) - 1:
+      last_done.set()
+
+  mesh = make_mesh((2, 1, 4))
+  sharded = zoomer_jax.load_hf(zoomer_jax.export_hf(model, tmp_path / "m"), mesh=mesh)
+  stats = EngineStats()
+  with jax.set_mesh(mesh):
+    got = RP.replicated_rollout(sharded, tok, tasks, cfg, jax.random.key(7), on_event=on_event, script=script,
+                                engine=engine, stats=stats, join=True)
+  assert [t.replica for t in got] == [0, 1, 1, 1, 1, 1]  # rows 1 and 2 were replica 0's block
+  assert [t.task.id for t in got] == [t.id for t in tasks] and stats.pages_leaked == 0
+  for a, b in zip(want, got):
+    _same(a, b, measure, f"{a.task.id}_taken_from_the_queue")
+
+
 def test_replica_engines_refuse_weights_split_over_the_data_axis():
   from jax.sharding import NamedSharding, PartitionSpec
   from zoomer_jax.agent import replicas as RP

@@ -162,7 +162,7 @@ class _Prompt:
 
 def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentConfig(), key: jax.Array | None = None,
                        on_event=None, script=None, engine: EngineConfig = EngineConfig(),
-                       stats: EngineStats | None = None, admit=None, first_row: int = 0) -> list[Trajectory]:
+                       stats: EngineStats | None = None, admit=None, row_ids=None) -> list[Trajectory]:
   """`rollout`'s contract (its arguments, `script` and `on_event` included) on the continuous engine; `stats`, if
   given, is filled with what the run did. With several processes, every process calls it with the same
   arguments (module docstring).
@@ -176,8 +176,10 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
   task's row index follows the rows before it. It needs `engine.max_running` and `cfg.cache_size` (the pool and
   its page tables are sized before the later prompts are known).
 
-  `first_row`: the index of tasks[0] in a larger batch whose other rows other engines run (`agent/replicas.py`):
-  a token's sampling key folds in its row's index in the whole batch, so the split does not change samples."""
+  `row_ids`: each row's index in a larger batch whose other rows other engines run (`agent/replicas.py`), the
+  tasks' first and then the joining ones' in the order they join (a list the caller may extend as `admit` hands
+  out tasks); None: a row's own index. A token's sampling key folds in its row's index in the whole batch, so
+  which engine runs a task does not change its samples."""
   key = as_key(key)
   if admit is not None and (not engine.max_running or not cfg.cache_size or several_processes()):
     raise ValueError("admitting tasks while the engine runs needs engine.max_running > 0 and cfg.cache_size > 0 "
@@ -201,7 +203,7 @@ def continuous_rollout(model, tok: Tokenizer, tasks, cfg: AgentConfig = AgentCon
           event("done", i, _finish(r))
       if admit is not None or any(not r.done for r in rows):
         _Engine(model, tok, rows, cfg, engine, videos, event, script, stats or EngineStats(), mine,
-                _Admission(admit, system) if admit else None, first_row).run(key)
+                _Admission(admit, system) if admit else None, row_ids).run(key)
     finally:
       videos.close()
   return [finished[i] if i in finished else _finish(r) for i, r in enumerate(rows)]
@@ -243,10 +245,10 @@ def groups(rows, share: bool) -> list[list[int]]:
 
 class _Engine:
   def __init__(self, model, tok, rows, cfg: AgentConfig, engine: EngineConfig, videos: Videos, event, script,
-               stats: EngineStats, mine: set[int], joining: _Admission | None = None, first_row: int = 0):
+               stats: EngineStats, mine: set[int], joining: _Admission | None = None, row_ids=None):
     self.model, self.tok, self.rows, self.cfg, self.engine = model, tok, rows, cfg, engine
     self.videos, self.event, self.script, self.stats, self.mine = videos, event, script, stats, mine
-    self.joining, self.first_row = joining, first_row
+    self.joining, self.row_ids = joining, row_ids
     self.mesh = mesh_of(nnx.state(model, nnx.Param))
     self.stop = self._global(stop_criteria(tok, cfg.tool.tools))  # once, not at every step
     self.split = nnx.split(model)
@@ -298,6 +300,10 @@ class _Engine:
         self._step(feeds, key)
         self.chunk_fed = self.engine.decode_burst > 1 and any(self._feed_len(f) > 1 for f in feeds)
     self.stats.pages_leaked = self.alloc.num_pages - self.alloc.free_pages
+
+  def _row_id(self, i: int) -> int:
+    """Row i's index in the whole batch (`continuous_rollout`'s `row_ids`): what its sampling keys fold in."""
+    return i if self.row_ids is None else self.row_ids[i]
 
   def _join(self) -> bool:
     """Polls the tasks joining a running engine (`admit`): new ones' overviews go to the thread pool, those read
@@ -497,7 +503,7 @@ class _Engine:
       if m.end_at is not None:  # the logits after the turn's last token score the <|im_end|> appended to it
         slots.append(R.Slot(m.end_row - start))
         owners.append((m, "end"))
-      slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m), (self.first_row + m.i, len(m.row.logprobs))))
+      slots.append(R.Slot(len(ids) - 1, m.window, self._forced(m), (self._row_id(m.i), len(m.row.logprobs))))
       owners.append((m, "sample"))
     return R.Chunk(f.key if isinstance(f, _Prompt) else s.i, ids, positions, pixels, grids, slots), owners
 
@@ -566,7 +572,7 @@ class _Engine:
         forced[j, :len(part)] = part
     starts = [self.alloc.length(s.i) for s in feeds]
     inp = B.build_burst(self.alloc, rows, windows, forced, self.stop.window,
-                        [(self.first_row + s.i, len(s.row.logprobs)) for s in feeds])
+                        [(self._row_id(s.i), len(s.row.logprobs)) for s in feeds])
     self._note_pages(feeds)
     t0 = time.perf_counter()
     self.kv, out = B.burst_step(self.burst_split, self.kv, self._global(inp), key, self.stop,

@@ -5,7 +5,8 @@
 The rollout mesh's `data` axis holds whole copies of the sampler's weights (each split over its own `tensor`
 chips). One engine over the whole mesh would make every chip hold the same page pool and every device step a
 program over every chip; instead each replica runs an engine of its own (`agent/engine.py`) on its own chips:
-its share of the tasks (whole groups of the same prompt, in contiguous blocks), its own pool (`max_running` /
+its share of the tasks (whole groups of the same prompt, in contiguous blocks; when tasks join as places free,
+the engines of a process take the waiting ones from one queue), its own pool (`max_running` /
 replicas trajectories in flight, `pool_pages` pages; the kv heads split over the replica's chips as the rules
 say), its own videos and clips, and no traffic with the other replicas while it runs. This is the layout the
 compile command's engine programs assume (`aot/engine_programs.py`).
@@ -26,13 +27,14 @@ warning, does one whose replicas span processes: every process then runs the one
 `agent/engine.py` says).
 
 The split does not change the results: a token's sampling key folds in its row's index in the whole batch
-(`continuous_rollout`'s `first_row`), so trajectories equal one engine's over every task, sampled ones included
+(`continuous_rollout`'s `row_ids`), so trajectories equal one engine's over every task, sampled ones included
 (up to the rounding of another layout). Events reach `on_event` with the row's index in the whole batch, from
 the engines' threads one at a time, for this process's rows only.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import threading
@@ -132,6 +134,16 @@ def split_groups(groups: list[list[int]], replicas: int) -> list[list[int]]:
   return out
 
 
+def first_groups(rows: list[int], groups: list[list[int]], running: int) -> list[int]:
+  """The first of `rows` (whole groups of `groups`) that fit `running` places: at least one group."""
+  inside, out = set(rows), []
+  for g in (g for g in groups if g[0] in inside):
+    if out and len(out) + len(g) > running:
+      break
+    out += g
+  return out
+
+
 def replica_engines(model) -> int:
   """How many engines `replicated_rollout` runs `model`'s rollouts on, over every process (1: one
   `continuous_rollout`)."""
@@ -151,9 +163,12 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   over all replicas (0: every task), `engine.pool_pages` each engine's pool. `stats` sums this process's
   engines' (and `stats.engines` counts them). `pixels`: "all" (every process gets every trajectory's images) or
   "own" (only those its own engines made; the others' `pixel_values` are None). `join`: each engine starts with
-  the first of its tasks that fit in flight and the rest join as places free (`continuous_rollout`'s `admit`;
-  needs `cfg.cache_size`), so no engine waits for a batch's slowest trajectory and a task's video is read only when
-  it joins; without it (and with one engine over the whole mesh) every task's overview is read at the start."""
+  the first of its tasks that fit in flight (whole groups) and the rest join as places free (`continuous_rollout`'s
+  `admit`; needs `cfg.cache_size`), so no engine waits for a batch's slowest trajectory and a task's video is read
+  only when it joins; a process's engines take the tasks still waiting from one queue (whole groups, in order),
+  so an engine whose tasks end early takes the next group of another's block instead of idling (no task moves
+  between processes). Without it (and with one engine over the whole mesh) every task's overview is read at the
+  start."""
   if pixels not in ("all", "own"):
     raise ValueError(f"replicated_rollout: pixels must be 'all' or 'own', got {pixels!r}")
   mesh = mesh_of(nnx.state(model, nnx.Param))
@@ -169,28 +184,36 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   parts = split_groups(groups, len(subs))
   largest = max(map(len, groups), default=1)
   running = max(-(-(engine.max_running or len(tasks)) // len(subs)), largest)
-  lock = threading.Lock()
+  lock, queue_lock = threading.Lock(), threading.Lock()
   results: dict[int, Trajectory] = {}
   total = stats if stats is not None else EngineStats()
   total.engines = 0
+  busy = [d for d in mine if parts[d]]
+  # Each engine's rows in the whole batch, in its own row order: its first tasks, then those it takes as they join.
+  taken = {d: parts[d] if not join else first_groups(parts[d], groups, running) for d in busy}
+  later = {i for d in busy for i in parts[d]} - {i for d in busy for i in taken[d]}
+  waiting = collections.deque(g for g in groups if g[0] in later)  # this process's tasks not yet started
 
   def run(d: int, model_d) -> tuple[list[Trajectory], EngineStats]:
-    rows = parts[d]
+    rows = taken[d]
     st = EngineStats()
     events = None if on_event is None else _Serial(on_event, rows, lock)
     row_script = None if script is None else (lambda i, rnd: script(rows[i], rnd))
-    first, later = (rows[:running], rows[running:][::-1]) if join else (rows, [])
 
-    def admit(free: int) -> list[Task]:  # in order: a joining task's row follows the rows before it
-      return [tasks[later.pop()] for _ in range(min(free, len(later)))]
+    def admit(free: int) -> list[Task]:  # whole groups, in order; a joining task's row follows the rows before it
+      out = []
+      with queue_lock:
+        while waiting and len(out) + len(waiting[0]) <= free:
+          out += waiting.popleft()
+      rows.extend(out)
+      return [tasks[i] for i in out]
     with alone(), jax.set_mesh(subs[d]):
       k = jax.device_put(jax.random.wrap_key_data(key_data), NamedSharding(subs[d], PartitionSpec()))
-      out = continuous_rollout(model_d, tok, [tasks[i] for i in first], cfg, k, on_event=events,
+      out = continuous_rollout(model_d, tok, [tasks[i] for i in list(rows)], cfg, k, on_event=events,
                                script=row_script, engine=dataclasses.replace(engine, max_running=running),
-                               stats=st, first_row=rows[0], admit=admit if join else None)
+                               stats=st, row_ids=rows, admit=admit if join else None)
     return out, st
 
-  busy = [d for d in mine if parts[d]]
   fatal = None
   try:
     models = {d: replica_model(model, subs[d]) for d in busy}  # here: nnx's graph walks are not thread-safe
@@ -198,7 +221,7 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
       futures = {d: pool.submit(run, d, models[d]) for d in busy}
       for d, fut in futures.items():
         trajs, st = fut.result()
-        results.update((i, dataclasses.replace(t, replica=d)) for i, t in zip(parts[d], trajs))
+        results.update((i, dataclasses.replace(t, replica=d)) for i, t in zip(taken[d], trajs))
         add_stats(total, st)
   except Exception as e:
     if jax.process_count() == 1:
