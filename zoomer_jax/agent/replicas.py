@@ -209,7 +209,7 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
       return [tasks[i] for i in out]
     with alone(), jax.set_mesh(subs[d]):
       k = jax.device_put(jax.random.wrap_key_data(key_data), NamedSharding(subs[d], PartitionSpec()))
-      out = continuous_rollout(model_d, tok, [tasks[i] for i in list(rows)], cfg, k, on_event=events,
+      out = continuous_rollout(model_d, tok, [tasks[i] for i in rows], cfg, k, on_event=events,
                                script=row_script, engine=dataclasses.replace(engine, max_running=running),
                                stats=st, row_ids=rows, admit=admit if join else None)
     return out, st

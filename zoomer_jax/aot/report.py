@@ -30,6 +30,7 @@ that times how often the step runs it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from typing import Any
@@ -42,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from zoomer_jax.aot import programs as P
 from zoomer_jax.aot.hlo import Hlo
 from zoomer_jax.aot.target import Target
+from zoomer_jax.model.attention import SPLASH_BLOCK
 from zoomer_jax.model.stack import unrolled_loops
 
 GiB = 2**30
@@ -136,7 +138,7 @@ def kernel_rate(target: Target, heads: int, block: int = 512, head_dim: int = 12
   return 4 * heads * block * block * head_dim / float(ca["optimal_seconds"])
 
 
-def splash_flops(hlo: Hlo, block: int = 512) -> float:
+def splash_flops(hlo: Hlo, block: int = SPLASH_BLOCK) -> float:
   """FLOPs of the splash kernels a program runs, 2 x heads x head_dim x the causal block pairs its tiles visit per
   matmul: the forward kernel's two (scores, values); the backward's seven, counted at its dq kernel (scores, dP,
   dQ) whose output [..., heads, T, h] names the query heads, the dkv kernel's four (scores, dP, dV, dK) with it.
@@ -152,7 +154,7 @@ def splash_seconds(hlo: Hlo, block: int, rate_of) -> float:
   return sum(flops / rate_of(tile) for flops, tile in splash_kernels(hlo, block))
 
 
-def splash_kernels(hlo: Hlo, block: int = 512):
+def splash_kernels(hlo: Hlo, block: int = SPLASH_BLOCK):
   """(FLOPs, tile) of each splash kernel call (`splash_flops`)."""
   from zoomer_jax.model.attention import balanced_order  # noqa: PLC0415
   for name, operands, shapes, count in hlo.kernels(SPLASH):
@@ -178,7 +180,7 @@ def splash_kernels(hlo: Hlo, block: int = 512):
     yield count * (14 if "dq" in name else 4) * heads * h * pairs, blk
 
 
-def _cost_of(compiled, loops: int = 0, block: int = 512, rate_of=None) -> Cost:
+def _cost_of(compiled, loops: int = 0, block: int = SPLASH_BLOCK, rate_of=None) -> Cost:
   """XLA's cost analysis of a probe that runs `loops` while loops of its own (the decode loop, costed per step);
   its splash kernels (tiles of `block`) timed at `rate_of(tile)` FLOP/s when given."""
   ca = compiled.cost_analysis() or {}
@@ -315,12 +317,7 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
     results.append(r)
   if probes:
     heads = cfg.model.text.num_attention_heads // max(1, int(mesh.shape.get("tensor", 1)))
-    rates = {}
-
-    def rate_of(tile: int) -> float:
-      if tile not in rates:
-        rates[tile] = kernel_rate(target, heads, block=tile)
-      return rates[tile]
+    rate_of = functools.cache(lambda tile: kernel_rate(target, heads, block=tile))
 
     costs = probe_costs(cfg, mesh, rollout_mesh, log=log, only=only, rate_of=rate_of)
     for r in results:
@@ -329,6 +326,6 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
         r.cost = r.cost * r.loop_steps
         r.kernel_s = r.cost.kernel_s
       if r.cost is not None and (r.kernel_bytes or r.kernel_flops):  # the paged kernel: bound by HBM or FLOPs
-        r.kernel_s += max(r.kernel_bytes / target.chip.hbm_bw, r.kernel_flops / rate_of(512))
+        r.kernel_s += max(r.kernel_bytes / target.chip.hbm_bw, r.kernel_flops / rate_of(SPLASH_BLOCK))
   return dict(config=cfg, target=target, hbm=hbm, headroom=headroom, mesh=dict(mesh.shape),
               rollout_mesh=dict(rollout_mesh.shape) if rollout_mesh else None, results=results)
