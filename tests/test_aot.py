@@ -349,7 +349,8 @@ def test_pod_rollout_replicas_and_training_rows_each_lie_on_one_host(config, top
   """On the 7B configs' slices every rollout replica's chips are one host's (so each runs its own engine there,
   `agent/replicas.py`), and every training row's chips are exactly its home replica's (so it is built from images
   that host decoded, `train/placement.py`). On v6e-64 the torus order alone would run each tensor-4 group across
-  two hosts' 2 x 2 blocks (`parallel.mesh._host_local`)."""
+  two hosts' 2 x 2 blocks, and on v5p-64 (a replica per chip) visit the hosts 0, 4, 0, 4, 2, 6, ... along the data
+  axis (`parallel.mesh._host_local`)."""
   from zoomer_jax.agent.replicas import replica_meshes, spanning_replica
   from zoomer_jax.train.placement import home_replicas, row_devices
   cfg = load(config, [])
@@ -361,3 +362,8 @@ def test_pod_rollout_replicas_and_training_rows_each_lie_on_one_host(config, top
   assert sorted(homes) == list(range(len(chips)))  # a row per replica
   for row, home in zip(row_devices(mesh, rows), homes):
     assert row == chips[home] and len({d.process_index for d in row}) == 1
+  # Each host's replicas are neighbours on the data axis (where a busy replica's helpers and a row's fallback
+  # replica are looked for): the hosts in replica order, each once.
+  hosts = [next(iter(c)).process_index for c in chips]
+  runs = [h for i, h in enumerate(hosts) if i == 0 or h != hosts[i - 1]]
+  assert len(runs) == len(set(hosts)), hosts

@@ -58,18 +58,25 @@ def _host_local(arranged: np.ndarray) -> np.ndarray:
   2 x 2 block of chips) a mesh (16, 1, 4) gets 1 x 4 lines, each on two hosts. A rollout replica must lie within
   one process (`agent/replicas.py`), and a training row held by a tensor group is best built on one host
   (`train/placement.py`). The devices are then taken host by host, each host's in the torus order (a stable
-  sort); a mesh whose blocks already lie within hosts, or cannot, is left as it is.
+  sort); a mesh whose blocks already lie within hosts, or cannot, is left as it is, except a mesh of single-chip
+  data slices, which is always taken host by host (each host's replicas neighbours on the data axis).
   """
   shape = arranged.shape
   hosts = collections.Counter(d.process_index for d in arranged.flat)
   if len(hosts) == 1 or len(set(hosts.values())) > 1:
     return arranged
   per_host = next(iter(hosts.values()))
+  flat = list(arranged.flat)
+  by_host = np.array(sorted(flat, key=lambda d: d.process_index), dtype=object).reshape(shape)
+  if math.prod(shape[1:]) == 1:
+    # One chip per data slice (v5p-64's rollout mesh): the torus order visits the hosts 0, 4, 0, 4, 2, 6, ...;
+    # host by host, a replica's neighbours on the data axis, where its idle helpers and a training row's
+    # fallback replica are looked for (agent/replicas.py, train/placement.py), are on its own host.
+    return by_host
   for block in (math.prod(shape[1:]), shape[-1]):
     if block == 1 or per_host % block:
       continue
-    flat = list(arranged.flat)
     if all(len({d.process_index for d in flat[i:i + block]}) == 1 for i in range(0, len(flat), block)):
       return arranged
-    return np.array(sorted(flat, key=lambda d: d.process_index), dtype=object).reshape(shape)
+    return by_host
   return arranged

@@ -12,8 +12,8 @@ them, and a rollout may have more replicas than groups) takes one from the neare
 rollout mesh's data axis that has any, else the nearest after it; only such trajectories' pixels travel, and only
 when that replica is on another process (`share_pixels`). Looking back first follows `replicas.split_groups`,
 which gives each busy replica the idle ones after it; with a process's replicas neighbours on the data axis (as
-`make_mesh` lays out CPU processes, tests/test_multiprocess.py) a move then stays within the process. Where a
-slice's layout interleaves hosts along that axis, more of them cross.
+`make_mesh` lays out CPU processes, tests/test_multiprocess.py, and TPU hosts: `parallel.mesh._host_local`) a move
+then mostly stays within the process.
 
 The rule reads the meshes' layouts, never which process holds a chip, so one process and several give the same
 micro-batches. A micro-batch mixes the replicas' trajectories (one engine's order kept a group's samples
