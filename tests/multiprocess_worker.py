@@ -14,6 +14,10 @@ OUT_DIR/rollout_{ENGINE}{PROCESS_ID}.json:
 this process's trajectories, events and the videos it decoded, then the error that the same rollout raised when
 one row's clip extraction has a bug; or
 
+  python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID queue CHECKPOINT VIDEO OUT_DIR
+
+runs a joining rollout whose waiting tasks move between the processes (`queue_main`); or
+
   python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID placement OUT_DIR
 
 builds GRPO's training micro-batches from trajectories whose pixels only the process that made them holds
@@ -147,6 +151,70 @@ def rollout_main(argv):
     json.dump(record, f)
 
 
+QUEUE_QUESTIONS = ["What colour is the square? A. red B. blue", "Is there a square? A. yes B. no",
+                   "Where? A. left B. right", "When?", "How many? A. one B. two", "Which way? A. up B. down"]
+QUEUE_ANSWERS = {i: ["<answer>A</answer><|im_end|>"] for i in (0, 2, 3, 5)}  # rows 1 and 4 sampled
+
+
+def queue_setup(video: str):
+  """The joining rollout of `queue_main`: six one-task groups, one place in flight per replica."""
+  import dataclasses
+  from zoomer_jax.agent.engine import EngineConfig
+  from zoomer_jax.agent.rollout import Task, cache_bound
+  tasks = [Task(video, f"<image>\n{q}", "A", f"q{i}") for i, q in enumerate(QUEUE_QUESTIONS)]
+  cfg = dataclasses.replace(rollout_config(), sampling=dataclasses.replace(rollout_config().sampling,
+                                                                            max_new_tokens=8))
+  cfg = dataclasses.replace(cfg, cache_size=cache_bound(cfg, 64))
+  return tasks, cfg, EngineConfig(page_size=8, step_tokens=64, max_running=2)
+
+
+def queue_script(row: int, rnd: int):
+  turns = QUEUE_ANSWERS.get(row, [])
+  return turns[rnd] if rnd < len(turns) else None
+
+
+def queue_main(argv):
+  """Two replicas of 4 chips, one per process, with tasks joining (`replicated_rollout(join=True)`): replica 0's
+  first task (process 0) waits until the last task is done (process 1 says so through the distributed runtime's
+  key-value store), so replica 1 must take every task still waiting, replica 0's block included."""
+  coordinator, n, pid, checkpoint, video, out_dir = argv
+  distributed.initialize(coordinator, int(n), int(pid))
+
+  import jax
+  from jax._src.distributed import global_state
+
+  import zoomer_jax
+  from zoomer_jax.agent.replicas import replicated_rollout, spanning_replica
+  from zoomer_jax.parallel.mesh import make_mesh
+  from zoomer_jax.text import build_tiny_tokenizer
+
+  tasks, cfg, engine = queue_setup(video)
+  mesh = make_mesh((2, 1, 4))
+  assert spanning_replica(mesh) is None
+  model = zoomer_jax.load_hf(checkpoint, mesh=mesh)
+  kv = global_state.client
+
+  def script(row, rnd):
+    if row == 0 and rnd == 0:
+      kv.blocking_key_value_get("test/last_done", 300_000)
+    return queue_script(row, rnd)
+
+  events = []
+
+  def on_event(kind, row, info):
+    events.append((kind, row, info))
+    if kind == "done" and row == len(tasks) - 1:
+      kv.key_value_set("test/last_done", "1")
+
+  with jax.set_mesh(mesh):
+    trajs = replicated_rollout(model, build_tiny_tokenizer(), tasks, cfg, jax.random.key(7), on_event=on_event,
+                               script=script, engine=engine, join=True)
+  record = dict(rollout_record(trajs, []), replicas=[t.replica for t in trajs],
+                done_here=sorted(row for kind, row, _ in events if kind == "done"))
+  with open(os.path.join(out_dir, f"queue{pid}.json"), "w") as f:
+    json.dump(record, f)
+
+
 PLACEMENT_REPLICAS = [0] * 9 + [1] * 3  # replica 0's groups kept 9 trajectories, replica 1's 3
 
 
@@ -222,6 +290,8 @@ def placement_main(argv):
 def main(argv):
   if len(argv) > 3 and argv[3] == "rollout":
     return rollout_main(argv[:3] + argv[4:])
+  if len(argv) > 3 and argv[3] == "queue":
+    return queue_main(argv[:3] + argv[4:])
   if len(argv) > 3 and argv[3] == "placement":
     return placement_main(argv[:3] + argv[4:])
   coordinator, n, pid, checkpoint, prompt_path, out_dir, *meshes = argv

@@ -248,6 +248,40 @@ def test_two_process_grpo_rows_are_built_where_their_pixels_are(tmp_path):
   assert [g["unequal"] for g in got] == [[[], []], [[], []]]
 
 
+@pytest.mark.slow
+def test_two_process_replicas_take_waiting_tasks_from_each_others_blocks(tmp_path, measure):
+  """Evaluation's joining rollout on two processes, one replica each: process 0's first task is held until the
+  last task is done, so process 1's engine takes every task still waiting, process 0's block included (through
+  the distributed runtime's counter), and both processes end with every trajectory, sampled ones included, equal
+  to one engine's over every task in one process."""
+  import media
+  import multiprocess_worker as W
+  import zoomer_jax
+  from flax import nnx
+  from zoomer_jax.agent.engine import continuous_rollout
+  from zoomer_jax.config_loader import load
+  from zoomer_jax.model.config import ModelConfig
+  from zoomer_jax.model.qwen25vl import Qwen25VL
+  from zoomer_jax.text import build_tiny_tokenizer
+
+  video = media.write_video(str(tmp_path / "v.mp4"), 200, 10.0, (64, 80))
+  model = Qwen25VL(ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model), rngs=nnx.Rngs(4))
+  ckpt = str(zoomer_jax.export_hf(model, tmp_path / "ckpt"))
+  tasks, cfg, engine = W.queue_setup(video)
+  want = W.rollout_record(continuous_rollout(zoomer_jax.load_hf(ckpt), build_tiny_tokenizer(), tasks, cfg,
+                                             jax.random.key(7), script=W.queue_script, engine=engine), [])
+  _run_workers(["queue", ckpt, video, str(tmp_path)], str(tmp_path))
+  got = [json.loads((tmp_path / f"queue{p}.json").read_text()) for p in range(2)]
+  assert got[0]["done_here"] == [0] and got[1]["done_here"] == [1, 2, 3, 4, 5]  # rows 1, 2: process 0's block
+  for p, g in enumerate(got):
+    assert g["replicas"] == [0, 1, 1, 1, 1, 1]
+    for a, b in zip(want["trajs"], g["trajs"]):
+      diff = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"]))
+      measure(f"process{p}_{a['id']}_logprob_diff", diff)
+      rest = lambda t: {k: v for k, v in t.items() if k != "logprobs"}  # noqa: E731
+      assert diff <= tol.LOGPROB_FP32 and rest(a) == rest(b)
+
+
 def test_pack_round_trips_exactly_and_share_is_local_in_one_process():
   rng = np.random.default_rng(0)
   tree = [[3, {"value": [0.1, rng.normal(size=(5, 1176)).astype(np.float32), np.zeros((0, 3), np.int64),

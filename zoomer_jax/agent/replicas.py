@@ -6,7 +6,7 @@ The rollout mesh's `data` axis holds whole copies of the sampler's weights (each
 chips). One engine over the whole mesh would make every chip hold the same page pool and every device step a
 program over every chip; instead each replica runs an engine of its own (`agent/engine.py`) on its own chips:
 its share of the tasks (whole groups of the same prompt, in contiguous blocks; when tasks join as places free,
-the engines of a process take the waiting ones from one queue), its own pool (`max_running` /
+every engine, on any process, takes the waiting ones from one queue), its own pool (`max_running` /
 replicas trajectories in flight, `pool_pages` pages; the kv heads split over the replica's chips as the rules
 say), its own videos and clips, and no traffic with the other replicas while it runs. This is the layout the
 compile command's engine programs assume (`aot/engine_programs.py`).
@@ -34,9 +34,9 @@ the engines' threads one at a time, for this process's rows only.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import threading
 import traceback
 import warnings
@@ -165,9 +165,9 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   "own" (only those its own engines made; the others' `pixel_values` are None). `join`: each engine starts with
   the first of its tasks that fit in flight (whole groups) and the rest join as places free (`continuous_rollout`'s
   `admit`; needs `cfg.cache_size`), so no engine waits for a batch's slowest trajectory and a task's video is read
-  only when it joins; a process's engines take the tasks still waiting from one queue (whole groups, in order),
-  so an engine whose tasks end early takes the next group of another's block instead of idling (no task moves
-  between processes). Without it (and with one engine over the whole mesh) every task's overview is read at the
+  only when it joins; the engines take the tasks still waiting from one queue (whole groups, in order; across
+  processes through the distributed runtime's key-value store, `_Waiting`), so an engine whose tasks end early
+  takes the next group of another's block, on its own host or another's, instead of idling. Without it (and with one engine over the whole mesh) every task's overview is read at the
   start."""
   if pixels not in ("all", "own"):
     raise ValueError(f"replicated_rollout: pixels must be 'all' or 'own', got {pixels!r}")
@@ -184,27 +184,35 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   parts = split_groups(groups, len(subs))
   largest = max(map(len, groups), default=1)
   running = max(-(-(engine.max_running or len(tasks)) // len(subs)), largest)
-  lock, queue_lock = threading.Lock(), threading.Lock()
+  lock = threading.Lock()
   results: dict[int, Trajectory] = {}
   total = stats if stats is not None else EngineStats()
   total.engines = 0
   busy = [d for d in mine if parts[d]]
   # Each engine's rows in the whole batch, in its own row order: its first tasks, then those it takes as they join.
-  taken = {d: parts[d] if not join else first_groups(parts[d], groups, running) for d in busy}
-  later = {i for d in busy for i in parts[d]} - {i for d in busy for i in taken[d]}
-  waiting = collections.deque(g for g in groups if g[0] in later)  # this process's tasks not yet started
+  first = {d: parts[d] if not join else first_groups(parts[d], groups, running) for d in range(len(subs))}
+  taken = {d: first[d] for d in busy}
+  started = {i for rows in first.values() for i in rows}
+  # Every replica's tasks not yet started, in order, taken by whichever engine of any process has room.
+  waiting = _Waiting([g for g in groups if g[0] not in started], shared=jax.process_count() > 1)
 
   def run(d: int, model_d) -> tuple[list[Trajectory], EngineStats]:
     rows = taken[d]
     st = EngineStats()
     events = None if on_event is None else _Serial(on_event, rows, lock)
     row_script = None if script is None else (lambda i, rnd: script(rows[i], rnd))
+    held: list[list[int]] = []  # a group this engine took that has not fit its free places yet
 
     def admit(free: int) -> list[Task]:  # whole groups, in order; a joining task's row follows the rows before it
       out = []
-      with queue_lock:
-        while waiting and len(out) + len(waiting[0]) <= free:
-          out += waiting.popleft()
+      while True:
+        if not held:
+          if free - len(out) < waiting.smallest or not (g := waiting.take()):
+            break
+          held.append(g)
+        if len(out) + len(held[0]) > free:
+          break
+        out += held.pop()
       rows.extend(out)
       return [tasks[i] for i in out]
     with alone(), jax.set_mesh(subs[d]):
@@ -231,12 +239,52 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
     local = {f"fatal{jax.process_index()}": fatal} if fatal else {}
     local.update({str(i): _pack(t, with_pixels=pixels == "all") for i, t in results.items()})
     shared = share_by_key(local)
+    waiting.close()  # after the exchange: every process's engines are done taking
     for k, v in shared.items():
       if k.startswith("fatal"):
         raise_fatal(*v, f"the rollout engines of process {k[len('fatal'):]} failed")
     results = {int(k): results[int(k)] if int(k) in results else _unpack(v)  # its own: with their pixels
                for k, v in shared.items()}
   return [results[i] for i in range(len(tasks))]
+
+
+_QUEUES = itertools.count()  # every process calls replicated_rollout in the same order: the same queue names
+
+
+class _Waiting:
+  """The tasks no engine started with, as whole groups in order, each taken once by whichever engine asks first:
+  a counter under a lock in one process; across processes the distributed runtime's atomic counter (its key-value
+  store, the one `jax.distributed.initialize` set up), so an engine on one host takes groups from another host's
+  block (reading their videos itself) instead of idling while that host works through them."""
+
+  def __init__(self, groups: list[list[int]], shared: bool):
+    self.groups = groups
+    self.smallest = min(map(len, groups), default=1)
+    self.key = f"zoomer_jax/rollout_queue/{next(_QUEUES)}" if shared and groups else None
+    self._next, self._lock, self._empty = 0, threading.Lock(), not groups
+
+  def take(self) -> list[int] | None:
+    if self._empty:  # the counter only grows: once past the end, no store round trip per engine step
+      return None
+    if self.key is None:
+      with self._lock:
+        i, self._next = self._next, self._next + 1
+    else:
+      i = _kv().key_value_increment(self.key, 1) - 1
+    self._empty = i >= len(self.groups) - 1
+    return self.groups[i] if i < len(self.groups) else None
+
+  def close(self) -> None:
+    if self.key is not None and jax.process_index() == 0:
+      _kv().key_value_delete(self.key)
+
+
+def _kv():
+  from jax._src.distributed import global_state  # noqa: PLC0415 (jax has no public handle on its key-value store)
+  if global_state.client is None:
+    raise RuntimeError("replicated_rollout on several processes needs jax.distributed.initialize "
+                       "(zoomer_jax.parallel.distributed.initialize)")
+  return global_state.client
 
 
 class _Serial:
