@@ -265,6 +265,9 @@ def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=(), rate_of=None)
       ct = c["2,1,0"] - c["1,1,0"]
       c0 = c["1,1,0"] - ct - cw
     out[name] = c0 + ct * t + cw * w + cf * f
+    part = lambda c, n: f"{c.xla_s * 1e3:.2f} ms {c.bytes / 1e9:.2f} GB {c.flops / 1e12:.2f} TFLOP x {n}"  # noqa: E731
+    log(f"  {name} by XLA's estimate: outside the stacks {part(c0, 1)}; per decoder layer {part(ct, t)}; "
+        f"per windowed vision block {part(cw, w)}" + (f"; per full-attention block {part(cf, f)}" if f else ""))
   return out
 
 
