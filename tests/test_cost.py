@@ -254,6 +254,16 @@ def test_dense_attention_and_no_vision_remat_cost_what_they_should():
   patches = 128 * math.prod(grid)
   per_patch = 32 * (4 * 1280 + 4 * 1280 + 3 * 3420) + 5 * 1280
   assert kept["vision activations kept (remat=none)"] == patches * per_patch * 2
+  # The tower's attention is dense with a blockwise decoder kernel too: one full-attention block's fp32 scores,
+  # their gradient and bf16 probabilities per frame and head (and bf16 probabilities of every block kept without
+  # remat); a frozen tower's scores are gone before the decoder's backward.
+  frame = math.prod(grid)
+  flash = account(job).memory["update"].items
+  assert flash["vision attention scores (dense)"] == 128 * 16 * frame**2 * 10
+  assert kept["vision attention scores (dense)"] == 128 * 16 * frame**2 * (2 * 32 + 10)
+  frozen = account(_job(**{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 32,
+                           "actor.freeze_vision_tower": True})).memory["update"].items
+  assert "vision attention scores (dense)" not in frozen
 
 
 # ------------------------------------------------------------------ configs, chips, mesh

@@ -350,3 +350,19 @@ def test_vision_attention_packing(rng, measure, grid):
     diff = float(np.abs(got - want)[:real].max())
     measure(f"{grid}_{seg.gather.shape}", diff)
     assert diff <= tol.ATTENTION_FP32
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rotate_half_by_matmul_equals_the_slicing_form_exactly(dtype):
+  """The vision rotary's rotate_half as a signed permutation product: bit for bit the halves-and-concatenation form
+  in fp32 (one +-1 term per output), its gradient too, at the vision tower's head_dim 80 and the decoder's 128."""
+  for d in (80, 128):
+    x = jax.random.normal(jax.random.key(d), (5, 3, d), dtype)
+    w = jax.random.normal(jax.random.key(d + 1), (5, 3, d), jnp.float32)
+    prec = layers.precision_for(dtype)
+    got = layers.rotate_half_by_matmul(x, prec)
+    want = layers.rotate_half(x.astype(jnp.float32))
+    assert got.dtype == jnp.float32 and np.array_equal(np.asarray(got), np.asarray(want))
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)  # noqa: E731
+    assert np.array_equal(np.asarray(grad(lambda x: layers.rotate_half_by_matmul(x, prec))),
+                          np.asarray(grad(lambda x: layers.rotate_half(x.astype(jnp.float32)))))

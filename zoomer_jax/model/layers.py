@@ -186,6 +186,17 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def rotate_half_by_matmul(x: jax.Array, precision=None) -> jax.Array:
+  """`rotate_half(x)` in fp32, as a product with a signed permutation: exact (one +-1 term per output) and, on TPU,
+  no lane-unaligned halves to move (the vision tower's head_dim 80: its rotary's slices and concatenation
+  otherwise cost about as much HBM traffic as a vision block's MLP)."""
+  d = x.shape[-1]
+  j = jnp.arange(d)
+  src, sign = (j + d // 2) % d, jnp.where(j < d // 2, -1, 1)
+  turn = ((j[:, None] == src[None, :]) * sign[None, :]).astype(x.dtype)  # out[j] = sign[j] * x[src[j]]
+  return jnp.einsum("...h,hj->...j", x, turn, precision=precision, preferred_element_type=jnp.float32)
+
+
 def attention_weights(scores: jax.Array, allowed: jax.Array, dtype) -> jax.Array:
   """Softmax in fp32 over the last axis where `allowed`; fully masked rows get zeros, not NaN."""
   scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoomer_jax.model.config import VisionConfig
-from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, attention_weights, precision_for, rotate_half
+from zoomer_jax.model.layers import (Linear, RMSNorm, SwiGLU, attention_weights, precision_for,
+                                     rotate_half_by_matmul)
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.stack import remat, scan_modules, stack_modules
 from zoomer_jax.model.vision_layout import Segments, VisionLayout
@@ -50,7 +51,7 @@ class VisionAttention(nnx.Module):
     q_nkh, k_nkh, v_nkh = qkv_n3kh[:, 0], qkv_n3kh[:, 1], qkv_n3kh[:, 2]
     # Rotary in fp32, cast back (HF upcasts q and k for the vision rotary).
     cos, sin = cos_nh[:, None, :], sin_nh[:, None, :]
-    rot = lambda t: (t.astype(jnp.float32) * cos + rotate_half(t.astype(jnp.float32)) * sin)
+    rot = lambda t: t.astype(jnp.float32) * cos + rotate_half_by_matmul(t, self.precision) * sin
     q_nkh, k_nkh = rot(q_nkh).astype(self.dtype), rot(k_nkh).astype(self.dtype)
 
     # Heads first, rows packed into segments: [k, S, L, h], so both GEMMs batch over leading (k, S). Segments
