@@ -181,7 +181,6 @@ def queue_main(argv):
   distributed.initialize(coordinator, int(n), int(pid))
 
   import jax
-  from jax._src.distributed import global_state
 
   import zoomer_jax
   from zoomer_jax.agent.replicas import replicated_rollout, spanning_replica
@@ -192,7 +191,7 @@ def queue_main(argv):
   mesh = make_mesh((2, 1, 4))
   assert spanning_replica(mesh) is None
   model = zoomer_jax.load_hf(checkpoint, mesh=mesh)
-  kv = global_state.client
+  kv = distributed.kv_store()
 
   def script(row, rnd):
     if row == 0 and rnd == 0:

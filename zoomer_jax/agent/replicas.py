@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zoomer_jax.agent.engine import EngineConfig, EngineStats, add_stats, as_key, continuous_rollout, same_task_prompt
 from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, alone, raise_fatal
-from zoomer_jax.parallel.distributed import mesh_of, share_by_key
+from zoomer_jax.parallel.distributed import kv_store, mesh_of, share_by_key
 
 DATA = "data"
 
@@ -167,8 +167,8 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   `admit`; needs `cfg.cache_size`), so no engine waits for a batch's slowest trajectory and a task's video is read
   only when it joins; the engines take the tasks still waiting from one queue (whole groups, in order; across
   processes through the distributed runtime's key-value store, `_Waiting`), so an engine whose tasks end early
-  takes the next group of another's block, on its own host or another's, instead of idling. Without it (and with one engine over the whole mesh) every task's overview is read at the
-  start."""
+  takes the next group of another's block, on its own host or another's, instead of idling. Without it (and with
+  one engine over the whole mesh) every task's overview is read at the start."""
   if pixels not in ("all", "own"):
     raise ValueError(f"replicated_rollout: pixels must be 'all' or 'own', got {pixels!r}")
   mesh = mesh_of(nnx.state(model, nnx.Param))
@@ -270,21 +270,14 @@ class _Waiting:
       with self._lock:
         i, self._next = self._next, self._next + 1
     else:
-      i = _kv().key_value_increment(self.key, 1) - 1
+      i = kv_store().key_value_increment(self.key, 1) - 1
     self._empty = i >= len(self.groups) - 1
     return self.groups[i] if i < len(self.groups) else None
 
   def close(self) -> None:
     if self.key is not None and jax.process_index() == 0:
-      _kv().key_value_delete(self.key)
+      kv_store().key_value_delete(self.key)
 
-
-def _kv():
-  from jax._src.distributed import global_state  # noqa: PLC0415 (jax has no public handle on its key-value store)
-  if global_state.client is None:
-    raise RuntimeError("replicated_rollout on several processes needs jax.distributed.initialize "
-                       "(zoomer_jax.parallel.distributed.initialize)")
-  return global_state.client
 
 
 class _Serial:

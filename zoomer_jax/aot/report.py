@@ -191,9 +191,10 @@ def _cost_of(compiled, loops: int = 0, block: int = SPLASH_BLOCK, rate_of=None) 
                        "counts once")
   # XLA's TPU cost model prices a ConcatBitcast at -1 s, a loop body's once (as it counts the body): give them back
   fix = hlo.custom_calls("ConcatBitcast", trips=False)
+  kernels = list(splash_kernels(hlo, block))  # parsed once for both sums
   return Cost(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)),
-              xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=splash_flops(hlo, block),
-              kernel_s=splash_seconds(hlo, block, rate_of) if rate_of else 0.0)
+              xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=sum(f for f, _ in kernels),
+              kernel_s=sum(f / rate_of(tile) for f, tile in kernels) if rate_of else 0.0)
 
 
 def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=(), rate_of=None) -> dict[str, Cost]:

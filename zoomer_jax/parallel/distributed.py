@@ -182,6 +182,16 @@ def share_by_key(local: dict) -> dict:
   return merged
 
 
+def kv_store():
+  """The distributed runtime's key-value store (the client `initialize` connected: atomic counters, keys every
+  process sees), for coordination that is not a collective."""
+  from jax._src.distributed import global_state  # noqa: PLC0415 (jax has no public handle on it)
+  if global_state.client is None:
+    raise RuntimeError("the distributed key-value store needs jax.distributed.initialize "
+                       "(zoomer_jax.parallel.distributed.initialize)")
+  return global_state.client
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (a no-op in a single process)."""
   if jax.process_count() > 1:
