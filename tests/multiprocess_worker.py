@@ -208,10 +208,46 @@ def queue_main(argv):
   with jax.set_mesh(mesh):
     trajs = replicated_rollout(model, build_tiny_tokenizer(), tasks, cfg, jax.random.key(7), on_event=on_event,
                                script=script, engine=engine, join=True)
-  record = dict(rollout_record(trajs, []), replicas=[t.replica for t in trajs],
+  record = dict(rollout_record(trajs, []), replicas=[t.replica for t in trajs], homes=[t.home for t in trajs],
                 done_here=sorted(row for kind, row, _ in events if kind == "done"))
+  record.update(_train_rows(trajs, mesh))
   with open(os.path.join(out_dir, f"queue{pid}.json"), "w") as f:
     json.dump(record, f)
+
+
+def _train_rows(trajs, mesh) -> dict:
+  """GRPO's training rows of a joining rollout's trajectories on `mesh` (2 rows, one per replica), each process
+  holding only the pixels its own engine made (as with `pixels="own"`): the order (by `Trajectory.home`), bytes
+  sent, the trajectories whose pixels the process ends with, and the leaves of each micro-batch that differ from
+  one process's batch of the same trajectories with every pixel."""
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  from zoomer_jax.agent.replicas import replica_meshes
+  from zoomer_jax.config_loader import load
+  from zoomer_jax.model.config import ModelConfig
+  from zoomer_jax.train import placement as PL
+  from zoomer_jax.train.batch import make_batch
+  from zoomer_jax.train.grpo import example_of, training_batch
+
+  mc, rows = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model), 2
+  maker = {r: int(sub.devices.flat[0].process_index) for r, sub in enumerate(replica_meshes(mesh))}
+  mine = [t if maker[t.replica] == jax.process_index() else dataclasses.replace(t, pixel_values=None) for t in trajs]
+  order = PL.place([t.home for t in mine], PL.home_replicas(mesh, mesh, rows))
+  held, sent = PL.share_pixels(mine, order, mesh, mesh, rows)
+  unequal = []
+  for i in range(0, len(order), rows):
+    got = distributed.to_host(training_batch(mc, [example_of(held[k], 0.5) for k in order[i:i + rows]], mesh,
+                                             rows=rows, token_bucket=16, image_bucket=4, pad_id=0))
+    want = make_batch(mc, [example_of(trajs[k], 0.5) for k in order[i:i + rows]], rows=rows, token_bucket=16,
+                      image_bucket=4, pad_id=0)
+    a, b = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
+    unequal.append([jax.tree_util.keystr(pa) for (pa, x), (_, y) in zip(a, b)
+                    if np.shape(x) != np.shape(y) or not np.array_equal(x, y)] if len(a) == len(b) else ["structure"])
+  return dict(order=order, sent=sent, held=[k for k, t in enumerate(held) if t.pixel_values is not None],
+              unequal=unequal)
 
 
 PLACEMENT_REPLICAS = [0] * 9 + [1] * 3  # replica 0's groups kept 9 trajectories, replica 1's 3

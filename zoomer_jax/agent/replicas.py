@@ -14,11 +14,12 @@ compile command's engine programs assume (`aot/engine_programs.py`).
 A process runs the engines of the replicas whose chips it holds, each in a thread of its own (a v5p host whose 4
 chips are 4 replicas runs 4 engines; dispatch releases the GIL while a device computes). When all are done the
 processes exchange their trajectories (one collective), so that every process returns every trajectory, as one
-engine over the whole mesh does, each tagged with its replica (`Trajectory.replica`). With `pixels="own"` the
-exchange leaves the images out: a trajectory made on another process comes back with `pixel_values` None (its
-grids, tokens and log-probs are there), which is what GRPO and evaluation need (at the 7B image budgets every
-trajectory's pixels on every host would be tens of GB per host per RL step; `train/placement.py` trains each
-trajectory on the process that made it). A failure in one process's engine is raised on every process.
+engine over the whole mesh does, each tagged with the replica that made it (`Trajectory.replica`) and the one
+whose block it was in (`Trajectory.home`). With `pixels="own"` the exchange leaves the images out: a trajectory
+made on another process comes back with `pixel_values` None (its grids, tokens and log-probs are there), which is
+what GRPO and evaluation need (at the 7B image budgets every trajectory's pixels on every host would be tens of
+GB per host per RL step; `train/placement.py` trains each trajectory on its home's chips and moves only the pixels
+of those another process's engine took). A failure in one process's engine is raised on every process.
 
 The replicas' weights are the model's own buffers seen on each replica's mesh (no copy): each replica must hold
 whole weights (no rule splits a weight over `data`) and lie within one process (the data axis spans hosts, the
@@ -182,6 +183,7 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   mine = local_replicas(mesh)
   groups = task_groups(tasks)
   parts = split_groups(groups, len(subs))
+  home = {i: d for d, rows in enumerate(parts) for i in rows}
   largest = max(map(len, groups), default=1)
   running = max(-(-(engine.max_running or len(tasks)) // len(subs)), largest)
   lock = threading.Lock()
@@ -229,7 +231,7 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
       futures = {d: pool.submit(run, d, models[d]) for d in busy}
       for d, fut in futures.items():
         trajs, st = fut.result()
-        results.update((i, dataclasses.replace(t, replica=d)) for i, t in zip(taken[d], trajs))
+        results.update((i, dataclasses.replace(t, replica=d, home=home[i])) for i, t in zip(taken[d], trajs))
         add_stats(total, st)
   except Exception as e:
     if jax.process_count() == 1:
@@ -300,10 +302,11 @@ def _pack(t: Trajectory, with_pixels: bool = True) -> dict:
   if not with_pixels:
     arrays["pixel_values"] = None
   return dict(task=dataclasses.asdict(t.task), **arrays, calls=t.calls, answer=t.answer,
-              finish_reason=t.finish_reason, rounds=t.rounds, turns=t.turns, replica=t.replica)
+              finish_reason=t.finish_reason, rounds=t.rounds, turns=t.turns, replica=t.replica, home=t.home)
 
 
 def _unpack(d: dict) -> Trajectory:
   task = dict(d["task"], subtitles=tuple(tuple(s) for s in d["task"]["subtitles"]))
   return Trajectory(task=Task(**task), **{k: d[k] for k in _ARRAYS}, calls=d["calls"], answer=d["answer"],
-                    finish_reason=d["finish_reason"], rounds=d["rounds"], turns=d["turns"], replica=d["replica"])
+                    finish_reason=d["finish_reason"], rounds=d["rounds"], turns=d["turns"], replica=d["replica"],
+                    home=d["home"])

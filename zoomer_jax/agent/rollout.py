@@ -95,6 +95,10 @@ class Trajectory:
   rounds: int
   turns: list[str]  # each assistant turn's text
   replica: int = -1  # the data-parallel replica whose engine made it (`agent/replicas.py`); -1: one engine
+  # The replica whose block of the tasks it was given at the start (`replicas.split_groups`); with tasks joining, a
+  # task still waiting may be made by another (`replica`). Fixed by the tasks alone, not by timing: GRPO places
+  # training rows by it (`train/placement.py`). -1: one engine.
+  home: int = -1
 
   @property
   def n_frames(self) -> int:
@@ -348,6 +352,14 @@ def prompt_text_bound(tok, tasks, tool: P.ToolConfig) -> int:
   `text_tokens` for these tasks)."""
   system = len(tok.encode(P.system_prompt(tool)))
   return system + max(len(tok.encode(P.user_prompt(t.problem, [], t.subtitles))) for t in tasks) + 32  # template
+
+
+def sized_for_joining(cfg, tok, tasks):
+  """`cfg` with page tables sized for the longest prompt text among `tasks` (`cache_bound`), unless it has a
+  size: tasks that join a running engine arrive after its tables are made."""
+  if cfg.cache_size:
+    return cfg
+  return dataclasses.replace(cfg, cache_size=cache_bound(cfg, prompt_text_bound(tok, tasks, cfg.tool)))
 
 
 def _cache_need(cfg, longest: int, per_frame: int) -> int:

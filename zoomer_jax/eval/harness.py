@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.engine import EngineConfig, continuous_rollout
 from zoomer_jax.agent.replicas import replica_engines, replicated_rollout
-from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, cache_bound, prompt_text_bound
+from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, sized_for_joining
 from zoomer_jax.agent.rewards import format_reward, judge_multi_choice
 from zoomer_jax.video import VideoError
 
@@ -314,20 +314,13 @@ def evaluate(model, tok, tasks: Sequence[Task], agent_cfg: AgentConfig = AgentCo
                              wall_s=time.perf_counter() - t0, out_jsonl=out_jsonl)
 
 
-def _sized_for(cfg: AgentConfig, tok, tasks) -> AgentConfig:
-  """`cfg` with page tables sized for the longest prompt text among `tasks` (`cache_bound`), unless it has a
-  size: tasks that join a running engine arrive after its tables are made."""
-  return dataclasses.replace(cfg, cache_size=cfg.cache_size or cache_bound(cfg, prompt_text_bound(tok, tasks,
-                                                                                                     cfg.tool)))
-
-
 def _run_replicas(model, tok, tasks, cfg, key, script, engine: EngineConfig, in_flight: int, record) -> None:
   """Every task through `replicated_rollout` with joining: each replica's engine takes a contiguous block of the
   tasks, `in_flight` / replicas at a time, the rest joining as places free; this process's tasks are recorded as
   they end, the other processes' when all are done."""
   if not tasks:
     return
-  cfg = _sized_for(cfg, tok, tasks)
+  cfg = sized_for_joining(cfg, tok, tasks)
   done: set[int] = set()
 
   def on_event(kind, i, info):
@@ -348,7 +341,7 @@ def _run_all(model, tok, tasks, cfg, key, script, engine: EngineConfig, in_fligh
   for the longest prompt text among the tasks (`cache_bound`)."""
   if not tasks:
     return
-  cfg = _sized_for(cfg, tok, tasks)
+  cfg = sized_for_joining(cfg, tok, tasks)
   engine = dataclasses.replace(engine, max_running=in_flight)
   later = list(range(in_flight, len(tasks)))[::-1]
 

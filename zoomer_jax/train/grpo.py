@@ -15,7 +15,8 @@ One RL step:
      clipped surrogate (clip_ratio_low / high) + kl_loss_coef * KL(ref) - entropy_coeff * entropy, over model
      tokens only (prompt and tool-observation tokens are masked), aggregated by `loss_agg_mode`. With one rollout
      engine per data-parallel replica, each trajectory takes a training row on the chips of the replica that
-     made it (`train/placement.py`), so its images never leave the host that decoded them.
+     was given it (`train/placement.py`): its images stay on the host that decoded them unless another replica's
+     engine, idle early, took it from the waiting tasks.
 Checkpoints count RL steps (`extra["job_step"]`), so a resumed run continues with the next RL step.
 """
 
@@ -32,10 +33,10 @@ import numpy as np
 
 from zoomer_jax.agent import rewards
 from zoomer_jax.agent.engine import ENGINES, EngineConfig, EngineStats, add_stats
-from zoomer_jax.agent.replicas import replicated_rollout
+from zoomer_jax.agent.replicas import replica_engines, replicated_rollout
 from zoomer_jax.agent.protocol import ToolConfig
 from zoomer_jax.agent.rewards import RewardConfig, score_batch
-from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout
+from zoomer_jax.agent.rollout import AgentConfig, Task, Trajectory, rollout, sized_for_joining
 from zoomer_jax.parallel.rules import vision_pieces
 from zoomer_jax.sampling.sampler import SamplingParams
 from zoomer_jax.train.batch import Example, TrainBatch, batch_length, local_rows, make_global_batch
@@ -72,11 +73,15 @@ def generate(model, tok, tasks: list[Task], agent_cfg: AgentConfig, key, batch_s
   padded with repeats, whose results are dropped), so every call reuses the same compiled programs; the
   continuous one (`agent/engine.py`) runs every task in one call with `engine_cfg.max_running` (0: `batch_size`)
   trajectories in flight, one engine per data-parallel replica of the model's mesh (`agent/replicas.py`), and
-  adds what this process's engines did to `stats`; a trajectory another process's engine made comes without its
-  pixels (`train/placement.py` trains it there)."""
+  adds what this process's engines did to `stats`. With several engines tasks join as places free, and an engine
+  whose block ends early takes groups still waiting in another's (so none idles while another works through its
+  block); a trajectory another process's engine made comes without its pixels (`train/placement.py` moves those
+  its rows need)."""
   if engine == "continuous":
-    return replicated_rollout(model, tok, tasks, agent_cfg, key, engine=dataclasses.replace(
-        engine_cfg, max_running=engine_cfg.max_running or batch_size), stats=stats, pixels="own")
+    joining = replica_engines(model) > 1
+    return replicated_rollout(model, tok, tasks, sized_for_joining(agent_cfg, tok, tasks) if joining else agent_cfg,
+                              key, engine=dataclasses.replace(engine_cfg, max_running=engine_cfg.max_running or
+                                                              batch_size), stats=stats, pixels="own", join=joining)
   if engine != "lockstep":
     raise ValueError(f"rollout.engine {engine!r} is not one of {list(ENGINES)}")
   out = []
@@ -307,7 +312,7 @@ def run_grpo(cfg) -> dict:
                      jax.random.fold_in(jax.random.key(cfg.seed), step), step)
       t_roll = time.perf_counter() - t0
       roll_mesh = engine.rollout_mesh or engine.mesh
-      order = place([t.replica for t in ro.trajs], home_replicas(engine.mesh, roll_mesh, rows))
+      order = place([t.home for t in ro.trajs], home_replicas(engine.mesh, roll_mesh, rows))
       trajs, sent = share_pixels(ro.trajs, order, engine.mesh, roll_mesh, rows)
       examples = [example_of(trajs[k], ro.advantages[k]) for k in order]
       batches = []

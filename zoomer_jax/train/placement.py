@@ -6,7 +6,11 @@ holding the images of its own replicas' trajectories only; every process holds e
 log-probs and score. A training micro-batch of `rows` rows is laid out over the training mesh's batch axes
 (`batch.row_spec`), so row j of every micro-batch is held by the same chips. `place` gives row j, micro-batch
 after micro-batch, the trajectories of the replica whose chips hold it (its home replica); each process then
-builds its own rows (`batch.make_global_batch`) from pixels it already has. A row whose home has none left (the
+builds its own rows (`batch.make_global_batch`) from pixels it already has. A trajectory counts as its replica's
+by the block of tasks the replica was given at the start (`Trajectory.home`), not by the engine that made it: when
+tasks join as places free, an engine whose block ends early takes tasks waiting in another's, and which one does
+depends on timing, while the training batches must not (the same trajectories give the same micro-batches on every
+run); such a trajectory's pixels travel to its home's process. A row whose home has none left (the
 replicas made unequal numbers of the trajectories kept: dynamic sampling keeps whole groups, whichever replica made
 them, and a rollout may have more replicas than groups) takes one from the nearest replica before it along the
 rollout mesh's data axis that has any, else the nearest after it; only such trajectories' pixels travel, and only
@@ -62,8 +66,8 @@ def home_replicas(train_mesh: Mesh, rollout_mesh: Mesh | None, rows: int) -> lis
 def place(replicas: Sequence[int], homes: Sequence[int] | None) -> list[int]:
   """The trajectories' order in the training batches (micro-batch i takes order[i * rows:(i + 1) * rows], rows =
   len(homes)): row j takes its home replica's next trajectory, or, when that replica has none left, the next of
-  the nearest replica before it (by index) that has any, else of the nearest after it. `replicas[k]`: trajectory k's replica; any
-  -1 (one engine made them) or no homes keeps the given order."""
+  the nearest replica before it (by index) that has any, else of the nearest after it. `replicas[k]`: trajectory k's
+  replica (`Trajectory.home`); any -1 (one engine made them) or no homes keeps the given order."""
   if homes is None or any(r < 0 for r in replicas):
     return list(range(len(replicas)))
   left: dict[int, collections.deque] = collections.defaultdict(collections.deque)
@@ -84,9 +88,9 @@ def place(replicas: Sequence[int], homes: Sequence[int] | None) -> list[int]:
 def share_pixels(trajs: Sequence[Trajectory], order: Sequence[int], train_mesh: Mesh, rollout_mesh: Mesh | None,
                  rows: int) -> tuple[list[Trajectory], int]:
   """`trajs` with the pixels this process's training rows need and lacks (`pixel_values` None: made on another
-  process), sent by the processes whose engines made them; and the bytes this process sent. A collective (every
-  process calls it with the same trajectories and order); nothing moves in one process, nor when every row's
-  trajectory was made on the processes that hold the row."""
+  process), sent by the processes whose engines made them (`Trajectory.replica`); and the bytes this process
+  sent. A collective (every process calls it with the same trajectories and order); nothing moves in one process,
+  nor when every row's trajectory was made on the processes that hold the row."""
   trajs = list(trajs)
   if jax.process_count() == 1:
     return trajs, 0
