@@ -175,8 +175,9 @@ def queue_script(row: int, rnd: int):
 
 def queue_main(argv):
   """Two replicas of 4 chips, one per process, with tasks joining (`replicated_rollout(join=True)`): replica 0's
-  first task (process 0) waits until the last task is done (process 1 says so through the distributed runtime's
-  key-value store), so replica 1 must take every task still waiting, replica 0's block included."""
+  first task (process 0) waits until every other task is done (process 1 says so through the distributed
+  runtime's key-value store), so replica 1 must take every task still waiting, its own block's first, then replica
+  0's."""
   coordinator, n, pid, checkpoint, video, out_dir = argv
   distributed.initialize(coordinator, int(n), int(pid))
 
@@ -200,16 +201,17 @@ def queue_main(argv):
 
   events = []
 
-  def on_event(kind, row, info):
+  def on_event(kind, row, info):  # this process's rows only: process 1 sees every task but 0 end
     events.append((kind, row, info))
-    if kind == "done" and row == len(tasks) - 1:
+    if kind == "done" and len({r for k, r, _ in events if k == "done"} - {0}) == len(tasks) - 1:
       kv.key_value_set("test/last_done", "1")
 
   with jax.set_mesh(mesh):
     trajs = replicated_rollout(model, build_tiny_tokenizer(), tasks, cfg, jax.random.key(7), on_event=on_event,
                                script=script, engine=engine, join=True)
   record = dict(rollout_record(trajs, []), replicas=[t.replica for t in trajs], homes=[t.home for t in trajs],
-                done_here=sorted(row for kind, row, _ in events if kind == "done"))
+                done_here=sorted(row for kind, row, _ in events if kind == "done"),
+                done_order=[row for kind, row, _ in events if kind == "done"])
   record.update(_train_rows(trajs, mesh))
   with open(os.path.join(out_dir, f"queue{pid}.json"), "w") as f:
     json.dump(record, f)

@@ -355,10 +355,10 @@ def test_one_engine_per_data_parallel_replica_gives_one_engines_trajectories(mod
         d: mine[d] for d in sub.devices.flat}
 
 
-def test_replica_engines_take_waiting_tasks_from_one_queue(model, tok, video, tmp_path, measure):
-  """Joining (evaluation's `join=True`) on two replicas of one process: replica 0's first task is held (its script
-  waits until the last task is done), so replica 1 takes every task still waiting, replica 0's block included,
-  instead of leaving them to it; every trajectory (sampled) equals one engine's over every task."""
+def test_replica_engines_take_their_own_waiting_tasks_then_the_nearest_blocks(model, tok, video, tmp_path, measure):
+  """Joining (`join=True`) on two replicas of one process: replica 0's first task is held (its script waits until
+  every other task is done), so replica 1 runs its own block's waiting tasks first, then takes replica 0's instead
+  of leaving them to it; every trajectory (sampled) equals one engine's over every task."""
   import threading
   import zoomer_jax
   from zoomer_jax.agent import replicas as RP
@@ -380,9 +380,14 @@ def test_replica_engines_take_waiting_tasks_from_one_queue(model, tok, video, tm
       assert last_done.wait(timeout=300), "the other replica never finished the waiting tasks"
     return _script(answer)(row, rnd)
 
+  done, order = set(), []
+
   def on_event(kind, i, info):
-    if kind == "done" and i == len(tasks) - 1:
-      last_done.set()
+    if kind == "done":
+      done.add(i)
+      order.append(i)
+      if len(done - {0}) == len(tasks) - 1:
+        last_done.set()
 
   mesh = make_mesh((2, 1, 4))
   sharded = zoomer_jax.load_hf(zoomer_jax.export_hf(model, tmp_path / "m"), mesh=mesh)
@@ -391,6 +396,7 @@ def test_replica_engines_take_waiting_tasks_from_one_queue(model, tok, video, tm
     got = RP.replicated_rollout(sharded, tok, tasks, cfg, jax.random.key(7), on_event=on_event, script=script,
                                 engine=engine, stats=stats, join=True)
   assert [t.replica for t in got] == [0, 1, 1, 1, 1, 1]  # rows 1 and 2 were replica 0's block
+  assert [t.home for t in got] == [0, 0, 0, 1, 1, 1] and order == [3, 4, 5, 1, 2, 0]  # its own block first
   assert [t.task.id for t in got] == [t.id for t in tasks] and stats.pages_leaked == 0
   for a, b in zip(want, got):
     _same(a, b, measure, f"{a.task.id}_taken_from_the_queue")

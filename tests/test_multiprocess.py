@@ -250,12 +250,12 @@ def test_two_process_grpo_rows_are_built_where_their_pixels_are(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_replicas_take_waiting_tasks_from_each_others_blocks(tmp_path, measure):
-  """The joining rollout on two processes, one replica each: process 0's first task is held until the last task
-  is done, so process 1's engine takes every task still waiting, process 0's block included (through the
-  distributed runtime's counter), and both processes end with every trajectory, sampled ones included, equal to one
-  engine's over every task in one process. GRPO's training rows follow the blocks the tasks were given, not who
-  made them: the micro-batches are those of a rollout without joining, and the pixels of process 0's two tasks
-  that process 1 made travel to process 0."""
+  """The joining rollout on two processes, one replica each: process 0's first task is held until every other
+  task is done, so process 1's engine takes every task still waiting, its own block's first, then process 0's
+  (through the distributed runtime's counters), and both processes end with every trajectory, sampled ones
+  included, equal to one engine's over every task in one process. GRPO's training rows follow the blocks the
+  tasks were given, not who made them: the micro-batches are those of a rollout without joining, and the pixels
+  of process 0's two tasks that process 1 made travel to process 0."""
   import media
   import multiprocess_worker as W
   import zoomer_jax
@@ -275,6 +275,7 @@ def test_two_process_replicas_take_waiting_tasks_from_each_others_blocks(tmp_pat
   _run_workers(["queue", ckpt, video, str(tmp_path)], str(tmp_path))
   got = [json.loads((tmp_path / f"queue{p}.json").read_text()) for p in range(2)]
   assert got[0]["done_here"] == [0] and got[1]["done_here"] == [1, 2, 3, 4, 5]  # rows 1, 2: process 0's block
+  assert got[1]["done_order"] == [3, 4, 5, 1, 2]  # its own block first
   for p, g in enumerate(got):
     assert g["replicas"] == [0, 1, 1, 1, 1, 1] and g["homes"] == [0, 0, 0, 1, 1, 1]
     assert g["order"] == [0, 3, 1, 4, 2, 5]  # row 0 (replica 0's chips) takes tasks 0-2, row 1 tasks 3-5

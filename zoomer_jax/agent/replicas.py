@@ -6,10 +6,10 @@ The rollout mesh's `data` axis holds whole copies of the sampler's weights (each
 chips). One engine over the whole mesh would make every chip hold the same page pool and every device step a
 program over every chip; instead each replica runs an engine of its own (`agent/engine.py`) on its own chips:
 its share of the tasks (whole groups of the same prompt, in contiguous blocks; when tasks join as places free,
-every engine, on any process, takes the waiting ones from one queue), its own pool (`max_running` /
-replicas trajectories in flight, `pool_pages` pages; the kv heads split over the replica's chips as the rules
-say), its own videos and clips, and no traffic with the other replicas while it runs. This is the layout the
-compile command's engine programs assume (`aot/engine_programs.py`).
+an engine takes its own block's waiting groups first, then, on any process, the nearest block's), its own pool
+(`max_running` / replicas trajectories in flight, `pool_pages` pages; the kv heads split over the replica's chips
+as the rules say), its own videos and clips, and no traffic with the other replicas while it runs. This is the
+layout the compile command's engine programs assume (`aot/engine_programs.py`).
 
 A process runs the engines of the replicas whose chips it holds, each in a thread of its own (a v5p host whose 4
 chips are 4 replicas runs 4 engines; dispatch releases the GIL while a device computes). When all are done the
@@ -166,10 +166,10 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   "own" (only those its own engines made; the others' `pixel_values` are None). `join`: each engine starts with
   the first of its tasks that fit in flight (whole groups) and the rest join as places free (`continuous_rollout`'s
   `admit`; needs `cfg.cache_size`), so no engine waits for a batch's slowest trajectory and a task's video is read
-  only when it joins; the engines take the tasks still waiting from one queue (whole groups, in order; across
-  processes through the distributed runtime's key-value store, `_Waiting`), so an engine whose tasks end early
-  takes the next group of another's block, on its own host or another's, instead of idling. Without it (and with
-  one engine over the whole mesh) every task's overview is read at the start."""
+  only when it joins; an engine takes its own block's waiting groups first (in order) and, when none is left,
+  the next group of the nearest block that has one, on its own host or another's (across processes through the
+  distributed runtime's key-value store, `_Waiting`), instead of idling. Without it (and with one engine over the
+  whole mesh) every task's overview is read at the start."""
   if pixels not in ("all", "own"):
     raise ValueError(f"replicated_rollout: pixels must be 'all' or 'own', got {pixels!r}")
   mesh = mesh_of(nnx.state(model, nnx.Param))
@@ -195,8 +195,10 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   first = {d: parts[d] if not join else first_groups(parts[d], groups, running) for d in range(len(subs))}
   taken = {d: first[d] for d in busy}
   started = {i for rows in first.values() for i in rows}
-  # Every replica's tasks not yet started, in order, taken by whichever engine of any process has room.
-  waiting = _Waiting([g for g in groups if g[0] not in started], shared=jax.process_count() > 1)
+  # The tasks not yet started, per block, in order: each engine takes its own block's, then the nearest one's.
+  by_first = {g[0]: g for g in groups}
+  waiting = _Waiting([[by_first[i] for i in rows if i in by_first and i not in started] for rows in parts],
+                     shared=jax.process_count() > 1)
 
   def run(d: int, model_d) -> tuple[list[Trajectory], EngineStats]:
     rows = taken[d]
@@ -209,7 +211,7 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
       out = []
       while True:
         if not held:
-          if free - len(out) < waiting.smallest or not (g := waiting.take()):
+          if free - len(out) < waiting.smallest or not (g := waiting.take(d)):
             break
           held.append(g)
         if len(out) + len(held[0]) > free:
@@ -254,32 +256,47 @@ _QUEUES = itertools.count()  # every process calls replicated_rollout in the sam
 
 
 class _Waiting:
-  """The tasks no engine started with, as whole groups in order, each taken once by whichever engine asks first:
-  a counter under a lock in one process; across processes the distributed runtime's atomic counter (its key-value
-  store, the one `jax.distributed.initialize` set up), so an engine on one host takes groups from another host's
-  block (reading their videos itself) instead of idling while that host works through them."""
+  """The tasks no engine started with, as whole groups in order, per replica's block; each group is taken once.
+  An engine takes its own block's next group first and, once that is empty, the next of the nearest block that
+  still has one (looking back first, as `train/placement.py` does), so a replica trains mostly what it made and
+  only an engine that ran out of its own work takes another's. Each block is a counter: under a lock in one
+  process; across processes the distributed runtime's atomic counter (its key-value store, the one
+  `jax.distributed.initialize` set up), so an engine on one host takes groups from another host's block (reading
+  their videos itself) instead of idling while that host works through them."""
 
-  def __init__(self, groups: list[list[int]], shared: bool):
-    self.groups = groups
-    self.smallest = min(map(len, groups), default=1)
-    self.key = f"zoomer_jax/rollout_queue/{next(_QUEUES)}" if shared and groups else None
-    self._next, self._lock, self._empty = 0, threading.Lock(), not groups
+  def __init__(self, blocks: list[list[list[int]]], shared: bool):
+    self.blocks = blocks
+    sizes = [len(g) for block in blocks for g in block]
+    self.smallest = min(sizes, default=1)
+    queue = next(_QUEUES)
+    self.keys = [f"zoomer_jax/rollout_queue/{queue}/{d}" if shared and block else None
+                 for d, block in enumerate(blocks)]
+    self._next, self._lock = [0] * len(blocks), threading.Lock()
+    self._empty = [not block for block in blocks]  # a counter only grows: once past its end, no more round trips
 
-  def take(self) -> list[int] | None:
-    if self._empty:  # the counter only grows: once past the end, no store round trip per engine step
-      return None
-    if self.key is None:
-      with self._lock:
-        i, self._next = self._next, self._next + 1
-    else:
-      i = kv_store().key_value_increment(self.key, 1) - 1
-    self._empty = i >= len(self.groups) - 1
-    return self.groups[i] if i < len(self.groups) else None
+  def take(self, d: int) -> list[int] | None:
+    """The next waiting group for replica `d`'s engine: its own block's, else the nearest block's; None when
+    every block is empty."""
+    n = len(self.blocks)
+    for b in sorted(range(n), key=lambda b: (abs(b - d), b > d)):
+      if self._empty[b]:
+        continue
+      if self.keys[b] is None:
+        with self._lock:
+          i, self._next[b] = self._next[b], self._next[b] + 1
+      else:
+        i = kv_store().key_value_increment(self.keys[b], 1) - 1
+      if i >= len(self.blocks[b]) - 1:
+        self._empty[b] = True
+      if i < len(self.blocks[b]):
+        return self.blocks[b][i]
+    return None
 
   def close(self) -> None:
-    if self.key is not None and jax.process_index() == 0:
-      kv_store().key_value_delete(self.key)
-
+    if jax.process_index() == 0:
+      for key in self.keys:
+        if key is not None:
+          kv_store().key_value_delete(key)
 
 
 class _Serial:
