@@ -402,6 +402,18 @@ def test_replica_engines_take_their_own_waiting_tasks_then_the_nearest_blocks(mo
     _same(a, b, measure, f"{a.task.id}_taken_from_the_queue")
 
 
+def test_waiting_groups_go_to_their_own_block_first_then_the_nearest_looking_back_first():
+  from zoomer_jax.agent.replicas import _Waiting
+  blocks = [[[0]], [[1, 2], [3]], [], [[4]], [[5], [6]]]
+  w = _Waiting(blocks, shared=False)
+  assert w.smallest == 1
+  assert [w.take(1), w.take(1)] == [[1, 2], [3]]  # its own block, in order
+  assert w.take(1) == [0]  # then block 0 (distance 1, before it) ahead of block 2 (empty) and 3
+  assert w.take(2) == [4]  # block 2 is empty: blocks 1 and 3 are as near; 1 is empty, so 3
+  assert [w.take(0), w.take(0), w.take(0)] == [[5], [6], None]  # the farthest, then nothing anywhere
+  assert w._empty == [True] * 5  # every counter past its end: no more round trips
+
+
 def test_replica_engines_refuse_weights_split_over_the_data_axis():
   from jax.sharding import NamedSharding, PartitionSpec
   from zoomer_jax.agent import replicas as RP
