@@ -127,6 +127,7 @@ def test_grpo_steps_on_the_mesh_and_exact_resume(tmp_path, monkeypatch, keep_sig
   # The rollout mesh (data 8) ran one engine per replica that had a group (2 groups of 2 samples), each group's
   # prompt prefilled once.
   assert all(r["rollout/engines_per_process"] == 2 for r in rows), [r["rollout/engines_per_process"] for r in rows]
+  assert all(r["rollout/taken_from_other_blocks"] == 0 for r in rows)  # one group per busy replica: none waited
   assert all(r["rollout/prefills"] == 2 * r["dynamic_sampling/gen_batches"] for r in rows)
   # One update per RL step (2 micro-batches accumulated): at step 1 the policy is the reference and the old
   # policy, so KL ~ 0, every ratio ~ 1 and nothing is clipped; later steps move away.

@@ -219,6 +219,8 @@ def rollout_metrics(ro: Rollouts, max_round: int) -> dict:
     e = ro.engine
     m["rollout/engines_per_process"] = e.engines / ro.gen_batches
     m.update({f"rollout/{k}": float(getattr(e, k)) for k in ("prefills", "preemptions", "recompute_tokens")})
+  if any(t.home >= 0 for t in trajs):  # replicas joined: the share made by another replica than their block's
+    m["rollout/taken_from_other_blocks"] = float(np.mean([t.replica != t.home for t in trajs]))
   m["dynamic_sampling/kept_groups"] = int(ro.groups.max() + 1) if len(ro.groups) else 0
   m["advantage/abs_mean"] = float(np.abs(ro.advantages).mean())
   return m
