@@ -39,7 +39,9 @@ def get_config(arg=None):
   # split four ways (the worst row: 32768 tokens, 128 images).
   cfg.actor.ppo_micro_batch_size = 16
   cfg.actor.max_token_len = 32768
-  cfg.actor.remat = "save_attention"  # the attention kernel's inputs and outputs kept
+  # The attention kernel's inputs and outputs kept, and each decoder layer's MLP up projection (as sft_7b_v6e64):
+  # the backward then recomputes the gate projection only, and the update still leaves >10% of HBM (docs/tpu.md).
+  cfg.actor.remat = "save_attention_up"
   cfg.impl.attention_block = 1024  # splash tiles, as sft_7b_v6e64
   # Log-probs in 4096-wide vocabulary chunks: 3 fp32 [32768, 4096] buffers = 1.5 GiB (16384 would be 6 GiB,
   # full logits 56 GiB -- more than the chip).
@@ -59,7 +61,7 @@ def get_config(arg=None):
   cfg.rollout.mesh.ici = (16, 1, 4)
   cfg.rollout.mesh.rules = (("activation_norm_length", "tensor"),) + tuple(load("qwen25vl_7b").rules)
   # Expected step (matmuls at 60% of peak, decode at 70% of HBM bandwidth, lock-step turns lasting 4x the
-  # mean turn): ~820 s, of which decode ~680 s, update ~87 s, old + reference log-probs ~43 s, prefill ~16 s;
-  # model FLOPs ~3.8 EFLOP per step -> MFU ~8% (~38% in the update alone). Decode dominates: v6e has 4x
+  # mean turn): ~817 s, of which decode ~678 s, update ~80 s, old + reference log-probs ~43 s, prefill ~16 s;
+  # model FLOPs ~3.8 EFLOP per step -> MFU ~8% (~41% in the update alone). Decode dominates: v6e has 4x
   # v5p-64's FLOP/s here but only 1.2x its total HBM bandwidth.
   return cfg
