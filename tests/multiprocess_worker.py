@@ -217,6 +217,28 @@ def queue_main(argv):
     json.dump(record, f)
 
 
+def _unequal_batches(mc, mesh, rows, order, held, every, adv) -> list[list[str]]:
+  """For each micro-batch of `order`: the leaves of the global batch built from `held` (each process's pixels
+  only) that differ from one process's batch of the same trajectories with every pixel (`every`)."""
+  import jax
+  import numpy as np
+
+  from zoomer_jax.train.batch import make_batch
+  from zoomer_jax.train.grpo import example_of, training_batch
+
+  out = []
+  for i in range(0, len(order), rows):
+    part = order[i:i + rows]
+    got = distributed.to_host(training_batch(mc, [example_of(held[k], adv[k]) for k in part], mesh, rows=rows,
+                                             token_bucket=16, image_bucket=4, pad_id=0))
+    want = make_batch(mc, [example_of(every[k], adv[k]) for k in part], rows=rows, token_bucket=16,
+                      image_bucket=4, pad_id=0)
+    a, b = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
+    out.append([jax.tree_util.keystr(pa) for (pa, x), (_, y) in zip(a, b)
+                if np.shape(x) != np.shape(y) or not np.array_equal(x, y)] if len(a) == len(b) else ["structure"])
+  return out
+
+
 def _train_rows(trajs, mesh) -> dict:
   """GRPO's training rows of a joining rollout's trajectories on `mesh` (2 rows, one per replica), each process
   holding only the pixels its own engine made (as with `pixels="own"`): the order (by `Trajectory.home`), bytes
@@ -225,29 +247,18 @@ def _train_rows(trajs, mesh) -> dict:
   import dataclasses
 
   import jax
-  import numpy as np
 
   from zoomer_jax.agent.replicas import replica_meshes
   from zoomer_jax.config_loader import load
   from zoomer_jax.model.config import ModelConfig
   from zoomer_jax.train import placement as PL
-  from zoomer_jax.train.batch import make_batch
-  from zoomer_jax.train.grpo import example_of, training_batch
 
   mc, rows = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model), 2
   maker = {r: int(sub.devices.flat[0].process_index) for r, sub in enumerate(replica_meshes(mesh))}
   mine = [t if maker[t.replica] == jax.process_index() else dataclasses.replace(t, pixel_values=None) for t in trajs]
   order = PL.place([t.home for t in mine], PL.home_replicas(mesh, mesh, rows))
   held, sent = PL.share_pixels(mine, order, mesh, mesh, rows)
-  unequal = []
-  for i in range(0, len(order), rows):
-    got = distributed.to_host(training_batch(mc, [example_of(held[k], 0.5) for k in order[i:i + rows]], mesh,
-                                             rows=rows, token_bucket=16, image_bucket=4, pad_id=0))
-    want = make_batch(mc, [example_of(trajs[k], 0.5) for k in order[i:i + rows]], rows=rows, token_bucket=16,
-                      image_bucket=4, pad_id=0)
-    a, b = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
-    unequal.append([jax.tree_util.keystr(pa) for (pa, x), (_, y) in zip(a, b)
-                    if np.shape(x) != np.shape(y) or not np.array_equal(x, y)] if len(a) == len(b) else ["structure"])
+  unequal = _unequal_batches(mc, mesh, rows, order, held, trajs, [0.5] * len(trajs))
   return dict(order=order, sent=sent, held=[k for k, t in enumerate(held) if t.pixel_values is not None],
               unequal=unequal)
 
@@ -296,8 +307,6 @@ def placement_main(argv):
   from zoomer_jax.model.config import ModelConfig
   from zoomer_jax.parallel.mesh import make_mesh
   from zoomer_jax.train import placement as PL
-  from zoomer_jax.train.batch import make_batch
-  from zoomer_jax.train.grpo import example_of, training_batch
 
   mc = ModelConfig.from_config_dict(load("qwen25vl_tiny", []).model)
   mesh, rows = make_mesh((2, 4, 1)), 8  # grpo_tiny's: the rollout's replicas are its data axis
@@ -308,15 +317,7 @@ def placement_main(argv):
   order = PL.place([t.replica for t in mine], PL.home_replicas(mesh, mesh, rows))
   trajs, sent = PL.share_pixels(mine, order, mesh, mesh, rows)
   adv = np.linspace(-1.0, 1.0, len(every))
-  equal = []
-  for i in range(0, len(order), rows):
-    part = [example_of(trajs[k], adv[k]) for k in order[i:i + rows]]
-    got = distributed.to_host(training_batch(mc, part, mesh, rows=rows, token_bucket=16, image_bucket=4, pad_id=0))
-    want = make_batch(mc, [example_of(every[k], adv[k]) for k in order[i:i + rows]], rows=rows, token_bucket=16,
-                      image_bucket=4, pad_id=0)
-    a, b = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
-    equal.append([jax.tree_util.keystr(pa) for (pa, x), (_, y) in zip(a, b)
-                  if np.shape(x) != np.shape(y) or not np.array_equal(x, y)] if len(a) == len(b) else ["structure"])
+  equal = _unequal_batches(mc, mesh, rows, order, trajs, every, adv)
   record = dict(order=order, sent=sent, maker={str(k): v for k, v in maker.items()},
                 homes=PL.home_replicas(mesh, mesh, rows), held=[k for k, t in enumerate(trajs) if t.pixel_values is not None],
                 unequal=equal, pixel_bytes=[int(t.pixel_values.nbytes) for t in every])

@@ -196,8 +196,7 @@ def replicated_rollout(model, tok, tasks, cfg: AgentConfig = AgentConfig(), key:
   taken = {d: first[d] for d in busy}
   started = {i for rows in first.values() for i in rows}
   # The tasks not yet started, per block, in order: each engine takes its own block's, then the nearest one's.
-  by_first = {g[0]: g for g in groups}
-  waiting = _Waiting([[by_first[i] for i in rows if i in by_first and i not in started] for rows in parts],
+  waiting = _Waiting([[g for g in groups if home[g[0]] == d and g[0] not in started] for d in range(len(subs))],
                      shared=jax.process_count() > 1)
 
   def run(d: int, model_d) -> tuple[list[Trajectory], EngineStats]:
