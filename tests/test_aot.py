@@ -274,8 +274,8 @@ def test_splash_kernels_are_counted(target):
   with jax.set_mesh(mesh):
     small = Hlo(jax.jit(lambda *a: attention.splash(*a, rules=rules, block=256)).lower(q, k, k, m).compile()
                 .as_text())
-  assert list(splash_kernels(small, 256)) == [(4 * 8 * 128 * 256 * 256 * 10, 256)]
-  assert splash_seconds(small, 256, lambda tile: {256: 2.0}[tile]) == 4 * 8 * 128 * 256 * 256 * 10 / 2.0
+  assert list(splash_kernels(small, 256)) == [(4 * 8 * 128 * 256 * 256 * 10, (256, 128))]
+  assert splash_seconds(small, 256, lambda tile, h: {(256, 128): 2.0}[tile, h]) == 4 * 8 * 128 * 256 * 256 * 10 / 2.0
 
 
 @pytest.mark.parametrize("t,blocks", [(2048, (7 + 2) / 4), (1536, 3 + 1)])
@@ -367,3 +367,54 @@ def test_pod_rollout_replicas_and_training_rows_each_lie_on_one_host(config, top
   hosts = [next(iter(c)).process_index for c in chips]
   runs = [h for i, h in enumerate(hosts) if i == 0 or h != hosts[i - 1]]
   assert len(runs) == len(set(hosts)), hosts
+
+
+def test_vision_kernel_runs_each_chips_piece_and_is_counted_by_its_grid(target):
+  """With flash attention the vision tower's windows and frames go through the splash kernel on TPU: two rows
+  of eight 16 x 32 frames, each row's frames in two pieces over a (1, 2, 2) mesh (context-parallel rules). Every
+  kernel attends one chip's piece (2048 rows, both heads, head_dim padded to 128 lanes), not the batch; in tiles
+  of 256 the windows' band (+-63 rows) visits 3 key tiles per query tile and the frames' (+-511) 5 of the
+  piece's 8, and the report counts them so (a causal count would take 36 of 64 tiles). The tower's gradient
+  compiles with no kernel at "dot_product"."""
+  import hf_oracle as O
+  from zoomer_jax.checkpoint.orbax_io import state_shardings
+  from zoomer_jax.model.options import ModelOptions
+  from zoomer_jax.model.qwen25vl import Qwen25VL, vision_input
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES
+  cfg = ModelConfig.from_hf_dict(O.tiny_hf_config())
+  v = cfg.vision
+  mesh = Mesh(np.asarray(target.devices).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+  rules = CONTEXT_PARALLEL + tuple(DEFAULT_RULES)
+  grids = [np.asarray([[8, 16, 32]])] * 2
+  vin = vision_input(cfg, [np.zeros((4096, v.patch_dim), np.float32)] * 2, grids, pieces=2)
+  assert vin.layout.perm.shape == (2, 2, 2048)
+  rep = NamedSharding(mesh, PartitionSpec())
+  hlos = {}
+  for kind in ("flash", "dot_product"):
+    model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype="bfloat16", rngs=nnx.Rngs(0),
+                                             options=ModelOptions(rules=rules, attention=kind)))
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    images = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), vin)
+
+    def loss(state, vin):
+      return jnp.sum(nnx.merge(graphdef, state).encode_vision(vin).astype(jnp.float32) ** 2)
+
+    with jax.set_mesh(mesh):
+      hlos[kind] = Hlo(jax.jit(jax.grad(loss)).lower(params, images).compile().as_text())
+  assert not hlos["dot_product"].kernels("splash")
+  kernels = hlos["flash"].kernels("splash")
+  heads, tiles = v.num_heads, 2048 // 256
+  want, steps_seen = 0, set()
+  for name, operands, _, count in kernels:
+    q = [d for dtype, d in operands if dtype == "bf16"][0]
+    assert q == (heads, 2048, 128), (name, q)  # one chip's piece, every head, 16 lanes padded to 128
+    grid = [d for dtype, d in operands if dtype[0] == "s" and len(d) == 3][0]
+    steps = grid[1] if "dkv" in name else grid[2]
+    assert grid == ((1, steps, tiles) if "dkv" in name else (1, tiles, steps)), (name, grid)
+    steps_seen.add(steps)
+    if "dkv" not in name:
+      want += count * (14 if "dq" in name else 4) * heads * 128 * 256 * 256 * tiles * steps
+  assert steps_seen == {3, 5}
+  assert splash_flops(hlos["flash"]) == want

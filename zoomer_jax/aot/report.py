@@ -13,8 +13,9 @@ Per program (`programs.job_programs`):
     depths (costs are linear in the number of layers). On TPU, XLA prices a `ConcatBitcast` custom call at
     -1 s; those seconds are given back;
   * Pallas kernels (splash attention) are custom calls XLA gives no cost: their FLOPs are counted from the kernels
-    the probe runs (causal block pairs) and timed at XLA's own estimated rate for one attention tile's matmuls
-    on the chip, at the kernel's tile (`kernel_rate`, `impl.attention_block`);
+    the probe runs (the decoder's causal block pairs; the vision tower's band of key tiles, read from the grid of
+    the kernel's mask-info tables) and timed at XLA's own estimated rate for one attention tile's matmuls on the
+    chip, at the kernel's tile and head_dim (`kernel_rate`, `impl.attention_block`);
   * collectives by kind from the optimized HLO (loop bodies times their trip count) with the bytes each chip moves
     (ring algorithm over the op's group); XLA's estimate leaves them out, so they are timed at the chip's ICI
     receive bandwidth and added (no overlap assumed: an upper bound).
@@ -138,38 +139,53 @@ def kernel_rate(target: Target, heads: int, block: int = 512, head_dim: int = 12
   return 4 * heads * block * block * head_dim / float(ca["optimal_seconds"])
 
 
+def kernel_rates(cfg, mesh: Mesh, target: Target):
+  """`rate_of(tile, head_dim=128)`: the FLOP/s a splash kernel's tiles are timed at (`kernel_rate`, cached), at the
+  decoder's heads per chip (the vision tower's kernels too: the rate is per FLOP of a tile)."""
+  heads = cfg.model.text.num_attention_heads // max(1, int(mesh.shape.get("tensor", 1)))
+  return functools.cache(lambda tile, head_dim=128: kernel_rate(target, heads, block=tile, head_dim=head_dim))
+
+
 def splash_flops(hlo: Hlo, block: int = SPLASH_BLOCK) -> float:
-  """FLOPs of the splash kernels a program runs, 2 x heads x head_dim x the causal block pairs its tiles visit per
-  matmul: the forward kernel's two (scores, values); the backward's seven, counted at its dq kernel (scores, dP,
-  dQ) whose output [..., heads, T, h] names the query heads, the dkv kernel's four (scores, dP, dV, dK) with it.
-  A kernel whose queries are a shard of the keys' sequence (context parallelism) reads, in `balanced_order`, its
-  two chunks' causal blocks and every earlier key; without it (a sequence that does not split so), counted at the
-  slowest shard, the last. `block`: the model's tile (`ModelOptions.attention_block`), capped as the kernel caps
-  it."""
+  """FLOPs of the splash kernels a program runs, 2 x heads x head_dim x the (query, key) pairs of the tiles they
+  visit per matmul: the forward kernel's two (scores, values); the backward's seven, counted at its dq kernel
+  (scores, dP, dQ) whose output [..., heads, T, h] names the query heads, the dkv kernel's four (scores, dP, dV,
+  dK) with it. A causal kernel visits the causal tile pairs. One whose queries are a shard of the keys' sequence
+  (context parallelism) reads, in `balanced_order`, its two chunks' causal blocks and every earlier key; without
+  it (a sequence that does not split so), counted at the slowest shard, the last. A kernel whose grid the mask
+  shrank (a band, as the vision tower's segments: `attention.segment_splash`) visits its grid: each query tile
+  the few key tiles its mask-info tables hold (a band that reaches every key tile of a short sequence leaves the
+  grid whole and is counted as causal: short pieces only, not the 7B configs'). `block`: the model's tile (`ModelOptions.attention_block`), capped
+  as the kernel caps it."""
   return sum(flops for flops, _ in splash_kernels(hlo, block))
 
 
 def splash_seconds(hlo: Hlo, block: int, rate_of) -> float:
-  """The splash kernels' time: each kernel's FLOPs at `rate_of(tile)` FLOP/s."""
-  return sum(flops / rate_of(tile) for flops, tile in splash_kernels(hlo, block))
+  """The splash kernels' time: each kernel's FLOPs at `rate_of(tile, head_dim)` FLOP/s."""
+  return sum(flops / rate_of(*tile) for flops, tile in splash_kernels(hlo, block))
 
 
 def splash_kernels(hlo: Hlo, block: int = SPLASH_BLOCK):
-  """(FLOPs, tile) of each splash kernel call (`splash_flops`)."""
+  """(FLOPs, (tile, head_dim)) of each splash kernel call (`splash_flops`)."""
   from zoomer_jax.model.attention import balanced_order  # noqa: PLC0415
   for name, operands, shapes, count in hlo.kernels(SPLASH):
     if "dkv" in name:
       continue
-    seqs = [dims for dtype, dims in shapes if dtype in ("bf16", "f32") and len(dims) >= 3]
-    if not seqs:
+    floats = [d for dtype, d in operands if dtype in ("bf16", "f32") and len(d) >= 3]
+    if not floats:
       continue
-    q = max(seqs, key=lambda d: int(np.prod(d)))  # the attention output (forward) or dq: [..., heads, T, h]
+    q = floats[0]  # the kernel's first array operand: the queries [..., heads, T, h]
     t, h = q[-2], q[-1]
     # The keys' length (operands [kv heads, T_kv, h]): t, or the whole sequence of a query shard.
-    t_kv = max([t] + [d[-2] for dtype, d in operands if dtype in ("bf16", "f32") and len(d) >= 3 and d[-1] == h])
+    t_kv = max([t] + [d[-2] for d in floats if d[-1] == h])
     heads = int(np.prod(q[:-2]))
+    # The mask-info tables (integers [1 or heads, query tiles, key steps]) give the kernel's grid.
+    grid = next((d for dtype, d in operands if dtype[0] in "su" and len(d) == 3), None)
     shards = t_kv // t
-    if shards > 1 and balanced_order(t_kv, shards, block) is not None:
+    if grid is not None and grid[2] < -(-t_kv // (t // grid[1])):  # a shrunk grid: a band of key tiles
+      blk = t // grid[1]
+      pairs = blk * blk * grid[1] * grid[2]
+    elif shards > 1 and balanced_order(t_kv, shards, block) is not None:
       blk = min(block, t // 2)
       m = t // 2 // blk  # blocks per chunk; chunks i and 2 shards - 1 - i read 2 shards - 1 chunks of earlier keys
       pairs = blk * blk * ((2 * shards - 1) * m * m + m * (m + 1))
@@ -177,12 +193,12 @@ def splash_kernels(hlo: Hlo, block: int = SPLASH_BLOCK):
       blk = min(block, t)
       nb = -(-t // blk)
       pairs = blk * blk * (nb * (nb + 1) / 2 + nb * (-(-t_kv // blk) - nb))
-    yield count * (14 if "dq" in name else 4) * heads * h * pairs, blk
+    yield count * (14 if "dq" in name else 4) * heads * h * pairs, (blk, h)
 
 
 def _cost_of(compiled, loops: int = 0, block: int = SPLASH_BLOCK, rate_of=None) -> Cost:
   """XLA's cost analysis of a probe that runs `loops` while loops of its own (the decode loop, costed per step);
-  its splash kernels (tiles of `block`) timed at `rate_of(tile)` FLOP/s when given."""
+  its splash kernels (tiles of `block`) timed at `rate_of(tile, head_dim)` FLOP/s when given."""
   ca = compiled.cost_analysis() or {}
   hlo = Hlo(compiled.as_text())
   found = hlo.count_ops("while")
@@ -194,13 +210,13 @@ def _cost_of(compiled, loops: int = 0, block: int = SPLASH_BLOCK, rate_of=None) 
   kernels = list(splash_kernels(hlo, block))  # parsed once for both sums
   return Cost(flops=float(ca.get("flops", 0.0)), bytes=float(ca.get("bytes accessed", 0.0)),
               xla_s=float(ca.get("optimal_seconds", 0.0)) + fix, kernel_flops=sum(f for f, _ in kernels),
-              kernel_s=sum(f / rate_of(tile) for f, tile in kernels) if rate_of else 0.0)
+              kernel_s=sum(f / rate_of(*tile) for f, tile in kernels) if rate_of else 0.0)
 
 
 def probe_costs(cfg, mesh: Mesh, rollout_mesh, log=print, only=(), rate_of=None) -> dict[str, Cost]:
   """Extrapolated costs of every program (or those named in `only`; module docstring): four probe compiles per
   program. A program whose probe does not fit HBM even in the config's token blocks gets no cost (reported).
-  `rate_of(tile)`: the FLOP/s its splash kernels are timed at."""
+  `rate_of(tile, head_dim)`: the FLOP/s its splash kernels are timed at."""
   from zoomer_jax.model.config import ModelConfig  # noqa: PLC0415
   full = ModelConfig.from_config_dict(cfg.model.to_dict())
   t, w, f = P.block_counts(full)
@@ -320,8 +336,7 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
         + ("" if r.fits else "  (does not fit)"))
     results.append(r)
   if probes:
-    heads = cfg.model.text.num_attention_heads // max(1, int(mesh.shape.get("tensor", 1)))
-    rate_of = functools.cache(lambda tile: kernel_rate(target, heads, block=tile))
+    rate_of = kernel_rates(cfg, mesh, target)
 
     costs = probe_costs(cfg, mesh, rollout_mesh, log=log, only=only, rate_of=rate_of)
     for r in results:

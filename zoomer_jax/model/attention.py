@@ -14,6 +14,9 @@ sits at slot `mask.q_start + t` and reads key slot s when the slot holds a real 
   * `blockwise`: an online softmax over key blocks of the cache (prefill and extend chunks with
     `attention="flash"`): scores never exceed [B, k, rows, key block].
 
+The vision tower's windows and frames (non-causal, within segments) take `segment_splash` on TPU with "flash":
+the splash kernel with a band mask and a segment id per row.
+
 The platform of the compiled program picks among paths (`jax.lax.platform_dependent`), never the host's
 backend, so a program compiled for TPU on a CPU host is the TPU program.
 """
@@ -257,6 +260,67 @@ def splash(q_btnh, k_btkh, v_btkh, token_mask_bt, *, rules: Rules, interpret: bo
   if order is not None and not permuted:
     out = jnp.take(out, inverse, axis=2)
   return out.transpose(0, 2, 1, 3)
+
+
+VISION_SPLASH_BLOCK = 256  # the vision kernel's tile (128 where the rows do not tile in 256)
+LANES = 128  # the vision kernel's head_dim is padded to a whole number of lanes
+
+
+def vision_splash_block(n: int) -> int:
+  return VISION_SPLASH_BLOCK if n % VISION_SPLASH_BLOCK == 0 else 128
+
+
+def segment_splash_fits(n: int, span: int) -> bool:
+  """Whether `segment_splash` tiles n rows in segments of at most `span` rows."""
+  return n % 128 == 0 and span <= n
+
+
+def segment_ids(seg, n: int) -> jax.Array:
+  """[n] int32: the segment of each of n rows packed by `seg` (`vision_layout.Segments`); rows no slot holds
+  (blank padding) get -1, so they only ever read each other."""
+  s, length = seg.gather.shape
+  where = jnp.where(seg.valid, seg.gather, n).reshape(-1)
+  ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, length)).reshape(-1)
+  return jnp.full((n,), -1, jnp.int32).at[where].set(ids, mode="drop")
+
+
+def segment_splash(q_nkh, k_nkh, v_nkh, ids_n, span: int, *, heads_axes=None, interpret: bool = False,
+                   block: int | None = None) -> jax.Array:
+  """Non-causal attention within segments of consecutive rows (the vision tower's windows and frames) with the
+  splash kernel: row i reads row j when `ids_n[i] == ids_n[j]`. A segment spans at most `span` rows, so the
+  kernel's mask is the band |i - j| < span and it visits only the key tiles the band reaches (a few per query
+  tile, not all). head_dim is zero-padded to whole 128-lane tiles (80 -> 128 for Qwen2.5-VL: exact, the padded
+  dimensions add nothing to q.k and their outputs are dropped), which the matrix units run as fast as 80.
+  q, k, v [N, heads, h] -> [N, heads, h]. Under a mesh the kernel runs in `shard_map`, the heads split over
+  `heads_axes` (the mesh axes of `vision_heads`, as the projections split them); the tower's `vmap`s over rows
+  and pieces name the mesh axes those are split over (`spmd_axis_name`), so each chip runs its own rows' pieces
+  and heads. `block`: the tile (default `vision_splash_block(N)`)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415
+  n, heads, h = q_nkh.shape
+  block = vision_splash_block(n) if block is None else block
+  band = sm.LocalMask((n, n), window_size=(span - 1, span - 1), offset=0)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+                        use_fused_bwd_kernel=False)
+  pad = [(0, 0), (0, 0), (0, -h % LANES)]
+  q = jnp.pad((q_nkh * h**-0.5).astype(q_nkh.dtype).transpose(1, 0, 2), pad)  # splash does not scale
+  k, v = (jnp.pad(a.transpose(1, 0, 2), pad) for a in (k_nkh, v_nkh))
+
+  def run(q, k, v, ids):
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([band] * q.shape[0]), block_sizes=sizes, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+    return kernel(q, k, v, segment_ids=_segments(ids, ids))
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    out = run(q, k, v, ids_n)
+  else:
+    P = jax.sharding.PartitionSpec
+    spec = P(heads_axes, None, None)
+    out = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec, check_vma=False)(
+        q, k, v, ids_n)
+  return out[..., :h].transpose(1, 0, 2)
 
 
 def _segments(q_seg, kv_seg):

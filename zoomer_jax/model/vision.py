@@ -7,6 +7,9 @@ Every row of a batch carries its own images ([R, N, 1176] with a per-row layout,
 cut at frame boundaries into pieces; attention never crosses a frame, so the tower runs per row and piece
 (vmapped) and its activations shard with the rows and, where the rules table says, the pieces (a row's frames
 spread over the chips that split its tokens, with the tower's weights gathered as FSDP gathers the decoder's).
+On TPU with `attention="flash"` each block's attention is the splash kernel over the piece's rows in window order
+(`attention.segment_splash`); the `vmap`s name the mesh axes rows and pieces are split over, so the kernel's
+`shard_map` runs each chip's own.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoomer_jax.model.attention import segment_ids, segment_splash, segment_splash_fits
 from zoomer_jax.model.config import VisionConfig
 from zoomer_jax.model.layers import (Linear, RMSNorm, SwiGLU, attention_weights, precision_for,
                                      rotate_half_by_matmul)
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.stack import remat, scan_modules, stack_modules
 from zoomer_jax.model.vision_layout import Segments, VisionLayout
-from zoomer_jax.parallel.rules import constrain
+from zoomer_jax.parallel.rules import constrain, logical_to_spec
 
 
 def vision_rotary(rot_pos_n2: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
@@ -34,11 +38,20 @@ def vision_rotary(rot_pos_n2: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, 
   return jnp.cos(emb), jnp.sin(emb)
 
 
-class VisionAttention(nnx.Module):
-  """Block-diagonal self-attention over packed segments; [N, d] -> [N, d]."""
+def _axes(spec) -> tuple:
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+
+class VisionAttention(nnx.Module):
+  """Block-diagonal self-attention over packed segments; [N, d] -> [N, d].
+
+  With `options.attention == "flash"` a program compiled for TPU runs the segments through the splash kernel
+  (`attention.segment_splash`: rows stay in window order, a segment id per row, no packing); elsewhere, and for
+  pieces the kernel does not tile, the segments are packed into [S, L] and attended densely."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     n, h, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    self.options = options
     self.dtype = jnp.dtype(dtype)
     self.precision = precision_for(dtype)
     self.qkv = Linear((d,), (3, n, h), axes=("vision_embed", None, "vision_heads", "head_dim"),
@@ -46,14 +59,27 @@ class VisionAttention(nnx.Module):
     self.proj = Linear((n, h), (d,), axes=("vision_heads", "head_dim", "vision_embed"),
                        use_bias=True, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_nd: jax.Array, cos_nh: jax.Array, sin_nh: jax.Array, seg: Segments) -> jax.Array:
+  def __call__(self, x_nd: jax.Array, cos_nh: jax.Array, sin_nh: jax.Array, seg: Segments,
+               kernel_heads=None) -> jax.Array:
+    """`kernel_heads`: the mesh axes the kernel splits heads over (`VisionTower`)."""
     qkv_n3kh = self.qkv(x_nd)
     q_nkh, k_nkh, v_nkh = qkv_n3kh[:, 0], qkv_n3kh[:, 1], qkv_n3kh[:, 2]
     # Rotary in fp32, cast back (HF upcasts q and k for the vision rotary).
     cos, sin = cos_nh[:, None, :], sin_nh[:, None, :]
     rot = lambda t: t.astype(jnp.float32) * cos + rotate_half_by_matmul(t, self.precision) * sin
     q_nkh, k_nkh = rot(q_nkh).astype(self.dtype), rot(k_nkh).astype(self.dtype)
+    packed = lambda q, k, v: self._packed(q, k, v, seg)
+    length = seg.gather.shape[1]
+    if self.options.attention == "flash" and segment_splash_fits(q_nkh.shape[0], length):
+      ids = segment_ids(seg, q_nkh.shape[0])
+      out_nkh = jax.lax.platform_dependent(
+          q_nkh, k_nkh, v_nkh, cpu=packed, default=packed,
+          tpu=lambda q, k, v: segment_splash(q, k, v, ids, length, heads_axes=kernel_heads))
+    else:
+      out_nkh = packed(q_nkh, k_nkh, v_nkh)
+    return self.proj(out_nkh)
 
+  def _packed(self, q_nkh, k_nkh, v_nkh, seg: Segments) -> jax.Array:
     # Heads first, rows packed into segments: [k, S, L, h], so both GEMMs batch over leading (k, S). Segments
     # are consecutive runs of rows, so when none is padded (e.g. grids the window divides) the packing is a
     # reshape and the gather/scatter round trip is skipped.
@@ -68,22 +94,21 @@ class VisionAttention(nnx.Module):
     out_kslh = jnp.einsum("kslm,ksmh->kslh", probs, v_kslh, precision=self.precision,
                           preferred_element_type=jnp.float32).astype(self.dtype)
     out_knh = out_kslh.reshape(k, s * length, h)
-    out_nkh = (out_knh if packed else out_knh[:, seg.scatter]).transpose(1, 0, 2)
-    return self.proj(out_nkh)
+    return (out_knh if packed else out_knh[:, seg.scatter]).transpose(1, 0, 2)
 
 
 class VisionBlock(nnx.Module):
   """Pre-norm block: x + attn(norm1(x)); x + mlp(norm2(x)); [N, d] -> [N, d]."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vision_embed", dtype=dtype)
     self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vision_embed", dtype=dtype)
-    self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
+    self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs, options=options)
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, embed_axis="vision_embed",
                       mlp_axis="vision_mlp", dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_nd, cos_nh, sin_nh, seg: Segments):
-    x_nd = x_nd + self.attn(self.norm1(x_nd), cos_nh, sin_nh, seg)
+  def __call__(self, x_nd, cos_nh, sin_nh, seg: Segments, kernel_heads=None):
+    x_nd = x_nd + self.attn(self.norm1(x_nd), cos_nh, sin_nh, seg, kernel_heads)
     return x_nd + self.mlp(self.norm2(x_nd))
 
 
@@ -117,7 +142,7 @@ class VisionTower(nnx.Module):
     # Conv3d(kernel = stride = (T, P, P)) over one row is a linear map of the flattened row.
     self.patch_embed = Linear((cfg.patch_dim,), (cfg.hidden_size,), axes=("vision_patch", "vision_embed"),
                               use_bias=False, dtype=dtype, rngs=rngs)
-    blocks = [VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)]
+    blocks = [VisionBlock(cfg, dtype=dtype, rngs=rngs, options=options) for _ in range(cfg.depth)]
     self.blocks = stack_modules(blocks) if options.scan_layers else nnx.List(blocks)
     self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
@@ -132,8 +157,16 @@ class VisionTower(nnx.Module):
     pieces = layout.perm.shape[1]
     pixels_rcpq = pixels_rnp.reshape(r, pieces, n // pieces, patch_dim)
     pixels_rcpq = constrain(pixels_rcpq, ("activation_batch", "vision_pieces", None, None), rules)
-    piece = lambda p, perm, rot, win, frm: self._one_piece(p, perm, rot, win, frm, frozen_blocks, remat_policy)
-    merged_rcmd = jax.vmap(jax.vmap(piece))(pixels_rcpq, layout.perm, layout.rot_pos, layout.windows,
+    # The batch and piece axes are sharded over the mesh axes the rules give them; a kernel inside (`shard_map`)
+    # must know that, or it would gather every row and piece onto every chip.
+    mesh = jax.sharding.get_abstract_mesh()
+    rows_ax, pieces_ax, heads_ax = (None, None, None) if mesh.empty else logical_to_spec(
+        ("activation_batch", "vision_pieces", "vision_heads"), rules, mesh, (r, pieces, self.cfg.num_heads))
+    if set(_axes(heads_ax)) & set(_axes(rows_ax) + _axes(pieces_ax)):  # a mesh axis splits one dimension only
+      heads_ax = None
+    piece = lambda p, perm, rot, win, frm: self._one_piece(p, perm, rot, win, frm, frozen_blocks, remat_policy,
+                                                           heads_ax)
+    merged_rcmd = jax.vmap(jax.vmap(piece, spmd_axis_name=pieces_ax), spmd_axis_name=rows_ax)(pixels_rcpq, layout.perm, layout.rot_pos, layout.windows,
                                             layout.frames)
     # Each row's pieces gathered onto the row's chips (not the whole batch onto every chip) for the reorder.
     merged_rcmd = constrain(merged_rcmd, ("activation_batch", None, None, None), rules)
@@ -142,7 +175,7 @@ class VisionTower(nnx.Module):
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"), rules)
 
   def _one_piece(self, pixels_np, perm, rot_pos, windows: Segments, frames: Segments, frozen_blocks: bool,
-                 remat_policy: str) -> jax.Array:
+                 remat_policy: str, kernel_heads=None) -> jax.Array:
     """One piece's pixel rows [P, patch_dim] -> its merged tokens [P/4, out_hidden] in window order."""
     # Pixels are rounded to the tower's dtype first (HF casts pixel_values to visual.dtype).
     x_nd = self.patch_embed(pixels_np.astype(self.dtype)[perm])
@@ -151,9 +184,9 @@ class VisionTower(nnx.Module):
 
     def run(block, x, is_full):
       if isinstance(is_full, bool):
-        return block(x, cos_nh, sin_nh, frames if is_full else windows)
-      return jax.lax.cond(is_full, lambda x: block(x, cos_nh, sin_nh, frames),
-                          lambda x: block(x, cos_nh, sin_nh, windows), x)
+        return block(x, cos_nh, sin_nh, frames if is_full else windows, kernel_heads)
+      return jax.lax.cond(is_full, lambda x: block(x, cos_nh, sin_nh, frames, kernel_heads),
+                          lambda x: block(x, cos_nh, sin_nh, windows, kernel_heads), x)
 
     if self.options.scan_layers:
       kinds = jnp.asarray([i in full for i in range(self.cfg.depth)])
