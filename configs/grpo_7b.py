@@ -70,6 +70,9 @@ def get_config(arg=None):
                  betas=(0.9, 0.999), weight_decay=0.01, grad_clip=1.0),
       ppo_mini_batch_size=32,  # prompts per optimizer step (x n trajectories)
       ppo_micro_batch_size=1,  # trajectories per forward/backward (gradient accumulation inside a mini-batch)
+      # trajectories per old/reference log-prob forward (verl's log_prob_micro_batch_size): a multiple of
+      # ppo_micro_batch_size, as a forward keeps less than an update; 0 = ppo_micro_batch_size
+      logprob_micro_batch_size=0,
       ppo_epochs=1,
       clip_ratio_low=0.2, clip_ratio_high=0.27,
       loss_agg_mode="seq-mean-token-mean",

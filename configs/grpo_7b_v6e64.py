@@ -39,6 +39,9 @@ def get_config(arg=None):
   # split four ways (the worst row: 32768 tokens, 128 images).
   cfg.actor.ppo_micro_batch_size = 16
   cfg.actor.max_token_len = 32768
+  # Old and reference log-probs four trajectories per group of 4 chips (a forward keeps far less than an update:
+  # 6.6 GiB per chip): each call gathers the FSDP weights once for four times the rows (docs/tpu.md).
+  cfg.actor.logprob_micro_batch_size = 64
   # The attention kernel's inputs and outputs kept, and each decoder layer's MLP up projection (as sft_7b_v6e64):
   # the backward then recomputes the gate projection only, and the update still leaves >10% of HBM (docs/tpu.md).
   cfg.actor.remat = "save_attention_up"

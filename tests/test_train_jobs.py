@@ -148,6 +148,28 @@ def test_grpo_steps_on_the_mesh_and_exact_resume(tmp_path, monkeypatch, keep_sig
   assert _losses(tmp_path / "b", "response_length/mean") == _losses(tmp_path / "a", "response_length/mean")
 
 
+def test_grpo_log_probs_of_several_micro_batches_in_one_forward(tmp_path):
+  """`actor.logprob_micro_batch_size` = 2 micro-batches: the old and reference log-probs of both come from one
+  forward (micro-batch j's row r at row 2r + j) and go back to their own rows and lengths. At step 1 the policy is
+  the old and the reference one, so a trajectory given another's log-probs would show as a ratio off 1 or a KL
+  above 0; the step's loss is the one-forward-per-micro-batch run's."""
+  data = write_rl_records(str(tmp_path / "data"), 4)
+  losses = {}
+  for lp in (0, 4):
+    cfg = grpo_config(data, tmp_path / f"lp{lp}", steps=1)
+    cfg.actor.logprob_micro_batch_size = lp
+    cfg.trainer.test_freq = 0
+    grpo.run_grpo(cfg)
+    row = read_metrics(tmp_path / f"lp{lp}")[0]
+    assert abs(row["actor/ratio_mean"] - 1) < 1e-5 and row["actor/kl_loss"] < 1e-6, (lp, row)
+    losses[lp] = row["actor/loss"]
+  np.testing.assert_allclose(losses[4], losses[0], rtol=1e-5)
+  bad = grpo_config(data, tmp_path / "bad", steps=1)
+  bad.actor.logprob_micro_batch_size = 3
+  with pytest.raises(ValueError, match="logprob_micro_batch_size 3 is not a positive multiple"):
+    grpo.run_grpo(bad)
+
+
 def _fake_traj(task, turns, frames):
   return types.SimpleNamespace(task=task, turns=turns, calls=[{"frames": frames}] if frames else [], n_frames=4,
                                rounds=len(turns), finish_reason="answer", response_mask=np.ones(3), ids=np.zeros(3))

@@ -46,7 +46,8 @@ def account_flops(cfg, mesh_shape: dict, rollout_shape: dict | None, name: str) 
   shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
   if name in TRAIN or name in FORWARD:
     d = cfg.data if cfg.job == "sft" else cfg.rollout
-    rows = cfg.data.micro_batch_size if cfg.job == "sft" else cfg.actor.ppo_micro_batch_size
+    rows = (cfg.data.micro_batch_size if cfg.job == "sft" else cfg.actor.ppo_micro_batch_size if name in TRAIN
+            else cfg.actor.logprob_micro_batch_size or cfg.actor.ppo_micro_batch_size)
     length = cfg.data.cutoff_len if cfg.job == "sft" else cfg.actor.max_token_len
     images = P.SFT_IMAGES if cfg.job == "sft" else cfg.rollout.max_total_frames
     grid = frame_grid(*P.WORST_FRAME, d.max_pixels, d.min_pixels)

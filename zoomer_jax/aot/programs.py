@@ -209,7 +209,7 @@ SFT_IMAGES = 128  # an SFT record holds the overview and every zoom clip: at mos
 
 def grpo_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config", rollout_mesh: Mesh | None = None,
                   ) -> list[Program]:
-  from zoomer_jax.train.grpo import grpo_loss_fns, rollout_rules  # noqa: PLC0415
+  from zoomer_jax.train.grpo import grpo_loss_fns, logprob_micro_batch, rollout_rules  # noqa: PLC0415
   a, r = cfg.actor, cfg.rollout
   ab = abstract_job(cfg, mesh, model_cfg, rollout_rules(cfg))
   mc = model_cfg or ModelConfig.from_config_dict(cfg.model.to_dict())
@@ -218,28 +218,30 @@ def grpo_programs(cfg, mesh: Mesh, *, model_cfg=None, token_chunk="config", roll
                               rollout_mesh=rollout_mesh)
   grid = frame_grid(*WORST_FRAME, r.max_pixels, r.min_pixels)
   rows, length = a.ppo_micro_batch_size, round_up(a.max_token_len, a.token_bucket)
-  kw = dict(rows=rows, length=length, images=r.max_total_frames, grid=grid, image_bucket=a.image_bucket,
+  lp_rows = logprob_micro_batch(a)
+  kw = dict(length=length, images=r.max_total_frames, grid=grid, image_bucket=a.image_bucket,
             pieces=vision_pieces(mesh, ab.rules))
-  logp_batch = train_batch(mc, mesh, **kw, token_values=("sampler_logp",), seq_values=("advantage",))
+  logp_batch = train_batch(mc, mesh, rows=lp_rows, **kw, token_values=("sampler_logp",), seq_values=("advantage",))
   tv = ("sampler_logp", "old_logp") + (("ref_logp",) if a.use_kl_loss else ())
-  update_batch = train_batch(mc, mesh, **kw, token_values=tv, seq_values=("advantage",))
+  update_batch = train_batch(mc, mesh, rows=rows, **kw, token_values=tv, seq_values=("advantage",))
   ref = jax.eval_shape(lambda p: cast_floats(p, ab.compute_dtype), ab.params)
   ref = _abstract(ref, jax.tree.map(lambda x: x.sharding, ab.params))
   acc = jax.tree.map(lambda p: p, ab.params)
   trajectories = cfg.data.train_batch_size * r.n
-  micro = trajectories // rows
+  micro, lp_micro = trajectories // rows, trajectories // lp_rows
   per_row = f"{rows} rows x {length} tokens, {r.max_total_frames} images {grid} per row"
-  fwd = train_flops(mc, rows, length, r.max_total_frames, grid, backward=False, freeze_vision=True)
+  lp_per_row = f"{lp_rows} rows x {length} tokens, {r.max_total_frames} images {grid} per row"
+  fwd = train_flops(mc, lp_rows, length, r.max_total_frames, grid, backward=False, freeze_vision=True)
   upd = train_flops(mc, rows, length, r.max_total_frames, grid, backward=True, freeze_vision=a.freeze_vision_tower)
   # What stays live beside each program's arguments: the optimizer state, the reference weights.
   state_b, params_b = chip_bytes(state), chip_bytes(ab.params)
   moments, ref_b = state_b - params_b, chip_bytes(ref) if a.use_kl_loss else 0.0
   programs = [
-      Program("grpo/old_logp", steps.evaluate, (ab.params, logp_batch, logp_fn), micro, mesh, per_row, fwd,
+      Program("grpo/old_logp", steps.evaluate, (ab.params, logp_batch, logp_fn), lp_micro, mesh, lp_per_row, fwd,
               resident=moments + ref_b),
   ]
   if a.use_kl_loss:
-    programs.append(Program("grpo/ref_logp", steps.evaluate, (ref, logp_batch, logp_fn), micro, mesh,
+    programs.append(Program("grpo/ref_logp", steps.evaluate, (ref, logp_batch, logp_fn), lp_micro, mesh,
                             "the same forward on the bf16 reference weights", fwd, resident=state_b))
   programs += [
       Program("grpo/update", steps.grad, (ab.params, acc, update_batch), a.ppo_epochs * micro, mesh, per_row, upd,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import time
 from functools import partial
@@ -192,6 +193,54 @@ def training_batch(mc, examples: list[Example], mesh, *, rows: int, token_bucket
                            seq_names=("advantage",), pieces=pieces)
 
 
+def logprob_micro_batch(actor) -> int:
+  """Trajectories per old/reference log-prob forward (`actor.logprob_micro_batch_size`, 0: the update's
+  micro-batch), checked to be a multiple of the update's."""
+  rows, lp = actor.ppo_micro_batch_size, actor.logprob_micro_batch_size or actor.ppo_micro_batch_size
+  if lp < rows or lp % rows:
+    raise ValueError(f"actor.logprob_micro_batch_size {actor.logprob_micro_batch_size} is not a positive multiple "
+                     f"of actor.ppo_micro_batch_size {rows}")
+  return lp
+
+
+def logprob_batches(engine, examples: list[Example], logp_fn, ref_params, *, rows: int, logprob_rows: int,
+                    token_bucket: int, image_bucket: int, pad_id: int) -> list[TrainBatch]:
+  """The update's micro-batches of `rows` trajectories (in `placement.place` order) with their old (and, given
+  `ref_params`, reference) log-probs, computed `logprob_rows` trajectories at a time: k = logprob_rows / rows
+  consecutive micro-batches in one forward, micro-batch j's row r at row r * k + j, so a row's k trajectories
+  sit on the chips (and process) that hold row r of each micro-batch; each micro-batch takes back its rows and
+  its own token length."""
+  k = logprob_rows // rows
+  pieces = vision_pieces(engine.mesh, engine.rules)
+  build = lambda exs, n: training_batch(mc=engine.model_config, examples=exs, mesh=engine.mesh, rows=n,
+                                        token_bucket=token_bucket, image_bucket=image_bucket, pad_id=pad_id,
+                                        pieces=pieces)
+  micro = [examples[i:i + rows] for i in range(0, len(examples), rows)]
+  groups = [micro[g:g + k] for g in range(0, len(micro), k)]
+  groups = [[m] for grp in groups for m in grp] if any(len(m) < rows for m in micro) else groups  # a short tail
+  out = []
+  for group in groups:
+    devs = [build(m, rows) for m in group]
+    if len(group) == 1:
+      whole = devs[0]
+    else:
+      whole = build([m[r] for r in range(rows) for m in group], rows * len(group))
+    logps = {"old_logp": engine.evaluate(whole, logp_fn)}
+    if ref_params is not None:
+      logps["ref_logp"] = engine.evaluate(whole, logp_fn, params=ref_params)
+    for j, dev in enumerate(devs):
+      like = dev.token_values["sampler_logp"]
+      take = (lambda a: a) if len(group) == 1 else _rows_of(len(group), j, like.shape[1], like.sharding)
+      out.append(dev.replace(token_values=dict(dev.token_values, **{n: take(a) for n, a in logps.items()})))
+  return out
+
+
+@functools.cache
+def _rows_of(k: int, j: int, length: int, sharding):
+  """Rows j, j + k, ... and the first `length` tokens of a [rows * k, T] array, laid out as `sharding`."""
+  return jax.jit(lambda a: a[j::k, :length], out_shardings=sharding)
+
+
 def example_of(t: Trajectory, advantage: float) -> Example:
   return Example(ids=t.ids, loss_mask=t.response_mask, pixel_values=t.pixel_values, image_grid_thw=t.image_grid_thw,
                  token_values={"sampler_logp": t.logprobs}, seq_values={"advantage": float(advantage)})
@@ -298,12 +347,12 @@ def run_grpo(cfg) -> dict:
   test_freq = cfg.trainer.test_freq if cfg.data.val_files else 0
   val_source = ctx.rl_source("validation") if test_freq else []
   val_tasks = [task_of(val_source[i]) for i in range(len(val_source))]
-  mc = engine.model_config
   rows = actor.ppo_micro_batch_size
   mini = actor.ppo_mini_batch_size * r.n  # trajectories per optimizer step
   if mini % rows:
     raise ValueError(f"actor.ppo_mini_batch_size x rollout.n = {mini} trajectories is not a multiple of "
                      f"actor.ppo_micro_batch_size {rows}")
+  logprob_rows = logprob_micro_batch(actor)
   stats, completed = {}, False
   try:
     while ctx.job_step < total:
@@ -317,15 +366,9 @@ def run_grpo(cfg) -> dict:
       order = place([t.home for t in ro.trajs], home_replicas(engine.mesh, roll_mesh, rows))
       trajs, sent = share_pixels(ro.trajs, order, engine.mesh, roll_mesh, rows)
       examples = [example_of(trajs[k], ro.advantages[k]) for k in order]
-      batches = []
-      for i in range(0, len(examples), rows):
-        dev = training_batch(mc, examples[i:i + rows], engine.mesh, rows=rows, token_bucket=actor.token_bucket,
-                             image_bucket=actor.image_bucket, pad_id=ctx.tok.endoftext,
-                             pieces=vision_pieces(engine.mesh, engine.rules))
-        tv = dict(dev.token_values, old_logp=engine.evaluate(dev, logp_fn))
-        if ref_params is not None:
-          tv["ref_logp"] = engine.evaluate(dev, logp_fn, params=ref_params)
-        batches.append(dev.replace(token_values=tv))
+      batches = logprob_batches(engine, examples, logp_fn, ref_params, rows=rows, logprob_rows=logprob_rows,
+                                token_bucket=actor.token_bucket, image_bucket=actor.image_bucket,
+                                pad_id=ctx.tok.endoftext)
       updates = []
       for _ in range(actor.ppo_epochs):
         for j in range(0, len(batches), mini // rows):
