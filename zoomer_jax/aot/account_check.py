@@ -16,6 +16,7 @@ from zoomer_jax.cost import flops as F
 from zoomer_jax.cost.account import Trainer, _train_forward, _update_flops, account
 from zoomer_jax.cost.workload import TrajectoryCounts, frame_grid, job_from_config
 from zoomer_jax.model.config import ModelConfig
+from zoomer_jax.train.grpo import logprob_micro_batch
 
 TRAIN = {"sft/grad", "grpo/update"}
 FORWARD = {"grpo/old_logp", "grpo/ref_logp"}
@@ -46,8 +47,10 @@ def account_flops(cfg, mesh_shape: dict, rollout_shape: dict | None, name: str) 
   shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
   if name in TRAIN or name in FORWARD:
     d = cfg.data if cfg.job == "sft" else cfg.rollout
-    rows = (cfg.data.micro_batch_size if cfg.job == "sft" else cfg.actor.ppo_micro_batch_size if name in TRAIN
-            else cfg.actor.logprob_micro_batch_size or cfg.actor.ppo_micro_batch_size)
+    if cfg.job == "sft":
+      rows = cfg.data.micro_batch_size
+    else:
+      rows = cfg.actor.ppo_micro_batch_size if name in TRAIN else logprob_micro_batch(cfg.actor)
     length = cfg.data.cutoff_len if cfg.job == "sft" else cfg.actor.max_token_len
     images = P.SFT_IMAGES if cfg.job == "sft" else cfg.rollout.max_total_frames
     grid = frame_grid(*P.WORST_FRAME, d.max_pixels, d.min_pixels)

@@ -155,8 +155,8 @@ def splash_flops(hlo: Hlo, block: int = SPLASH_BLOCK) -> float:
   it (a sequence that does not split so), counted at the slowest shard, the last. A kernel whose grid the mask
   shrank (a band, as the vision tower's segments: `attention.segment_splash`) visits its grid: each query tile
   the few key tiles its mask-info tables hold (a band that reaches every key tile of a short sequence leaves the
-  grid whole and is counted as causal: short pieces only, not the 7B configs'). `block`: the model's tile (`ModelOptions.attention_block`), capped
-  as the kernel caps it."""
+  grid whole and is counted as causal: short pieces only, not the 7B configs'). `block`: the model's tile
+  (`ModelOptions.attention_block`), capped as the kernel caps it."""
   return sum(flops for flops, _ in splash_kernels(hlo, block))
 
 

@@ -25,7 +25,7 @@ from zoomer_jax.model.layers import (Linear, RMSNorm, SwiGLU, attention_weights,
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.stack import remat, scan_modules, stack_modules
 from zoomer_jax.model.vision_layout import Segments, VisionLayout
-from zoomer_jax.parallel.rules import constrain, logical_to_spec
+from zoomer_jax.parallel.rules import constrain, logical_to_spec, spec_axes
 
 
 def vision_rotary(rot_pos_n2: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
@@ -36,10 +36,6 @@ def vision_rotary(rot_pos_n2: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, 
   freqs = freqs.reshape(freqs.shape[0], spatial)  # height freqs, then width freqs
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
-
-
-def _axes(spec) -> tuple:
-  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 class VisionAttention(nnx.Module):
@@ -162,7 +158,7 @@ class VisionTower(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     rows_ax, pieces_ax, heads_ax = (None, None, None) if mesh.empty else logical_to_spec(
         ("activation_batch", "vision_pieces", "vision_heads"), rules, mesh, (r, pieces, self.cfg.num_heads))
-    if set(_axes(heads_ax)) & set(_axes(rows_ax) + _axes(pieces_ax)):  # a mesh axis splits one dimension only
+    if set(spec_axes(heads_ax)) & set(spec_axes(rows_ax) + spec_axes(pieces_ax)):  # a mesh axis splits one dimension only
       heads_ax = None
     piece = lambda p, perm, rot, win, frm: self._one_piece(p, perm, rot, win, frm, frozen_blocks, remat_policy,
                                                            heads_ax)

@@ -72,10 +72,15 @@ def vision_pieces(mesh: Mesh | None, rules: Rules) -> int:
   return axes_size(mesh, logical_to_spec(("vision_pieces",), rules, mesh)[0])
 
 
+def spec_axes(axes) -> tuple[str, ...]:
+  """A partition spec entry's mesh axes as a tuple (None: none; one name: that one)."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def axes_size(mesh, axes) -> int:
   """How many chips a partition spec entry spans: the product of its mesh axes' sizes (1 for None)."""
   n = 1
-  for a in () if axes is None else (axes,) if isinstance(axes, str) else axes:
+  for a in spec_axes(axes):
     n *= mesh.shape[a]
   return n
 
