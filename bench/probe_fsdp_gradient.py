@@ -7,7 +7,10 @@ layout. Compiled for TPU topologies on this host (no TPU needed).
 A reduce-scatter would move (n - 1) / n of the gradient per chip; an all-reduce whose result is then sliced to
 the chip's shard moves 2 (n - 1) / n (the report counts collectives by what the optimized HLO names them,
 `aot/hlo.py`). The 7B programs' decoder weight gradients show the all-reduce form (docs/tpu.md); this tells
-whether the program or the compiler chooses it. Prints each topology's collectives and a BENCH_JSON line.
+whether the program or the compiler chooses it: beside the autodiff gradient it compiles an explicit reduce-scatter
+of the same gradient (`psum_scatter` under `shard_map`), which the compiler may keep, run as an all-reduce-scatter
+fusion (both priced as a reduce-scatter) or turn into an all-reduce. Prints each topology's collectives and a
+BENCH_JSON line.
 """
 
 from __future__ import annotations
@@ -34,11 +37,20 @@ def probe(topology: str, d: int, f: int, tokens: int, dtype) -> dict:
   def loss(w, x):
     return jnp.sum(jnp.einsum("btd,df->btf", x, w).astype(jnp.float32) ** 2)
 
+  def explicit(w, x):
+    def local(w, x):  # this chip's rows' whole-weight gradient, reduced and scattered by hand
+      full = jax.lax.all_gather(w, "fsdp", axis=0, tiled=True)
+      return jax.lax.psum_scatter(jax.grad(loss)(full, x), "fsdp", scatter_dimension=0, tiled=True)
+    spec = PartitionSpec("fsdp")
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(w, x)
+
+  out = dict(topology=topology, chips=n)
   with jax.set_mesh(mesh):
-    compiled = jax.jit(jax.grad(loss), out_shardings=w.sharding).lower(w, x).compile()
-  found = Hlo(compiled.as_text()).collectives(n, by_shape=True)
-  return dict(topology=topology, chips=n, collectives={k: dict(count=v["count"], moved=v["moved"])
-                                                       for k, v in found.items()})
+    for name, f in (("collectives", jax.grad(loss)), ("explicit_collectives", explicit)):
+      compiled = jax.jit(f, out_shardings=w.sharding).lower(w, x).compile()
+      found = Hlo(compiled.as_text()).collectives(n, by_shape=True)
+      out[name] = {k: dict(count=v["count"], moved=v["moved"]) for k, v in found.items()}
+  return out
 
 
 def main() -> None:
@@ -52,11 +64,13 @@ def main() -> None:
   for topology in args.topology or ["v6e:8x8", "v5p:2x2x1"]:
     r = probe(topology, d, f, tokens, jnp.dtype(args.dtype))
     out.append(r)
-    print(f"{topology} ({r['chips']} chips), gradient of a [{d}, {f}] {args.dtype} weight split over every chip:")
-    for name, c in r["collectives"].items():
-      print(f"  {name:<48} {c['count']:>3} x  {c['moved'] / 1e6:9.2f} MB moved per chip")
-    kinds = {name.split()[0] for name in r["collectives"]}
-    print(f"  reduce-scatter emitted: {'yes' if 'reduce-scatter' in kinds else 'no'}")
+    for key, what in (("collectives", "autodiff"), ("explicit_collectives", "psum_scatter under shard_map")):
+      print(f"{topology} ({r['chips']} chips), gradient of a [{d}, {f}] {args.dtype} weight split over every chip, "
+            f"{what}:")
+      for name, c in r[key].items():
+        print(f"  {name:<48} {c['count']:>3} x  {c['moved'] / 1e6:9.2f} MB moved per chip")
+      kinds = {name.split()[0] for name in r[key]}
+      print(f"  reduce-scatter emitted: {'yes' if 'reduce-scatter' in kinds else 'no'}")
   print("BENCH_JSON " + json.dumps(dict(bench="probe_fsdp_gradient", dtype=args.dtype, shape=[d, f, tokens],
                                         results=out)))
 

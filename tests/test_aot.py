@@ -4,7 +4,8 @@ no TPU), and what `zoomer_jax.aot` reads from them is right.
 * every program of grpo_tiny and sft_tiny (scanned layers, flash attention) compiles for v5p:2x2x1 and fits;
 * `python -m zoomer_jax compile` prints its table and a BENCH_JSON line with one entry per program;
 * the cost probes' extrapolation equals the cost of the fully unrolled program at full depth;
-* the HLO reader multiplies a scanned loop's collectives by the trip count and counts splash kernels;
+* the HLO reader multiplies a scanned loop's collectives by the trip count, prices a reduce-scatter by the operand it
+  reduces (in either form the compiler writes it) and counts splash kernels;
 * a program compiled for TPU on this CPU host takes the TPU paths (`lax.platform_dependent`), not the CPU ones.
 """
 
@@ -214,6 +215,69 @@ def test_hlo_counts_loop_bodies_by_trip_count(target):
   ops = {k: v for k, v in hlo.collectives(4, by_shape=True).items() if k.startswith("all-gather")}
   (name, op), = ops.items()
   assert name.startswith("all-gather g4 bf16[") and name.endswith("128,256]") and op == gathers, ops
+
+
+@pytest.mark.parametrize("topology", [TOPOLOGY, "v6e:2x2"])
+def test_a_reduce_scatter_moves_three_quarters_of_its_operand_over_four_chips(topology):
+  """`psum_scatter` of a [2048, 1024] bf16 operand over 4 chips: each chip sends 3/4 of it (3 MiB), whether the
+  compiler emits a reduce-scatter (v5p) or an all-reduce-scatter fusion around an all-reduce of the (padded) operand
+  (v6e); pricing the fusion as the all-reduce inside it would double that, and the bare op's shard-sized result
+  would quarter it."""
+  target = tpu_target(topology)
+  mesh = Mesh(np.asarray(target.devices).reshape(4), ("x",))
+  g = jax.ShapeDtypeStruct((4 * 2048, 1024), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("x")))
+
+  def rs(x):
+    return jax.lax.psum_scatter(x * 2, "x", scatter_dimension=0, tiled=True)
+
+  f = jax.shard_map(rs, mesh=mesh, in_specs=PartitionSpec("x"), out_specs=PartitionSpec("x"))
+  found = Hlo(jax.jit(f).lower(g).compile().as_text()).collectives(4)
+  operand = 2048 * 1024 * 2
+  assert set(found) <= {"reduce-scatter", "collective-permute"}, found
+  assert found["reduce-scatter"]["count"] == 1
+  # v6e pads the operand's rows to a multiple of its tiles per chip (and permutes the padding's rows back).
+  assert 0.75 * operand <= found["reduce-scatter"]["moved"] <= 0.75 * operand * 1.05, found
+
+
+def test_an_all_reduce_scatter_fusion_is_counted_as_the_reduce_scatter_it_runs():
+  """The fusion form as the v6e compiler writes it, in a loop of 3 trips: 3 reduce-scatters of the 8 x 16 f32
+  operand over the 4 chips the all-reduce inside names, and no all-reduce."""
+  text = """HloModule m
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(f32[] %x, f32[] %y)
+}
+
+%all-reduce-scatter.2 (input: f32[8,16]) -> f32[2,16] {
+  %input = f32[8,16]{1,0} parameter(0)
+  %all-reduce.1 = f32[8,16]{1,0} all-reduce(f32[8,16]{1,0} %input), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %dynamic-slice.1 = f32[2,16]{1,0} dynamic-slice(f32[8,16]{1,0} %all-reduce.1, s32[] %o, s32[] %z), dynamic_slice_sizes={2,16}
+}
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %fusion = f32[2,16]{1,0} fusion(f32[8,16]{1,0} %v), kind=kCustom, calls=%all-reduce-scatter.2, backend_config={"collective_algorithm_config":{"emitter":"SingleInputAllReduceScatterFusion"}}
+  ROOT %t = (s32[], f32[8,16]) tuple(s32[] %i, f32[8,16]{1,0} %v)
+}
+
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  %p = (s32[], f32[8,16]) parameter(0)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (a: f32[8,16]) -> (s32[], f32[8,16]) {
+  %a = f32[8,16]{1,0} parameter(0)
+  ROOT %w = (s32[], f32[8,16]) while((s32[], f32[8,16]) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+  found = Hlo(text).collectives(4)
+  assert set(found) == {"reduce-scatter"}, found
+  assert found["reduce-scatter"]["count"] == 3
+  assert found["reduce-scatter"]["moved"] == pytest.approx(3 * 0.75 * 8 * 16 * 4)
+  (name,), = [list(Hlo(text).collectives(4, by_shape=True))]
+  assert name == "reduce-scatter g4 f32[2,16]"
 
 
 def test_custom_calls_in_a_loop_count_per_trip_or_once_as_xlas_cost_analysis_does():

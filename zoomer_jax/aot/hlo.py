@@ -8,6 +8,10 @@
 Loops: a `while` multiplies what its body does by its trip count: the `known_trip_count` of its backend config, or
 the bound its condition compares the induction variable with (`i < N`: a `lax.scan`'s length, or a decode loop's
 token limit, an upper bound when it stops early). Conditionals count their costliest branch.
+
+Reduce-scatters: TPU compilers may emit one as a fusion that calls an `all-reduce-scatter` computation (an
+all-reduce of the whole operand and a slice of the chip's shard, run by a reduce-scatter emitter); it is counted as
+the reduce-scatter it runs, not as the all-reduce inside it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _OPERAND_LAYOUTS = re.compile(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}")  # shapes' layouts nest
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_REDUCE_SCATTER_FUSION = re.compile(r"\bcalls=%(all-reduce-scatter[\w.\-]*)")
 
 
 def shape_bytes(text: str) -> list[int]:
@@ -81,6 +86,8 @@ class Hlo:
     if ins.op in ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort", "map", "all-reduce",
                   "all-reduce-start", "reduce-scatter"):
       return []  # to_apply is a scalar reduction, not work of its own
+    if ins.op == "fusion" and _REDUCE_SCATTER_FUSION.search(ins.rest):
+      return []  # counted as the reduce-scatter it is (`collectives`)
     return [([c], 1) for c in _CALLS.findall(ins.rest)]
 
   def _bound(self, cond: str) -> int:
@@ -122,19 +129,10 @@ class Hlo:
     ring algorithm over its group)}} over the whole program; with `by_shape`, keyed by "kind g<group size>
     <result type>" instead (which op moves what)."""
     def visit(ins: Instr):
-      kind = ins.op.removesuffix("-start")
-      if kind not in COLLECTIVES or ins.op.endswith("-done"):
+      found = self._collective(ins, devices)
+      if found is None:
         return collections.Counter()
-      sizes = shape_bytes(ins.type)
-      if not sizes:
-        return collections.Counter()
-      if kind == "all-gather":
-        payload = sizes[-1]  # the gathered result (a -start op returns (operand, result))
-      elif kind == "collective-permute":
-        payload = sizes[0]
-      else:
-        payload = max(sizes)
-      p = _group_size(ins.rest, devices)
+      kind, p, payload = found
       factor = {"all-reduce": 2 * (p - 1) / p, "collective-permute": 1.0}.get(kind, (p - 1) / p)
       key = (f"{kind} g{p} " + " ".join(f"{d}[{dims}]" for d, dims in _SHAPE.findall(ins.type))) if by_shape else kind
       return collections.Counter({f"{key}/count": 1, f"{key}/bytes": payload, f"{key}/moved": payload * factor})
@@ -142,6 +140,29 @@ class Hlo:
     c = self._walk(self.entry, visit)
     kinds = sorted({k.rsplit("/", 1)[0] for k in c})
     return {k: {"count": c[f"{k}/count"], "bytes": c[f"{k}/bytes"], "moved": c[f"{k}/moved"]} for k in kinds}
+
+  def _collective(self, ins: Instr, devices: int) -> tuple[str, int, int] | None:
+    """(kind, group size, payload bytes per chip) of a collective instruction; None for anything else. The payload
+    is what the ring algorithm's factor applies to: an all-gather's gathered result, a reduce-scatter's (or an
+    all-reduce-scatter fusion's) whole operand, an all-reduce's buffer, a permute's one message."""
+    fused = _REDUCE_SCATTER_FUSION.search(ins.rest) if ins.op == "fusion" else None
+    if fused:
+      inner = [i for i in self.comps.get(fused.group(1), []) if i.op == "all-reduce"]
+      if not inner:
+        return None
+      return "reduce-scatter", _group_size(inner[0].rest, devices), max(shape_bytes(inner[0].type))
+    kind = ins.op.removesuffix("-start")
+    sizes = shape_bytes(ins.type)
+    if kind not in COLLECTIVES or ins.op.endswith("-done") or not sizes:
+      return None
+    p = _group_size(ins.rest, devices)
+    if kind == "all-gather":
+      return kind, p, sizes[-1]  # the gathered result (a -start op returns (operand, result))
+    if kind == "collective-permute":
+      return kind, p, sizes[0]
+    if kind == "reduce-scatter":
+      return kind, p, max(sizes) * p  # its result is one chip's shard of the operand it reduces
+    return kind, p, max(sizes)
 
   def kernels(self, prefix: str) -> list[tuple[str, list[int], list[tuple[str, tuple[int, ...]]], int]]:
     """Pallas kernels (custom calls whose instruction name starts with `prefix`): (name, operand shapes, output
