@@ -25,8 +25,9 @@ def get_config(arg=None):
   cfg.seed = 0  # the random weights of `python -m zoomer_jax forward|infer` without a checkpoint
   # How the model computes (zoomer_jax.model.options.ModelOptions): stacked layers run by lax.scan (compile time
   # independent of depth) and flash attention (splash on TPU, in tiles of attention_block tokens; blockwise over
-  # the KV cache elsewhere).
-  cfg.impl = ml_collections.ConfigDict(dict(scan_layers=True, attention="flash", attention_block=512))
+  # the KV cache elsewhere); staged_gradients reduces each layer's weight gradients one mesh axis at a time.
+  cfg.impl = ml_collections.ConfigDict(dict(scan_layers=True, attention="flash", attention_block=512,
+                                            staged_gradients=False))
   # Logical axis -> mesh axes (data, fsdp, tensor), for parameters and activations; the first rule naming an axis
   # wins, and an axis a mesh dimension does not divide stays replicated. FSDP over the embedding-like widths,
   # tensor parallelism over heads, MLP width and vocabulary (MaxText's layout).

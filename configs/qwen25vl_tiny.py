@@ -28,6 +28,7 @@ def get_config(arg=None):
   cfg.seed = 0
   # Unrolled layers and whole-matrix attention: on CPU, slicing stacked weights costs a copy per step, and the
   # dense path is the reference the tests compare against (ModelOptions).
-  cfg.impl = ml_collections.ConfigDict(dict(scan_layers=False, attention="dot_product", attention_block=512))
+  cfg.impl = ml_collections.ConfigDict(dict(scan_layers=False, attention="dot_product", attention_block=512,
+                                            staged_gradients=False))
   cfg.rules = load("qwen25vl_7b").rules
   return cfg

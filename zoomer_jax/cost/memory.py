@@ -14,7 +14,7 @@ import dataclasses
 
 from zoomer_jax.model.config import TextConfig, VisionConfig
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention", "save_attention_up")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention", "save_attention_up", "save_attention_mlp_weights")
 LOGIT_BUFFERS = 3  # fp32 logits of a chunk, exp(z - m) of it, and in the backward its gradient
 
 
@@ -73,8 +73,17 @@ def text_activation_bytes(t: TextConfig, tokens: int, remat: str, *, tp: int, ac
   full = text_saved_per_token_layer(t, tp)
   saved_per = dict(none=full, full=t.hidden_size, save_dots=text_dots_per_token_layer(t, tp),
                    save_attention=text_attention_saved_per_token_layer(t, tp),
-                   save_attention_up=text_attention_saved_per_token_layer(t, tp) + _div(t.intermediate_size, tp))[remat]
+                   save_attention_up=text_attention_saved_per_token_layer(t, tp) + _div(t.intermediate_size, tp),
+                   save_attention_mlp_weights=text_attention_saved_per_token_layer(t, tp))[remat]
   return dict(saved=t.num_hidden_layers * tokens * saved_per * act_bytes, working=2 * tokens * full * act_bytes)
+
+
+def kept_weight_bytes(t: TextConfig, remat: str, *, tp: int, param_bytes: int = 2) -> int:
+  """Weights the remat policy keeps as gathered for the backward: every decoder layer's MLP (gate, up, down) under
+  "save_attention_mlp_weights" (sharded over tensor only), else nothing."""
+  if remat != "save_attention_mlp_weights":
+    return 0
+  return t.num_hidden_layers * 3 * t.hidden_size * _div(t.intermediate_size, tp) * param_bytes
 
 
 def attention_score_bytes(heads: int, rows: int, q_len: int, k_len: int, *, saved_layers: int,
@@ -98,7 +107,7 @@ def vision_activation_bytes(v: VisionConfig, patches: int, remat: str, *, tp: in
     return dict(saved=0, working=patches * full * act_bytes)
   # The tower's MLP is not named: save_attention_up keeps what save_attention does there (its input).
   saved_per = dict(none=full, full=v.hidden_size, save_dots=full, save_attention=v.hidden_size,
-                   save_attention_up=v.hidden_size)[remat]
+                   save_attention_up=v.hidden_size, save_attention_mlp_weights=v.hidden_size)[remat]
   merger = 5 * v.hidden_size  # ln_q in/out per patch, fc1 out and GELU out per merged token (4d / 4 patches)
   return dict(saved=(v.depth * saved_per + merger) * patches * act_bytes, working=2 * patches * full * act_bytes)
 

@@ -121,6 +121,17 @@ class Linear(nnx.Module):
           return jax.lax.dot_general(x_r, w, ((tuple(range(1, 1 + n_in)), w_in), ((), ())),
                                      precision=self.precision, preferred_element_type=jnp.float32)
         y = on_cpu_pad_row(product, x.reshape((1,) + self.in_shape)).reshape(lead + self.out_shape)
+      elif self.bias is None and self.dtype != jnp.float32:
+        # On TPU the product comes out in the compute dtype (the matrix unit accumulates in fp32 and rounds once),
+        # as MaxText's bf16 matmuls do: a product whose contraction is split over chips (the weight gradient under
+        # FSDP, a row-parallel layer under tensor parallelism) is then summed across chips in bf16, half the
+        # bytes (a reduce-scatter of fp32 partial sums is not narrowed to bf16 as an all-reduce is). CPU: fp32.
+        dims = ((x_in, w_in), ((), ()))
+        y = jax.lax.platform_dependent(
+            x, w, tpu=lambda x, w: jax.lax.dot_general(x, w, dims, precision=self.precision,
+                                                       preferred_element_type=self.dtype),
+            default=lambda x, w: jax.lax.dot_general(x, w, dims, precision=self.precision,
+                                                     preferred_element_type=jnp.float32).astype(self.dtype))
       else:
         y = jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())),
                                 precision=self.precision, preferred_element_type=jnp.float32)

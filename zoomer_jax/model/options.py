@@ -28,12 +28,16 @@ class ModelOptions:
   attention_block: the splash kernel's tile (queries and keys, forward and backward; a multiple of 128, capped
     by the sequence). Larger tiles feed the matrix units longer per step at the cost of more masked work on the
     causal diagonal; MaxText's published v6e recipes run 2048.
+  staged_gradients: each scanned layer's weight gradients are reduced one mesh axis at a time (a weight split
+    over fsdp x tensor: a reduce-scatter over fsdp, then one over tensor; `parallel.rules.reduce_in_stages`), where
+    XLA's TPU compiler would otherwise all-reduce the whole gradient over every chip and keep a slice (v6e).
   """
 
   scan_layers: bool = False
   attention: str = "dot_product"
   rules: Rules = DEFAULT_RULES
   attention_block: int = 512
+  staged_gradients: bool = False
 
   def __post_init__(self):
     if self.attention not in ATTENTION:
@@ -44,6 +48,7 @@ class ModelOptions:
 
 
 def options_from_config(impl, rules) -> ModelOptions:
-  """A config's `impl` section (scanned layers, attention kernel and its tile) with the rules table."""
+  """A config's `impl` section (scanned layers, attention kernel and its tile, staged gradient reduction) with the
+  rules table."""
   return ModelOptions(scan_layers=impl.scan_layers, attention=impl.attention, rules=rules,
-                      attention_block=impl.attention_block)
+                      attention_block=impl.attention_block, staged_gradients=impl.staged_gradients)

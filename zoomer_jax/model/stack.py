@@ -19,9 +19,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.ad_checkpoint import checkpoint_name
+
+from zoomer_jax.parallel.rules import gather_for_use, reduce_in_stages
+
 LAYERS_AXIS = "layers"
 ATTENTION_RESIDUALS = "attention_residuals"  # `checkpoint_name` of what the attention kernel's backward reads
 DECODER_MLP_UP = "decoder_mlp_up"  # `checkpoint_name` of a decoder layer's MLP up projection output
+# `checkpoint_name` of a decoder layer's MLP weights as gathered for its forward (`impl.staged_gradients`)
+DECODER_MLP_WEIGHTS = "decoder_mlp_weights"
 
 REMAT_POLICIES = {
     "none": None,
@@ -33,6 +39,11 @@ REMAT_POLICIES = {
     # ... and each decoder layer's MLP up projection: the backward then recomputes the gate projection only, one
     # of the layer's two widest matmuls, for [tokens, intermediate] more per layer.
     "save_attention_up": jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS, DECODER_MLP_UP),
+    # ... or, with `impl.staged_gradients`, each decoder layer's MLP weights as its forward gathered them: the
+    # backward (its recomputation and its own products) then gathers only the attention's weights again, for the
+    # MLP's weights whole on every chip, per layer.
+    "save_attention_mlp_weights": jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS,
+                                                                                DECODER_MLP_WEIGHTS),
 }
 
 _LOCAL = threading.local()
@@ -90,17 +101,35 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
 
 
 def scan_modules(fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], stacked: nnx.Module, carry, xs=None, *,
-                 remat_policy: str = "none"):
+                 remat_policy: str = "none", staged_rules=None):
   """Runs `fn(layer, carry, x) -> (carry, y)` over the stacked layers (and `xs`, stacked alike); returns
   (carry, ys). Each step sees one layer's slice of the parameters as a module; `remat_policy` rematerialises
-  each step in the backward pass."""
+  each step in the backward pass. With `staged_rules` (a rules table) each layer's parameter gradients are
+  reduced one mesh axis at a time (`parallel.rules.reduce_in_stages`)."""
   graphdef, state = nnx.split(stacked)
 
   def step(c, inputs):
     layer_state, x = inputs
+    if staged_rules is not None:
+      layer_state = jax.tree.map(lambda v: _staged(v, staged_rules), layer_state,
+                                 is_leaf=lambda v: isinstance(v, nnx.Variable))
     return fn(nnx.merge(graphdef, layer_state), c, x)
 
   return scan(remat(step, remat_policy), carry, (state, xs))
+
+
+def _staged(var, rules):
+  """A layer's slice of a stacked parameter, its gradient reduced in stages by its logical axes (the stacked
+  axis dropped). A decoder MLP weight (logical axis "mlp") is gathered here, explicitly, and named
+  `DECODER_MLP_WEIGHTS`, so that a remat policy can keep it for the backward."""
+  axes = var.get_metadata().get("axes") if isinstance(var, nnx.Param) else None
+  if axes is None:
+    return var
+  value = var.get_value()
+  axes = tuple(axes)[1:] if len(axes) == value.ndim + 1 and axes[0] == LAYERS_AXIS else tuple(axes)
+  if "mlp" in axes:
+    return var.replace(checkpoint_name(gather_for_use(value, axes, rules), DECODER_MLP_WEIGHTS))
+  return var.replace(reduce_in_stages(value, axes, rules))
 
 
 def num_stacked(stacked: nnx.Module) -> int:

@@ -157,7 +157,8 @@ class TextDecoder(nnx.Module):
     if self.options.scan_layers:
       kv = None if cache is None else (cache.k, cache.v)
       x_btd, kv = scan_modules(lambda layer, x, kv: run(layer, x, kv), self.layers, x_btd, kv,
-                               remat_policy=remat_policy)
+                               remat_policy=remat_policy,
+                               staged_rules=self.options.rules if self.options.staged_gradients else None)
     else:
       kv = [] if cache is not None else None
       for i, layer in enumerate(self.layers):

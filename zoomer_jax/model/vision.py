@@ -187,7 +187,8 @@ class VisionTower(nnx.Module):
     if self.options.scan_layers:
       kinds = jnp.asarray([i in full for i in range(self.cfg.depth)])
       x_nd, _ = scan_modules(lambda block, x, is_full: (run(block, x, is_full), None), self.blocks, x_nd, kinds,
-                             remat_policy=remat_policy)
+                             remat_policy=remat_policy,
+                             staged_rules=self.options.rules if self.options.staged_gradients else None)
     else:
       for i, block in enumerate(self.blocks):
         if remat_policy == "none":

@@ -9,6 +9,7 @@ The first rule naming a logical axis wins; a mesh axis is used at most once per 
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
 
 import jax
@@ -152,3 +153,85 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Arr
   if len(axes) != x.ndim:
     raise ValueError(f"logical axes {tuple(axes)} do not match an array of rank {x.ndim}")
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, mesh, x.shape))
+
+
+def stages(spec: PartitionSpec) -> tuple[PartitionSpec, ...]:
+  """The layouts a gradient passes through on its way to `spec` when it is reduced over one mesh axis at a time:
+  each entry naming several axes gains them one by one ((fsdp, tensor): first fsdp, then fsdp x tensor); () when
+  no entry names more than one (nothing to stage)."""
+  entries = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in spec]
+  depth = max((len(e) for e in entries), default=0)
+  if depth < 2:
+    return ()
+  out = []
+  for k in range(1, depth + 1):
+    cut = [e[:k] for e in entries]
+    out.append(PartitionSpec(*(None if not e else (e[0] if len(e) == 1 else e) for e in cut)))
+  return tuple(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _staged(x, layouts):
+  del layouts
+  return x
+
+
+def _staged_fwd(x, layouts):
+  del layouts
+  return x, None
+
+
+def _staged_bwd(layouts, _, g):
+  for layout in layouts:
+    g = jax.lax.with_sharding_constraint(g, layout)
+  return (g,)
+
+
+_staged.defvjp(_staged_fwd, _staged_bwd)
+
+
+def reduce_in_stages(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Array:
+  """`x` itself; its gradient is laid out by `stages` of its own layout, so the compiler reduces it over one mesh
+  axis at a time (a reduce-scatter over fsdp, then one over tensor) instead of all-reducing the whole gradient
+  over every chip and keeping a slice, which XLA's TPU compiler does for a weight split over a 2-D group of v6e
+  chips (bench/probe_fsdp_gradient.py). Applied to a layer's weights where the layer uses them; `x` unchanged
+  when no mesh is set or the layout names no axis pair."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  layouts = stages(logical_to_spec(axes, rules, mesh, x.shape))
+  if not layouts:
+    return x
+  return _staged(x, layouts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered(x, whole, layouts):
+  del layouts
+  return jax.lax.with_sharding_constraint(x, whole)
+
+
+def _gathered_fwd(x, whole, layouts):
+  return _gathered(x, whole, layouts), None
+
+
+def _gathered_bwd(whole, layouts, _, g):
+  del whole
+  for layout in layouts:
+    g = jax.lax.with_sharding_constraint(g, layout)
+  return (g,)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def gather_for_use(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Array:
+  """`x` gathered whole onto every chip (what the partitioner does before a layer uses an FSDP weight, made
+  explicit so that the gathered value can be named and kept for the backward); its gradient goes straight to
+  `x`'s layout in `stages` (a gradient constrained to the gathered layout would be all-reduced whole first)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(axes, rules, mesh, x.shape)
+  return _gathered(x, PartitionSpec(*([None] * x.ndim)), stages(spec) or (spec,))
+
