@@ -82,7 +82,8 @@ def get_config(arg=None):
       freeze_vision_tower=False,
       # "none" | "full" (recompute each decoder layer in the backward pass) | "save_dots" (keep its matmul
       # outputs) | "save_attention" (keep the attention kernel's inputs and outputs) | "save_attention_up" (and
-      # the MLP's up projection): model.stack.REMAT_POLICIES
+      # the MLP's up projection) | "save_attention_mlp_weights" (and the MLP's gathered weights, with
+      # impl.staged_gradients): model.stack.REMAT_POLICIES
       remat="full",
       logprob_vocab_chunk=16384,  # log-probs and entropy over vocabulary chunks; 0 = full logits
       logprob_token_chunk=4096,  # ... and over blocks of this many tokens; 0 = all tokens at once
