@@ -137,3 +137,16 @@ def test_the_account_keeps_the_gathered_mlp_weights_and_gathers_them_once():
           == mem_b["text activations kept (remat=save_attention)"])
   ici = [float(re.search(r"ICI ([0-9.]+) s", acc.phases[0].detail).group(1)) for acc in (a, b)]
   assert a.phases[0].name == "policy update (fwd+bwd)" and ici[0] < ici[1], (a.phases[0], b.phases[0])
+
+
+def test_gather_for_use_gathers_the_fsdp_axes_and_keeps_tensor_parallelism():
+  """An MLP weight [embed, mlp] on a (1, 2, 4) CPU mesh: under the default rules (fsdp on embed, tensor on mlp) it
+  is gathered over fsdp and stays split over tensor; under the context-parallel rules (embed over fsdp x tensor)
+  it is gathered whole."""
+  from zoomer_jax.parallel.rules import gather_for_use
+  mesh = make_mesh((1, 2, 4))
+  for rules, want in ((DEFAULT_RULES, PartitionSpec(None, "tensor")), (RULES, PartitionSpec(None, None))):
+    w = jnp.ones((16, 32), jnp.float32)
+    with jax.set_mesh(mesh):
+      out = jax.jit(lambda w, rules=rules: gather_for_use(w, ("embed", "mlp"), rules))(w)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, want), 2), (rules[:1], out.sharding.spec)

@@ -226,12 +226,16 @@ _gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def gather_for_use(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Array:
-  """`x` gathered whole onto every chip (what the partitioner does before a layer uses an FSDP weight, made
-  explicit so that the gathered value can be named and kept for the backward); its gradient goes straight to
-  `x`'s layout in `stages` (a gradient constrained to the gathered layout would be all-reduced whole first)."""
+  """`x` gathered over the batch-sharding axes (what the partitioner does before a layer uses an FSDP weight, made
+  explicit so that the gathered value can be named and kept for the backward): an entry naming data or fsdp, or
+  several axes (fsdp x tensor under context parallelism), is gathered; a tensor-parallel entry stays split. Its
+  gradient goes straight to `x`'s layout in `stages` (a gradient constrained to the gathered layout would be
+  all-reduced first)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
   spec = logical_to_spec(axes, rules, mesh, x.shape)
-  return _gathered(x, PartitionSpec(*([None] * x.ndim)), stages(spec) or (spec,))
+  kept = [e if isinstance(e, str) and e not in ("data", "fsdp") else None for e in spec]
+  kept += [None] * (x.ndim - len(kept))
+  return _gathered(x, PartitionSpec(*kept), stages(spec) or (spec,))
 
