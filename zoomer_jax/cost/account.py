@@ -274,8 +274,7 @@ def _train_comm_bytes(job: Job, pc: PerChip, tr: Trainer, tc: TrajectoryCounts, 
   if mesh.fsdp > 1:
     out += passes * (pc.gathered - pc.all) * st.param_bytes
     if passes > 1 and job.remat == "save_attention_mlp_weights":  # the backward gathers no MLP weight again
-      mlp = M.kept_weight_bytes(job.model.text, job.remat, tp=mesh.tensor, param_bytes=1)  # elements, as pc's
-      out -= mlp * (mesh.fsdp - 1) / mesh.fsdp * st.param_bytes
+      out -= M.decoder_mlp_weights(job.model.text, tp=mesh.tensor) * (mesh.fsdp - 1) / mesh.fsdp * st.param_bytes
     if with_grads:
       out += (pc.gathered_trainable - pc.trainable) * st.grad_bytes
   rows, t, v = job.micro_per_chip, job.model.text, job.model.vision
@@ -415,7 +414,7 @@ def _memory(job: Job, pc: PerChip, tr: Trainer, ro: Rollout, traj: Trajectory, t
   act = M.text_activation_bytes(t, tokens, job.remat, tp=ttp, act_bytes=tr.act_bytes)
   upd.add(f"text activations kept (remat={job.remat})", act["saved"])
   if job.remat == "save_attention_mlp_weights":
-    upd.add("decoder MLP weights kept gathered", M.kept_weight_bytes(t, job.remat, tp=ttp, param_bytes=2))
+    upd.add("decoder MLP weights kept gathered", M.decoder_mlp_weights(t, tp=ttp) * tr.act_bytes)
   upd.add("text layer working set (backward)", act["working"])
   heads = t.num_attention_heads // ttp if t.num_attention_heads % ttp == 0 else t.num_attention_heads
   kept = t.num_hidden_layers if job.remat == "none" else 0

@@ -78,12 +78,10 @@ def text_activation_bytes(t: TextConfig, tokens: int, remat: str, *, tp: int, ac
   return dict(saved=t.num_hidden_layers * tokens * saved_per * act_bytes, working=2 * tokens * full * act_bytes)
 
 
-def kept_weight_bytes(t: TextConfig, remat: str, *, tp: int, param_bytes: int = 2) -> int:
-  """Weights the remat policy keeps as gathered for the backward: every decoder layer's MLP (gate, up, down) under
-  "save_attention_mlp_weights" (sharded over tensor only), else nothing."""
-  if remat != "save_attention_mlp_weights":
-    return 0
-  return t.num_hidden_layers * 3 * t.hidden_size * _div(t.intermediate_size, tp) * param_bytes
+def decoder_mlp_weights(t: TextConfig, *, tp: int) -> int:
+  """Elements of every decoder layer's MLP weights (gate, up, down) on one chip, gathered over fsdp and sharded
+  over tensor only: what "save_attention_mlp_weights" keeps for the backward."""
+  return t.num_hidden_layers * 3 * t.hidden_size * _div(t.intermediate_size, tp)
 
 
 def attention_score_bytes(heads: int, rows: int, q_len: int, k_len: int, *, saved_layers: int,

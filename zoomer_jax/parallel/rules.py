@@ -159,7 +159,7 @@ def stages(spec: PartitionSpec) -> tuple[PartitionSpec, ...]:
   """The layouts a gradient passes through on its way to `spec` when it is reduced over one mesh axis at a time:
   each entry naming several axes gains them one by one ((fsdp, tensor): first fsdp, then fsdp x tensor); () when
   no entry names more than one (nothing to stage)."""
-  entries = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in spec]
+  entries = [spec_axes(e) for e in spec]
   depth = max((len(e) for e in entries), default=0)
   if depth < 2:
     return ()
@@ -170,24 +170,25 @@ def stages(spec: PartitionSpec) -> tuple[PartitionSpec, ...]:
   return tuple(out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _staged(x, layouts):
-  del layouts
-  return x
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _relaid(x, layout, gradient_layouts):
+  """`x` (constrained to `layout` unless None); its gradient constrained to `gradient_layouts` in turn."""
+  del gradient_layouts
+  return x if layout is None else jax.lax.with_sharding_constraint(x, layout)
 
 
-def _staged_fwd(x, layouts):
-  del layouts
-  return x, None
+def _relaid_fwd(x, layout, gradient_layouts):
+  return _relaid(x, layout, gradient_layouts), None
 
 
-def _staged_bwd(layouts, _, g):
-  for layout in layouts:
-    g = jax.lax.with_sharding_constraint(g, layout)
+def _relaid_bwd(layout, gradient_layouts, _, g):
+  del layout
+  for each in gradient_layouts:
+    g = jax.lax.with_sharding_constraint(g, each)
   return (g,)
 
 
-_staged.defvjp(_staged_fwd, _staged_bwd)
+_relaid.defvjp(_relaid_fwd, _relaid_bwd)
 
 
 def reduce_in_stages(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Array:
@@ -202,27 +203,7 @@ def reduce_in_stages(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> 
   layouts = stages(logical_to_spec(axes, rules, mesh, x.shape))
   if not layouts:
     return x
-  return _staged(x, layouts)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gathered(x, whole, layouts):
-  del layouts
-  return jax.lax.with_sharding_constraint(x, whole)
-
-
-def _gathered_fwd(x, whole, layouts):
-  return _gathered(x, whole, layouts), None
-
-
-def _gathered_bwd(whole, layouts, _, g):
-  del whole
-  for layout in layouts:
-    g = jax.lax.with_sharding_constraint(g, layout)
-  return (g,)
-
-
-_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+  return _relaid(x, None, layouts)
 
 
 def gather_for_use(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Array:
@@ -237,5 +218,5 @@ def gather_for_use(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> ja
   spec = logical_to_spec(axes, rules, mesh, x.shape)
   kept = [e if isinstance(e, str) and e not in ("data", "fsdp") else None for e in spec]
   kept += [None] * (x.ndim - len(kept))
-  return _gathered(x, PartitionSpec(*kept), stages(spec) or (spec,))
+  return _relaid(x, PartitionSpec(*kept), stages(spec) or (spec,))
 
