@@ -120,6 +120,39 @@ def test_staged_reduction_moves_no_whole_gradient_all_reduce_for_tpu(topology, m
   assert moved[True] < moved[False], moved
 
 
+@pytest.mark.parametrize("topology", ["v6e:4x4"])
+def test_log_prob_head_gradient_is_reduce_scattered_per_axis_for_tpu(topology, measure):
+  """The log-prob head's [d, V] weight split over fsdp x tensor (the context-parallel rules), its gradient summed
+  under `shard_map` (`train.logprobs._gathered`): a bf16 reduce-scatter over fsdp, then one over tensor, and no
+  all-reduce of the whole gradient over the 16 chips (what one reduce-scatter over both axes compiles to)."""
+  from zoomer_jax.aot.target import tpu_target
+  from zoomer_jax.train.logprobs import token_logprobs
+  target = tpu_target(topology)
+  mesh = Mesh(np.asarray(target.devices).reshape(1, 4, 4), ("data", "fsdp", "tensor"))
+  b, t, d, v = 4, 4096, 1024, 8192
+  w_sharding = NamedSharding(mesh, PartitionSpec(("fsdp", "tensor"), None))
+  w = jax.ShapeDtypeStruct((d, v), jnp.bfloat16, sharding=w_sharding)
+  h = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, PartitionSpec("fsdp", "tensor", None)))
+  tg = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("fsdp", "tensor")))
+
+  def loss(w, h, tg):
+    logp, _ = token_logprobs(h, w, tg, vocab_chunk=2048, with_entropy=False, rules=RULES)
+    return jnp.sum(logp)
+
+  with jax.set_mesh(mesh):
+    text = jax.jit(jax.grad(loss), out_shardings=w_sharding).lower(w, h, tg).compile().as_text()
+  found = Hlo(text).collectives(16, by_shape=True)
+  grad = d * v * 2
+  scattered = {k: x for k, x in found.items() if k.startswith("reduce-scatter")}
+  assert any(k.startswith("reduce-scatter g4") for k in scattered), found
+  assert scattered and all("bf16[" in k for k in scattered), found
+  assert all(x["bytes"] <= grad / 4 for k, x in found.items() if k.startswith("all-reduce")), found
+  moved = sum(x["moved"] for x in scattered.values())
+  measure("head_gradient_moved_over_gradient", moved / grad)
+  assert moved <= (3 / 4 + 3 / 4 / 4) * grad * 1.05, found
+
+
 def test_the_account_keeps_the_gathered_mlp_weights_and_gathers_them_once():
   """sft_7b_v6e64 (context parallel: whole layers gathered) under "save_attention_mlp_weights": the update's
   memory holds every decoder layer's gate, up and down weights whole in bf16, what remat keeps per token is

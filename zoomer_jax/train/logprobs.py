@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from zoomer_jax.model.layers import precision_for
-from zoomer_jax.parallel.rules import logical_to_spec
+from zoomer_jax.parallel.rules import logical_to_spec, spec_axes
 from zoomer_jax.model.stack import scan
 from zoomer_jax.model.qwen25vl import Qwen25VL, VisionInput
 
@@ -203,13 +203,17 @@ def _gathered_fwd(w_dv, spec):
 
 
 def _gathered_bwd(spec, res, ct_dv):
-  """Each device's fp32 gradient summed over the devices and scattered back to the shards (one reduce-scatter per
-  split dim), then rounded to w's dtype. On TPU, XLA emits this as one all-reduce taking the fp32 sum to a bf16
-  result, sliced to the shard."""
+  """Each device's fp32 gradient rounded to w's dtype, summed over the devices and scattered back to the shards:
+  one reduce-scatter per mesh axis of each split dim (an entry naming fsdp and tensor: over fsdp, then tensor).
+  Over both axes at once, XLA's v6e compiler all-reduces the whole [d, V] gradient and slices it (twice the bytes;
+  `parallel.rules.reduce_in_stages` does the same for the layers' weights). The rounding comes first because the
+  TPU compiler moves it there for the single all-reduce anyway; staged in fp32, the reduce-scatters would move
+  twice the bytes."""
+  ct_dv = ct_dv.astype(res.dtype)
   for dim, axes in reversed(list(enumerate(spec))):
-    if axes is not None:
-      ct_dv = jax.lax.psum_scatter(ct_dv, axes, scatter_dimension=dim, tiled=True)
-  return (ct_dv.astype(res.dtype),)
+    for axis in spec_axes(axes):
+      ct_dv = jax.lax.psum_scatter(ct_dv, axis, scatter_dimension=dim, tiled=True)
+  return (ct_dv,)
 
 
 _gathered.defvjp(_gathered_fwd, _gathered_bwd)
