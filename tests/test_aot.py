@@ -165,6 +165,7 @@ def test_compile_command_prints_table_and_bench_json():
   for p in rec["programs"]:
     assert {"name", "fits", "bytes_per_chip", "hbm_bytes", "flops", "collective_bytes", "estimated_s"} <= set(p)
     assert p["fits"] and 0 < p["bytes_per_chip"] < p["hbm_bytes"]
+    assert 0 < p["lower_s"] < p["compile_s"]  # tracing and lowering are part of the program's compile time
 
 
 @pytest.mark.slow

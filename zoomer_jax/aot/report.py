@@ -87,7 +87,8 @@ class Result:
   fits: bool = False
   memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/total bytes per chip
   required: float = 0.0  # bytes per chip (what XLA asked for when it did not fit)
-  compile_s: float = 0.0
+  compile_s: float = 0.0  # tracing, lowering and XLA's compile
+  lower_s: float = 0.0  # of which tracing and lowering (Python)
   raw: dict = dataclasses.field(default_factory=dict)  # XLA's cost analysis of the scanned program (loop-once)
   cost: Cost | None = None  # probe-extrapolated
   collectives: dict = dataclasses.field(default_factory=dict)
@@ -292,8 +293,10 @@ def compile_program(p: P.Program, hbm: float, headroom: float) -> tuple[Result, 
   r = Result(p.name, p.per_step, p.note, p.model_flops / len(p.mesh.devices.flat), p.loop_steps, p.resident,
              kernel_bytes=p.kernel_bytes, kernel_flops=p.kernel_flops, traffic=p.traffic)
   t0 = time.perf_counter()
+  lowered = p.lower()
+  r.lower_s = time.perf_counter() - t0
   try:
-    compiled = p.lower().compile()
+    compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 (XLA raises its own runtime error type)
     r.compile_s = time.perf_counter() - t0
     m = _OOM.search(str(e))
@@ -332,8 +335,8 @@ def compile_job(cfg, target: Target, *, probes: bool = True, headroom: float = 0
       r.collectives = hlo.collectives(target.chips)
       r.collective_ops = hlo.collectives(target.chips, by_shape=True)
       r.collective_s = r.collective_bytes / target.chip.ici_in_bw
-    log(f"  {p.name}: compiled in {r.compile_s:.0f} s, {r.required / GiB:.2f} GiB per chip"
-        + ("" if r.fits else "  (does not fit)"))
+    log(f"  {p.name}: compiled in {r.compile_s:.0f} s (traced and lowered in {r.lower_s:.0f}), "
+        f"{r.required / GiB:.2f} GiB per chip" + ("" if r.fits else "  (does not fit)"))
     results.append(r)
   if probes:
     rate_of = kernel_rates(cfg, mesh, target)
