@@ -207,9 +207,13 @@ def test_memory_items_by_hand():
   assert upd["Adam moments (m, v)"] == pytest.approx(n * 8 / 32, rel=0.005)
   assert upd["reference params (bf16)"] == upd["policy params"]
   assert upd["text activations kept (remat=full)"] == 28 * 32768 * 3584 * 2  # each layer's input, bf16
-  assert upd["logits (chunk 16384)"] == 3 * 32768 * 16384 * 4
+  # The head walks the row's tokens in blocks of actor.logprob_token_chunk (4096): one block's fp32 logits live.
+  assert upd["logits (chunk 16384, 4096 tokens)"] == 3 * 4096 * 16384 * 4
   assert M.kv_bytes_per_token(job.model.text) == 2 * 28 * 4 * 128 * 2
-  full = account(_job(**{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 32, "actor.logprob_vocab_chunk": 0}))
+  whole = account(_job(**{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 32, "actor.logprob_token_chunk": 0}))
+  assert whole.memory["update"].items["logits (chunk 16384)"] == 3 * 32768 * 16384 * 4
+  full = account(_job(**{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 32, "actor.logprob_vocab_chunk": 0,
+                         "actor.logprob_token_chunk": 0}))
   assert full.memory["update"].items["logits (full vocab)"] == 3 * 32768 * 152064 * 4
 
 
@@ -219,7 +223,8 @@ def test_memory_scales_with_the_mesh():
   a32 = account(_job(accelerator="v5p-64", **{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 32}))
   for item in ("policy params", "Adam moments (m, v)", "reference params (bf16)", "gradient accumulator"):
     assert a16.memory["update"].items[item] == pytest.approx(2 * a32.memory["update"].items[item], rel=0.005)
-  for item in ("text activations kept (remat=full)", "vision activations kept (remat=full)", "logits (chunk 16384)"):
+  for item in ("text activations kept (remat=full)", "vision activations kept (remat=full)",
+               "logits (chunk 16384, 4096 tokens)"):
     assert a16.memory["update"].items[item] == a32.memory["update"].items[item]
   # Two rows per chip double the activations.
   a2 = account(_job(accelerator="v5p-64", **{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 64}))
@@ -254,16 +259,20 @@ def test_dense_attention_and_no_vision_remat_cost_what_they_should():
   patches = 128 * math.prod(grid)
   per_patch = 32 * (4 * 1280 + 4 * 1280 + 3 * 3420) + 5 * 1280
   assert kept["vision activations kept (remat=none)"] == patches * per_patch * 2
-  # The tower's attention is dense with a blockwise decoder kernel too: one full-attention block's fp32 scores,
-  # their gradient and bf16 probabilities per frame and head (and bf16 probabilities of every block kept without
-  # remat); a frozen tower's scores are gone before the decoder's backward.
+  # The tower's attention is dense wherever it does not run the splash kernel (off TPU, or with dense attention):
+  # one full-attention block's fp32 scores, their gradient and bf16 probabilities per frame and head (and bf16
+  # probabilities of every block kept without remat); on TPU with "flash" the kernel keeps no scores; a frozen
+  # tower's are gone before the decoder's backward.
   frame = math.prod(grid)
-  flash = account(job).memory["update"].items
-  assert flash["vision attention scores (dense)"] == 128 * 16 * frame**2 * 10
-  assert kept["vision attention scores (dense)"] == 128 * 16 * frame**2 * (2 * 32 + 10)
+  assert dense["vision attention scores (dense)"] == 128 * 16 * frame**2 * 10
+  assert "vision attention scores (dense)" not in account(job).memory["update"].items
+  assert "vision attention scores (dense)" not in kept
+  gpu = _job(accelerator="h200-32", **{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 32})
+  gpu_kept = account(gpu, trainer=Trainer(remat_vision=False)).memory["update"].items
+  assert gpu_kept["vision attention scores (dense)"] == 128 * 16 * frame**2 * (2 * 32 + 10)
   frozen = account(_job(**{"mesh.ici": (1, 32, 1), "actor.ppo_micro_batch_size": 32,
-                           "actor.freeze_vision_tower": True})).memory["update"].items
-  assert "vision attention scores (dense)" not in frozen
+                           "actor.freeze_vision_tower": True}), trainer=Trainer(attention="dense")).memory["update"]
+  assert "vision attention scores (dense)" not in frozen.items
 
 
 # ------------------------------------------------------------------ configs, chips, mesh
@@ -364,7 +373,7 @@ def test_context_parallelism_divides_the_decoders_tokens_in_the_update_memory():
   (the 7B model's table), the decoder's kept residual stream and the logits chunk are a quarter, the gathered
   layers and head four times; the vision tower's working set is a quarter of the row's patches with whole heads
   (`vision_pieces`), where the other table splits every patch's heads and MLP width."""
-  full = ["--config.train.remat=full"]  # what remat keeps: the residual stream alone
+  full = ["--config.train.remat=full", "--config.train.logprob_token_chunk=0"]  # the residual stream; whole rows
   job = job_from_config(load("sft_7b_v6e64", full))
   heads = job_from_config(load("sft_7b_v6e64", full + [
       "--config.mesh.rules=" + repr(tuple(load("qwen25vl_7b", []).rules))]))

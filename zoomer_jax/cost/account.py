@@ -48,9 +48,9 @@ class Trainer:
   state: bf16 params (init.dtype), fp32 Adam moments and an fp32 gradient accumulator, no master copy.
     NOTE train/optim.py calls optax.adamw without mu_dtype, so today its moments take the params' dtype
     (bf16, 2 bytes): `TrainerState(moment_bytes=2)` reproduces that; fp32 is the safer assumption for fit.
-  attention: the decoder's: "flash" assumes a blockwise kernel (splash attention on TPU) in training and
-    sampling; "dense" is model/text.py's CPU path (full score matrices, over the whole KV buffer). The vision
-    tower's attention is dense either way (model/vision.py, within windows and frames).
+  attention: "flash" assumes a blockwise kernel (splash attention on TPU) in training and sampling; "dense" is
+    model/text.py's CPU path (full score matrices, over the whole KV buffer). The vision tower's attention is
+    the splash kernel with "flash" on TPU, dense (packed windows and frames, model/vision.py) otherwise.
   remat_vision: apply `remat` to the vision blocks too (train/forward.py today rematerialises only the
     decoder layers; with ~100 images a trainable tower then keeps ~60-80 GB of activations per trajectory).
   padding: padded / real tokens of a training micro-batch (rows are padded to one bucketed length).
@@ -382,6 +382,12 @@ def _mean_decode_context(tc: TrajectoryCounts) -> int:
 
 
 # ------------------------------------------------------------------ memory
+def vision_scores_dense(job: Job, tr: Trainer) -> bool:
+  """Whether the vision tower materialises its attention scores: yes unless it runs the splash kernel ("flash"
+  on TPU, model/vision.py)."""
+  return not (tr.attention == "flash" and job.chip.platform == "tpu")
+
+
 def _memory(job: Job, pc: PerChip, tr: Trainer, ro: Rollout, traj: Trajectory, tc: TrajectoryCounts,
             tp_roll: int, slots: int) -> dict[str, M.MemoryTable]:
   t, v, mesh, st = job.model.text, job.model.vision, job.mesh, tr.state
@@ -427,17 +433,21 @@ def _memory(job: Job, pc: PerChip, tr: Trainer, ro: Rollout, traj: Trajectory, t
                                  act_bytes=tr.act_bytes)
   upd.add(f"vision activations kept (remat={vremat if not job.freeze_vision else 'frozen'})", va["saved"])
   upd.add("vision block working set", va["working"])
-  # The tower's attention is dense whatever the decoder's (model/vision.py: a full-attention block's scores span
-  # a frame's patches), so a trainable tower's score matrices count with a blockwise decoder kernel too; a frozen
-  # tower's live only in its forward, before the decoder's activations build up.
-  if not job.freeze_vision:
+  # Off TPU the tower's attention is dense whatever the decoder's (model/vision.py: a full-attention block's
+  # scores span a frame's patches), so a trainable tower's score matrices count with a blockwise decoder kernel
+  # too; on TPU with "flash" it runs the splash kernel (O(patches) statistics, none). A frozen tower's live only
+  # in its forward, before the decoder's activations build up.
+  if not job.freeze_vision and vision_scores_dense(job, tr):
     vheads = v.num_heads // vtp if v.num_heads % vtp == 0 else v.num_heads
     fp = math.prod(grid)
     frames = rows * images_max // cp
     vsaved = v.depth if vremat == "none" else 0
     upd.add("vision attention scores (dense)", frames * vheads * fp * fp * (2 * vsaved + 10))
-  upd.add(f"logits ({'chunk ' + str(job.vocab_chunk) if job.vocab_chunk else 'full vocab'})",
-          M.logits_bytes(tokens, t.vocab_size, job.vocab_chunk, ttp))
+  # The head walks each chip's rows in blocks of token_chunk tokens (train/logprobs.py): one block's logits live.
+  block = rows * min(job.token_chunk, tokens_max // cp) if job.token_chunk else tokens
+  upd.add(f"logits ({'chunk ' + str(job.vocab_chunk) if job.vocab_chunk else 'full vocab'}"
+          f"{', ' + str(block) + ' tokens' if block < tokens else ''})",
+          M.logits_bytes(block, t.vocab_size, job.vocab_chunk, ttp))
   upd.add("inputs, embeddings, final hidden", patches * v.patch_dim * 4 + 2 * tokens * t.hidden_size * tr.act_bytes)
   tables = {"update": upd}
   if job.kind != "grpo":

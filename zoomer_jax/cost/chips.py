@@ -35,6 +35,7 @@ class ChipSpec:
   ici_bw: float  # bytes/s, bidirectional, all links of one chip
   cores_per_chip: int = 1  # TensorCores per chip (v4/v5p accelerator names count cores, not chips)
   dcn_bw: float | None = None  # bytes/s per chip across slices, where published
+  platform: str = "tpu"  # "tpu" | "gpu": which kernels the model runs there (model/vision.py's splash path)
 
   @property
   def ici_in_bw(self) -> float:
@@ -48,8 +49,8 @@ CHIPS = {
     "v6e": ChipSpec("v6e", 918e12, 32 * GB, 1638 * GB, 800 * GB),
     "v5e": ChipSpec("v5e", 197e12, 16 * GB, 819 * GB, 400 * GB),
     "v4": ChipSpec("v4", 275e12, 32 * 2**30, 1200 * GB, 540 * GB, cores_per_chip=2),
-    "h100": ChipSpec("h100", 989e12, 80 * GB, 3350 * GB, 900 * GB),
-    "h200": ChipSpec("h200", 989e12, 141 * GB, 4800 * GB, 900 * GB),
+    "h100": ChipSpec("h100", 989e12, 80 * GB, 3350 * GB, 900 * GB, platform="gpu"),
+    "h200": ChipSpec("h200", 989e12, 141 * GB, 4800 * GB, 900 * GB, platform="gpu"),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e"}
 

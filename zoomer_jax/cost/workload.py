@@ -96,6 +96,7 @@ class Job:
   rollout_batch: int = 0
   decode_chunk: int = 0
   context: int = 1  # training splits each row's tokens this many ways (rules map activation_length to tensor)
+  token_chunk: int = 0  # the log-prob head walks a row's tokens in blocks of this many (0: all at once)
 
   @property
   def trajectories(self) -> int:
@@ -143,7 +144,9 @@ def job_from_config(cfg: Mapping[str, Any], accelerator: str | None = None) -> J
               min_pixels=int(d["min_pixels"]), max_total_frames=128)  # SFT records: 64 overview + zoom frames, <= 128
   else:
     raise ValueError(f"config job={kind!r}: the account knows 'grpo' and 'sft'")
-  job = dataclasses.replace(job, context=_context_degree(cfg["mesh"]["rules"], mesh))
+  section = cfg["actor"] if kind == "grpo" else cfg["train"]
+  job = dataclasses.replace(job, context=_context_degree(cfg["mesh"]["rules"], mesh),
+                            token_chunk=int(section["logprob_token_chunk"]))
   if job.mini_batch <= 0 or job.trajectories % job.mini_batch:
     raise ValueError(f"{job.trajectories} trajectories per step do not split into mini-batches of {job.mini_batch}")
   if job.mini_batch % job.micro_batch:
