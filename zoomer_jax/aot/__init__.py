@@ -151,7 +151,8 @@ def bench_json(rep: dict, summ: dict) -> str:
                   flops=r.cost.flops if r.cost else None, bytes_accessed=r.cost.bytes if r.cost else None,
                   collective_bytes=r.collective_bytes, estimated_s=r.estimated_s if r.cost else None,
                   kernel_s=r.kernel_s, collective_s=r.collective_s, per_step=r.per_step,
-                  model_flops=r.model_flops, compile_s=round(r.compile_s, 1), lower_s=round(r.lower_s, 1), error=r.error or None)
+                  model_flops=r.model_flops, compile_s=round(r.compile_s, 1), lower_s=round(r.lower_s, 1),
+                  error=r.error or None)
              for r in rep["results"]]
   cfg = rep["config"]
   return "BENCH_JSON " + json.dumps(dict(bench="compile", job=cfg.job, topology=rep["target"].name,
