@@ -129,6 +129,7 @@ def job_from_config(cfg: Mapping[str, Any], accelerator: str | None = None) -> J
               mini_batch=int(a["ppo_mini_batch_size"]) * int(r["n"]), micro_batch=int(a["ppo_micro_batch_size"]),
               epochs=int(a["ppo_epochs"]), max_token_len=int(a["max_token_len"]),
               token_bucket=int(a["token_bucket"]), remat=str(a["remat"]), vocab_chunk=int(a["logprob_vocab_chunk"]),
+              token_chunk=int(a["logprob_token_chunk"]),
               freeze_vision=bool(a["freeze_vision_tower"]), use_kl=bool(a["use_kl_loss"]),
               max_pixels=int(r["max_pixels"]), min_pixels=int(r["min_pixels"]),
               max_total_frames=int(r["max_total_frames"]), response_length=int(r["response_length"]),
@@ -140,13 +141,12 @@ def job_from_config(cfg: Mapping[str, Any], accelerator: str | None = None) -> J
               prompts=int(d["batch_size"]), group=1, mini_batch=int(d["batch_size"]),
               micro_batch=int(d["micro_batch_size"]), epochs=1, max_token_len=int(d["cutoff_len"]),
               token_bucket=int(d["token_bucket"]), remat=str(t["remat"]), vocab_chunk=int(t["logprob_vocab_chunk"]),
+              token_chunk=int(t["logprob_token_chunk"]),
               freeze_vision=bool(t["freeze_vision_tower"]), use_kl=False, max_pixels=int(d["max_pixels"]),
               min_pixels=int(d["min_pixels"]), max_total_frames=128)  # SFT records: 64 overview + zoom frames, <= 128
   else:
     raise ValueError(f"config job={kind!r}: the account knows 'grpo' and 'sft'")
-  section = cfg["actor"] if kind == "grpo" else cfg["train"]
-  job = dataclasses.replace(job, context=_context_degree(cfg["mesh"]["rules"], mesh),
-                            token_chunk=int(section["logprob_token_chunk"]))
+  job = dataclasses.replace(job, context=_context_degree(cfg["mesh"]["rules"], mesh))
   if job.mini_batch <= 0 or job.trajectories % job.mini_batch:
     raise ValueError(f"{job.trajectories} trajectories per step do not split into mini-batches of {job.mini_batch}")
   if job.mini_batch % job.micro_batch:

@@ -208,15 +208,16 @@ def reduce_in_stages(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> 
 
 def gather_for_use(x: jax.Array, axes: Sequence[str | None], rules: Rules) -> jax.Array:
   """`x` gathered over the batch-sharding axes (what the partitioner does before a layer uses an FSDP weight, made
-  explicit so that the gathered value can be named and kept for the backward): an entry naming data or fsdp, or
-  several axes (fsdp x tensor under context parallelism), is gathered; a tensor-parallel entry stays split. Its
-  gradient goes straight to `x`'s layout in `stages` (a gradient constrained to the gathered layout would be
-  all-reduced first)."""
+  explicit so that the gathered value can be named and kept for the backward): an entry naming an axis the rules
+  split rows over (`activation_batch`: data, fsdp), or several axes (fsdp x tensor under context parallelism), is
+  gathered; a tensor-parallel entry stays split. Its gradient goes straight to `x`'s layout in `stages` (a gradient
+  constrained to the gathered layout would be all-reduced first)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
   spec = logical_to_spec(axes, rules, mesh, x.shape)
-  kept = [e if isinstance(e, str) and e not in ("data", "fsdp") else None for e in spec]
+  batch = spec_axes(logical_to_spec(("activation_batch",), rules, mesh)[0])  # the axes rows are split over
+  kept = [e if isinstance(e, str) and e not in batch else None for e in spec]
   kept += [None] * (x.ndim - len(kept))
   return _relaid(x, PartitionSpec(*kept), stages(spec) or (spec,))
 
