@@ -10,6 +10,8 @@ references).
 * the vision attention's packing of segments by reshape (no padded segment) and by gather.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,6 +248,104 @@ def test_decoder_in_a_balanced_order_equals_the_decoder_in_order(rng, measure):
   diff = float(np.abs(np.asarray(got) - np.asarray(want))[mask].max())
   measure("balanced_decoder_fp32", diff)
   assert diff <= tol.ATTENTION_FP32 * 10
+
+
+def test_permute_tokens_gradient_is_the_inverse_gather(rng):
+  """`text.permute_tokens` (the balanced order's permutation) has autodiff's gradient (a scatter-add of the
+  cotangent) computed as a gather by the inverse permutation: the same values, exactly; masks pass through."""
+  from zoomer_jax.model.text import permute_tokens
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES
+  rules = CONTEXT_PARALLEL + tuple(DEFAULT_RULES)
+  order = rng.permutation(64)
+  x = jnp.asarray(rng.standard_normal((2, 64, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((2, 64, 8)), jnp.float32)
+  got = jax.grad(lambda x: jnp.sum(permute_tokens(x, order, rules) ** 2 * w))(x)
+  want = jax.grad(lambda x: jnp.sum(jnp.take(x, order, axis=1) ** 2 * w))(x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  mask = jnp.asarray(rng.random((2, 64)) < 0.5)
+  np.testing.assert_array_equal(np.asarray(permute_tokens(mask, order, rules)), np.asarray(mask)[:, order])
+
+
+def test_gathers_with_gradients_by_gather_equal_autodiff(rng):
+  """`layers.permute_rows` (the tower's placeholder order) and `qwen25vl.scatter_features` (image features into
+  the placeholders: a row with none, feature rows left over) take their gradients by a gather where autodiff
+  would scatter-add: the same values as autodiff of the plain gathers, exactly."""
+  from zoomer_jax.model.layers import permute_rows
+  from zoomer_jax.model.qwen25vl import scatter_features
+  index = jnp.asarray(np.stack([rng.permutation(7) for _ in range(2)]))
+  a, w = (jnp.asarray(rng.standard_normal((2, 7, 3)), jnp.float32) for _ in range(2))
+  got = jax.grad(lambda a: jnp.sum(permute_rows(a, index, jnp.argsort(index, axis=1)) * w))(a)
+  want = jax.grad(lambda a: jnp.sum(jnp.take_along_axis(a, index[..., None], axis=1) * w))(a)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  ids = jnp.asarray(rng.integers(0, 4, (3, 40)), jnp.int32).at[2].set(0)  # token 3 the placeholder
+  x, w = (jnp.asarray(rng.standard_normal((3, 40, 5)), jnp.float32) for _ in range(2))
+  feats = jnp.asarray(rng.standard_normal((3, 16, 5)), jnp.float32)
+
+  def plain(x, feats):
+    hit = ids == 3
+    row = jnp.clip(jnp.cumsum(hit, axis=1) - 1, 0, feats.shape[1] - 1)
+    return jnp.where(hit[..., None], jnp.take_along_axis(feats, row[..., None], axis=1), x)
+
+  assert 0 < int((ids == 3).sum(1).max()) <= 16
+  np.testing.assert_array_equal(np.asarray(scatter_features(x, ids, 3, feats)), np.asarray(plain(x, feats)))
+  got = jax.grad(lambda x, f: jnp.sum(scatter_features(x, ids, 3, f) * w), argnums=(0, 1))(x, feats)
+  want = jax.grad(lambda x, f: jnp.sum(plain(x, f) * w), argnums=(0, 1))(x, feats)
+  for g, h in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+
+
+def test_embedding_lookup_by_all_to_all_equals_take(rng):
+  """`text.embed_lookup` on a (1, 2, 4) mesh under the context-parallel rules (the table's width split over fsdp x
+  tensor, the stream's rows over fsdp and tokens over tensor): one all-to-all, the table's rows and the gradient
+  equal to `jnp.take`'s, exactly; where the axes do not divide the rows it falls back to `jnp.take`."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from zoomer_jax.model.text import embed_lookup
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES
+  rules = CONTEXT_PARALLEL + tuple(DEFAULT_RULES)
+  mesh = make_mesh((1, 2, 4))
+  table = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
+  for b, t, sharded in ((4, 32, True), (3, 32, False)):
+    ids = jnp.asarray(rng.integers(0, 50, (b, t)), jnp.int32)
+    w = jnp.asarray(rng.standard_normal((b, t, 16)), jnp.float32)
+    with jax.set_mesh(mesh):
+      placed = jax.device_put(table, NamedSharding(mesh, PartitionSpec(None, ("fsdp", "tensor"))))
+      fn = jax.jit(lambda table, ids: embed_lookup(table, ids, rules))
+      got = fn(placed, ids)
+      grad = jax.jit(jax.grad(lambda table: jnp.sum(embed_lookup(table, ids, rules) * w)))(placed)
+      text = fn.lower(placed, ids).as_text()
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[np.asarray(ids)])
+    want = jax.grad(lambda table: jnp.sum(jnp.take(table, ids, axis=0) * w))(table)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=0, atol=1e-5)
+    assert ("all_to_all" in text) == sharded, text[:2000]
+
+
+def test_permute_tokens_gradient_compiles_for_tpu_without_a_sort_or_scatter():
+  """Compiled for TPU over a context-parallel mesh, the permutation's backward is a gather: no sort of indices
+  and no scatter (XLA's TPU lowering of autodiff's scatter-add, which cost the 7B update two sorts and two
+  [32768, 3584] scatters and ~20 s of compile). The plain gather's gradient has both, so the check can fail."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from zoomer_jax.aot.target import tpu_target
+  from zoomer_jax.model.text import permute_tokens
+  from zoomer_jax.parallel.rules import CONTEXT_PARALLEL, DEFAULT_RULES
+  rules = CONTEXT_PARALLEL + tuple(DEFAULT_RULES)
+  target = tpu_target("v5p:2x2x1")
+  mesh = Mesh(np.asarray(target.devices).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+  order = attention.balanced_order(4096, 2, block=512)
+  x = jax.ShapeDtypeStruct((2, 4096, 256), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, PartitionSpec("fsdp", "tensor", None)))
+  texts = {}
+  with jax.set_mesh(mesh):
+    for name, permute in (("custom", lambda x: permute_tokens(x, order, rules)),
+                          ("autodiff", lambda x: jnp.take(x, order, axis=1))):
+      texts[name] = jax.jit(jax.grad(lambda x: jnp.sum(permute(x).astype(jnp.float32) ** 2))).lower(
+          x).compile().as_text()
+  def has(text):  # an instruction that sorts or scatters (not a reduce-scatter collective)
+    ops = re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(", text, re.M)
+    return [o for o in ops if re.search(r"(?<!reduce-)scatter|^sort", o[0]) or o[1] in ("sort", "scatter")]
+
+  assert has(texts["autodiff"]), "the baseline lost its sort and scatter"
+  assert not has(texts["custom"]), has(texts["custom"])
 
 
 def _tiny_tied(dtype):

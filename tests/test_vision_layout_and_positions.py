@@ -55,6 +55,7 @@ def test_layout_matches_transformers_helpers(rng, trial):
   g = torch.as_tensor(grid)
   hf_idx, hf_cu = vision_utils.get_vision_window_index(g, spatial_merge_size=2, window_size=112, patch_size=14)
   assert np.argsort(layout.unperm).tolist() == hf_idx.tolist()
+  assert layout.reperm.tolist() == hf_idx.tolist()  # the inverse of unperm
   assert _cu([len(r) for r in _unpack(layout.windows, n)]) == hf_cu.tolist()
   hf_full = vision_utils.get_vision_cu_seqlens(g)
   assert _cu([len(r) for r in _unpack(layout.frames, n)]) == hf_full.tolist()

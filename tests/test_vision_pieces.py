@@ -52,7 +52,9 @@ def test_layout_sizes_per_piece_and_pixel_placement():
   pixels = [np.arange(72 * cfg.patch_dim, dtype=np.float32).reshape(72, -1), np.ones((32, cfg.patch_dim))]
   vin = vision_input(ModelConfig.from_hf_dict(O.tiny_hf_config()), pixels, grids, pieces=2)
   assert vin.pixels.shape == (2, 80, cfg.patch_dim) and vin.layout.perm.shape == (2, 2, 40)
-  assert vin.layout.unperm.shape == (2, 20)
+  assert vin.layout.unperm.shape == (2, 20) and vin.layout.reperm.shape == (2, 20)
+  for u, r in zip(vin.layout.unperm, vin.layout.reperm):  # each row's two maps are inverse permutations
+    np.testing.assert_array_equal(u[r], np.arange(20))
   np.testing.assert_array_equal(vin.pixels[0, :40], pixels[0][:40])
   np.testing.assert_array_equal(vin.pixels[0, 40:72], pixels[0][40:])
   assert not vin.pixels[0, 72:].any() and not vin.pixels[1, 16:40].any() and vin.pixels[1, 40:56].all()

@@ -213,3 +213,19 @@ def attention_weights(scores: jax.Array, allowed: jax.Array, dtype) -> jax.Array
   scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   return jnp.where(allowed, probs, 0.0).astype(dtype)
+
+
+@jax.custom_vjp
+def permute_rows(a_rn: jax.Array, index_rn: jax.Array, inverse_rn: jax.Array) -> jax.Array:
+  """`a[r, index[r]]` along axis 1 ([R, N, ...]) where each row of `index` is a permutation and `inverse` its
+  inverse. The gradient is the gather by `inverse`: autodiff's transpose of a gather is a scatter-add, which XLA's
+  TPU compiler lowers to a sort of the indices and a scatter (slower to run and to compile)."""
+  return _take_rows(a_rn, index_rn)
+
+
+def _take_rows(a, index):
+  return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+permute_rows.defvjp(lambda a, index, inverse: (_take_rows(a, index), inverse),
+                    lambda inverse, g: (_take_rows(g, inverse), None, None))

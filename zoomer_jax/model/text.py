@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from zoomer_jax.model.attention import AttentionMask, attend, context_split
 from zoomer_jax.model.config import TextConfig
@@ -18,7 +19,7 @@ from zoomer_jax.model.paged import PagedCache, PagedLayer, copy_pages, ragged_at
 from zoomer_jax.model.paged import write as write_pages
 from zoomer_jax.model.stack import (ATTENTION_RESIDUALS, DECODER_MLP_UP, num_stacked, remat, scan_modules,
                                     stack_modules)
-from zoomer_jax.parallel.rules import constrain
+from zoomer_jax.parallel.rules import axes_size, constrain, logical_to_spec, spec_axes
 
 # The residual stream between layers. Its length axis has a name of its own so that a rule can shard it over the
 # tensor axis (sequence parallelism: the layer inputs remat keeps are split, an all-reduce becomes a reduce-scatter
@@ -29,11 +30,43 @@ BTD = ("activation_batch", "activation_norm_length", "activation_embed")
 class Embed(nnx.Module):
   """Token embedding table [vocab, d]; ids [B, T] -> [B, T, d]."""
 
-  def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs, rules=None):
     self.embedding = nnx.Param(normal_init(rngs, (vocab, dim), dtype, 0.02), axes=("vocab", "embed"))
+    self.rules = rules
 
   def __call__(self, ids_bt: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids_bt, axis=0)
+    return embed_lookup(self.embedding[...], ids_bt, self.rules)
+
+
+def embed_lookup(table_vd: jax.Array, ids_bt: jax.Array, rules) -> jax.Array:
+  """`table[ids]` laid out as the residual stream (`BTD`). With the table's width split over the mesh axes that
+  split the stream's rows and tokens (FSDP: "embed" over (fsdp, tensor), rows over fsdp, tokens over tensor),
+  each chip looks up every token in its columns and one all-to-all hands each chip its rows' tokens whole. The
+  partitioner, left to itself, cannot re-tile [1, 1, n] to [n_rows, n_tokens, 1] and gathers the whole
+  [B, T, d] onto every chip; its gradient then follows whatever layout the cotangent arrives in (once a whole
+  [vocab, d] table per chip). Elsewhere (no mesh, other rules, sizes the axes do not divide): `jnp.take`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return jnp.take(table_vd, ids_bt, axis=0)
+  (b, t), (v, d) = ids_bt.shape, table_vd.shape
+  vocab_ax, embed_ax = logical_to_spec(("vocab", "embed"), rules, mesh, (v, d))
+  rows_ax, tokens_ax, width_ax = logical_to_spec(BTD, rules, mesh, (b, t, d))
+  split = lambda axes: tuple(a for a in spec_axes(axes) if mesh.shape[a] > 1)
+  if split(vocab_ax) or split(width_ax) or not split(embed_ax) or split(embed_ax) != split(rows_ax) + split(
+      tokens_ax):
+    return jnp.take(table_vd, ids_bt, axis=0)
+  nb, nt = axes_size(mesh, split(rows_ax)), axes_size(mesh, split(tokens_ax))
+
+  def local(table_l, ids):  # this chip's columns [V, d / n] of every token, then its own tokens' whole rows
+    x = jnp.take(table_l, ids, axis=0)
+    x = x.reshape(nb, b // nb, nt, t // nt, -1).transpose(0, 2, 1, 3, 4).reshape(nb * nt, b // nb, t // nt, -1)
+    x = jax.lax.all_to_all(x, split(embed_ax), 0, 0, tiled=True)  # block j: chip j's columns of our tokens
+    return x.transpose(1, 2, 0, 3).reshape(b // nb, t // nt, d)
+
+  P = PartitionSpec
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(None, split(embed_ax)), P()),
+                       out_specs=P(split(rows_ax) or None, split(tokens_ax) or None, None), check_vma=False)(
+                           table_vd, ids_bt)
 
 
 class Attention(nnx.Module):
@@ -102,8 +135,24 @@ class DecoderLayer(nnx.Module):
 
 
 def permute_tokens(a: jax.Array, index: np.ndarray, rules) -> jax.Array:
-  """`a[:, index]` ([B, T, ...]) with each row gathered over the chips that hold it only: left to itself, the
-  partitioner gathers the whole batch onto every chip to permute a sequence split over the mesh."""
+  """`a[:, index]` ([B, T, ...]) for a permutation `index`, with each row gathered over the chips that hold it only:
+  left to itself, the partitioner gathers the whole batch onto every chip to permute a sequence split over the
+  mesh. The gradient is the gather by the inverse permutation: autodiff's transpose of a gather is a scatter-add,
+  which XLA's TPU compiler turns into a sort of the indices and a scatter (slower to run and to compile)."""
+  index = np.asarray(index)
+  if not jnp.issubdtype(a.dtype, jnp.inexact):
+    return _take_tokens(a, index, rules)
+  inverse = np.argsort(index)
+
+  @jax.custom_vjp
+  def permute(a):
+    return _take_tokens(a, index, rules)
+
+  permute.defvjp(lambda a: (permute(a), None), lambda _, g: (_take_tokens(g, inverse, rules),))
+  return permute(a)
+
+
+def _take_tokens(a: jax.Array, index: np.ndarray, rules) -> jax.Array:
   rest = (None,) * (a.ndim - 2)
   out = jnp.take(constrain(a, ("activation_batch", None) + rest, rules), index, axis=1)
   return constrain(out, ("activation_batch", "activation_length") + rest, rules)
@@ -118,7 +167,7 @@ class TextDecoder(nnx.Module):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     self.options = options
-    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, rules=options.rules)
     layers = [DecoderLayer(cfg, dtype=dtype, rngs=rngs, options=options) for _ in range(cfg.num_hidden_layers)]
     self.layers = stack_modules(layers) if options.scan_layers else nnx.List(layers)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", dtype=dtype)

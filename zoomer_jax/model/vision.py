@@ -20,7 +20,7 @@ from flax import nnx
 
 from zoomer_jax.model.attention import segment_ids, segment_splash, segment_splash_fits
 from zoomer_jax.model.config import VisionConfig
-from zoomer_jax.model.layers import (Linear, RMSNorm, SwiGLU, attention_weights, precision_for,
+from zoomer_jax.model.layers import (Linear, RMSNorm, SwiGLU, attention_weights, permute_rows, precision_for,
                                      rotate_half_by_matmul)
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.stack import remat, scan_modules, stack_modules
@@ -55,25 +55,35 @@ class VisionAttention(nnx.Module):
     self.proj = Linear((n, h), (d,), axes=("vision_heads", "head_dim", "vision_embed"),
                        use_bias=True, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_nd: jax.Array, cos_nh: jax.Array, sin_nh: jax.Array, seg: Segments,
-               kernel_heads=None) -> jax.Array:
-    """`kernel_heads`: the mesh axes the kernel splits heads over (`VisionTower`)."""
+  def __call__(self, x_nd: jax.Array, cos_nh: jax.Array, sin_nh: jax.Array, seg, kernel_heads=None,
+               full: jax.Array | None = None) -> jax.Array:
+    """`seg`: the `Segments` to attend within; or, with `full` (a traced bool: a scanned block's kind), a pair
+    (windows, frames) that `full` picks from, in a `lax.cond` around the attention alone (so that the block's
+    projections and MLP, forward and backward, compile once, not once per kind). `kernel_heads`: the mesh axes
+    the kernel splits heads over (`VisionTower`)."""
     qkv_n3kh = self.qkv(x_nd)
     q_nkh, k_nkh, v_nkh = qkv_n3kh[:, 0], qkv_n3kh[:, 1], qkv_n3kh[:, 2]
     # Rotary in fp32, cast back (HF upcasts q and k for the vision rotary).
     cos, sin = cos_nh[:, None, :], sin_nh[:, None, :]
     rot = lambda t: t.astype(jnp.float32) * cos + rotate_half_by_matmul(t, self.precision) * sin
     q_nkh, k_nkh = rot(q_nkh).astype(self.dtype), rot(k_nkh).astype(self.dtype)
+    if full is None:
+      out_nkh = self._attend(q_nkh, k_nkh, v_nkh, seg, kernel_heads)
+    else:
+      windows, frames = seg
+      out_nkh = jax.lax.cond(full, lambda q, k, v: self._attend(q, k, v, frames, kernel_heads),
+                             lambda q, k, v: self._attend(q, k, v, windows, kernel_heads), q_nkh, k_nkh, v_nkh)
+    return self.proj(out_nkh)
+
+  def _attend(self, q_nkh, k_nkh, v_nkh, seg: Segments, kernel_heads) -> jax.Array:
     packed = lambda q, k, v: self._packed(q, k, v, seg)
     length = seg.gather.shape[1]
     if self.options.attention == "flash" and segment_splash_fits(q_nkh.shape[0], length):
       ids = segment_ids(seg, q_nkh.shape[0])
-      out_nkh = jax.lax.platform_dependent(
+      return jax.lax.platform_dependent(
           q_nkh, k_nkh, v_nkh, cpu=packed, default=packed,
           tpu=lambda q, k, v: segment_splash(q, k, v, ids, length, heads_axes=kernel_heads))
-    else:
-      out_nkh = packed(q_nkh, k_nkh, v_nkh)
-    return self.proj(out_nkh)
+    return packed(q_nkh, k_nkh, v_nkh)
 
   def _packed(self, q_nkh, k_nkh, v_nkh, seg: Segments) -> jax.Array:
     # Heads first, rows packed into segments: [k, S, L, h], so both GEMMs batch over leading (k, S). Segments
@@ -103,8 +113,9 @@ class VisionBlock(nnx.Module):
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, use_bias=True, embed_axis="vision_embed",
                       mlp_axis="vision_mlp", dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_nd, cos_nh, sin_nh, seg: Segments, kernel_heads=None):
-    x_nd = x_nd + self.attn(self.norm1(x_nd), cos_nh, sin_nh, seg, kernel_heads)
+  def __call__(self, x_nd, cos_nh, sin_nh, seg, kernel_heads=None, full=None):
+    """`seg`, `full`: as `VisionAttention` takes them."""
+    x_nd = x_nd + self.attn(self.norm1(x_nd), cos_nh, sin_nh, seg, kernel_heads, full)
     return x_nd + self.mlp(self.norm2(x_nd))
 
 
@@ -129,7 +140,8 @@ class VisionTower(nnx.Module):
   """pixel rows [R, N, C*T*P*P] + per-row layouts -> merged tokens [R, N/4, out_hidden] in placeholder order.
 
   With `options.scan_layers` the blocks are one stacked module run by `lax.scan`; a block's kind (windowed or
-  full attention) is a `lax.cond` on its index, so both kinds compile once."""
+  full attention) is a `lax.cond` on its index around the attention alone, so both kinds compile once and the
+  rest of the block once for both."""
 
   def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, options: ModelOptions = ModelOptions()):
     self.cfg = cfg
@@ -167,7 +179,7 @@ class VisionTower(nnx.Module):
     # Each row's pieces gathered onto the row's chips (not the whole batch onto every chip) for the reorder.
     merged_rcmd = constrain(merged_rcmd, ("activation_batch", None, None, None), rules)
     merged_rmd = merged_rcmd.reshape(r, -1, merged_rcmd.shape[-1])
-    out = jnp.take_along_axis(merged_rmd, layout.unperm[..., None], axis=1)  # placeholder order
+    out = permute_rows(merged_rmd, layout.unperm, layout.reperm)  # placeholder order
     return constrain(out, ("activation_batch", "activation_length", "activation_embed"), rules)
 
   def _one_piece(self, pixels_np, perm, rot_pos, windows: Segments, frames: Segments, frozen_blocks: bool,
@@ -181,8 +193,7 @@ class VisionTower(nnx.Module):
     def run(block, x, is_full):
       if isinstance(is_full, bool):
         return block(x, cos_nh, sin_nh, frames if is_full else windows, kernel_heads)
-      return jax.lax.cond(is_full, lambda x: block(x, cos_nh, sin_nh, frames, kernel_heads),
-                          lambda x: block(x, cos_nh, sin_nh, windows, kernel_heads), x)
+      return block(x, cos_nh, sin_nh, (windows, frames), kernel_heads, full=is_full)
 
     if self.options.scan_layers:
       kinds = jnp.asarray([i in full for i in range(self.cfg.depth)])

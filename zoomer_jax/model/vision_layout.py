@@ -42,8 +42,10 @@ class VisionLayout:
   perm: [N] patch row -> original row, the window permutation at patch granularity;
   rot_pos: [N, 2] (row, col) of each permuted patch inside its frame, for the 2-D rotary;
   windows / frames: segment packings for windowed and full-attention blocks;
-  unperm: [N/4] merged row in window order for each output token (argsort of the unit permutation).
-  A padded layout (`padded_layout`) has a leading piece axis on every leaf but `unperm`.
+  unperm: [N/4] merged row in window order for each output token (argsort of the unit permutation);
+  reperm: [N/4] its inverse, the output token of each merged row (the tower's gradient gathers with it: autodiff
+  would scatter-add, which XLA's TPU compiler sorts for).
+  A padded layout (`padded_layout`) has a leading piece axis on every leaf but `unperm` and `reperm`.
   """
 
   perm: np.ndarray
@@ -51,6 +53,7 @@ class VisionLayout:
   windows: Segments
   frames: Segments
   unperm: np.ndarray
+  reperm: np.ndarray
 
 
 def _check_grid(grid_thw: np.ndarray, merge: int) -> np.ndarray:
@@ -133,6 +136,7 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionLayout:
       windows=_pack(win_lengths * unit),
       frames=_pack(frame_lengths),
       unperm=np.argsort(win_units, kind="stable").astype(np.int32),
+      reperm=np.asarray(win_units, np.int32),  # the inverse of its argsort (win_units is a permutation)
   )
 
 
@@ -237,12 +241,13 @@ def _padded_piece(grid: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -> Vi
   n = len(perm)
   if n > rows:
     raise ValueError(f"a row piece of {n} patches does not fit a batch layout of {rows} per piece")
+  unperm = np.concatenate([unperm, np.arange(n // unit, rows // unit)]).astype(np.int32)
   return VisionLayout(
       perm=np.concatenate([perm, np.arange(n, rows)]).astype(np.int32),
       rot_pos=np.concatenate([rot_pos, np.zeros((rows - n, 2), np.int32)]).astype(np.int32),
       windows=_pack(win_lengths, sizes.window_len, sizes.windows, rows),
       frames=_pack(frame_lengths, sizes.frame_len, sizes.frames, rows),
-      unperm=np.concatenate([unperm, np.arange(n // unit, rows // unit)]).astype(np.int32))
+      unperm=unperm, reperm=np.argsort(unperm).astype(np.int32))
 
 
 def padded_layout(grid_thw: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -> VisionLayout:
@@ -261,15 +266,16 @@ def padded_layout(grid_thw: np.ndarray, cfg: VisionConfig, sizes: LayoutSizes) -
 
 
 def _stacked(layouts: Sequence[VisionLayout], unperm: np.ndarray | None = None) -> VisionLayout:
-  """`layouts`' leaves stacked on a new leading axis (`unperm` too, unless given); `identity` holds only if it
-  holds for every one."""
+  """`layouts`' leaves stacked on a new leading axis (`unperm` and `reperm` too, unless `unperm` is given: then
+  `reperm` is its inverse); `identity` holds only if it holds for every one."""
   stack = lambda get: np.stack([get(lay) for lay in layouts])
   segs = lambda name: Segments(gather=stack(lambda l: getattr(l, name).gather),
                                valid=stack(lambda l: getattr(l, name).valid),
                                scatter=stack(lambda l: getattr(l, name).scatter),
                                identity=all(getattr(l, name).identity for l in layouts))
   return VisionLayout(perm=stack(lambda l: l.perm), rot_pos=stack(lambda l: l.rot_pos), windows=segs("windows"),
-                      frames=segs("frames"), unperm=stack(lambda l: l.unperm) if unperm is None else unperm)
+                      frames=segs("frames"), unperm=stack(lambda l: l.unperm) if unperm is None else unperm,
+                      reperm=stack(lambda l: l.reperm) if unperm is None else np.argsort(unperm).astype(np.int32))
 
 
 def piece_rows(grid_thw: np.ndarray, sizes: LayoutSizes) -> list[tuple[int, int, int]]:
