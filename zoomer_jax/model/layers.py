@@ -216,14 +216,17 @@ def attention_weights(scores: jax.Array, allowed: jax.Array, dtype) -> jax.Array
 
 
 @jax.custom_vjp
-def permute_rows(a_rn: jax.Array, index_rn: jax.Array, inverse_rn: jax.Array) -> jax.Array:
-  """`a[r, index[r]]` along axis 1 ([R, N, ...]) where each row of `index` is a permutation and `inverse` its
-  inverse. The gradient is the gather by `inverse`: autodiff's transpose of a gather is a scatter-add, which XLA's
-  TPU compiler lowers to a sort of the indices and a scatter (slower to run and to compile)."""
-  return _take_rows(a_rn, index_rn)
+def permute_rows(a_rn: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """`a[r, index[r]]` along axis 1 ([R, N, ...]) where each row of `index` ([R, N], or [N]: the same for every
+  row) is a permutation and `inverse` its inverse. The gradient is the gather by `inverse`: autodiff's transpose of
+  a gather is a scatter-add, which XLA's TPU compiler lowers to a sort of the indices and a scatter (slower to run
+  and to compile)."""
+  return _take_rows(a_rn, index)
 
 
 def _take_rows(a, index):
+  if index.ndim == 1:
+    return jnp.take(a, index, axis=1)
   return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
 
 

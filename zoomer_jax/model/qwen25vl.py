@@ -78,20 +78,25 @@ def scatter_features(x_btd: jax.Array, ids_bt: jax.Array, token_id: int, feats_r
   """Writes row r's feature rows [M, d], in order, into row r's positions where ids == token_id (at most M of
   them, as batches are built: every placeholder has its own feature row)."""
   hit = ids_bt == token_id
-  count = jnp.cumsum(hit, axis=1, dtype=jnp.int32)
-  row = jnp.clip(count - 1, 0, feats_rmd.shape[1] - 1)
-  # The position of each feature row's placeholder (T where it has none), for the gradient: a gather, where
-  # autodiff's transpose of the forward's gather would scatter-add (a sort and a scatter on TPU).
-  nth = jnp.arange(1, feats_rmd.shape[1] + 1, dtype=jnp.int32)
-  # scan_unrolled: log2(T) steps and no while loop (a cost probe's analysis would count a loop body once).
-  where = jax.vmap(lambda c: jnp.searchsorted(c, nth, side="left", method="scan_unrolled"))(count)
-  return _place_features(x_btd, feats_rmd.astype(x_btd.dtype), hit, row, where.astype(jnp.int32))
+  row = jnp.clip(jnp.cumsum(hit, axis=1, dtype=jnp.int32) - 1, 0, feats_rmd.shape[1] - 1)
+  return _place_features(x_btd, feats_rmd.astype(x_btd.dtype), hit, row)
 
 
 @jax.custom_vjp
-def _place_features(x_btd, feats_bmd, hit_bt, row_bt, where_bm):
+def _place_features(x_btd, feats_bmd, hit_bt, row_bt):
   feats_btd = jnp.take_along_axis(feats_bmd, row_bt[..., None], axis=1)
   return jnp.where(hit_bt[..., None], feats_btd, x_btd)
+
+
+def _place_features_fwd(x_btd, feats_bmd, hit_bt, row_bt):
+  # The position of each feature row's placeholder (T where it has none), so that the gradient is a gather where
+  # autodiff's transpose of the forward's gather would scatter-add (a sort and a scatter on TPU). Computed here,
+  # not in the forward, so that a forward without a gradient (inference) pays nothing for it.
+  nth = jnp.arange(1, feats_bmd.shape[1] + 1, dtype=jnp.int32)
+  count = jnp.cumsum(hit_bt, axis=1, dtype=jnp.int32)
+  # scan_unrolled: log2(T) steps and no while loop (a cost probe's analysis would count a loop body once).
+  where = jax.vmap(lambda c: jnp.searchsorted(c, nth, side="left", method="scan_unrolled"))(count)
+  return _place_features(x_btd, feats_bmd, hit_bt, row_bt), (hit_bt, where.astype(jnp.int32))
 
 
 def _place_features_bwd(res, g_btd):
@@ -99,11 +104,10 @@ def _place_features_bwd(res, g_btd):
   t = g_btd.shape[1]
   g_bmd = jnp.take_along_axis(g_btd, jnp.minimum(where_bm, t - 1)[..., None], axis=1)
   g_bmd = jnp.where((where_bm < t)[..., None], g_bmd, 0)
-  return jnp.where(hit_bt[..., None], 0, g_btd), g_bmd, None, None, None
+  return jnp.where(hit_bt[..., None], 0, g_btd), g_bmd, None, None
 
 
-_place_features.defvjp(lambda x, f, hit, row, where: (_place_features(x, f, hit, row, where), (hit, where)),
-                       _place_features_bwd)
+_place_features.defvjp(_place_features_fwd, _place_features_bwd)
 
 
 class Qwen25VL(nnx.Module):

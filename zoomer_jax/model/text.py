@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 from zoomer_jax.model.attention import AttentionMask, attend, context_split
 from zoomer_jax.model.config import TextConfig
 from zoomer_jax.model.kv_cache import KVCache, write_kv
-from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, normal_init, precision_for, rotate_half
+from zoomer_jax.model.layers import Linear, RMSNorm, SwiGLU, normal_init, permute_rows, precision_for, rotate_half
 from zoomer_jax.model.mrope import mrope_cos_sin
 from zoomer_jax.model.options import ModelOptions
 from zoomer_jax.model.paged import PagedCache, PagedLayer, copy_pages, ragged_attention
@@ -137,24 +137,15 @@ class DecoderLayer(nnx.Module):
 def permute_tokens(a: jax.Array, index: np.ndarray, rules) -> jax.Array:
   """`a[:, index]` ([B, T, ...]) for a permutation `index`, with each row gathered over the chips that hold it only:
   left to itself, the partitioner gathers the whole batch onto every chip to permute a sequence split over the
-  mesh. The gradient is the gather by the inverse permutation: autodiff's transpose of a gather is a scatter-add,
-  which XLA's TPU compiler turns into a sort of the indices and a scatter (slower to run and to compile)."""
+  mesh. The gradient gathers by the inverse permutation (`layers.permute_rows`); the constraints' transposes put
+  the same layouts around it."""
   index = np.asarray(index)
-  if not jnp.issubdtype(a.dtype, jnp.inexact):
-    return _take_tokens(a, index, rules)
-  inverse = np.argsort(index)
-
-  @jax.custom_vjp
-  def permute(a):
-    return _take_tokens(a, index, rules)
-
-  permute.defvjp(lambda a: (permute(a), None), lambda _, g: (_take_tokens(g, inverse, rules),))
-  return permute(a)
-
-
-def _take_tokens(a: jax.Array, index: np.ndarray, rules) -> jax.Array:
   rest = (None,) * (a.ndim - 2)
-  out = jnp.take(constrain(a, ("activation_batch", None) + rest, rules), index, axis=1)
+  a = constrain(a, ("activation_batch", None) + rest, rules)
+  if jnp.issubdtype(a.dtype, jnp.inexact):
+    out = permute_rows(a, index, np.argsort(index))
+  else:
+    out = jnp.take(a, index, axis=1)
   return constrain(out, ("activation_batch", "activation_length") + rest, rules)
 
 

@@ -170,12 +170,12 @@ class VisionTower(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     rows_ax, pieces_ax, heads_ax = (None, None, None) if mesh.empty else logical_to_spec(
         ("activation_batch", "vision_pieces", "vision_heads"), rules, mesh, (r, pieces, self.cfg.num_heads))
-    if set(spec_axes(heads_ax)) & set(spec_axes(rows_ax) + spec_axes(pieces_ax)):  # a mesh axis splits one dimension only
-      heads_ax = None
+    if set(spec_axes(heads_ax)) & set(spec_axes(rows_ax) + spec_axes(pieces_ax)):
+      heads_ax = None  # a mesh axis splits one dimension only
     piece = lambda p, perm, rot, win, frm: self._one_piece(p, perm, rot, win, frm, frozen_blocks, remat_policy,
                                                            heads_ax)
-    merged_rcmd = jax.vmap(jax.vmap(piece, spmd_axis_name=pieces_ax), spmd_axis_name=rows_ax)(pixels_rcpq, layout.perm, layout.rot_pos, layout.windows,
-                                            layout.frames)
+    merged_rcmd = jax.vmap(jax.vmap(piece, spmd_axis_name=pieces_ax), spmd_axis_name=rows_ax)(
+        pixels_rcpq, layout.perm, layout.rot_pos, layout.windows, layout.frames)
     # Each row's pieces gathered onto the row's chips (not the whole batch onto every chip) for the reorder.
     merged_rcmd = constrain(merged_rcmd, ("activation_batch", None, None, None), rules)
     merged_rmd = merged_rcmd.reshape(r, -1, merged_rcmd.shape[-1])
