@@ -2,13 +2,20 @@
 one decode step of every layer, bench-small's attention (24 layers, 14 query heads over 2 kv heads of 64), fp32.
 
     PYTHONPATH=. python bench/bench_paged_cpu.py [--rows 16] [--context 1200] [--repeats 5]
+    PYTHONPATH=. python bench/bench_paged_cpu.py --chunk 241   # a step with a chunk: block sizes against 512
+
+With `--chunk N` the step is the continuous engine's step with a chunk (`sampling/ragged.py`): rows - 1 decode rows
+and one sequence's chunk of N rows at the end of its context, T = rows - 1 + N rows in tiles of T // rows rows
+(`ragged_attention_xla`'s default); there is no dense counterpart (the lockstep engine has no such step), so the
+baseline is "paged/512" (every row in tiles of T // rows rows, 512-key blocks: the default before) and the
+candidates are the same tiling with blocks of 64, 128 and 256 keys, and "apart" (the default: decode rows in
+one-row tiles, the chunk's tiles in groups of TILE_GROUP_ROWS rows, blocks of KEYS_PER_BLOCK keys).
 
 baseline "dense": `attention.dense`, the lockstep engine's decode attention, over keys [rows, kv heads,
   head_dim, slots] and values [rows, kv heads, slots, head_dim] (its cache layout), every row over the same
   `slots` (the longest context + 400, as a batch's cache is sized for its longest row);
 candidates "paged/N": the same keys and values in pages of 16 tokens scattered over a pool, each row's own
-  context (context +- 400), read in blocks of N keys (`keys_per_block`; DECODE_KEYS_PER_BLOCK is the default for
-  one-row tiles).
+  context (context +- 400), read in blocks of N keys (`keys_per_block`; KEYS_PER_BLOCK is the default).
 
 Each program runs the layers in a loop (each layer's queries depend on the last layer's output, so XLA cannot
 hoist them); the outputs of all variants agree to fp32 rounding (checked; the largest difference is printed).
@@ -50,7 +57,10 @@ def main(argv=None):
   p.add_argument("--rows", type=int, default=16)
   p.add_argument("--context", type=int, default=1200)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--chunk", type=int, default=0, help="rows of a chunk after rows - 1 decode rows (0: decode only)")
   args = p.parse_args(argv)
+  if args.chunk:
+    return chunk_step(args)
   rng = np.random.default_rng(0)
   rows, heads = args.rows, KV_HEADS * GROUP
   lens = rng.integers(max(1, args.context - 400), args.context + 400, rows).astype(np.int32)
@@ -82,7 +92,7 @@ def main(argv=None):
                                                            keys_per_block=keys)
 
   programs = {"dense": (_layers(dense), (k_dense, v_dense, jnp.asarray(lens)))}
-  for keys in sorted({paged.DECODE_KEYS_PER_BLOCK, 128, paged.KEYS_PER_BLOCK}):
+  for keys in sorted({paged.KEYS_PER_BLOCK, 128, 512}):
     programs[f"paged/{keys}"] = (_layers(paged_with(keys)), (pool, batch))
   outs = {name: np.asarray(fn(q, *state)) for name, (fn, state) in programs.items()}  # compiles
   first = outs[f"paged/{paged.KEYS_PER_BLOCK}"]
@@ -105,6 +115,47 @@ def main(argv=None):
   print("BENCH_JSON " + json.dumps(dict(bench="paged_cpu", baseline="dense", rows=rows, context=args.context,
                                         slots=slots, ms={k: round(v, 1) for k, v in ms.items()},
                                         ratio_to_dense={k: round(v / ms["dense"], 3) for k, v in ms.items()})))
+
+
+def chunk_step(args):
+  rng = np.random.default_rng(0)
+  rows, heads = args.rows, KV_HEADS * GROUP
+  q_lens = np.array([1] * (rows - 1) + [args.chunk], np.int32)
+  lens = rng.integers(max(args.chunk, args.context - 400), args.context + 400, rows).astype(np.int32)
+  per_seq = -(-int(lens.max()) // PAGE)
+  num_pages = rows * per_seq + 1
+  table = (rng.permutation(num_pages - 1) + 1).reshape(rows, per_seq).astype(np.int32)
+  pool = jnp.asarray(rng.standard_normal((LAYERS, num_pages, PAGE, 2 * KV_HEADS, HEAD_DIM)), jnp.float32)
+  t = int(q_lens.sum())
+  q = jnp.asarray(rng.standard_normal((t, heads, HEAD_DIM)), jnp.float32)
+  batch = paged.RaggedBatch(page_indices=jnp.asarray(table), kv_lens=jnp.asarray(lens),
+                            cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+                            num_seqs=jnp.asarray([rows], jnp.int32), copy_src=jnp.zeros(rows, jnp.int32),
+                            copy_dst=jnp.full(rows, num_pages, jnp.int32))
+  programs = {f"paged/{keys}": _layers(lambda qx, l, kv, b, keys=keys: paged.ragged_attention_xla(
+      qx, kv, b, sm_scale=HEAD_DIM**-0.5, layer=l, keys_per_block=keys, decode_apart=False))
+      for keys in (512, 64, 128, 256)}
+  programs["apart"] = _layers(lambda qx, l, kv, b: paged.ragged_attention_xla(qx, kv, b, sm_scale=HEAD_DIM**-0.5,
+                                                                              layer=l))
+  outs = {name: np.asarray(fn(q, pool, batch)) for name, fn in programs.items()}  # compiles
+  base = outs["paged/512"]
+  diff = max(float(np.abs(o - base).max()) for o in outs.values())
+  if not all(np.allclose(o, base, rtol=1e-4, atol=1e-4) for o in outs.values()):
+    raise AssertionError(f"block sizes disagree by {diff}")
+  times = {name: [] for name in programs}
+  for _ in range(args.repeats):  # interleaved
+    for name, fn in programs.items():
+      t0 = time.perf_counter()
+      fn(q, pool, batch).block_until_ready()
+      times[name].append(time.perf_counter() - t0)
+  ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+  print(f"one step of {LAYERS} layers: {rows - 1} decode rows and a {args.chunk}-row chunk ({t} rows), contexts "
+        f"{lens.min()}-{lens.max()}, largest difference from paged/512 {diff:.2e}, median of {args.repeats}:")
+  for name, v in ms.items():
+    print(f"  {name:12s} {v:8.1f} ms   / paged/512 {v / ms['paged/512']:5.2f}")
+  print("BENCH_JSON " + json.dumps(dict(bench="paged_cpu_chunk", baseline="paged/512", rows=rows, chunk=args.chunk,
+                                        context=args.context, ms={k: round(v, 1) for k, v in ms.items()},
+                                        ratio={k: round(v / ms["paged/512"], 3) for k, v in ms.items()})))
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ def _padded(batch, max_seqs):
 
 def test_padding_rows_and_sequences_change_nothing(rng):
   """The scenario's step written and attended at 32 rows / 8 sequences, and at 64 / 16 with NaN in every padding
-  row of q, k and v: the same pool and the same outputs for the real rows."""
+  row of q, k and v: the same pool and the same outputs for the real rows (to fp32 rounding: the decode rows'
+  one-row tiles are 8 or 16 to a batch, and XLA's CPU dots may sum in another order at another batch size)."""
   run, appends, batch, q = _scenario(rng)
   n_real = int(batch.cu_q_lens[int(batch.num_seqs[0])])
   k_new, v_new = (rng.normal(size=(32, KV_HEADS, HEAD_DIM)).astype(np.float32) for _ in range(2))
@@ -181,7 +182,8 @@ def test_padding_rows_and_sequences_change_nothing(rng):
   np.testing.assert_array_equal(np.asarray(small), np.asarray(big))
   out_small = np.asarray(paged.ragged_attention(q, small, batch))
   out_big = np.asarray(paged.ragged_attention(nan_rows(q), big, big_batch))
-  np.testing.assert_array_equal(out_small[:n_real], out_big[:n_real])
+  assert np.isfinite(out_big).all()
+  assert float(np.abs(out_small[:n_real] - out_big[:n_real]).max()) <= tol.PAGED_ATTENTION_FP32
   assert not out_big[n_real:].any()
 
 

@@ -169,3 +169,27 @@ def test_query_tiles_of_any_size_give_the_same_attention(rng, rows_per_tile, mea
   diff = float(jnp.abs(want - got).max())
   measure("tiles_vs_default", diff)
   assert diff <= tol.PAGED_ATTENTION_FP32
+
+
+@pytest.mark.parametrize("rows_per_tile", [None, 2, 8])
+def test_decode_rows_apart_give_the_same_attention(rng, rows_per_tile, measure, monkeypatch):
+  """A step mixing decode rows with chunks runs them apart on the plain-JAX path (one-row tiles for the decode
+  rows, the chunks' tiles in groups, only the groups they fill): the same attention as one tiling of every row,
+  padding rows zero. Groups of two tiles, so that the chunks fill several and leave some unused."""
+  from zoomer_jax.model import paged
+  monkeypatch.setattr(paged, "TILE_GROUP_ROWS", 2 * (rows_per_tile or 2))
+  alloc = PageAllocator(num_pages=64, page_size=4, pages_per_seq=12)
+  kv = jnp.asarray(rng.normal(size=(64, 4, 4, 16)).astype(np.float32))
+  for s, n in (("a", 9), ("b", 1), ("c", 20), ("d", 30), ("e", 3)):
+    alloc.new(s)
+    alloc.append(s, n)
+  batch = alloc.step([("a", 1), ("c", 7), ("d", 1), ("b", 5), ("e", 1)], max_seqs=8, max_tokens=24)
+  q = jnp.asarray(rng.normal(size=(24, 4, 16)).astype(np.float32))
+  run = lambda apart: jax.jit(lambda q, kv, b: paged.ragged_attention_xla(
+      q, kv, b, sm_scale=0.25, keys_per_block=8, rows_per_tile=rows_per_tile, decode_apart=apart))(q, kv, batch)
+  want, got = run(False), run(True)
+  assert float(jnp.abs(got[15:]).max()) == 0.0  # padding rows read nothing
+  assert float(jnp.abs(got[:15]).min(axis=(1, 2)).max()) > 0  # every real row was written
+  diff = float(jnp.abs(want - got).max())
+  measure("decode_apart_vs_together", diff)
+  assert diff <= tol.PAGED_ATTENTION_FP32

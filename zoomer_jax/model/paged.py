@@ -27,9 +27,12 @@ from zoomer_jax.model.layers import precision_for
 from zoomer_jax.model.stack import loops_unrolled, scan
 from zoomer_jax.parallel.rules import logical_to_spec
 
-KEYS_PER_BLOCK = 512  # the plain-JAX path's online-softmax step: keys per block (whole pages)
-DECODE_KEYS_PER_BLOCK = 64  # the same for one-row tiles (decode): XLA's CPU dots of a tile's few query heads
-# against a block ran faster on such blocks than on 512-key ones
+# The plain-JAX path's online-softmax step: keys per block (whole pages). A block's gathered pages and scores are
+# [tiles, block] wide; on the CPU small blocks, which stay in cache, ran fastest for decode rows and chunks alike
+# (bench/bench_paged_cpu.py).
+KEYS_PER_BLOCK = 64
+PROBE_KEYS_PER_BLOCK = 512  # cost probes unroll every block: few, large ones there (the same FLOPs)
+TILE_GROUP_ROWS = 32  # chunk rows per group of tiles when decode rows run apart (`ragged_attention_xla`)
 # The kernel's tile: jax's untuned default on v5 and later (`get_tuned_block_sizes`), which cannot be looked up
 # here because it reads the host's device, a CPU when a TPU program is compiled on a CPU host.
 KERNEL_KV_PAGES_PER_BLOCK = 128
@@ -144,13 +147,17 @@ def _slots(kv, k_tkh, v_tkh, batch):
   return slot, kv_t2kh
 
 
-def query_tiles(batch: RaggedBatch, t: int, rows_per_tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def query_tiles(batch: RaggedBatch, t: int, rows_per_tile: int, q_lens: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The step's rows cut into tiles of at most `rows_per_tile` rows of one sequence each (as the TPU kernel cuts
   them): (sequence [N], first row [N], rows [N]) of N = T // rows_per_tile + S tiles, a bound every step meets
   (each sequence adds at most one partial tile; with one row per tile there are none, and N = T: a decode step
-  reads no page for unused tiles); unused tiles have 0 rows."""
+  reads no page for unused tiles); the used tiles come first, unused ones have 0 rows. `q_lens` [S] (default:
+  the batch's) leaves out the sequences given 0."""
   s = batch.kv_lens.shape[0]
-  q_lens = jnp.where(jnp.arange(s) < batch.num_seqs[0], batch.cu_q_lens[1:] - batch.cu_q_lens[:-1], 0)
+  if q_lens is None:
+    q_lens = batch.cu_q_lens[1:] - batch.cu_q_lens[:-1]
+  q_lens = jnp.where(jnp.arange(s) < batch.num_seqs[0], q_lens, 0)
   tiles = -(-q_lens // rows_per_tile)
   ends = jnp.cumsum(tiles)
   k = jnp.arange(t // rows_per_tile + (s if rows_per_tile > 1 else 0), dtype=jnp.int32)
@@ -163,33 +170,79 @@ def query_tiles(batch: RaggedBatch, t: int, rows_per_tile: int) -> tuple[jax.Arr
 
 def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *, sm_scale: float,
                          keys_per_block: int | None = None, rows_per_tile: int | None = None,
-                         precision=None, layer: int | None = None) -> jax.Array:
+                         precision=None, layer: int | None = None, decode_apart: bool = True) -> jax.Array:
   """Causal GQA attention of a ragged step in plain JAX: q [T, n, h], one layer's pages [P, page_size, 2k, h] ->
   [T, n, h]. The rows are cut into tiles of one sequence (`query_tiles`; `rows_per_tile` defaults to T / S, at
   most 64); each tile gathers its sequence's pages once per block of `keys_per_block` keys (whole pages) and
   runs an online softmax over the blocks with [tile rows x group, block] score matrices, so a prefill chunk reads
-  its pages once per tile, not once per row (`keys_per_block` defaults to KEYS_PER_BLOCK, DECODE_KEYS_PER_BLOCK
-  for one-row tiles). Only the blocks that the step's longest sequence reaches are read.
-  With `layer`, kv is every layer's pages [L, P, ...] and layer `layer`'s are read."""
+  its pages once per tile, not once per row (`keys_per_block` defaults to KEYS_PER_BLOCK, PROBE_KEYS_PER_BLOCK in
+  cost probes). Only the blocks that the tiles' longest sequence
+  reaches are read.
+
+  With `decode_apart` (and tiles of several rows, outside cost probes) a step that mixes decode rows with chunks
+  runs them apart: the sequences that feed one token in one-row tiles, the chunks' tiles in groups of about
+  TILE_GROUP_ROWS rows, only as many groups as the chunks fill (a dynamic trip count), each over the blocks its
+  own sequences reach. Otherwise a decode row would take a whole tile of the step's tile height, and every tile
+  would be computed, used or not. With `layer`, kv is every layer's pages [L, P, ...] and layer `layer`'s are
+  read."""
   t, n, h = q_tnh.shape
-  ps, kk = kv.shape[-3], kv.shape[-2]
+  kk = kv.shape[-2]
   kh = kk // 2
   if n % kh or q_tnh.shape[2] != kv.shape[-1]:
     raise ValueError(f"queries {q_tnh.shape} do not fit pages {kv.shape} (heads a multiple of {kh}, head_dim "
                      f"{kv.shape[-1]})")
-  g = n // kh
   s = batch.kv_lens.shape[0]
   qt = rows_per_tile or max(1, min(64, t // s))
   precision = precision_for(q_tnh.dtype) if precision is None else precision
-  seq, first, rows = query_tiles(batch, t, qt)
+  if qt == 1 or not decode_apart or loops_unrolled():
+    tiles = query_tiles(batch, t, qt)
+    keys = PROBE_KEYS_PER_BLOCK if loops_unrolled() else KEYS_PER_BLOCK
+    out, dest = _attend_tiles(q_tnh, kv, batch, tiles, qt, keys_per_block or keys, sm_scale, precision, layer,
+                              batch.kv_lens.max())
+    return jnp.zeros((t, n, h), q_tnh.dtype).at[dest].set(out.astype(q_tnh.dtype), mode="drop")
+  # host arrays (an eager call) cannot be indexed by the loop's index below
+  q_tnh, kv, batch = jax.tree.map(jnp.asarray, (q_tnh, kv, batch))
+  q_lens = jnp.where(jnp.arange(s) < batch.num_seqs[0], batch.cu_q_lens[1:] - batch.cu_q_lens[:-1], 0)
+  one = q_lens == 1
+  # Decode rows: a one-row tile per sequence (empty for the others).
+  dec = (jnp.arange(s, dtype=jnp.int32), batch.cu_q_lens[:-1], one.astype(jnp.int32))
+  out_d, dest_d = _attend_tiles(q_tnh, kv, batch, dec, 1, keys_per_block or KEYS_PER_BLOCK, sm_scale,
+                                precision, layer, jnp.where(one, batch.kv_lens, 0).max())
+  # Chunks: their tiles come first (`query_tiles`); groups of g tiles, as many as they fill.
+  seq, first, rows = query_tiles(batch, t, qt, jnp.where(one, 0, q_lens))
+  g = max(1, min(seq.shape[0], TILE_GROUP_ROWS // qt))
+  groups = -(-seq.shape[0] // g)
+  pad = groups * g - seq.shape[0]
+  seq, first, rows = (jnp.pad(a, (0, pad)).reshape(groups, g) for a in (seq, first, rows))
+  used = -(-jnp.sum(rows > 0) // g)
+
+  def group(i, out):
+    tiles = (seq[i], first[i], rows[i])
+    reach = jnp.where(rows[i] > 0, batch.kv_lens[seq[i]], 0).max()
+    o, dest = _attend_tiles(q_tnh, kv, batch, tiles, qt, keys_per_block or KEYS_PER_BLOCK, sm_scale, precision,
+                            layer, reach)
+    return out.at[dest].set(o.astype(out.dtype), mode="drop")
+
+  out = jax.lax.fori_loop(0, used, group, jnp.zeros((t, n, h), q_tnh.dtype))
+  return out.at[dest_d].set(out_d.astype(q_tnh.dtype), mode="drop")
+
+
+def _attend_tiles(q_tnh, kv, batch: RaggedBatch, tiles, qt: int, keys_per_block: int, sm_scale: float, precision,
+                  layer, reach) -> tuple[jax.Array, jax.Array]:
+  """Tiles (sequence [N], first row [N], rows [N]) of at most `qt` rows, over the blocks of `keys_per_block` keys
+  that `reach` keys cover (every block in cost probes): (outputs [N * qt, n, h], each output row's row in the step,
+  T - out of range - for padding)."""
+  t, n, h = q_tnh.shape
+  ps, kk = kv.shape[-3], kv.shape[-2]
+  kh = kk // 2
+  g = n // kh
+  seq, first, rows = tiles
   r = jnp.arange(qt)
   row_idx = first[:, None] + r[None, :]  # [N, Q]
   real = r[None, :] < rows[:, None]
   q_len = batch.cu_q_lens[seq + 1] - batch.cu_q_lens[seq]
   pos = batch.kv_lens[seq][:, None] - q_len[:, None] + row_idx - batch.cu_q_lens[seq][:, None]  # [N, Q]
   q_nqkgh = q_tnh[jnp.where(real, row_idx, 0)].reshape(-1, qt, kh, g, h)
-  if keys_per_block is None:  # cost probes unroll every block: the large blocks there
-    keys_per_block = DECODE_KEYS_PER_BLOCK if qt == 1 and not loops_unrolled() else KEYS_PER_BLOCK
   bp = max(1, min(keys_per_block // ps, batch.page_indices.shape[1]))  # pages per block
   n_blocks = -(-batch.page_indices.shape[1] // bp)
   table = jnp.pad(batch.page_indices, ((0, 0), (0, n_blocks * bp - batch.page_indices.shape[1])))[seq]  # [N, .]
@@ -217,12 +270,11 @@ def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *,
   if loops_unrolled():  # cost probes count every block
     (_, l, acc), _ = scan(step, init, jnp.arange(n_blocks))
   else:  # blocks past the longest sequence hold no key any row reads
-    reach = jnp.minimum(-(-batch.kv_lens.max() // (bp * ps)), n_blocks)
-    _, l, acc = jax.lax.fori_loop(0, reach, lambda j, c: step(c, j)[0], init)
+    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(-(-reach // (bp * ps)), n_blocks), lambda j, c: step(c, j)[0],
+                                  init)
   out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # [N, k, Q, g, h]
   out = out.transpose(0, 2, 1, 3, 4).reshape(nt * qt, n, h)
-  dest = jnp.where(real, row_idx, t).reshape(-1)  # each real row sits in one tile; the rest are dropped
-  return jnp.zeros((t, n, h), q_tnh.dtype).at[dest].set(out.astype(q_tnh.dtype), mode="drop")
+  return out, jnp.where(real, row_idx, t).reshape(-1)  # each real row sits in one tile; the rest are dropped
 
 
 def flat_pool(kv: jax.Array, batch: RaggedBatch, layer: int | jax.Array) -> tuple[jax.Array, RaggedBatch]:
