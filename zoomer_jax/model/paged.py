@@ -176,8 +176,7 @@ def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *,
   most 64); each tile gathers its sequence's pages once per block of `keys_per_block` keys (whole pages) and
   runs an online softmax over the blocks with [tile rows x group, block] score matrices, so a prefill chunk reads
   its pages once per tile, not once per row (`keys_per_block` defaults to KEYS_PER_BLOCK, PROBE_KEYS_PER_BLOCK in
-  cost probes). Only the blocks that the tiles' longest sequence
-  reaches are read.
+  cost probes). Only the blocks that the tiles' longest sequence reaches are read.
 
   With `decode_apart` (and tiles of several rows, outside cost probes) a step that mixes decode rows with chunks
   runs them apart: the sequences that feed one token in one-row tiles, the chunks' tiles in groups of about
