@@ -52,6 +52,17 @@ def _layers(attend):
   return run
 
 
+def _median_ms(calls: dict, repeats: int) -> dict:
+  """Median milliseconds of each zero-argument call, the calls interleaved (the host's speed drifts)."""
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      t0 = time.perf_counter()
+      call().block_until_ready()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--rows", type=int, default=16)
@@ -101,13 +112,8 @@ def main(argv=None):
       raise AssertionError(f"{name} differs from paged/{paged.KEYS_PER_BLOCK} by {np.abs(out - first).max()}")
   print(f"largest difference from paged/{paged.KEYS_PER_BLOCK}: "
         f"{max(float(np.abs(o - first).max()) for o in outs.values()):.2e}")
-  times = {name: [] for name in programs}
-  for _ in range(args.repeats):  # interleaved: the host's speed drifts
-    for name, (fn, state) in programs.items():
-      t0 = time.perf_counter()
-      fn(q, *state).block_until_ready()
-      times[name].append(time.perf_counter() - t0)
-  ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  ms = _median_ms({name: lambda fn=fn, state=state: fn(q, *state) for name, (fn, state) in programs.items()},
+                  args.repeats)
   print(f"one decode step of {LAYERS} layers, {rows} rows, contexts {lens.min()}-{lens.max()} (dense: {slots} slots "
         f"each), median of {args.repeats}:")
   for name, v in ms.items():
@@ -142,13 +148,7 @@ def chunk_step(args):
   diff = max(float(np.abs(o - base).max()) for o in outs.values())
   if not all(np.allclose(o, base, rtol=1e-4, atol=1e-4) for o in outs.values()):
     raise AssertionError(f"block sizes disagree by {diff}")
-  times = {name: [] for name in programs}
-  for _ in range(args.repeats):  # interleaved
-    for name, fn in programs.items():
-      t0 = time.perf_counter()
-      fn(q, pool, batch).block_until_ready()
-      times[name].append(time.perf_counter() - t0)
-  ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+  ms = _median_ms({name: lambda fn=fn: fn(q, pool, batch) for name, fn in programs.items()}, args.repeats)
   print(f"one step of {LAYERS} layers: {rows - 1} decode rows and a {args.chunk}-row chunk ({t} rows), contexts "
         f"{lens.min()}-{lens.max()}, largest difference from paged/512 {diff:.2e}, median of {args.repeats}:")
   for name, v in ms.items():
