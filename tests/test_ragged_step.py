@@ -177,6 +177,7 @@ def test_decode_rows_apart_give_the_same_attention(rng, rows_per_tile, measure, 
   rows, the chunks' tiles in groups, only the groups they fill): the same attention as one tiling of every row,
   padding rows zero. Groups of two tiles, so that the chunks fill several and leave some unused."""
   from zoomer_jax.model import paged
+  monkeypatch.setattr(paged, "CHUNK_ROWS_PER_TILE", 2)  # taken when rows_per_tile is None
   monkeypatch.setattr(paged, "TILE_GROUP_ROWS", 2 * (rows_per_tile or 2))
   alloc = PageAllocator(num_pages=64, page_size=4, pages_per_seq=12)
   kv = jnp.asarray(rng.normal(size=(64, 4, 4, 16)).astype(np.float32))

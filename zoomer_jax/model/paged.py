@@ -32,7 +32,12 @@ from zoomer_jax.parallel.rules import logical_to_spec
 # (bench/bench_paged_cpu.py).
 KEYS_PER_BLOCK = 64
 PROBE_KEYS_PER_BLOCK = 512  # cost probes unroll every block: few, large ones there (the same FLOPs)
-TILE_GROUP_ROWS = 32  # chunk rows per group of tiles when decode rows run apart (`ragged_attention_xla`)
+# When decode rows run apart (`ragged_attention_xla`): the chunks' tiles, their groups and key blocks. Larger than
+# the decode rows' blocks: a chunk tile's [rows x group, block] scores are dots big enough to run near the CPU's
+# matrix speed, where small ones are dominated by the per-block gather and loop.
+CHUNK_ROWS_PER_TILE = 64
+TILE_GROUP_ROWS = 64
+CHUNK_KEYS_PER_BLOCK = 512
 # The kernel's tile: jax's untuned default on v5 and later (`get_tuned_block_sizes`), which cannot be looked up
 # here because it reads the host's device, a CPU when a TPU program is compiled on a CPU host.
 KERNEL_KV_PAGES_PER_BLOCK = 128
@@ -179,9 +184,10 @@ def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *,
   cost probes). Only the blocks that the tiles' longest sequence reaches are read.
 
   With `decode_apart` (and tiles of several rows, outside cost probes) a step that mixes decode rows with chunks
-  runs them apart: the sequences that feed one token in one-row tiles, the chunks' tiles in groups of about
-  TILE_GROUP_ROWS rows, only as many groups as the chunks fill (a dynamic trip count), each over the blocks its
-  own sequences reach. Otherwise a decode row would take a whole tile of the step's tile height, and every tile
+  runs them apart: the sequences that feed one token in one-row tiles, the chunks' in tiles of `rows_per_tile`
+  (default CHUNK_ROWS_PER_TILE) rows and blocks of CHUNK_KEYS_PER_BLOCK keys, in groups of about TILE_GROUP_ROWS
+  rows, only as many groups as the chunks fill (a dynamic trip count), each over the blocks its own sequences
+  reach. Otherwise a decode row would take a whole tile of the step's tile height, and every tile
   would be computed, used or not. With `layer`, kv is every layer's pages [L, P, ...] and layer `layer`'s are
   read."""
   t, n, h = q_tnh.shape
@@ -208,6 +214,7 @@ def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *,
   out_d, dest_d = _attend_tiles(q_tnh, kv, batch, dec, 1, keys_per_block or KEYS_PER_BLOCK, sm_scale,
                                 precision, layer, jnp.where(one, batch.kv_lens, 0).max())
   # Chunks: their tiles come first (`query_tiles`); groups of g tiles, as many as they fill.
+  qt = rows_per_tile or min(CHUNK_ROWS_PER_TILE, t)
   seq, first, rows = query_tiles(batch, t, qt, jnp.where(one, 0, q_lens))
   g = max(1, min(seq.shape[0], TILE_GROUP_ROWS // qt))
   groups = -(-seq.shape[0] // g)
@@ -218,8 +225,8 @@ def ragged_attention_xla(q_tnh: jax.Array, kv: jax.Array, batch: RaggedBatch, *,
   def group(i, out):
     tiles = (seq[i], first[i], rows[i])
     reach = jnp.where(rows[i] > 0, batch.kv_lens[seq[i]], 0).max()
-    o, dest = _attend_tiles(q_tnh, kv, batch, tiles, qt, keys_per_block or KEYS_PER_BLOCK, sm_scale, precision,
-                            layer, reach)
+    o, dest = _attend_tiles(q_tnh, kv, batch, tiles, qt, keys_per_block or CHUNK_KEYS_PER_BLOCK, sm_scale,
+                            precision, layer, reach)
     return out.at[dest].set(o.astype(out.dtype), mode="drop")
 
   out = jax.lax.fori_loop(0, used, group, jnp.zeros((t, n, h), q_tnh.dtype))
