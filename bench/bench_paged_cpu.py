@@ -10,8 +10,10 @@ and one sequence's chunk of N rows at the end of its context, T = rows - 1 + N r
 baseline is "paged/512" (every row in tiles of T // rows rows, 512-key blocks: the default before) and the
 candidates are the same tiling with blocks of 64, 128 and 256 keys, "apart" (the default: decode rows in
 one-row tiles over blocks of KEYS_PER_BLOCK keys, the chunk in tiles of CHUNK_ROWS_PER_TILE rows over blocks of
-CHUNK_KEYS_PER_BLOCK keys, in groups of TILE_GROUP_ROWS rows) and "apart/16x64" (decode rows apart, the chunk in
-tiles of T // rows rows over 64-key blocks, groups of 32 rows: how `decode_apart` first cut chunks).
+CHUNK_KEYS_PER_BLOCK keys, in groups of TILE_GROUP_ROWS rows), "apart/16x64" (decode rows apart, the chunk in
+tiles of T // rows rows over 64-key blocks, as `decode_apart` first cut chunks, but in groups of TILE_GROUP_ROWS
+rows where those were groups of 32) and, with `--chunk-rows 32,128`, "apart/32" and "apart/128" (the default with
+chunk tiles of that height).
 
 baseline "dense": `attention.dense`, the lockstep engine's decode attention, over keys [rows, kv heads,
   head_dim, slots] and values [rows, kv heads, slots, head_dim] (its cache layout), every row over the same
@@ -71,6 +73,8 @@ def main(argv=None):
   p.add_argument("--context", type=int, default=1200)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--chunk", type=int, default=0, help="rows of a chunk after rows - 1 decode rows (0: decode only)")
+  p.add_argument("--chunk-rows", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                 help="with --chunk: also the default with the chunk in tiles of these heights (e.g. 32,128)")
   args = p.parse_args(argv)
   if args.chunk:
     return chunk_step(args)
@@ -143,18 +147,12 @@ def chunk_step(args):
   programs = {f"paged/{keys}": _layers(lambda qx, l, kv, b, keys=keys: paged.ragged_attention_xla(
       qx, kv, b, sm_scale=HEAD_DIM**-0.5, layer=l, keys_per_block=keys, decode_apart=False))
       for keys in (512, 64, 128, 256)}
-  apart = lambda qx, l, kv, b: paged.ragged_attention_xla(qx, kv, b, sm_scale=HEAD_DIM**-0.5, layer=l)
-  programs["apart/16x64"] = _layers(apart)
-  programs["apart"] = _layers(apart)
-  outs = {}
-  for name, fn in programs.items():  # compiles; the constants are read when a program is traced
-    before = (paged.CHUNK_ROWS_PER_TILE, paged.TILE_GROUP_ROWS, paged.CHUNK_KEYS_PER_BLOCK)
-    if name == "apart/16x64":  # the chunks' tiles as decode_apart first cut them: T // S rows, 64-key blocks
-      paged.CHUNK_ROWS_PER_TILE, paged.TILE_GROUP_ROWS, paged.CHUNK_KEYS_PER_BLOCK = max(1, min(64, t // rows)), 32, 64
-    try:
-      outs[name] = np.asarray(fn(q, pool, batch))
-    finally:
-      paged.CHUNK_ROWS_PER_TILE, paged.TILE_GROUP_ROWS, paged.CHUNK_KEYS_PER_BLOCK = before
+  apart = {"apart/16x64": dict(rows_per_tile=t // rows, keys_per_block=64),  # the chunk tiles before
+           "apart": {}}
+  apart.update({f"apart/{r}": dict(rows_per_tile=r) for r in args.chunk_rows})
+  programs.update({name: _layers(lambda qx, l, kv, b, kw=kw: paged.ragged_attention_xla(
+      qx, kv, b, sm_scale=HEAD_DIM**-0.5, layer=l, **kw)) for name, kw in apart.items()})
+  outs = {name: np.asarray(fn(q, pool, batch)) for name, fn in programs.items()}  # compiles
   base = outs["paged/512"]
   diff = max(float(np.abs(o - base).max()) for o in outs.values())
   if not all(np.allclose(o, base, rtol=1e-4, atol=1e-4) for o in outs.values()):
