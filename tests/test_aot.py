@@ -434,6 +434,21 @@ def test_pod_rollout_replicas_and_training_rows_each_lie_on_one_host(config, top
   assert len(runs) == len(set(hosts)), hosts
 
 
+@pytest.mark.slow
+def test_the_weight_reshard_compiles_when_the_meshes_order_the_chips_differently(measure):
+  """On a two-host v5p slice the rollout mesh of single-chip replicas lists the chips host by host and the
+  training mesh in torus order (as on v5p-64): `rollout/reshard` is compiled as `device_put`'s reshard, its input
+  relabelled onto the rollout mesh's order."""
+  cfg = _cfg("grpo_tiny", TPU_OVERRIDES + ["rollout.mesh.ici=(-1,1,1)"])
+  target = tpu_target("v5p:2x2x2")
+  mesh, rollout = P.meshes(cfg, list(target.devices))
+  assert list(mesh.devices.flat) != list(rollout.devices.flat)  # the case under test
+  rep = compile_job(cfg, target, probes=False, only=("rollout/reshard",), log=lambda *a: None)
+  (r,) = rep["results"]
+  measure("reshard_GiB", r.required / 2**30)
+  assert r.error == "" and r.fits and "all-gather" in r.collectives  # each replica gathers its whole copy
+
+
 def test_vision_kernel_runs_each_chips_piece_and_is_counted_by_its_grid(target):
   """With flash attention the vision tower's windows and frames go through the splash kernel on TPU: two rows
   of eight 16 x 32 frames, each row's frames in two pieces over a (1, 2, 2) mesh (context-parallel rules). Every

@@ -238,6 +238,31 @@ def test_misspelt_config_key_fails_with_the_closest_names(capsys, tmp_path):
   assert "algorithm.adv_estimator 'gae' is not one of ['grpo', 'rloo']" in capsys.readouterr().err
 
 
+def test_the_sampler_weights_move_to_a_rollout_mesh_that_orders_the_chips_differently(tmp_path):
+  """`make_mesh` may list the same chips in another order for the rollout mesh than for training (v5p-64: the
+  rollout's single-chip replicas host by host, training in torus order); no one jit can take the weights in one
+  order and give them in the other, so `rollout_model` moves the cast weights with `device_put`. They arrive in
+  the rollout layout with the training weights' values."""
+  from flax import nnx
+  from jax.sharding import Mesh
+  from zoomer_jax.checkpoint.orbax_io import state_shardings
+  from zoomer_jax.train.grpo import grpo_loss_fns
+  from zoomer_jax.train.trainer import Engine
+  cfg = load("grpo_tiny", SMALL + ["--config.mesh.ici=(1,8,1)", f"--config.workdir={tmp_path}"])
+  loss, _ = grpo_loss_fns(cfg)
+  devices = np.array(jax.devices()[::-1]).reshape(8, 1, 1)
+  rollout = Mesh(devices, ("data", "fsdp", "tensor"))
+  engine = Engine(cfg, loss, total_steps=1, optim=cfg.actor.optim, freeze_vision=False, save_freq=1, max_to_keep=1,
+                  rollout_mesh=rollout)
+  assert not engine.steps.same_order  # the path under test
+  p_train = nnx.state(engine.model(), nnx.Param)
+  p_sampler = nnx.state(engine.rollout_model(), nnx.Param)
+  want = state_shardings(p_sampler, rollout, engine.rules)
+  assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, p_sampler)) == jax.tree.leaves(want)
+  for a, b in zip(jax.tree.leaves(p_train), jax.tree.leaves(p_sampler)):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_the_sampler_runs_by_its_own_rules_table(tmp_path):
   """`rollout.mesh.rules`: context-parallel training beside a tensor-parallel sampler on its own mesh. The two
   models share parameters and compute the same logits; each lays its weights out by its own table; a table

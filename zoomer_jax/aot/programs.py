@@ -297,8 +297,17 @@ def rollout_programs(cfg, ab: Abstract, steps: TrainSteps, mc: ModelConfig, mesh
   graphdef, state = nnx.split(state)
   out: list[Program] = []
   if rollout_mesh is not None:
-    out.append(Program("rollout/reshard", steps.rollout_weights, (ab.params,), 1, mesh,
-                       f"master weights -> {ab.compute_dtype.name} on the rollout mesh {dict(rmesh.shape)}"))
+    params, at, note = ab.params, mesh, ""
+    if not steps.same_order:
+      # `device_put`'s reshard (TrainSteps.rollout_weights): the input relabelled onto the rollout mesh's chip
+      # order, its layout over the training axes kept. Which chip sends which shard is relabelled too; the bytes
+      # each chip moves are the same. The cast, here in the same program, runs before it in the job.
+      at = Mesh(rmesh.devices.reshape(mesh.devices.shape), mesh.axis_names, axis_types=mesh.axis_types)
+      params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+          at, x.sharding.spec)), ab.params)
+      note = " (chips in the rollout mesh's order)"
+    out.append(Program("rollout/reshard", steps.reshard, (params,), 1, at,
+                       f"master weights -> {ab.compute_dtype.name} on the rollout mesh {dict(rmesh.shape)}{note}"))
   batch_spec = logical_to_spec(("activation_batch",), ab.rollout_rules, rmesh, (rows,))
   split = bool(batch_spec[0])
   row_sh = lambda *tail: NamedSharding(rmesh, PartitionSpec(batch_spec[0], *tail))

@@ -79,6 +79,15 @@ def cast_floats(tree, dtype):
   return jax.tree.map(one, tree)
 
 
+def device_order(shardings) -> tuple:
+  """The chips of the mesh that `shardings` (a tree of NamedShardings over one mesh) lay out over, in its order."""
+  leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  orders = {tuple(s.mesh.devices.flat) for s in leaves if isinstance(s, jax.sharding.NamedSharding)}
+  if len(orders) != 1:
+    raise ValueError(f"expected shardings over one mesh, got {len(orders)} device orders")
+  return orders.pop()
+
+
 def trained_model(cfg) -> tuple[zoomer_jax.Qwen25VL, int]:
   """(model, step): the params of the latest checkpoint in `cfg.workdir` in the model `cfg` trains, in its
   compute dtype; only the params are read and no optimizer is built (exporting a finished job)."""
@@ -107,8 +116,22 @@ class TrainSteps:
     # The state is donated (its buffers become the new state's); the accumulator is not: nothing it could become.
     self.apply = jax.jit(self._apply_impl, donate_argnums=(0,), out_shardings=(state_shardings, None))
     self.evaluate = jax.jit(self._eval_impl, static_argnums=(2,))
-    # The sampler's weights: the compute-dtype copy laid out for the rollout mesh, made once per RL step.
-    self.rollout_weights = jax.jit(lambda p: cast_floats(p, self.compute_dtype), out_shardings=rollout_shardings)
+    # The sampler's weights: the compute-dtype copy laid out for the rollout mesh, made once per RL step. One
+    # program when both meshes list their chips in one order. `make_mesh` orders each mesh for its own groups
+    # (v5p-64: the rollout's single-chip replicas host by host, the training mesh in torus order), and no jit may
+    # take its input in one order and give its output in another: then the cast runs in the training layout and
+    # `device_put` moves it (JAX relabels the shards to the new order and reshards them in one program).
+    self.rollout_shardings = rollout_shardings
+    self.reshard = jax.jit(lambda p: cast_floats(p, self.compute_dtype), out_shardings=rollout_shardings)
+    self.same_order = rollout_shardings is None or device_order(state_shardings) == device_order(rollout_shardings)
+    self._cast = jax.jit(lambda p: cast_floats(p, self.compute_dtype))  # in the input's layout
+
+  def rollout_weights(self, params):
+    """`params` in the compute dtype, laid out for the rollout mesh (as given when there is none)."""
+    if self.same_order:
+      return self.reshard(params)
+    # Not donated: with equal dtypes the cast forwards the master weights themselves.
+    return jax.device_put(self._cast(params), self.rollout_shardings)
 
   def model(self, params) -> zoomer_jax.Qwen25VL:
     return nnx.merge(self.graphdef, cast_floats(params, self.compute_dtype), self.rest)
