@@ -124,7 +124,8 @@ class TrainSteps:
     self.rollout_shardings = rollout_shardings
     self.reshard = jax.jit(lambda p: cast_floats(p, self.compute_dtype), out_shardings=rollout_shardings)
     self.same_order = rollout_shardings is None or device_order(state_shardings) == device_order(rollout_shardings)
-    self._cast = jax.jit(lambda p: cast_floats(p, self.compute_dtype))  # in the input's layout
+    # In the training layout, named: `device_put` relabels the shards of a NamedSharding only.
+    self._cast = jax.jit(lambda p: cast_floats(p, self.compute_dtype), out_shardings=state_shardings.params)
 
   def rollout_weights(self, params):
     """`params` in the compute dtype, laid out for the rollout mesh (as given when there is none)."""
