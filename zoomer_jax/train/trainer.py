@@ -121,11 +121,12 @@ class TrainSteps:
     # (v5p-64: the rollout's single-chip replicas host by host, the training mesh in torus order), and no jit may
     # take its input in one order and give its output in another: then the cast runs in the training layout and
     # `device_put` moves it (JAX relabels the shards to the new order and reshards them in one program).
+    cast = lambda p: cast_floats(p, self.compute_dtype)
     self.rollout_shardings = rollout_shardings
-    self.reshard = jax.jit(lambda p: cast_floats(p, self.compute_dtype), out_shardings=rollout_shardings)
+    self.reshard = jax.jit(cast, out_shardings=rollout_shardings)
     self.same_order = rollout_shardings is None or device_order(state_shardings) == device_order(rollout_shardings)
     # In the training layout, named: `device_put` relabels the shards of a NamedSharding only.
-    self._cast = jax.jit(lambda p: cast_floats(p, self.compute_dtype), out_shardings=state_shardings.params)
+    self._cast = jax.jit(cast, out_shardings=state_shardings.params)
 
   def rollout_weights(self, params):
     """`params` in the compute dtype, laid out for the rollout mesh (as given when there is none)."""
